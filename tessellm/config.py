@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -168,6 +169,11 @@ class EngineArgs:
     # autoscalers and routers written for vLLM) or "both"; None: TESSELLM_METRICS_NAMES, else
     # tessellm.
     metrics_names: Optional[str] = None
+    # Custom logits processors (docs/logits_processors.md; vLLM's): classes of
+    # tessellm.sample.logits_processor.LogitsProcessor or their names ("module:Class"), built
+    # in the process that samples; those installed under the entry point groups
+    # tessellm.logits_processors and vllm.logits_processors are added. None: only those.
+    logits_processors: Optional[list] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dtype, torch.dtype):  # vLLM's LLM(dtype=torch.bfloat16)
@@ -237,6 +243,7 @@ class EngineArgs:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         self._validate_speculative()
+        self._validate_logits_processors()
         from tessellm.metrics.names import resolve_metrics_names
 
         resolve_metrics_names(self.metrics_names)
@@ -276,6 +283,26 @@ class EngineArgs:
         from tessellm.multimodal.fetch import parse_media_domains
 
         parse_media_domains(self.allowed_media_domains)
+
+    def _validate_logits_processors(self) -> None:
+        if self.logits_processors is None:
+            return
+        if isinstance(self.logits_processors, (str, type)):
+            self.logits_processors = [self.logits_processors]  # one given alone
+        if not isinstance(self.logits_processors, (list, tuple)):
+            raise ValueError("logits_processors takes a list of LogitsProcessor classes or their names "
+                             f"('module:Class'), got {type(self.logits_processors).__name__}.")
+        from tessellm.sample.logits_processor.load import load_class
+
+        for spec in self.logits_processors:
+            load_class(spec)  # importable and a LogitsProcessor: refused here, with its name
+
+    def spawn_dict(self) -> dict:
+        """The fields for another process (worker ranks, the serving engine core): classes of
+        ``logits_processors`` by name, as that process imports them."""
+        from tessellm.sample.logits_processor.load import spawn_names
+
+        return {**dataclasses.asdict(self), "logits_processors": spawn_names(self.logits_processors)}
 
     def _validate_kv_transfer(self) -> None:
         from tessellm.kv_transfer.config import parse_kv_transfer_config

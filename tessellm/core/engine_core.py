@@ -34,6 +34,7 @@ from tessellm.lora.request import lora_off_error
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.reasoning.parsers import resolve_reasoning_parser
+from tessellm.sample.logits_processor.load import load_classes, validate_request
 from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class EngineCore(EngineSleep, EngineProfile):
             if args.enable_prompt_embeds:
                 raise ValueError("enable_prompt_embeds applies to generating models; this engine "
                                  "pools (embeddings); drop enable_prompt_embeds.")
+        # Custom logits processors (given and installed): validate_params checks each request.
+        self.logits_processor_classes = _logits_processor_classes(args, self.pooling is not None)
         if self.pooling is not None and self.pooling.bidirectional:  # a prompt runs whole
             from tessellm.pooling.encoder import encoder_args
 
@@ -380,6 +383,8 @@ class EngineCore(EngineSleep, EngineProfile):
             self.lora_store.ensure(lora)  # read off the step loop, before it is scheduled
             self.scheduler.lora.announce(lora)  # worker processes read it in their own thread
         self.scheduler.check_fits(request)
+        if self.logits_processor_classes:
+            validate_request(self.logits_processor_classes, req.sampling_params)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs,
                                                           req.prompt_token_ids)
@@ -465,6 +470,22 @@ class EngineCore(EngineSleep, EngineProfile):
             if fill is not None:
                 fill.result()
             self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
+
+
+def _logits_processor_classes(args: EngineArgs, pooling: bool) -> list[type]:
+    """The engine's custom logits processor classes; refused where a processor cannot run."""
+    if pooling:
+        if args.logits_processors:
+            raise ValueError("logits_processors apply to generating models; this engine pools "
+                             "(embeddings); drop logits_processors.")
+        return []  # installed ones are not used by a pooling engine (as vLLM's)
+    classes = load_classes(args.logits_processors)
+    if classes and args.speculative_config is not None:
+        raise ValueError(f"Custom logits processors ({', '.join(c.__qualname__ for c in classes)}) do "
+                         "not combine with speculative decoding yet (a processor sees one row per "
+                         "request; a verifying request has several); drop speculative_config or "
+                         "the processors (logits_processors, or uninstall the plugin).")
+    return classes
 
 
 def _check_pooling_args(args: EngineArgs) -> None:

@@ -130,7 +130,7 @@ def decode_output(d: dict) -> EngineCoreOutput:
 
 
 def engine_args_to_dict(args: EngineArgs) -> dict:
-    return dataclasses.asdict(args)
+    return args.spawn_dict()
 
 
 # -- the core process ----------------------------------------------------------------------

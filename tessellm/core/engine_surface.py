@@ -72,6 +72,24 @@ class VllmConfig:
     parallel_config: ParallelConfig
 
 
+def engine_model_config(args, model_path: str, max_model_len: int, dtype: torch.dtype, runner: str,
+                        hf_config, vocab_size: int) -> ModelConfig:
+    return ModelConfig(args.model or model_path, args.tokenizer,
+                       args.served_model_name or args.model or model_path, max_model_len, dtype, runner,
+                       hf_config, vocab_size)
+
+
+def engine_vllm_config(args, model: ModelConfig, num_kv_blocks: int) -> VllmConfig:
+    """An engine's ``VllmConfig``: the front end's ``vllm_config``, and a custom logits
+    processor's first argument (built on a worker before the KV cache is sized: then
+    ``num_kv_blocks`` is ``args.num_kv_blocks`` or 0)."""
+    return VllmConfig(model, CacheConfig(args.block_size, num_kv_blocks, args.enable_prefix_caching,
+                                         args.gpu_memory_utilization),
+                      SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, model.max_model_len),
+                      ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
+                                     args.data_parallel_size))
+
+
 class EngineSurface:
     """Mixed into an offline engine that has ``args``, ``info``, ``tokenizer``, ``inputs``,
     ``outputs`` and ``metrics``."""
@@ -102,19 +120,12 @@ class EngineSurface:
     @property
     def model_config(self) -> ModelConfig:
         args, info = self.args, self.info
-        return ModelConfig(args.model or info.model_path, args.tokenizer,
-                           args.served_model_name or args.model or info.model_path, info.max_model_len,
-                           getattr(torch, info.dtype), info.runner, self._hf_config(), info.vocab_size)
+        return engine_model_config(args, info.model_path, info.max_model_len, getattr(torch, info.dtype),
+                                   info.runner, self._hf_config(), info.vocab_size)
 
     @property
     def vllm_config(self) -> VllmConfig:
-        args, info = self.args, self.info
-        return VllmConfig(self.model_config,
-                          CacheConfig(info.block_size, info.num_kv_blocks, args.enable_prefix_caching,
-                                      args.gpu_memory_utilization),
-                          SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, info.max_model_len),
-                          ParallelConfig(args.tensor_parallel_size, args.pipeline_parallel_size,
-                                         args.data_parallel_size))
+        return engine_vllm_config(self.args, self.model_config, self.info.num_kv_blocks)
 
     def _hf_config(self):
         return None

@@ -47,6 +47,7 @@ from tessellm.core.shape_buckets import Buckets, runner_grad_mode
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.core.step_pipeline import DeferredSample, LaunchedSteps, Staging, StepHandle
 from tessellm.distributed.parallel_state import PipelineStage
+from tessellm.sample.logits_processor.state import LogitsProcessorError
 from tessellm.structured_output.apply import MaskUpload, apply_grammar_bitmask
 
 __all__ = ["ModelRunner", "ModelRunnerOutput", "RunnerRequest", "StepHandle"]
@@ -143,6 +144,9 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
         self.overlap = DecodeOverlap.build(self, decode_overlap)
         # enable_prompt_embeds: steps may embed prompt rows from given embeddings (set by the worker).
         self.prompt_embeds = False
+        # Custom logits processors (tessellm.sample.logits_processor.state.LogitsProcessors, set by
+        # the worker of a sampling rank); None: none configured, no work per step.
+        self.logitsprocs = None
 
     @property
     def requests(self) -> dict[str, RunnerRequest]:
@@ -256,7 +260,10 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
             if bitmask is not None:  # structured output: disallowed tokens -> -inf
                 apply_grammar_bitmask(logits, [r.request_id for r in rows], bitmask_rows, bitmask,
                                       self.logits_ops, self.mask_upload)
-            sampled = self._sample(logits, batch, sampling_states, starts)
+            if self.logitsprocs is None:
+                sampled = self._sample(logits, batch, sampling_states, starts)
+            else:
+                sampled = self._sample_processed(logits, batch, rows, sampling_states, starts, out)
             return self.steps.launch_readback(sampling_states, starts, sampled, out)
 
         if sched.grammar_deferred:  # the mask comes later (sample_deferred)
@@ -288,6 +295,22 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
         if verify is None:
             return self.sampler(logits, batch)
         return self.sampler.verify(logits, batch, *verify)
+
+    def _sample_processed(self, logits, batch, rows, sampling_states, starts, out: ModelRunnerOutput):
+        """The sampler with the custom logits processors: their batch updated to the step's
+        rows (each request's tokens so far resolved first: a processor may read them). One
+        that raises fails the step's requests (``ModelRunnerOutput.failed``), is rebuilt, and
+        the step samples without processors so the batch's bookkeeping goes on as usual."""
+        self.steps.resolve_all()
+        try:
+            self.logitsprocs.update(rows)
+            batch.processors = self.logitsprocs
+            return self._sample(logits, batch, sampling_states, starts)
+        except LogitsProcessorError as exc:
+            self.logitsprocs.reset()
+            batch.processors = None
+            out.failed.update({r.request_id: str(exc) for r in rows})
+            return self._sample(logits, batch, sampling_states, starts)
 
     def _collect(self, handle: StepHandle, ids: list[int]) -> None:
         collect(handle, ids, self.spec is not None and self.spec.config.force_accept)

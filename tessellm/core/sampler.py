@@ -1,8 +1,9 @@
 """Sampling on the device: every SamplingParams field, per row, in one batch.
 
 Order of operations (vLLM's): allowed_token_ids, then bad words, logit bias and min-tokens
-masking, then penalties, on the raw logits; greedy rows take the argmax there. Random rows
-then divide by temperature, apply top-k and top-p, drop tokens under min_p, and sample with
+masking, then custom logits processors that change the argmax, then penalties, on the raw
+logits; greedy rows take the argmax there. Random rows then divide by temperature, go through
+the argmax-invariant custom processors, apply top-k and top-p, drop tokens under min_p, and sample with
 the exponential trick (``argmax(p / q)``, ``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
 (before any processing), as vLLM reports them.
 
@@ -68,6 +69,9 @@ class SamplingBatch:
     # The largest top_k when every row has one (host int, no device sync): top-k/top-p then
     # look at that many candidates (``topk``) instead of sorting the whole vocabulary.
     top_k_max: Optional[int] = None
+    # Custom logits processors (tessellm.sample.logits_processor.state.LogitsProcessors), their
+    # batch already updated to these rows; None: none configured (nothing per step).
+    processors: Optional[object] = None
 
 
 @dataclass
@@ -123,9 +127,11 @@ class Sampler:
 
     @staticmethod
     def _edit_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """The logits with bias, bans and penalties applied; ``logits`` itself is not written."""
+        """The logits with bias, bans, custom processors that change the argmax, and penalties
+        applied; ``logits`` itself is not written."""
+        processors = batch.processors is not None and batch.processors.changes_argmax
         edited = _keep_allowed(logits, batch)  # first, as vLLM
-        if (batch.logit_bias or batch.banned) and edited is logits:
+        if (batch.logit_bias or batch.banned or processors) and edited is logits:
             edited = logits.clone()
         logits = edited
         for row, ids, values in batch.logit_bias or ():
@@ -133,6 +139,8 @@ class Sampler:
             logits[row, idx] += torch.tensor(values, device=logits.device)
         for row, ids in batch.banned or ():
             logits[row, torch.tensor(ids, device=logits.device)] = -float("inf")
+        if processors:  # after the built-in edits, before penalties: vLLM's order
+            logits = batch.processors.apply(logits, argmax_invariant=False)
         if batch.repetition is not None:
             seen = batch.prompt_mask | (batch.output_counts > 0)
             rep = batch.repetition[:, None]
@@ -175,7 +183,7 @@ class Sampler:
         grammar): nothing is left to sample, so such a row takes the argmax (token 0) as a
         greedy row does, rather than a NaN distribution failing the whole batch."""
         rows = batch.temperature == 0
-        if batch.allowed_rows or batch.banned or batch.logit_bias:
+        if batch.allowed_rows or batch.banned or batch.logit_bias or batch.processors is not None:
             rows = rows | torch.isneginf(logits.amax(dim=-1))
         return rows
 
@@ -186,7 +194,10 @@ class Sampler:
         if greedy_rows is None:
             greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
-        cand = self._filter(logits / temp[:, None], batch, greedy_rows)
+        scaled = logits / temp[:, None]
+        if batch.processors is not None and batch.processors.keeps_argmax:  # vLLM: after temperature
+            scaled = batch.processors.apply(scaled, argmax_invariant=True)
+        cand = self._filter(scaled, batch, greedy_rows)
         probs = torch.softmax(cand.values, dim=-1)
         if batch.min_p is not None:
             threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
@@ -305,7 +316,8 @@ def _keep_allowed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _has_edits(batch: SamplingBatch) -> bool:
-    return bool(batch.logit_bias or batch.banned or batch.allowed_rows or batch.repetition is not None)
+    return bool(batch.logit_bias or batch.banned or batch.allowed_rows or batch.repetition is not None
+                or (batch.processors is not None and batch.processors.changes_argmax))
 
 
 def _nonzero_columns(probs: torch.Tensor, skip: torch.Tensor) -> Candidates:

@@ -75,8 +75,8 @@ class SamplingParams:
     logits_processors: Optional[list] = None
     guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
     # vLLM's: free-form values for custom extensions (the OpenAI request's vllm_xargs), carried
-    # to the engine core with the request (Request.sampling_params.extra_args); nothing of
-    # tessellm's reads them (it has no custom logits processors)
+    # to the engine core with the request (Request.sampling_params.extra_args); read by custom
+    # logits processors (docs/logits_processors.md), nothing else of tessellm's
     extra_args: Optional[dict] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
@@ -197,8 +197,9 @@ _VLLM_NEUTRAL = (
     ("detokenize", (True,), "the text is always produced; read the output's token_ids"),
     ("spaces_between_special_tokens", (True,), "special tokens are decoded as the tokenizer "
      "joins them; use skip_special_tokens"),
-    ("logits_processors", (None, []), "constrain sampling with logit_bias, allowed_token_ids, "
-     "bad_words or structured_outputs"),
+    ("logits_processors", (None, []), "per-request callables are not supported (nor in vLLM v1); "
+     "give batch-level processors to the engine, LLM(logits_processors=[Cls]), and select them per "
+     "request with extra_args (docs/logits_processors.md)"),
 )
 
 

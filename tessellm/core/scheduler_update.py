@@ -46,6 +46,9 @@ class SchedulerUpdate:
             if rid in result.kv_load_failed:
                 self._recompute_failed_load(req)
                 continue
+            if rid in result.failed:  # a custom logits processor raised in its step
+                outputs.append(self._failed(req, result.failed[rid]))
+                continue
             if self.connector is not None:  # its loads (if any) worked: counted now
                 self.connector.stats.confirm(rid)
             new_tokens = result.sampled.get(rid)
@@ -114,6 +117,13 @@ class SchedulerUpdate:
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
                                 kv_transfer_params=req.kv_transfer_params_out,
                                 **(_schedule_times(req) if first else {}))
+
+    def _failed(self, req: Request, error: str) -> EngineCoreOutput:
+        """The request ends aborted, ``error`` its stop_reason; nothing of the step is output."""
+        req.stop_reason = error
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        return EngineCoreOutput(req.request_id, [], "abort", error,
+                                num_cached_tokens=max(req.num_cached_tokens, 0))
 
     def _pooled(self, req: Request, pooled: list[float]) -> EngineCoreOutput:
         self._finish(req, RequestStatus.FINISHED_STOPPED)  # frees its blocks now

@@ -193,6 +193,10 @@ class ModelRunnerOutput:
     # A KV connector's saves settled on the output rank since start: [saved, failed, dropped]
     # blocks (KVConnectorBase.save_totals); None: none.
     kv_saves: Optional[list] = None
+    # Requests whose step failed in a custom logits processor (it raised in update_state or
+    # apply: every request of that step): request id -> the error. They finish aborted, the
+    # error as their stop_reason; the engine goes on (docs/logits_processors.md).
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

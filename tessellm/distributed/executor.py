@@ -172,7 +172,7 @@ class MultiprocExecutor(Executor):
             self._cmds.append(self._ipc.socket(zmq.PUSH, bind=addr))
             # From a clean main: the user's script is never re-run in a worker (spawn.py).
             proc = spawn_process(run_worker, f"tessellm-worker-{rank}",
-                                 (dataclasses.asdict(args), rank, dataclasses.asdict(parallel),
+                                 (args.spawn_dict(), rank, dataclasses.asdict(parallel),
                                   init_method, addr, results_addr, os.getpid()))
             self._procs.append(proc)
             self._ipc.adopt(proc)

@@ -155,7 +155,7 @@ class RayExecutor(Executor):
                         num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                         resources={k: v for k, v in bundle.items() if k not in ("CPU", "GPU")},
                         max_restarts=0, name=None)
-            self._actors.append(cls.options(**opts).remote(dataclasses.asdict(args), rank,
+            self._actors.append(cls.options(**opts).remote(args.spawn_dict(), rank,
                                                            dataclasses.asdict(parallel)))
         try:
             init_method = self._get([self._actors[0].address.remote()])[0]

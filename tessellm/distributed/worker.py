@@ -101,6 +101,9 @@ class Worker:
                                   decode_overlap=overlap_settings(args),
                                   max_num_seqs=args.max_num_seqs)
         self._runner_inputs(model, spec)
+        if pooling is None and self.pp.is_last:  # the rank samples: its custom logits processors
+            self.runner.logitsprocs = _logits_processors(args, source, self.max_model_len, self.dtype,
+                                                         config.vocab_size, self.runner.sampler.device)
         self.max_num_batched_tokens = default_max_num_batched_tokens(args, self.backend.device_type)
         if hasattr(graphs, "max_num_tokens"):  # a plan of step shapes to compile (tpu)
             graphs.max_num_tokens = self.max_num_batched_tokens
@@ -665,3 +668,20 @@ def rope_positions(args, max_model_len: int) -> int:
 
     spec = parse_speculative_config(args.speculative_config)
     return max_model_len + (spec.num_speculative_tokens if spec is not None else 0)
+
+
+def _logits_processors(args: EngineArgs, source, max_model_len: int, dtype: torch.dtype, vocab_size: int,
+                       device: torch.device):
+    """The custom logits processors (given and installed), built on the sampler's device; None
+    when there are none."""
+    from tessellm.core.engine_surface import engine_model_config, engine_vllm_config
+    from tessellm.sample.logits_processor.load import load_classes
+    from tessellm.sample.logits_processor.state import LogitsProcessors
+
+    classes = load_classes(args.logits_processors)
+    if not classes:
+        return None
+    model = engine_model_config(args, source.path, max_model_len, dtype, "generate", source.hf_config,
+                                vocab_size)
+    config = engine_vllm_config(args, model, args.num_kv_blocks or 0)
+    return LogitsProcessors(classes, config, device, device.type not in ("cpu", "xla"))

@@ -20,6 +20,7 @@ from typing import Optional
 from tessellm.config import EngineArgs
 from tessellm.entrypoints.vllm_args import add_vllm_engine_arguments, engine_overrides, parsed_vllm_args
 from tessellm.reasoning.parsers import REASONING_PARSERS
+from tessellm.sample.logits_processor.load import spawn_names
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"  # the bundled model's name when MODEL is omitted
 
@@ -145,10 +146,15 @@ HELP = {
                      "(tessellm:NAME), vllm (vLLM's vllm:NAME names and labels, for dashboards, "
                      "autoscalers and routers written for vLLM) or both (unset: "
                      "TESSELLM_METRICS_NAMES, else tessellm; docs/metrics.md)",
+    "logits_processors": "custom logits processors (vLLM's interface): module:Class or "
+                         "package.module.Class names of tessellm.sample.logits_processor."
+                         "LogitsProcessor subclasses; per-request arguments in a request's "
+                         "vllm_xargs (docs/logits_processors.md)",
     "enable_sleep_mode": "allow sleep / wake_up: free the device memory of the weights and KV cache "
                          "between generation phases (RLHF; server: /sleep, /wake_up and /is_sleeping "
                          "with TESSELLM_SERVER_DEV_MODE=1; docs/sleep_mode.md)",
 }
+NARGS = {"logits_processors": "+"}  # flags that take several values
 SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_parallel_size": "-dp",
          "quantization": "-q"}
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
@@ -186,6 +192,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, **defaults) -> argpars
             kwargs["type"] = kind
         if f.name in CHOICES:
             kwargs["choices"] = CHOICES[f.name]
+        if f.name in NARGS:
+            kwargs["nargs"] = NARGS[f.name]
         group.add_argument(*names, **kwargs)
     add_vllm_engine_arguments(parser)  # vLLM's names tessellm has no field of its own for
     return parser
@@ -214,6 +222,8 @@ def engine_flags(args: EngineArgs) -> list[str]:
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(value, bool):
             out.append(flag if value else f"--no-{flag[2:]}")
+        elif f.name in NARGS:
+            out += [flag, *spawn_names(value)]
         elif isinstance(value, (dict, list)):
             out += [flag, json.dumps(value)]
         else:

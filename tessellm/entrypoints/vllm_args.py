@@ -126,8 +126,6 @@ ENGINE: tuple[VllmArg, ...] = (
             neutral=("auto", "xgrammar")),
     VllmArg("structured_outputs_config", "neutral", "xgrammar is tessellm's structured-output "
             "backend; per request, structured_outputs.disable_any_whitespace", "json"),
-    VllmArg("logits_processors", "neutral", "constrain sampling per request with logit_bias, "
-            "allowed_token_ids, bad_words or structured outputs", nargs="+", neutral=([],)),
     VllmArg("logprobs_mode", "neutral", "logprobs are the model's raw ones (before temperature, "
             "penalties and top-k/p), as vLLM's default", neutral=("raw_logprobs",)),
     VllmArg("profiler_config", "neutral", "LLM.start_profile / stop_profile write torch profiler "

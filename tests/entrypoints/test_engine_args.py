@@ -40,6 +40,7 @@ NON_DEFAULT = {
     "enable_expert_parallel": True,
     "enable_decode_overlap": True, "decode_overlap_steps": "all", "decode_overlap_min_batch": 64,
     "decode_overlap_min_prefill": 1024, "decode_overlap_sm_carveout": 16,
+    "logits_processors": ["pkg.mod:Proc", "pkg.other.Proc2"],
 }
 COMMANDS = [["serve", "MODEL"], ["generate", "hi", "--model", "MODEL"],
             ["bench", "throughput", "--model", "MODEL"], ["bench", "latency", "--model", "MODEL"],

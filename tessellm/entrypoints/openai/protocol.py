@@ -235,8 +235,10 @@ UNSUPPORTED: dict[str, tuple] = {
 
 # what to do instead, in the refusal of an UNSUPPORTED field
 UNSUPPORTED_FIX: dict[str, str] = {
-    "logits_processors": "constrain sampling with logit_bias, allowed_token_ids, bad_words or "
-                         "structured outputs",
+    "logits_processors": "per-request processors are not supported (nor in vLLM v1): start the server "
+                         "with --logits-processors module:Class and select it per request with "
+                         "vllm_xargs (docs/logits_processors.md), or constrain sampling with "
+                         "logit_bias, allowed_token_ids, bad_words or structured outputs",
     "guided_whitespace_pattern": "send structured_outputs: {\"json\": ..., \"disable_any_whitespace\": "
                                  "true} for JSON without optional whitespace",
     "structural_tag": "send response_format: {\"type\": \"structural_tag\", ...}",
