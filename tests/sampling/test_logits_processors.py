@@ -127,6 +127,17 @@ def test_a_processor_that_raises_fails_its_steps_requests_only(llm, plain):
     assert _tokens(after) == [plain[PROMPTS[0]], [5] * 12, plain[PROMPTS[2]], plain[PROMPTS[3]]]
 
 
+def test_a_processor_that_returns_no_tensor_fails_its_steps_requests_only(tokenized_model, plain):
+    """``apply`` must return the logits (a tensor of their shape); one that returns None fails
+    the step's requests as a raising one does, naming what it returned; the engine goes on."""
+    with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:NoneReturningProcessor"]) as engine:
+        out = engine.generate(PROMPTS[:2], [_greedy(6, forget=True), _greedy(6)], use_tqdm=False)
+        for o in out:
+            assert o.outputs[0].finish_reason == "abort"
+            assert "NoneReturningProcessor returned NoneType from apply" in o.outputs[0].stop_reason
+        assert _tokens(engine.generate(PROMPTS[1], _greedy(12), use_tqdm=False)) == [plain[PROMPTS[1]]]
+
+
 def test_an_argmax_invariant_processor_applies_to_random_sampling_only(llm, plain):
     top_two = _processor(llm, __import__(PROCS, fromlist=["TopTwoProcessor"]).TopTwoProcessor)
     before = top_two.applied

@@ -132,7 +132,14 @@ class LogitsProcessors:
 
     def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
         for p in self.keeps_argmax if argmax_invariant else self.changes_argmax:
-            logits = _guarded(p, "apply", logits)
+            out = _guarded(p, "apply", logits)
+            if not isinstance(out, torch.Tensor) or out.shape != logits.shape:  # else the sampler fails
+                what = type(out).__name__
+                if isinstance(out, torch.Tensor):
+                    what = f"a tensor of shape {tuple(out.shape)}"
+                raise LogitsProcessorError(f"logits processor {type(p).__qualname__} returned {what} from "
+                                           f"apply; it must return the logits, shape {tuple(logits.shape)}.")
+            logits = out
         return logits
 
     def reset(self) -> None:
