@@ -122,6 +122,7 @@ def test_a_processor_that_raises_fails_its_steps_requests_only(llm, plain):
     for o in out:
         assert o.outputs[0].finish_reason == "abort"
         assert "logits processor RaisingProcessor raised in apply: RuntimeError: boom" in o.outputs[0].stop_reason
+        assert 0 < o.metrics.queued_ts <= o.metrics.scheduled_ts  # it was queued and scheduled
     after = llm.generate(PROMPTS, [_greedy(12), _greedy(12, target_token=5), _greedy(12), _greedy(12)],
                          use_tqdm=False)
     assert _tokens(after) == [plain[PROMPTS[0]], [5] * 12, plain[PROMPTS[2]], plain[PROMPTS[3]]]
