@@ -302,12 +302,13 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
         that raises fails the step's requests (``ModelRunnerOutput.failed``), is rebuilt, and
         the step samples without processors so the batch's bookkeeping goes on as usual."""
         self.steps.resolve_all()
+        self.logitsprocs.forget_failed(self.batch.requests)
         try:
             self.logitsprocs.update(rows)
             batch.processors = self.logitsprocs
             return self._sample(logits, batch, sampling_states, starts)
         except LogitsProcessorError as exc:
-            self.logitsprocs.reset()
+            self.logitsprocs.reset(rows)
             batch.processors = None
             out.failed.update({r.request_id: str(exc) for r in rows})
             return self._sample(logits, batch, sampling_states, starts)

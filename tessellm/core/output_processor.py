@@ -34,6 +34,7 @@ class _Sample:
     finish_reason: Optional[str] = None
     stop_reason: Optional[object] = None
     times: Optional[RequestStateStats] = None  # for the metrics and RequestOutput.metrics
+    num_cached_tokens: int = 0  # its own prompt tokens not computed (a sibling's may differ)
     # output_kind DELTA: how much of the tokens, logprobs and text earlier outputs carried
     sent_tokens: int = 0
     sent_text: int = 0
@@ -109,7 +110,7 @@ class OutputProcessor:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
                 if stats is not None:
-                    stats.observe_finished(s.times, "abort", state.params.max_tokens, state.num_cached_tokens)
+                    stats.observe_finished(s.times, "abort", state.params.max_tokens, s.num_cached_tokens)
         return self._finish(state)
 
     def process(self, outputs: list[EngineCoreOutput], stats: Optional[IterationStats] = None,
@@ -137,7 +138,7 @@ class OutputProcessor:
             iteration.observe_output(sample.times, num_kept, out.first_scheduled_time)
             if stats is not None and sample.finish_reason is not None:  # just now: later outputs are skipped above
                 stats.observe_finished(sample.times, sample.finish_reason, state.params.max_tokens,
-                                       state.num_cached_tokens)
+                                       sample.num_cached_tokens)
             if sample.finish_reason == "stop" and out.finish_reason is None:
                 to_abort.append(out.request_id)
             touched[state.request_id] = state
@@ -155,6 +156,7 @@ class OutputProcessor:
     def _apply(self, state: _RequestState, sample: _Sample, out: EngineCoreOutput) -> int:
         """Adds the output's tokens to the sample; returns how many it kept (a stop string in
         a step of several tokens, speculative decoding's, ends the sample at its last token)."""
+        sample.num_cached_tokens = max(sample.num_cached_tokens, out.num_cached_tokens)
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
         if out.pooled is not None:
             state.pooled = out.pooled

@@ -114,3 +114,22 @@ def test_the_spec_decode_examples_metric_loop(tiny_model_dir):
     m = outputs[0].metrics
     assert total_prefill_time == pytest.approx(m.first_token_ts - m.scheduled_ts) and total_prefill_time > 0
     assert total_decode_time == pytest.approx(m.last_token_ts - m.first_token_ts) and total_decode_time > 0
+
+
+def test_prefill_kv_computed_is_each_samples_own():
+    """n=2, one sample computed its whole prompt, its sibling found half of it in the prefix
+    cache: ``request_prefill_kv_computed_tokens`` observes 8 and 4 (vLLM's, per child request),
+    not the siblings' largest cached count for both."""
+    from tessellm.core.engine_output import EngineCoreOutput
+    from tessellm.core.output_processor import OutputProcessor
+    from tessellm.metrics.stats import IterationStats
+
+    proc = OutputProcessor(tokenizer=None)
+    proc.add_request("r", None, list(range(8)), SamplingParams(n=2, max_tokens=2), ["r-0", "r-1"])
+    stats = IterationStats()
+    proc.process([EngineCoreOutput("r-0", [1], num_cached_tokens=0, queued_ts=1.0, scheduled_ts=2.0),
+                  EngineCoreOutput("r-1", [1], num_cached_tokens=4, queued_ts=1.0, scheduled_ts=2.0)],
+                 stats, core_timestamp=3.0)
+    proc.process([EngineCoreOutput("r-1", [2], "length", num_cached_tokens=4),
+                  EngineCoreOutput("r-0", [2], "length", num_cached_tokens=0)], stats, core_timestamp=4.0)
+    assert sorted(f.num_cached_tokens for f in stats.finished) == [0, 4]

@@ -130,3 +130,24 @@ class TopTwoProcessor(LogitsProcessor):
             third = logits[row].topk(3).values[-1]
             logits[row] = logits[row].masked_fill(logits[row] <= third, float("-inf"))
         return logits
+
+
+class NoneReturningProcessor(LogitsProcessor):
+    """A buggy processor: ``apply`` forgets to return the logits while a request with
+    extra_args {"forget": true} is in the batch."""
+
+    def __init__(self, vllm_config, device, is_pin_memory):
+        self.rows: dict[int, bool] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        process_dict_updates(self.rows, batch_update,
+                             lambda params, _, __: True if (params.extra_args or {}).get("forget") else None)
+
+    def apply(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.rows:
+            logits[:, 0] = 0.0  # edits in place, then returns nothing
+            return None
+        return logits

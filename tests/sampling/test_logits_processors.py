@@ -122,9 +122,40 @@ def test_a_processor_that_raises_fails_its_steps_requests_only(llm, plain):
     for o in out:
         assert o.outputs[0].finish_reason == "abort"
         assert "logits processor RaisingProcessor raised in apply: RuntimeError: boom" in o.outputs[0].stop_reason
+        assert 0 < o.metrics.queued_ts <= o.metrics.scheduled_ts  # it was queued and scheduled
     after = llm.generate(PROMPTS, [_greedy(12), _greedy(12, target_token=5), _greedy(12), _greedy(12)],
                          use_tqdm=False)
     assert _tokens(after) == [plain[PROMPTS[0]], [5] * 12, plain[PROMPTS[2]], plain[PROMPTS[3]]]
+
+
+def test_under_async_scheduling_a_failure_stays_with_its_steps_requests(tokenized_model, plain):
+    """The step after a failure was scheduled before it was known, with the failed requests in
+    it: they no longer reach the processors there (they are finished), so a request that joined
+    in that step is served as usual instead of failing with them."""
+    with LLM(tokenized_model, **ENGINE, async_scheduling=True,
+             logits_processors=[f"{PROCS}:RaisingProcessor"]) as llm:
+        engine, finished = llm.llm_engine, {}
+        engine.add_request("a", PROMPTS[0], _greedy(8))
+        engine.step()
+        engine.add_request("boom", PROMPTS[1], _greedy(8, boom=True))
+        engine.step()  # launches the step that fails
+        engine.add_request("b", PROMPTS[2], _greedy(8))
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    assert finished["a"].finish_reason == finished["boom"].finish_reason == "abort"
+    assert finished["b"].finish_reason == "length"
+    assert list(finished["b"].token_ids) == plain[PROMPTS[2]][:8]
+
+
+def test_a_processor_that_returns_no_tensor_fails_its_steps_requests_only(tokenized_model, plain):
+    """``apply`` must return the logits (a tensor of their shape); one that returns None fails
+    the step's requests as a raising one does, naming what it returned; the engine goes on."""
+    with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:NoneReturningProcessor"]) as engine:
+        out = engine.generate(PROMPTS[:2], [_greedy(6, forget=True), _greedy(6)], use_tqdm=False)
+        for o in out:
+            assert o.outputs[0].finish_reason == "abort"
+            assert "NoneReturningProcessor returned NoneType from apply" in o.outputs[0].stop_reason
+        assert _tokens(engine.generate(PROMPTS[1], _greedy(12), use_tqdm=False)) == [plain[PROMPTS[1]]]
 
 
 def test_an_argmax_invariant_processor_applies_to_random_sampling_only(llm, plain):

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from tessellm.core.sampling_params import SamplingParams
 from tessellm.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,9 @@ class LogitsProcessors:
         self.classes = list(classes)
         self.processors = [cls(*self._args) for cls in self.classes]
         self._rows: list = []  # the runner states at each batch index, as the processors know it
+        # The runner states of a failed step's requests (by id(): the state, its stand-in) while
+        # a step scheduled before the failure was known still holds them (async scheduling).
+        self._failed: dict[int, tuple] = {}
         self._split()
 
     def _split(self) -> None:
@@ -124,7 +128,11 @@ class LogitsProcessors:
         self.keeps_argmax = [p for p in self.processors if p.is_argmax_invariant()]
 
     def update(self, rows: list) -> None:
-        """Tell every processor the step's rows (the runner's states, in logits-row order)."""
+        """Tell every processor the step's rows (the runner's states, in logits-row order). A
+        request of a failed step is shown as a plain request (``_Finished``): it is finished,
+        its tokens are discarded, and it must not fail the step it is still scheduled in."""
+        if self._failed:
+            rows = [self._failed.get(id(r), (r, r))[1] for r in rows]
         change = batch_update(self._rows, rows)
         self._rows = list(rows)
         for p in self.processors:
@@ -132,15 +140,38 @@ class LogitsProcessors:
 
     def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
         for p in self.keeps_argmax if argmax_invariant else self.changes_argmax:
-            logits = _guarded(p, "apply", logits)
+            out = _guarded(p, "apply", logits)
+            if not isinstance(out, torch.Tensor) or out.shape != logits.shape:  # else the sampler fails
+                what = type(out).__name__
+                if isinstance(out, torch.Tensor):
+                    what = f"a tensor of shape {tuple(out.shape)}"
+                raise LogitsProcessorError(f"logits processor {type(p).__qualname__} returned {what} from "
+                                           f"apply; it must return the logits, shape {tuple(logits.shape)}.")
+            logits = out
         return logits
 
-    def reset(self) -> None:
+    def reset(self, failed: Sequence = ()) -> None:
         """After a processor raised (its state may be half-updated): fresh instances and an
-        empty batch, so the next step adds its requests anew."""
+        empty batch, so the next step adds its requests anew; ``failed``: the step's runner
+        states, shown as plain requests from now on (``update``)."""
         self.processors = [cls(*self._args) for cls in self.classes]
         self._rows = []
         self._split()
+        self._failed.update({id(r): (r, _Finished()) for r in failed})
+
+    def forget_failed(self, live: dict) -> None:
+        """Drop the failed requests the runner no longer holds (``live``: request id -> state)."""
+        if self._failed:
+            self._failed = {k: v for k, v in self._failed.items() if live.get(v[0].request_id) is v[0]}
+
+
+class _Finished:
+    """What the processors see at the row of a failed step's request while a later step still
+    holds it: a request of default parameters, no prompt, no output."""
+
+    def __init__(self):
+        self.params, self.token_ids = SamplingParams(), []
+        self.num_prompt_tokens, self.embeds_prompt = 0, False
 
 
 def _guarded(processor, method: str, arg):
