@@ -88,11 +88,13 @@ def test_sigterm_drains_streams_and_refuses_new_requests(own_server):
         t.start()
     assert all(f.wait(180) for f in firsts)
     own_server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60  # the signal handled: draining (not a fixed sleep: load)
+    while httpx.get(f"{own_server.url}/ready", timeout=30).status_code != 503:
+        assert time.monotonic() < deadline, "the server did not start draining on SIGTERM"
+        time.sleep(0.05)
     r = httpx.post(f"{own_server.url}/v1/completions", headers=own_server.headers, timeout=30,
                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
-    assert httpx.get(f"{own_server.url}/ready", timeout=30).status_code == 503
     for t in threads:
         t.join(300)
     for res in results:
