@@ -81,7 +81,7 @@ def test_tp2_round_trip_parts_and_layout_refusal(tiny_model_dir, tmp_path):
         LLM(out, device="cpu", num_kv_blocks=64, load_format="sharded_state")
 
 
-@pytest.mark.slow  # ~8 s on 2 cores; the per-rank files of TP=2, with each stage's own tensors
+@pytest.mark.slow  # 4-8 s on 2 cores; the per-rank files of TP=2, with each stage's own tensors
 def test_pp2_round_trip_and_layout_refusal(tiny_model_dir, tmp_path):
     """Pipeline parallel 2 (two gloo ranks on the CPU): each stage saves only its own layers
     (the embedding on the first, the final norm and LM head on the last) and loads them back
