@@ -27,7 +27,14 @@ from tessellm.backends.reference.attention import softcap, softmax_with_sinks
 from tessellm.backends.reference.lora import ReferenceLoRAOps
 from tessellm.backends.reference.ops import ReferenceOps
 
-CHECKED_STEPS = 2  # attention: build_metadata calls (one per step) whose forwards are checked
+# Attention: the kernel is checked until CHECKED_STEPS steps had their forwards probed against
+# the reference (steps of requests with rows to probe: ``_probe_plan``), or UNPROBED_STEPS eager
+# steps passed without a probe (decodes; a device the probe cannot sync), whichever comes first.
+# The memory profile's step (its rows share cache slots) is never probed, graph capture's steps
+# (no host copies) count toward neither: counted by calls, they used up the checks (one per
+# captured size) before the first request's step.
+CHECKED_STEPS = 2
+UNPROBED_STEPS = 64
 CHECKED_OP_CALLS = 8  # fused ops: calls of each op that are checked
 PROBE_ROWS = 4  # rows compared against the reference
 _REFERENCE = ReferenceOps()
@@ -100,26 +107,32 @@ class CheckedAttentionKernel(_Checked):
     def __init__(self, kernel, plugin: str, backend: str, spec, always: bool):
         super().__init__(kernel, plugin, backend, "tessellm_attention_kernel", always)
         self._spec = spec
-        self._steps = 0
-        self._batch = None
+        self._probed = 0  # steps whose forwards were probed (CHECKED_STEPS)
+        self._unprobed = 0  # eager steps with nothing to probe (UNPROBED_STEPS)
+        self._batch = None  # (this step's metadata, its probe plan or None)
 
     def build_metadata(self, batch):
         if _compiling():  # traced by torch.compile: the plugin's code only, no Python state
             return self._inner.build_metadata(batch)
-        self._steps += 1
-        metadata = self._inner.build_metadata(batch)
-        # Probe only a forward given this very metadata: not a compiled step's, not a stale one.
-        self._batch = (metadata, batch)
-        if self._steps > CHECKED_STEPS and not self._always:
+        if not self._always and (self._probed >= CHECKED_STEPS or self._unprobed >= UNPROBED_STEPS):
             self._uncheck("build_metadata", "forward")
             self._batch = None
+            return self._inner.build_metadata(batch)
+        metadata = self._inner.build_metadata(batch)
+        plan = _probe_plan(batch)
+        if plan is not None:
+            self._probed += 1
+        elif batch.seq_lens_host:
+            self._unprobed += 1
+        # Probe only a forward given this very metadata: not a compiled step's, not a stale one.
+        self._batch = (metadata, plan)
         return metadata
 
     def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **kwargs):
         if _compiling():
             return self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **kwargs)
-        known = self._batch is not None and self._batch[0] is metadata
-        probe = _attention_probe(self._batch[1], q, k, v) if known else None
+        plan = self._batch[1] if self._batch is not None and self._batch[0] is metadata else None
+        probe = _attention_probe(plan, q, k, v) if plan is not None else None
         out = self._inner.forward(q, k, v, k_cache, v_cache, metadata, scale, **kwargs)
         sinks = kwargs.get("sinks")
         rotary = {key: val for key, val in kwargs.items() if key != "sinks"}
@@ -142,13 +155,13 @@ class CheckedAttentionKernel(_Checked):
         return out
 
 
-def _attention_probe(batch, q, k, v):
-    """``(first row, (q, k, v) rows, their key limits or None)`` of a sequence with no cached
-    context, copied before the kernel may change them in place; None when this step has none
-    or cannot be probed. With ``key_limits`` the rows stop before the first whose limit lies
-    past them (the probe holds only its own rows' keys). Only rows whose keys the cache keeps
-    (``_own_slots``)."""
-    if batch is None or not batch.seq_lens_host or not _probing(q):
+def _probe_plan(batch):
+    """``(first row, number of rows, their key limits or None)``: the rows of this step to probe,
+    those of a sequence with no cached context; None when it has none or cannot be probed (a
+    graph step: no host copies; a device the probe cannot sync). With ``key_limits`` the rows
+    stop before the first whose limit lies past them (the probe holds only its own rows' keys).
+    Only rows whose keys the cache keeps (``_own_slots``)."""
+    if batch is None or not batch.seq_lens_host or not _probing(batch.slot_mapping):
         return None
     starts, lens = batch.query_start_loc_host, batch.seq_lens_host
     limits = getattr(batch, "key_limits_host", None)
@@ -164,9 +177,17 @@ def _attention_probe(batch, q, k, v):
                 lim = lim[:r]
             if r == 0 or not _own_slots(batch.slot_mapping, a, r):
                 continue
-            rows = tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v))
-            return a, rows, lim
+            return a, r, lim
     return None
+
+
+def _attention_probe(plan, q, k, v):
+    """``(first row, (q, k, v) rows, their key limits)`` of ``plan``, copied before the kernel
+    may change them in place; None where this forward cannot be probed (a graph capture)."""
+    if not _probing(q):
+        return None
+    a, r, lim = plan
+    return a, tuple(None if x is None else x[a:a + r].detach().clone() for x in (q, k, v)), lim
 
 
 def _own_slots(slot_mapping: torch.Tensor, a: int, r: int) -> bool:

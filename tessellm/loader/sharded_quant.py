@@ -43,8 +43,11 @@ def describe(model: nn.Module) -> str:
     from tessellm.quantization.loading import quantized_linears
     from tessellm.quantization.packed import DenseWeight, Fp8Weight, Int8Weight
 
-    layers = {}
+    from tessellm.loader.sharded_state import as_loaded
+
+    layers, rename = {}, as_loaded(model)
     for name, layer in quantized_linears(model).items():
+        name = rename(name)  # a LoRA wrapper and its base are one layer as loaded
         segs = []
         for seg in layer.segments:
             if type(seg) is Int8Weight:

@@ -88,7 +88,8 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
         save_file(tensors, files[-1], metadata=meta)
 
     part, size = {}, 0
-    for name, t in unique_tensors(model.state_dict()).items():
+    rename = as_loaded(model)
+    for name, t in unique_tensors({rename(n): t for n, t in model.state_dict().items()}).items():
         nbytes = t.numel() * t.element_size()
         if part and max_size is not None and size + nbytes > max_size:
             write(part)
@@ -98,6 +99,25 @@ def save_sharded_state(model: torch.nn.Module, path: str, rank: int, layout: dic
     if part or not files:
         write(part)
     return files
+
+
+def as_loaded(model: torch.nn.Module):
+    """A name in ``model`` (a tensor's or a module's) -> the same one in the model as loaded.
+    An engine with ``enable_lora`` wraps layers after the load (``lora/layers.py``: a wrapper's
+    ``base`` is the loaded layer), so ``x.base.weight`` is saved as ``x.weight``: the files are
+    the base model's, and load with or without ``enable_lora`` (adapters are not part of them)."""
+    wrappers = {name for name, m in model.named_modules() if getattr(m, "wraps_base", False)}
+
+    def rename(name: str) -> str:
+        if not wrappers:
+            return name
+        kept: list[str] = []
+        for part in name.split("."):
+            if not (part == "base" and ".".join(kept) in wrappers):
+                kept.append(part)
+        return ".".join(kept)
+
+    return rename
 
 
 def check_pattern(pattern: str) -> None:

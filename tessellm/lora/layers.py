@@ -62,6 +62,10 @@ def _activation_dtype_and_device(base: nn.Module) -> tuple[torch.dtype, torch.de
 class LoRALinear(nn.Module):
     """A column- or row-parallel linear plus ``max_loras`` adapter slots (module docstring)."""
 
+    # ``base`` is the layer as loaded (wrapped after the load): a saved state names its tensors
+    # without the ``base.`` (``loader/sharded_state.as_loaded``); the slots are not saved
+    wraps_base = True
+
     def __init__(self, base: nn.Module, batch: LoRABatch, num_slots: int, rank: int):
         super().__init__()
         self.base = base

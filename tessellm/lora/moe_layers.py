@@ -30,6 +30,8 @@ from tessellm.layers.moe import FusedMoE
 class LoRAFusedMoE(nn.Module):
     """``FusedMoE`` with ``num_slots`` adapter slots of rank ``rank`` on its experts."""
 
+    wraps_base = True  # ``base`` is the layer as loaded (as ``LoRALinear``'s)
+
     def __init__(self, base: FusedMoE, batch, num_slots: int, rank: int):
         super().__init__()
         self.base = base

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tessellm.backends import checked
+from tessellm.backends.reference.attention import ReferenceAttentionKernel
 from tessellm.backends.reference.ops import ReferenceOps
 from tessellm.backends.registry import PluginError
 
@@ -250,3 +251,109 @@ def test_memory_profile_step_passes_the_checked_kernel(family, tmp_path, monkeyp
         out = llm.generate([{"prompt_token_ids": [5, 9, 17, 30, 41]}],
                            SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+
+
+class TurnsWrong(ReferenceAttentionKernel):
+    """The reference kernel, whose outputs come back scaled once ``wrong`` is set: a bug the
+    steps before it never met (a shape only real prompts reach)."""
+
+    wrong = False
+
+    def forward(self, q, k, v, k_cache, v_cache, metadata, scale, **kwargs):
+        out = super().forward(q, k, v, k_cache, v_cache, metadata, scale, **kwargs)
+        return out * 1.5 if self.wrong else out
+
+
+def _paged(query_lens, ctx_lens, seed=0):
+    from tessellm.testing.harness import make_paged_step
+
+    return make_paged_step(query_lens, ctx_lens, num_kv_heads=1, group=2, head_size=16,
+                           block_size=4, dtype=torch.float32, device=torch.device("cpu"), seed=seed)
+
+
+def _run(kernel, step):
+    return kernel.forward(step.q, step.k, step.v, step.k_cache, step.v_cache,
+                          kernel.build_metadata(step.batch), step.scale)
+
+
+def test_attention_checks_are_not_used_up_before_the_first_request(monkeypatch):
+    """Only steps whose rows were probed count toward ``CHECKED_STEPS``: the memory profile's
+    step (every row in block 0, so rows share cache slots: never probed) and graph capture's
+    steps (no host copies: one build per captured size) leave the checks to the first request's
+    prefill, where a wrong result is caught. Decode steps (cached context, nothing to probe)
+    end the checks only after ``UNPROBED_STEPS``."""
+    import dataclasses
+
+    from tessellm.backends.spec import AttentionSpec
+
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    spec = AttentionSpec(num_heads=2, num_kv_heads=1, head_size=16, dtype=torch.float32,
+                         block_size=4)
+    inner = TurnsWrong()
+    kernel = checked.CheckedAttentionKernel(inner, "mine", "mine", spec, False)
+    profile = _paged([4, 4], [0, 0])
+    profile.batch.slot_mapping = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])  # both rows in block 0
+    _run(kernel, profile)
+    decode = _paged([1, 1], [5, 9], seed=1)
+    captured = dataclasses.replace(decode.batch, query_start_loc_host=[], seq_lens_host=[])
+    for _ in range(8):  # a captured size each
+        kernel.forward(decode.q, decode.k, decode.v, decode.k_cache, decode.v_cache,
+                       kernel.build_metadata(captured), decode.scale)
+    for _ in range(3):
+        _run(kernel, decode)
+    inner.wrong = True
+    with pytest.raises(PluginError, match=r"^Backend plugin 'mine' \(tessellm_attention_kernel "
+                                          r"for backend 'mine'\): forward returned values off by"):
+        _run(kernel, _paged([6], [0], seed=2))
+    inner.wrong = False
+    for seed in range(1, checked.CHECKED_STEPS):  # the caught step was the first probed one
+        prefill = _paged([5, 3], [0, 0], seed)
+        torch.testing.assert_close(_run(kernel, prefill), prefill.ref_out)
+        assert kernel.forward.__func__ is checked.CheckedAttentionKernel.forward
+    _run(kernel, decode)
+    assert kernel.forward.__self__ is inner  # swapped out: the plugin's own method
+    decodes_only = checked.CheckedAttentionKernel(TurnsWrong(), "mine", "mine", spec, False)
+    for _ in range(checked.UNPROBED_STEPS):
+        _run(decodes_only, decode)
+    assert decodes_only.forward.__func__ is checked.CheckedAttentionKernel.forward
+    _run(decodes_only, decode)
+    assert decodes_only.forward.__self__ is decodes_only._inner
+
+
+def test_a_request_after_the_profile_and_warm_up_is_checked(fake_site, tiny_llama, monkeypatch):
+    """An engine whose memory profile and kernel warm-up have run (cpu: one 8-token request,
+    a prefill and two decodes) still checks its attention on the first request's prefill: a
+    third-party kernel that turns wrong there is named. Counted by calls, the warm-up's three
+    steps had used up the checks, and the wrong values went out."""
+    import sys
+
+    from tessellm import LLM, SamplingParams
+
+    fake_site("fakeplug-turns", {"turns": "fakeplug_turns"}, {"fakeplug_turns": """
+        from tessellm.backends.spec import hookimpl
+        from test_checked_calls import TurnsWrong
+        TESSELLM_OVERRIDES = ("cpu",)
+        KERNELS = []
+        @hookimpl(tryfirst=True)
+        def tessellm_attention_kernel(backend, spec):
+            if backend.name != "cpu":
+                return None
+            KERNELS.append(TurnsWrong(spec.sliding_window))
+            return KERNELS[-1]
+    """})
+    monkeypatch.setenv("TESSELLM_PLUGINS", "cpu,turns")
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    with LLM(tiny_llama, device="cpu", dtype="float32", max_num_seqs=4, max_model_len=128,
+             kernel_warmup=True) as llm:
+        assert llm.engine.warmup.steps == 3
+        runner = llm.engine.core.executor.worker.runner
+        assert isinstance(runner.kernel, checked.CheckedAttentionKernel)
+        cache = runner.kv_layers()[0].k_cache
+        runner.profile_run(64)  # the GPU's profile step: every row in block 0
+        runner.allocate_kv_cache(cache.shape[0], cache.dtype)
+        for kernel in sys.modules["fakeplug_turns"].KERNELS:
+            kernel.wrong = True
+        with pytest.raises(PluginError, match=r"^Backend plugin 'turns' \(tessellm_attention_kernel "
+                                              r"for backend 'cpu'\): forward returned values off by"):
+            llm.generate([{"prompt_token_ids": list(range(3, 40))}],
+                         SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)

@@ -42,22 +42,37 @@ def _add(client: EngineCoreClient, rid: str, prompt: list[int], max_tokens: int)
     client.send_add(EngineCoreRequest(rid, prompt, params, time.time()))
 
 
+def _messages(client: EngineCoreClient, timeout: float):
+    """The core's messages as they come, for ``timeout`` seconds at most."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.output.poll(100):
+            yield unpack(client.output.recv())
+
+
 def _wait_for_tokens(client: EngineCoreClient, rids: set, timeout: float = 60.0) -> None:
     """Until the core has sent a token of every request in ``rids`` (their prefills ran, so
     every prompt's saves are under way). Not the first outputs: the core may take the adds
     over several loop turns (a loaded machine), and a first step of one request alone saved
     120 of the 960 blocks before the message that ends the core arrived."""
-    deadline = time.monotonic() + timeout
     waiting = set(rids)
-    while time.monotonic() < deadline:
-        if client.output.poll(100):
-            msg = unpack(client.output.recv())
-            assert msg[0] != "dead", msg
-            if msg[0] == "outputs":
-                waiting -= {o["request_id"] for o in msg[1] if o.get("new_token_ids")}
-                if not waiting:
-                    return
+    for msg in _messages(client, timeout):
+        assert msg[0] != "dead", msg
+        if msg[0] == "outputs":
+            waiting -= {o["request_id"] for o in msg[1] if o.get("new_token_ids")}
+            if not waiting:
+                return
     raise AssertionError(f"the core produced no token for {sorted(waiting)}")
+
+
+def _last_words(client: EngineCoreClient, timeout: float = 60.0) -> str:
+    """Why the exited core says it stopped: its ``dead`` message's text, read past the outputs
+    and stats before it. Waited for, not read until a quiet gap: on a loaded machine the
+    parent's socket may take longer than any gap to hand over what the core sent."""
+    for msg in _messages(client, timeout):
+        if msg[0] == "dead":
+            return msg[1]
+    raise AssertionError(f"the core sent no 'dead' message within {timeout:.0f} s of exiting")
 
 
 def _files(path) -> list[str]:
@@ -123,10 +138,7 @@ def test_sigterm_shuts_the_core_down(tiny_model_dir, tmp_path):
         client.proc.join(timeout=TERMINATE_GRACE_S)
         took = time.monotonic() - t0
         assert client.exit_code() == 1 and took < TERMINATE_GRACE_S, (client.exit_code(), took)
-        said = []
-        while client.output.poll(500):  # its last messages: outputs, stats, then why it stopped
-            said.append(unpack(client.output.recv()))
-        assert said[-1] == ["dead", "CoreTerminated: The engine core process got SIGTERM; it shuts down."]
+        assert _last_words(client) == "CoreTerminated: The engine core process got SIGTERM; it shuts down."
     finally:
         client.close()
     _assert_all_saved(tmp_path, ranks=1)
@@ -140,10 +152,7 @@ def test_an_error_in_the_loop_shuts_the_core_down(tiny_model_dir, tmp_path):
         client.input.send(pack(["no-such-message"]))
         client.proc.join(timeout=CLOSE_WAIT_S)
         assert client.exit_code() == 1
-        said = []
-        while client.output.poll(500):
-            said.append(unpack(client.output.recv()))
-        assert said[-1][0] == "dead" and "no-such-message" in said[-1][1]
+        assert "no-such-message" in _last_words(client)
     finally:
         client.close()
     _assert_all_saved(tmp_path, ranks=1)

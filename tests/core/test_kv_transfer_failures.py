@@ -40,15 +40,19 @@ def _hang(conn, key) -> str:
 
 
 def _step_until_looked_up(engine, sched, rid: str) -> None:
-    """Steps (``lookup_wait_ms`` 0: the first answers "not yet") until the request's lookup
-    came back, before its load starts."""
-    for _ in range(200):
-        engine.step()
+    """One step (``lookup_wait_ms`` 0: the request's lookup starts and answers "not yet"), then
+    wait until the lookup came back, before its load starts. Not a step per wait: a lookup done
+    after a wait ran out and before the next step was taken by that step, its load started,
+    and the request's lookup was never seen done (a loaded machine)."""
+    engine.step()
+    deadline = time.monotonic() + 30
+    while True:
         look = sched.connector._lookups.get(rid)
-        if look is not None and look.future is not None and look.future.done():
+        assert look is not None and look.future is not None, f"{rid}'s lookup did not start"
+        if look.future.done():
             return
+        assert time.monotonic() < deadline, "the lookup never came back"
         sched.connector.wait_for_lookups(0.05)
-    raise AssertionError("the lookup never came back")
 
 
 def _drive(engine, deadline_s: float) -> dict:
@@ -188,11 +192,11 @@ def test_a_load_whose_reads_are_cancelled_fails_and_frees_its_buffer(tmp_path):
     conn.wait_for_save()
     os.mkfifo(conn.path("hang", 0))
     conn.start_load_kv({"async_loads": [["bg", [["hang", 5]]]]})
-    time.sleep(0.1)  # the only reader thread is in the FIFO's open
+    _until(lambda: conn._read_since, "the only reader thread to start bg's read (the FIFO's open)")
     got = []
     step = threading.Thread(target=lambda: got.append(conn.start_load_kv({"loads": [["r", [["a", 6]]]]})))
     step.start()
-    time.sleep(0.1)
+    _until(lambda: not conn._readers._state.queue.empty(), "r's read to queue behind bg's")
     conn._readers.shutdown(wait=False, cancel_futures=True)  # r's queued read: cancelled
     step.join(5)
     assert not step.is_alive() and got == [["r"]]
@@ -243,12 +247,18 @@ def test_zmq_peer_shutdown_while_a_load_waits_for_a_gone_peer(tiny_model_dir, ca
 
 
 
+def _until(condition, what: str, seconds: float = 30) -> None:
+    """Until ``condition()`` holds (another thread got that far), ``seconds`` at most: a wait
+    for the state the next step needs, not a sleep that a loaded machine outlasts."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(0.01)
+
+
 def _wait_for_hung_reads(conn, seconds: float = 5) -> None:
     """Until the worker's hung reads have returned (the FIFO released: EOF, a miss)."""
-    deadline = time.monotonic() + seconds
-    while conn._read_since:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _until(lambda: not conn._read_since, "the hung reads to return", seconds)
 
 def test_loads_behind_reader_threads_that_all_hang_fail_at_once(tmp_path):
     """The worker half with one reader thread: a load whose file hangs (a FIFO) fails after

@@ -5,27 +5,12 @@ once (the memory-profile step) are zeroed the same."""
 
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tessellm.core.mamba_state import ZERO_VIEWS_MAX_SLOTS, MambaStateCache
-
-_VIEWS = {"select", "slice", "view", "alias", "as_strided", "detach", "unsqueeze", "squeeze"}
-
-
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ not in _VIEWS:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
+from tests.aten_ops import AtenOps
 
 class _Layer:
     def state_shapes(self):
@@ -52,7 +37,7 @@ def _new(rid: str):
 def test_new_request_slot_zeroed_in_every_layer_by_one_op():
     cache, states = _cache(layers=5, slots=4)
     old = [t.clone() for t in states]
-    with _Ops() as ops:
+    with AtenOps() as ops:
         cache.begin_step([_new("a")], [7])
     slot = cache.slot_of["a"]
     for t, t0 in zip(states, old):

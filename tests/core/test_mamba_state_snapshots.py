@@ -9,29 +9,11 @@ from collections import Counter
 from types import SimpleNamespace
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from tessellm import LLM
+from tests.aten_ops import AtenOps
 from tests.models.test_mamba2 import mamba2_config
 from tests.models.variant_parity import save_tiny
-
-# ops that only make views or read metadata: free of device work
-_VIEWS = {"select", "slice", "view", "alias", "as_strided", "detach", "unsqueeze", "squeeze"}
-
-
-class _Ops(TorchDispatchMode):
-    """The aten ops run inside, views left out."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in _VIEWS:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
 
 def test_save_and_restore_copy_one_slot_per_state_tensor_in_one_op(tmp_path):
     path = save_tiny(mamba2_config(), str(tmp_path / "mamba2"))
@@ -47,7 +29,7 @@ def test_save_and_restore_copy_one_slot_per_state_tensor_in_one_op(tmp_path):
 
         cache.slot_of["a"] = 2  # a request's state in slot 2, saved into snapshot 5
         old_states, old_pools = [t.clone() for t in states], [p.clone() for p in pools]
-        with _Ops() as save:
+        with AtenOps() as save:
             cache.save({"a": 5})
         for t, p, t0, p0 in zip(states, pools, old_states, old_pools):
             assert torch.equal(p[5], t0[2])
@@ -57,7 +39,7 @@ def test_save_and_restore_copy_one_slot_per_state_tensor_in_one_op(tmp_path):
         # a new request whose prefix hit ends at snapshot 1: its fresh slot gets snapshot 1
         hit = SimpleNamespace(request_id="b", num_computed_tokens=16, spec_token_ids=[])
         old_states, old_pools = [t.clone() for t in states], [p.clone() for p in pools]
-        with _Ops() as restore:
+        with AtenOps() as restore:
             cache.begin_step([hit], [4], restores={"b": 1})
         slot = cache.slot_of["b"]
         assert slot != 2

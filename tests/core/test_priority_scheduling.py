@@ -11,6 +11,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request
 from tessellm.core.request_queue import FCFSQueue, PriorityQueue, make_queue
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tests.scheduler_steps import step
 
 
 def make(policy: str, num_blocks=64, max_seqs=8) -> Scheduler:
@@ -20,14 +21,6 @@ def make(policy: str, num_blocks=64, max_seqs=8) -> Scheduler:
 def req(rid: str, priority: int, arrival: float, n: int = 4, max_tokens: int = 8) -> Request:
     return Request(rid, list(range(10 * arrival, 10 * arrival + n)), SamplingParams(max_tokens=max_tokens),
                    eos_token_ids=[0], arrival_time=arrival, priority=priority)
-
-
-def step(s: Scheduler):
-    out = s.schedule()
-    sampled = {rid: [7] for rid, n in out.num_scheduled_tokens.items()
-               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
-    s.update(out, sampled)
-    return out
 
 
 def test_waiting_requests_are_admitted_by_priority_then_arrival():

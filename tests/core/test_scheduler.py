@@ -8,6 +8,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request, RequestStatus
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
+from tests.scheduler_steps import run_step
 
 
 def make(num_blocks=64, block_size=4, budget=64, max_seqs=8, max_len=256, prefix=True):
@@ -18,16 +19,6 @@ def make(num_blocks=64, block_size=4, budget=64, max_seqs=8, max_len=256, prefix
 def req(rid, n, max_tokens=4, start=1, **kw):
     return Request(rid, list(range(start, start + n)), SamplingParams(max_tokens=max_tokens, **kw),
                    eos_token_ids=[0])
-
-
-def run_step(s: Scheduler, token=7):
-    out = s.schedule()
-    sampled = {}
-    for rid, n in out.num_scheduled_tokens.items():
-        r = s.requests[rid]
-        if r.num_computed_tokens + n == r.num_tokens:
-            sampled[rid] = [token]
-    return out, s.update(out, sampled)
 
 
 def test_prefill_then_decode_mixed_in_one_step():

@@ -9,7 +9,8 @@ import pytest
 from tessellm.core.block_manager import BlockManager
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.core.state_prefix import StateSnapshots, align_chunk, saves_at, saves_within
-from tests.core.test_scheduler import req, run_step
+from tests.core.test_scheduler import req
+from tests.scheduler_steps import run_step
 
 
 def make(num_blocks=64, budget=64, snapshots=8, block_size=4, within=False):

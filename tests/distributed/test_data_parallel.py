@@ -561,7 +561,8 @@ def test_async_llm_dp2(tiny_model_dir):
         expected = _tokens(one.generate(PROMPTS[:4], GREEDY, use_tqdm=False))
     # The tokens policy here (the load policy: the offline tests), the same spread for this burst.
     engine = AsyncLLM(EngineArgs(model=path, data_parallel_size=2, kernel_warmup=False,
-                                 data_parallel_balance="tokens", enable_sleep_mode=True, **_kwargs()))
+                                 data_parallel_balance="tokens", enable_sleep_mode=True,
+                                 **{**_kwargs(), "max_model_len": 512}))  # room for the long ones
 
     async def collect(i):
         last = None
@@ -578,7 +579,10 @@ def test_async_llm_dp2(tiny_model_dir):
         assert all(s["prefix_cache_queries"] > 0 for s in per_core), per_core
         assert engine.cores.balancer.sent == [2, 2]
         # Abort: a long request on each core, then cancel the first; only its core frees it.
-        long = SamplingParams(max_tokens=100, ignore_eos=True, temperature=0.0)
+        # long1 must still run at the sleep call below, however fast the cores step meanwhile
+        # (100 tokens are ~0.3 s of the tiny model's steps on 2 cores, no more than the abort,
+        # reset and stats round trips in between may take on a loaded machine)
+        long = SamplingParams(max_tokens=480, ignore_eos=True, temperature=0.0)
         streams = [engine.add_request(f"long{i}", PROMPTS[i], long) for i in range(2)]
         owners = [engine.cores.owner(f"long{i}") for i in range(2)]
         assert sorted(owners) == [0, 1]

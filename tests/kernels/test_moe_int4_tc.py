@@ -15,25 +15,15 @@ pytest.importorskip("triton")
 from tessellm.backends.reference.moe import fused_experts_reference, route  # noqa: E402
 from tessellm.kernels.moe import fused_moe_triton  # noqa: E402
 from tessellm.kernels.moe import int4_tc_moe as tm  # noqa: E402
-from tessellm.quantization.packed import pack_int4, quantize_int4  # noqa: E402
+from tests.quantization.int4_checkpoint import random_int4_experts  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEV = torch.device("cuda" if ON_GPU else "cpu")
 
 
-def _experts(e, n, k, group, seed):
-    """Random ``[E, N, K]`` weights quantized round-to-nearest in the experts' layout."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(e, n, k, generator=g) / k ** 0.5
-    parts = [quantize_int4(we, group) for we in w]
-    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
-            torch.stack([s.t() for _, s, _ in parts]).contiguous(),
-            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
-
-
 def _case(tokens, e, h, i, group13, group2, zeros, act_order, seed):
-    q13, s13, z13 = _experts(e, 2 * i, h, group13, seed)
-    q2, s2, z2 = _experts(e, h, i, group2, seed + 1)
+    q13, s13, z13 = random_int4_experts(e, 2 * i, h, group13, seed)
+    q2, s2, z2 = random_int4_experts(e, h, i, group2, seed + 1)
     if not zeros:
         z13 = z2 = None
     g = torch.Generator().manual_seed(seed + 2)

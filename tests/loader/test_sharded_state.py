@@ -81,6 +81,69 @@ def test_tp2_round_trip_parts_and_layout_refusal(tiny_model_dir, tmp_path):
         LLM(out, device="cpu", num_kv_blocks=64, load_format="sharded_state")
 
 
+@pytest.mark.slow  # 4-8 s on 2 cores; the per-rank files of TP=2, with each stage's own tensors
+def test_pp2_round_trip_and_layout_refusal(tiny_model_dir, tmp_path):
+    """Pipeline parallel 2 (two gloo ranks on the CPU): each stage saves only its own layers
+    (the embedding on the first, the final norm and LM head on the last) and loads them back
+    with the same greedy tokens and logprobs; the state refused at TP=2 (same rank count)."""
+    path = tiny_model_dir("llama")
+    out = str(tmp_path / "sharded")
+    with LLM(path, device="cpu", num_kv_blocks=64, seed=0, pipeline_parallel_size=2) as llm:
+        expected = _run(llm)
+        files = llm.llm_engine.model_executor.save_sharded_state(path=out)
+    _copy_metadata(path, out)
+    parts = rank_files(out)
+    assert sorted(parts) == [0, 1] and sorted(files) == sorted(f for p in parts.values() for f in p)
+    names = []
+    for rank in (0, 1):
+        with safe_open(parts[rank][0], framework="pt") as f:
+            names.append(set(f.keys()))
+    assert not names[0] & names[1]
+    assert "embed_tokens.weight" in names[0] and {"norm.weight", "lm_head.weight"} <= names[1]
+    with LLM(out, device="cpu", num_kv_blocks=64, seed=0, pipeline_parallel_size=2,
+             load_format="sharded_state") as llm:
+        assert _run(llm) == expected
+    from tessellm.distributed.executor import WorkerDiedError
+
+    with pytest.raises(WorkerDiedError, match="saved with tensor_parallel_size=1, this engine "
+                                              "has tensor_parallel_size=2; start it with"):
+        LLM(out, device="cpu", num_kv_blocks=64, tensor_parallel_size=2, load_format="sharded_state")
+
+
+def test_lora_adapters_serve_the_same_tokens_on_a_sharded_state_load(tiny_model_dir, tmp_path):
+    """A state saved by an engine with ``enable_lora`` holds the base model under its own names
+    (a LoRA layer's ``base.`` dropped; no adapter slots), so an engine with LoRA on loads it and
+    serves each adapter's tokens (and the base model's) as from the checkpoint. It was refused:
+    the load fills the model before the LoRA layers wrap it."""
+    from tessellm.lora import LoRARequest
+    from tests.lora.adapters import make_adapters
+
+    path, out = tiny_model_dir("llama-sharp"), str(tmp_path / "sharded")
+    adapters = make_adapters(path, str(tmp_path / "adapters"), specs={
+        "qv8": (8, ["q_proj", "v_proj"], dict(lora_alpha=16)),
+        "mlp16": (16, ["o_proj", "gate_proj", "up_proj", "down_proj"], dict(lora_alpha=8))})
+    loras = [None] + [LoRARequest(name, i + 1, p) for i, (name, p) in enumerate(adapters.items())]
+    kwargs = dict(device="cpu", dtype="float32", num_kv_blocks=64, seed=0, enable_lora=True,
+                  max_loras=2, max_lora_rank=16)
+
+    def run(llm) -> list:
+        prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+        return [[o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False,
+                                                               lora_request=lora)]
+                for lora in loras]
+
+    with LLM(path, **kwargs) as llm:
+        expected = run(llm)
+        files = llm.save_sharded_state(out)
+    assert expected[0] != expected[1] and expected[0] != expected[2]  # the adapters matter
+    _copy_metadata(path, out)
+    with safe_open(files[0], framework="pt") as f:
+        names = set(f.keys())
+    assert "layers.0.mlp.down_proj.weight" in names and not [n for n in names if ".base." in n]
+    with LLM(out, load_format="sharded_state", **kwargs) as llm:
+        assert run(llm) == expected
+
+
 @pytest.mark.parametrize("quantization,tp", [("int8", 1), ("fp8", 1), ("int8", 2)])
 def test_quantized_round_trip_as_stored(tiny_model_dir, tmp_path, quantization, tp):
     """int8 / fp8 quantized on load: the packed segments are saved as they are and rebuilt at

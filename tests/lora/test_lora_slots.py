@@ -9,6 +9,7 @@ from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.lora.request import LoRARequest
 from tessellm.lora.slots import LoRASlots
+from tests.scheduler_steps import sampled_tokens
 
 
 class HostCache:
@@ -42,10 +43,8 @@ def _run(s: Scheduler):
     """One step; also each scheduled request's adapter id (read before update ends any)."""
     out = s.schedule()
     ids = {rid: s.requests[rid].lora_request.lora_int_id for rid in out.lora_slots}
-    sampled = {rid: [7] for rid, n in out.num_scheduled_tokens.items()
-               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
     out.adapter_ids = ids
-    return out, s.update(out, sampled)
+    return out, s.update(out, sampled_tokens(s, out))
 
 
 def test_slot_pressure_waits_and_completes():

@@ -16,6 +16,7 @@ from tessellm.core.request import Request
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
 from tessellm.multimodal.inputs import MultiModalFeature
+from tests.scheduler_steps import step
 
 IMG = 16
 
@@ -42,14 +43,6 @@ def img_req(rid, seeds=(1, 2), text=4, max_tokens=2):
     ids += list(range(200, 200 + text))
     return Request(rid, ids, SamplingParams(max_tokens=max_tokens), eos_token_ids=[0],
                    mm_features=feats)
-
-
-def step(s: Scheduler):
-    out = s.schedule()
-    sampled = {rid: [7] for rid, n in out.num_scheduled_tokens.items()
-               if s.requests[rid].num_computed_tokens + n == s.requests[rid].num_tokens}
-    s.update(out, sampled)
-    return out
 
 
 def encoder_tokens(out, s_requests):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tessellm.quantization.int4 import pack_awq, pack_gptq_zeros
-from tessellm.quantization.packed import pack_int4
+from tessellm.quantization.packed import pack_int4, quantize_int4
 from tests.quantization.block_fp8_checkpoint import quantized_names, write_checkpoint
 
 GROUP = 32
@@ -70,3 +70,13 @@ def _round_to_nearest(w_kn: torch.Tensor, group: int):
     z = (-lo / s.float()).round().clamp(1, 15)
     q = (wg / s.float()[:, None] + z[:, None]).round().clamp(0, 15).reshape(k, n)
     return q.long(), z.long(), s
+
+
+def random_int4_experts(e, n, k, group, seed):
+    """Random ``[E, N, K]`` weights quantized round-to-nearest in the experts' layout."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(e, n, k, generator=g) / k ** 0.5
+    parts = [quantize_int4(we, group) for we in w]
+    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
+            torch.stack([s.t() for _, s, _ in parts]).contiguous(),
+            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from tessellm.backends.reference.moe import dequantize_int4, fused_moe_reference
 from tessellm.quantization.int4 import unpack_awq
-from tessellm.quantization.packed import pack_int4, quantize_int4
+from tessellm.quantization.packed import pack_int4
 from tests.quantization.block_fp8_checkpoint import build, generate
+from tests.quantization.int4_checkpoint import random_int4_experts
 from tests.gpu_set import gpu_when_present
 from tests.quantization.test_hybrid_int4 import _configs as hybrid_configs
 from tests.quantization.test_hybrid_int4 import write_int4
@@ -139,16 +140,6 @@ def test_experts_keep_the_checkpoint_codes(checkpoints):
     assert model.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
-def _experts_int4(e, n, k, group, seed):
-    """Random ``[E, N, K]`` weights quantized round-to-nearest in the experts' layout."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(e, n, k, generator=g) / k ** 0.5
-    parts = [quantize_int4(we, group) for we in w]
-    return (torch.stack([pack_int4(q).t() for q, _, _ in parts]).contiguous(),
-            torch.stack([s.t() for _, s, _ in parts]).contiguous(),
-            torch.stack([z.t().to(torch.uint8) for _, _, z in parts]).contiguous())
-
-
 @pytest.mark.parametrize("tokens, fuse", [(1, True), (5, False), (33, True)])
 @pytest.mark.parametrize("group13, group2, zeros", [(32, 16, True), (64, 32, False)])
 @gpu_when_present
@@ -162,8 +153,8 @@ def test_triton_int4_fused_moe_matches_reference(tokens, fuse, group13, group2, 
     from tessellm.kernels.moe import fused_moe, fused_moe_triton
 
     e, h, i = 8, 64, 32
-    q13, s13, z13 = _experts_int4(e, 2 * i, h, group13, seed=tokens)
-    q2, s2, z2 = _experts_int4(e, h, i, group2, seed=tokens + 1)
+    q13, s13, z13 = random_int4_experts(e, 2 * i, h, group13, seed=tokens)
+    q2, s2, z2 = random_int4_experts(e, h, i, group2, seed=tokens + 1)
     if not zeros:
         z13 = z2 = None
     g = torch.Generator().manual_seed(tokens + 2)
@@ -199,8 +190,8 @@ def test_triton_int4_moe_decode_matches_reference(tokens, inter, group13, group2
     from tessellm.kernels.moe.decode_int4 import fused_moe_int4_decode
 
     e, h = 8, 128
-    q13, s13, z13 = _experts_int4(e, 2 * inter, h, group13, seed=tokens)
-    q2, s2, z2 = _experts_int4(e, h, inter, group2, seed=tokens + 1)
+    q13, s13, z13 = random_int4_experts(e, 2 * inter, h, group13, seed=tokens)
+    q2, s2, z2 = random_int4_experts(e, h, inter, group2, seed=tokens + 1)
     if dtype != torch.float32:
         s13, s2 = s13.half(), s2.half()
     if not zeros:
@@ -343,8 +334,8 @@ def test_triton_int4_act_order_matches_reference(tokens):
     from tessellm.kernels.moe import fused_moe_triton
 
     e, h, i = 8, 64, 32
-    q13, s13, z13 = _experts_int4(e, 2 * i, h, 32, seed=tokens)
-    q2, s2, z2 = _experts_int4(e, h, i, 16, seed=tokens + 1)
+    q13, s13, z13 = random_int4_experts(e, 2 * i, h, 32, seed=tokens)
+    q2, s2, z2 = random_int4_experts(e, h, i, 16, seed=tokens + 1)
     g = torch.Generator().manual_seed(tokens + 2)
     perm = torch.stack([torch.randperm(h, generator=g) for _ in range(e)]).to(torch.int32)
     x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)

@@ -73,10 +73,11 @@ def test_huge_prompts_refused_without_stalling_a_stream(own_server):
     assert set(statuses) <= {400, 413} and len(statuses) == 10, statuses
     assert loaded["usage"]["completion_tokens"] == 40
     # The stall this guards against is tokenizing a BIG prompt on the event loop: ~3 s each on
-    # this 2-core machine. Parsing ten 2 MB bodies does run on the loop (~20 ms each, more under
-    # load), so the bound leaves room for that and stays far below one tokenization.
+    # this 2-core machine (longer under load). Parsing ten 2 MB bodies does run on the loop (~20
+    # ms each; a gap of 0.58 s with the machine's load at 8), so the bound leaves room for that
+    # and stays at half a tokenization.
     base, with_big = _p99_gap(alone["times"]), _p99_gap(loaded["times"])
-    assert with_big < max(3 * base, 0.5), (base, with_big)
+    assert with_big < max(3 * base, 1.5), (base, with_big)
 
 
 def test_sigterm_drains_streams_and_refuses_new_requests(own_server):
@@ -88,11 +89,13 @@ def test_sigterm_drains_streams_and_refuses_new_requests(own_server):
         t.start()
     assert all(f.wait(180) for f in firsts)
     own_server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60  # the signal handled: draining (not a fixed sleep: load)
+    while httpx.get(f"{own_server.url}/ready", timeout=30).status_code != 503:
+        assert time.monotonic() < deadline, "the server did not start draining on SIGTERM"
+        time.sleep(0.05)
     r = httpx.post(f"{own_server.url}/v1/completions", headers=own_server.headers, timeout=30,
                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
-    assert httpx.get(f"{own_server.url}/ready", timeout=30).status_code == 503
     for t in threads:
         t.join(300)
     for res in results:
