@@ -170,6 +170,16 @@ class BlockManager:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
 
+    def num_recomputed(self, request: Request, num_hit: int) -> int:
+        """Prompt tokens the prefix cache holds that a request computes anyway: a prompt that
+        fills its last block, every block before it a hit (``num_hit`` tokens), leaves that
+        block out of its hit (its last token must be computed for the logits), so a cached last
+        block is computed again: ``block_size`` tokens, else 0. One lookup per admission."""
+        bs, n = self.block_size, request.num_tokens
+        if not self.enable_prefix_caching or n % bs or num_hit != n - bs or len(request.block_hashes) < n // bs:
+            return 0
+        return bs if request.block_hashes[n // bs - 1] in self.cached else 0
+
     def state_cut(self, request: Request, num_hit_blocks: int) -> int:
         """With state snapshots: where the request's cached KV blocks end (in tokens) when
         they run past its hit of ``num_hit_blocks`` (cut back to a snapshot), else 0. Its

@@ -287,9 +287,12 @@ class _CoreLoop:
             try:
                 result = getattr(self.core, method)(*(args or []))
             except ValueError as exc:  # e.g. requests still running, a bad level or path
-                return {"error": str(exc), "sleeping": self.core.is_sleeping()}
-            return {"result": result, "sleeping": self.core.is_sleeping()}
+                return {"error": str(exc), **self._sleep_state()}
+            return {"result": result, **self._sleep_state()}
         return {"error": f"unknown method {method!r}"}
+
+    def _sleep_state(self) -> dict:
+        return {"sleeping": self.core.is_sleeping(), "sleep_level": self.core.sleep_level()}
 
     def _step(self) -> list[EngineCoreOutput]:
         scheduler = self.core.scheduler

@@ -138,12 +138,17 @@ class EngineSurface:
                              "vLLM's does: they cost host time in every step); pass "
                              "LLM(..., disable_log_stats=False).")
         self.metrics.observe_stats(self._engine_stats())
+        self.metrics.observe_sleep_state(self._sleep_level())
         for core, stats in enumerate(self._cores_engine_stats()):
             self.metrics.observe_engine_stats(core, stats)
         return read_metrics(self.metrics.view)
 
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
+
+    def _sleep_level(self) -> int:
+        """Sleep mode's level now (0: awake; data-parallel engines refuse sleep mode)."""
+        return 0
 
     def _cores_engine_stats(self) -> list[EngineStats]:
         """Each data-parallel core's own stats (its ``engine="i"`` gauges); none with one core."""

@@ -140,6 +140,9 @@ class LLMEngine(EngineSurface):
     def _engine_stats(self) -> EngineStats:
         return EngineStats.from_dict(dataclasses.asdict(self.core.scheduler.stats()))
 
+    def _sleep_level(self) -> int:
+        return self.core.sleep_level()
+
     def _hf_config(self):
         return self.core.source.hf_config
 

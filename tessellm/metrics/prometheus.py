@@ -33,6 +33,9 @@ from tessellm.metrics.request_metrics import FINISH_REASONS, RequestMetrics  # n
 from tessellm.metrics.stats import EngineStats
 from tessellm.metrics.vllm_buckets import vllm_buckets
 
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # by sleep level 0, 1, 2 (vLLM's)
+
+
 class _BothBounds:
     """A histogram observed under tessellm's bounds and under vLLM's (``metrics_names=both``,
     where the two differ): the ``tessellm:`` series read the first, the ``vllm:`` ones the
@@ -140,6 +143,11 @@ class EngineMetrics(RequestMetrics):
         self.compilations = self._child(Gauge, "triton_compilations_after_ready", "Triton JIT "
                                         "compilations in the engine core since warm-up ended "
                                         "(should stay 0; tessellm.metrics.compile_counter).")
+        sleep = Gauge(PREFIX + "engine_sleep_state", "Sleep mode: awake = 1 while awake (0 asleep); "
+                      "weights_offloaded = 1 in a level-1 sleep, discard_all = 1 in a level-2 one.",
+                      ["model_name", "sleep_state"], registry=self.registry)
+        self.sleep_state = [sleep.labels(model_name=self.model_name, sleep_state=s) for s in SLEEP_STATES]
+        self.observe_sleep_state(0)
         self._add_spec_decode_metrics()
         self._kv_offload = None  # created when the core first reports a host tier
         self._kv_connector = None  # created when the core first reports a KV connector
@@ -308,6 +316,13 @@ class EngineMetrics(RequestMetrics):
             self.device_used.labels(model_name=self.model_name).set(stats.device_memory_used_bytes)
         if stats.device_memory_total_bytes is not None:
             self.device_total.labels(model_name=self.model_name).set(stats.device_memory_total_bytes)
+
+    def observe_sleep_state(self, level: int) -> None:
+        """Sleep mode's state now (docs/sleep_mode.md): 0 awake, else the level of the sleep
+        (1: weights offloaded, 2: discarded) until every part is awake again; set by the front
+        end after each sleep and wake_up, not per step."""
+        for i, gauge in enumerate(self.sleep_state):
+            gauge.set(1 if i == level else 0)
 
     def observe_engine_stats(self, engine: int, stats: EngineStats) -> None:
         """One data-parallel core's own stats (``observe_stats`` gets the whole engine's)."""

@@ -1,0 +1,121 @@
+"""vLLM's prompt-token counters by source and its sleep-state gauge on a real engine (tiny
+random llama, cpu, float32), read through ``LLM.get_metrics()`` under both names and from a
+server's ``/metrics``: ``prompt_tokens_by_source{source}`` adds up to ``prompt_tokens`` (plus
+the cached tokens computed anyway, as vLLM's invariant has it), ``prompt_tokens_cached`` equals
+the requests' own ``num_cached_tokens``, ``prompt_tokens_recomputed`` counts a fully cached
+prompt's last block, and ``engine_sleep_state`` follows ``sleep`` / ``wake_up``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tessellm import LLM, SamplingParams
+from tessellm.config import EngineArgs
+from tessellm.inputs import TokensPrompt
+from tessellm.metrics.reader import Counter, Gauge
+from tessellm.metrics.stats import PromptTokenStats
+from tests.server.in_process import serve
+
+BLOCK = 4
+ENGINE = dict(device="cpu", dtype="float32", block_size=BLOCK, num_kv_blocks=64, enforce_eager=True)
+UNALIGNED = [3, 9, 27, 81, 17, 51, 20, 60, 11, 33]  # 10 tokens: a repeat hits (10 - 1) // 4 = 2 blocks
+ALIGNED = [2, 4, 8, 16, 32, 64, 28, 56]  # 8 tokens: a repeat hits 1 block, computes its cached last
+
+
+def _values(llm) -> dict[tuple, float]:
+    out = {}
+    for m in llm.get_metrics():
+        if isinstance(m, (Counter, Gauge)):
+            out[(m.name, m.labels.get("source") or m.labels.get("sleep_state"))] = m.value
+    return out
+
+
+def _generate(llm, prompt) -> int:
+    """One request of ``prompt``; its ``num_cached_tokens``."""
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    out, = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)
+    return out.num_cached_tokens
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir):
+    """Each prompt twice (the repeat served from the prefix cache): the requests'
+    ``num_cached_tokens`` and the counters after all four."""
+    with LLM(tiny_model_dir("llama"), disable_log_stats=False, metrics_names="both", **ENGINE) as llm:
+        cached = [_generate(llm, p) for p in (UNALIGNED, UNALIGNED, ALIGNED, ALIGNED)]
+        return cached, _values(llm)
+
+
+@pytest.mark.parametrize("prefix", ["tessellm:", "vllm:"])
+def test_prompt_tokens_by_source_add_up(run, prefix):
+    cached, v = run
+    assert cached == [0, 8, 0, 4]
+    total = 2 * len(UNALIGNED) + 2 * len(ALIGNED)
+    assert v[(prefix + "prompt_tokens", None)] == total
+    assert v[(prefix + "prompt_tokens_cached", None)] == sum(cached)
+    # the aligned repeat: its last block (4 tokens) was cached, yet computed for the logits
+    assert v[(prefix + "prompt_tokens_recomputed", None)] == BLOCK
+    by_source = {s: v[(prefix + "prompt_tokens_by_source", s)] for s in PromptTokenStats.SOURCES}
+    assert by_source == {"local_compute": total - sum(cached), "local_cache_hit": sum(cached) + BLOCK,
+                         "external_kv_transfer": 0}
+    # vLLM's invariants: sources - recomputed = total; cache hits - recomputed = cached
+    assert sum(by_source.values()) - BLOCK == total
+    assert by_source["local_cache_hit"] + by_source["external_kv_transfer"] - BLOCK == sum(cached)
+
+
+def test_prompt_token_stats_count_external_tokens():
+    """The host KV tier's or a connector's tokens are external_kv_transfer, not local hits."""
+    stats = PromptTokenStats()
+    stats.add(prompt_len=20, cached=16, external=12, recomputed=0)
+    stats.add(prompt_len=8, cached=4, external=0, recomputed=4)
+    assert stats.by_source() == (4 + 4, 4 + 8, 12)
+    assert (stats.cached, stats.recomputed, stats.total) == (20, 4, 28)
+    assert sum(stats.by_source()) - stats.recomputed == stats.total
+
+
+def _sleep_state(values: dict, prefix: str) -> dict[str, float]:
+    return {s: values[(prefix + "engine_sleep_state", s)] for s in ("awake", "weights_offloaded", "discard_all")}
+
+
+def test_sleep_state_follows_sleep_and_wake_up_offline(tiny_model_dir):
+    awake = {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+    with LLM(tiny_model_dir("llama"), disable_log_stats=False, metrics_names="both", enable_sleep_mode=True,
+             **ENGINE) as llm:
+        for prefix in ("tessellm:", "vllm:"):
+            assert _sleep_state(_values(llm), prefix) == awake
+        llm.sleep(level=1)
+        assert _sleep_state(_values(llm), "vllm:") == {"awake": 0, "weights_offloaded": 1, "discard_all": 0}
+        llm.wake_up(tags=["weights"])  # the KV cache still sleeps: not awake yet (as vLLM's)
+        assert _sleep_state(_values(llm), "tessellm:")["awake"] == 0
+        llm.wake_up(tags=["kv_cache"])
+        assert _sleep_state(_values(llm), "tessellm:") == awake
+        llm.sleep(level=2)
+        assert _sleep_state(_values(llm), "tessellm:") == {"awake": 0, "weights_offloaded": 0, "discard_all": 1}
+        llm.wake_up()
+        assert _sleep_state(_values(llm), "vllm:") == awake
+
+
+def test_sleep_state_on_the_servers_metrics(tiny_model_dir, monkeypatch):
+    """The server's gauge flips when the engine sleeps and wakes (AsyncLLM tells its loggers),
+    with vLLM's labels under ``--metrics-names vllm``."""
+    monkeypatch.setenv("TESSELLM_SERVER_DEV_MODE", "1")
+
+    async def state(c) -> dict[str, float]:
+        text = (await c.get("/metrics")).text
+        return {s.labels["sleep_state"]: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples if f.name == "vllm:engine_sleep_state" and s.labels["engine"] == "0"}
+
+    async def scenario(c):
+        assert await state(c) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+        assert (await c.post("/sleep", params={"level": 2})).status_code == 200
+        assert await state(c) == {"awake": 0, "weights_offloaded": 0, "discard_all": 1}
+        assert (await c.post("/sleep", params={"level": 7})).status_code == 400  # refused: unchanged
+        assert (await state(c))["discard_all"] == 1
+        assert (await c.post("/wake_up")).status_code == 200
+        assert await state(c) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
+
+    asyncio.run(serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16,
+                                 enable_sleep_mode=True, metrics_names="vllm"), scenario))
