@@ -321,6 +321,8 @@ class _CoreLoop:
         steps, self.step_num_tokens = self.step_num_tokens, []
         stats = self._stats(steps)
         stats["timestamp"] = time.monotonic()  # vLLM's EngineCoreOutputs.timestamp
+        if self.core.kv.residency is not None:  # only here, as prefix_events: never lost to a call
+            stats["kv_block_residency"] = self.core.kv.residency.drain()
         if self.cache_events is not None:
             stats["prefix_events"] = self.cache_events.drain()  # only here: never lost to a dev call
         self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], stats]))

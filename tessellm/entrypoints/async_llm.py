@@ -455,9 +455,9 @@ class AsyncLLM:
         latest, with only this message's step token counts (each step is observed once)."""
         stats = EngineStats.from_dict(message_stats)
         if self.cores.size > 1:
-            steps = stats.step_num_tokens
+            own = stats
             stats = self.cores.merged_stats()
-            stats.step_num_tokens = steps
+            stats.step_num_tokens, stats.kv_block_residency = own.step_num_tokens, own.kv_block_residency
             self._notify_engine(core, EngineStats.from_dict(message_stats))
         self._notify("observe_stats", stats)
 

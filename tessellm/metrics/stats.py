@@ -61,6 +61,10 @@ class EngineStats:
     # With LoRA: {"running": [adapter names], "waiting": [...], "max_lora": slots} now (the
     # adapters of running and of waiting requests); None: LoRA off.
     lora: Optional[dict] = None
+    # --kv-cache-metrics: the sampled KV blocks taken again since the previous message, each
+    # [lifetime, idle, [reuse gaps]] in seconds (tessellm.metrics.kv_residency); None: off.
+    # Like step_num_tokens, each message's own: merge_engine_stats leaves them out.
+    kv_block_residency: Optional[list] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":
