@@ -179,3 +179,22 @@ def test_residency_histograms_on_a_real_engine(tiny_model_dir):
 def test_bad_residency_sample_rate_is_refused():
     with pytest.raises(ValueError, match="kv_cache_metrics_sample must be in"):
         EngineArgs(model="m", kv_cache_metrics=True, kv_cache_metrics_sample=0).validate()
+
+
+def test_host_tier_tokens_are_external_kv_transfer(tiny_model_dir):
+    """A prompt evicted to the host KV tier (--kv-offloading-size) and asked again: its 40
+    cached tokens came from the tier, vLLM's external_kv_transfer, as external_prefix_cache_hits."""
+    prompts = [[(7 * i + j) % 500 + 1 for j in range(41)] for i in range(3)]  # 10 full blocks + 1
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    with LLM(tiny_model_dir("llama"), disable_log_stats=False, metrics_names="vllm",
+             **{**ENGINE, "num_kv_blocks": 16, "max_model_len": 128}, kv_offloading_size=0.01) as llm:
+        for p in prompts:  # 16 blocks hold one prompt: each evicts the one before to the tier
+            llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+        out, = llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)
+        v = _values(llm)
+    assert out.num_cached_tokens == 40
+    assert v[("vllm:prompt_tokens_by_source", "external_kv_transfer")] == 40 == \
+        v[("vllm:external_prefix_cache_hits", None)]
+    assert v[("vllm:prompt_tokens_by_source", "local_cache_hit")] == 0
+    assert v[("vllm:prompt_tokens_by_source", "local_compute")] == 4 * 41 - 40
+    assert v[("vllm:prompt_tokens_cached", None)] == 40
