@@ -198,3 +198,23 @@ def test_host_tier_tokens_are_external_kv_transfer(tiny_model_dir):
     assert v[("vllm:prompt_tokens_by_source", "local_cache_hit")] == 0
     assert v[("vllm:prompt_tokens_by_source", "local_compute")] == 4 * 41 - 40
     assert v[("vllm:prompt_tokens_cached", None)] == 40
+
+
+def test_data_parallel_engine_reports_residency_and_sleep_state(tiny_model_dir):
+    """Two engine cores in their own processes: each message's residency events are observed
+    once; the sleep gauge is the whole engine's (no engine label under vLLM's names, as the
+    other whole-engine series)."""
+    from tessellm.metrics.reader import Histogram
+
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    with LLM(tiny_model_dir("llama"), disable_log_stats=False, metrics_names="vllm", data_parallel_size=2,
+             kv_cache_metrics=True, kv_cache_metrics_sample=1.0, **{**ENGINE, "num_kv_blocks": 8}) as llm:
+        for i in range(8):
+            llm.generate([TokensPrompt(prompt_token_ids=[i + 1] * 12)], params, use_tqdm=False)
+        metrics = llm.get_metrics()
+        again = llm.get_metrics()
+    life = [m for m in metrics if m.name == "vllm:kv_block_lifetime_seconds"]
+    assert len(life) == 1 and isinstance(life[0], Histogram) and life[0].count > 0
+    assert [m.count for m in again if m.name == "vllm:kv_block_lifetime_seconds"] == [life[0].count]
+    awake = [m for m in metrics if m.name == "vllm:engine_sleep_state" and m.labels["sleep_state"] == "awake"]
+    assert [(m.value, "engine" in m.labels) for m in awake] == [(1, False)]
