@@ -100,7 +100,8 @@ def test_sleep_state_follows_sleep_and_wake_up_offline(tiny_model_dir):
 
 def test_sleep_state_on_the_servers_metrics(tiny_model_dir, monkeypatch):
     """The server's gauge flips when the engine sleeps and wakes (AsyncLLM tells its loggers),
-    with vLLM's labels under ``--metrics-names vllm``."""
+    with vLLM's labels under ``--metrics-names vllm``; with --kv-cache-metrics the residency
+    histograms are exported from the start (empty until a followed block is taken again)."""
     monkeypatch.setenv("TESSELLM_SERVER_DEV_MODE", "1")
 
     async def state(c) -> dict[str, float]:
@@ -109,6 +110,8 @@ def test_sleep_state_on_the_servers_metrics(tiny_model_dir, monkeypatch):
                 for s in f.samples if f.name == "vllm:engine_sleep_state" and s.labels["engine"] == "0"}
 
     async def scenario(c):
+        text = (await c.get("/metrics")).text
+        assert 'vllm:kv_block_lifetime_seconds_count{engine="0",model_name="m"} 0.0' in text
         assert await state(c) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
         assert (await c.post("/sleep", params={"level": 2})).status_code == 200
         assert await state(c) == {"awake": 0, "weights_offloaded": 0, "discard_all": 1}
@@ -118,7 +121,8 @@ def test_sleep_state_on_the_servers_metrics(tiny_model_dir, monkeypatch):
         assert await state(c) == {"awake": 1, "weights_offloaded": 0, "discard_all": 0}
 
     asyncio.run(serve(EngineArgs(model=tiny_model_dir("llama"), device="cpu", num_kv_blocks=16,
-                                 enable_sleep_mode=True, metrics_names="vllm"), scenario))
+                                 enable_sleep_mode=True, metrics_names="vllm", kv_cache_metrics=True),
+                      scenario))
 
 
 # -- KV block residency (--kv-cache-metrics) --------------------------------------------------
