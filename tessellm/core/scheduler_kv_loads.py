@@ -64,7 +64,8 @@ class SchedulerKVLoads:
         cached ones it computes anyway (the front end's ``prompt_tokens_by_source``)."""
         if req.num_cached_tokens < 0:
             req.num_cached_tokens, req.num_external_tokens = num_hit, num_external
-            req.num_recomputed_tokens = self.kv.num_recomputed(req, num_hit)
+            if not req.computes_every_prompt_token:  # those look nothing up: none recomputed
+                req.num_recomputed_tokens = self.kv.num_recomputed(req, num_hit)
 
     def kv_poll_meta(self) -> Optional[dict]:
         """The metadata of a step with nothing to compute (the engine only waits for
