@@ -169,6 +169,10 @@ class EngineArgs:
     # autoscalers and routers written for vLLM) or "both"; None: TESSELLM_METRICS_NAMES, else
     # tessellm.
     metrics_names: Optional[str] = None
+    # vLLM's KV block residency histograms (kv_block_lifetime_seconds, ...; docs/metrics.md):
+    # off by default; on, a fraction kv_cache_metrics_sample of the KV blocks is followed.
+    kv_cache_metrics: bool = False
+    kv_cache_metrics_sample: float = 0.01
     # Custom logits processors (docs/logits_processors.md; vLLM's): classes of
     # tessellm.sample.logits_processor.LogitsProcessor or their names ("module:Class"), built
     # in the process that samples; those installed under the entry point groups
@@ -247,6 +251,9 @@ class EngineArgs:
         from tessellm.metrics.names import resolve_metrics_names
 
         resolve_metrics_names(self.metrics_names)
+        from tessellm.metrics.kv_residency import check_sample_rate
+
+        check_sample_rate(self.kv_cache_metrics_sample)
         if self.enable_prompt_embeds and self.speculative_config is not None:
             raise ValueError("enable_prompt_embeds does not combine with speculative decoding yet "
                              "(a drafter reads token ids); drop one of them.")

@@ -45,6 +45,7 @@ from tessellm.core.cache_view import CacheEvents
 from tessellm.core.kv_offload import HostKVTier
 from tessellm.core.request import Request
 from tessellm.core.state_prefix import StateSnapshots
+from tessellm.metrics.kv_residency import KVResidency
 
 
 @dataclass
@@ -122,6 +123,8 @@ class BlockManager:
         # Data parallelism: the hashes entering and leaving ``cached``, for the front end's
         # balancer (core/cache_view.py); None: not recorded.
         self.events: Optional[CacheEvents] = None
+        # Sampled block residency (--kv-cache-metrics; tessellm/metrics/kv_residency.py), or None.
+        self.residency: Optional[KVResidency] = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -169,6 +172,16 @@ class BlockManager:
         if count:
             self.stats.record(request.num_tokens, len(hit) * self.block_size)
         return hit
+
+    def num_recomputed(self, request: Request, num_hit: int) -> int:
+        """Prompt tokens the prefix cache holds that a request computes anyway: a prompt that
+        fills its last block, every block before it a hit (``num_hit`` tokens), leaves that
+        block out of its hit (its last token must be computed for the logits), so a cached last
+        block is computed again: ``block_size`` tokens, else 0. One lookup per admission."""
+        bs, n = self.block_size, request.num_tokens
+        if not self.enable_prefix_caching or n % bs or num_hit != n - bs or len(request.block_hashes) < n // bs:
+            return 0
+        return bs if request.block_hashes[n // bs - 1] in self.cached else 0
 
     def state_cut(self, request: Request, num_hit_blocks: int) -> int:
         """With state snapshots: where the request's cached KV blocks end (in tokens) when
@@ -340,6 +353,9 @@ class BlockManager:
                 del self.free_queue[block.block_id]
             block.ref_cnt += 1
             held.append(block)
+        if self.residency is not None:
+            for block in prefix:
+                self.residency.hit(block.block_id)
         loaded = self._load_offloaded(offloaded) if offloaded else []
         held.extend(loaded)
         total = (request.num_computed_tokens + (len(prefix) + len(loaded)) * self.block_size
@@ -379,10 +395,14 @@ class BlockManager:
             self.events.cleared()
         if self.host is not None:
             self.host.clear()
+        if self.residency is not None:
+            self.residency.reset()
         return True
 
     def _take_free_block(self) -> Block:
         _, block = self.free_queue.popitem(last=False)
+        if self.residency is not None:
+            self.residency.taken(block.block_id)
         if self.states is not None:
             self.states.release(block)  # a snapshot leaves with its block
         if block.block_hash is not None:  # evict its cached prefix (to the host tier, if any)

@@ -160,7 +160,8 @@ class DPLLMEngine(EngineSurface):
             outputs = [decode_output(v) for v in msg[1]]
             self.cores.note_outputs(outputs)
             results, to_abort = self._process_outputs(outputs, msg[2].get("step_num_tokens", []),
-                                                      msg[2].get("timestamp"))
+                                                      msg[2].get("timestamp"),
+                                                      msg[2].get("kv_block_residency"))
             if to_abort:
                 self.cores.send_abort(to_abort)
             for result in results:

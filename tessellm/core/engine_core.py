@@ -31,6 +31,7 @@ from tessellm.distributed.executor import make_executor
 from tessellm.distributed.worker import default_max_num_batched_tokens
 from tessellm.generation_config import default_sampling
 from tessellm.lora.request import lora_off_error
+from tessellm.metrics.kv_residency import KVResidency
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.reasoning.parsers import resolve_reasoning_parser
@@ -184,6 +185,8 @@ class EngineCore(EngineSleep, EngineProfile):
             states.every = args.recurrent_state_snapshot_interval
         if args.kv_offloading_size is not None:
             self.kv.host = self._host_kv_tier(args)
+        if args.kv_cache_metrics:  # sampled block residency (docs/metrics.md)
+            self.kv.residency = KVResidency(args.kv_cache_metrics_sample)
         self.scheduler = Scheduler(SchedulerConfig(args.max_num_seqs, max_batched, self.max_model_len,
                                                    args.enable_chunked_prefill,
                                                    self.parallel.pipeline_parallel_size,

@@ -25,6 +25,11 @@ class EngineCoreOutput:
     # Prompt tokens found in the prefix cache at first schedule (the OpenAI usage's
     # ``cached_tokens``); the only meaning "cached" has in a request's counters.
     num_cached_tokens: int = 0
+    # On its first output only: of those, the tokens the host KV tier or a KV connector supplied
+    # (vLLM's name), and the cached tokens computed anyway (a fully cached prompt's last block:
+    # BlockManager.num_recomputed); the front end's prompt_tokens_by_source.
+    num_external_computed_tokens: int = 0
+    num_recomputed_tokens: int = 0
     # time.time() when the request was first scheduled; on its first output only (queue time).
     first_scheduled_time: Optional[float] = None
     # time.monotonic() when the scheduler queued it and first scheduled it; on its first output

@@ -287,9 +287,12 @@ class _CoreLoop:
             try:
                 result = getattr(self.core, method)(*(args or []))
             except ValueError as exc:  # e.g. requests still running, a bad level or path
-                return {"error": str(exc), "sleeping": self.core.is_sleeping()}
-            return {"result": result, "sleeping": self.core.is_sleeping()}
+                return {"error": str(exc), **self._sleep_state()}
+            return {"result": result, **self._sleep_state()}
         return {"error": f"unknown method {method!r}"}
+
+    def _sleep_state(self) -> dict:
+        return {"sleeping": self.core.is_sleeping(), "sleep_level": self.core.sleep_level()}
 
     def _step(self) -> list[EngineCoreOutput]:
         scheduler = self.core.scheduler
@@ -318,6 +321,8 @@ class _CoreLoop:
         steps, self.step_num_tokens = self.step_num_tokens, []
         stats = self._stats(steps)
         stats["timestamp"] = time.monotonic()  # vLLM's EngineCoreOutputs.timestamp
+        if self.core.kv.residency is not None:  # only here, as prefix_events: never lost to a call
+            stats["kv_block_residency"] = self.core.kv.residency.drain()
         if self.cache_events is not None:
             stats["prefix_events"] = self.cache_events.drain()  # only here: never lost to a dev call
         self.out_sock.send(pack(["outputs", [encode_output(o) for o in outputs], stats]))

@@ -50,6 +50,11 @@ class EngineSleep:
     def is_sleeping(self) -> bool:
         return bool(self.asleep)
 
+    def sleep_level(self) -> int:
+        """0 when awake, else the level of the sleep that some part is still in (the
+        ``engine_sleep_state`` metric)."""
+        return max(self.asleep.values(), default=0)
+
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache; False while requests hold blocks (nothing is done then)."""
         return self.kv.reset_prefix_cache()

@@ -138,6 +138,7 @@ class EngineSurface:
                              "vLLM's does: they cost host time in every step); pass "
                              "LLM(..., disable_log_stats=False).")
         self.metrics.observe_stats(self._engine_stats())
+        self.metrics.observe_sleep_state(self._sleep_level())
         for core, stats in enumerate(self._cores_engine_stats()):
             self.metrics.observe_engine_stats(core, stats)
         return read_metrics(self.metrics.view)
@@ -145,22 +146,29 @@ class EngineSurface:
     def _engine_stats(self) -> EngineStats:
         raise NotImplementedError
 
+    def _sleep_level(self) -> int:
+        """Sleep mode's level now (0: awake; data-parallel engines refuse sleep mode)."""
+        return 0
+
     def _cores_engine_stats(self) -> list[EngineStats]:
         """Each data-parallel core's own stats (its ``engine="i"`` gauges); none with one core."""
         return []
 
     def _process_outputs(self, core_outputs: list, step_num_tokens: list[int],
-                         core_timestamp: Optional[float] = None) -> tuple[list, list[str]]:
+                         core_timestamp: Optional[float] = None,
+                         residency: Optional[list] = None) -> tuple[list, list[str]]:
         """The output processor's (results, core ids to abort) for a step's core outputs (made
         by the core at ``core_timestamp``, its ``time.monotonic()``); their token counts and
-        latencies, and the tokens each step computed (``step_num_tokens``), go to ``metrics``
-        when the engine keeps them."""
+        latencies, the tokens each step computed (``step_num_tokens``) and the KV blocks'
+        residency events (``residency``, cores in other processes) go to ``metrics`` when the
+        engine keeps them."""
         iteration = IterationStats()
         results, to_abort = self.outputs.process(core_outputs, iteration, core_timestamp)
         if self.metrics is not None:
             self.metrics.observe_outputs(iteration)
             for n in step_num_tokens:
                 self.metrics.iteration_tokens.observe(n)
+            self.metrics.observe_residency(residency)
         return results, to_abort
 
 

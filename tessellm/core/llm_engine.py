@@ -138,7 +138,13 @@ class LLMEngine(EngineSurface):
         return results
 
     def _engine_stats(self) -> EngineStats:
-        return EngineStats.from_dict(dataclasses.asdict(self.core.scheduler.stats()))
+        stats = EngineStats.from_dict(dataclasses.asdict(self.core.scheduler.stats()))
+        if self.core.kv.residency is not None:
+            stats.kv_block_residency = self.core.kv.residency.drain()
+        return stats
+
+    def _sleep_level(self) -> int:
+        return self.core.sleep_level()
 
     def _hf_config(self):
         return self.core.source.hf_config

@@ -135,7 +135,8 @@ class OutputProcessor:
                 continue  # n > 1: a stop string ended this sample; its abort is on the way
             num_kept = self._apply(state, sample, out)
             sample.times.observe_core(out, num_kept, core_ts)
-            iteration.observe_output(sample.times, num_kept, out.first_scheduled_time)
+            iteration.observe_output(sample.times, num_kept, out.first_scheduled_time, out.num_cached_tokens,
+                                     out.num_external_computed_tokens, out.num_recomputed_tokens)
             if stats is not None and sample.finish_reason is not None:  # just now: later outputs are skipped above
                 stats.observe_finished(sample.times, sample.finish_reason, state.params.max_tokens,
                                        sample.num_cached_tokens)

@@ -69,6 +69,11 @@ class Request:
         # Prompt tokens found in the prefix cache at first schedule; -1 until scheduled. ("Cached"
         # always means "in the prefix cache": see BlockManager.)
         self.num_cached_tokens = -1
+        # Of those, the tokens the host KV tier or a KV connector supplied (vLLM's
+        # num_external_computed_tokens); and the cached tokens computed anyway because a
+        # prompt's last token always is (BlockManager.num_recomputed). Set with num_cached_tokens.
+        self.num_external_tokens = 0
+        self.num_recomputed_tokens = 0
         self.first_scheduled_time: Optional[float] = None  # time.time() when first scheduled
         self.queued_ts: Optional[float] = None  # time.monotonic() when the scheduler queued it
         self.scheduled_ts: Optional[float] = None  # time.monotonic() when first scheduled

@@ -322,8 +322,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                 restores[req.request_id] = prefix[-1].state_slot
                 self.kv.states.touch(prefix[-1])
             req.num_computed_tokens += num_hit
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
+            self._note_cached(req, num_hit, len(offloaded) * self.kv.block_size + num_ext)
             if req.scheduled_ts is None:  # its first admission (not again after a failed load)
                 req.first_scheduled_time, req.scheduled_ts = time.time(), time.monotonic()
             req.status = RequestStatus.RUNNING

@@ -51,13 +51,21 @@ class SchedulerKVLoads:
         self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), first,
                                                 num_ext // self.kv.block_size)
         req.num_computed_tokens += num_hit
-        if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_hit
+        self._note_cached(req, num_hit, len(offloaded) * self.kv.block_size + num_ext)
         if req.scheduled_ts is None:  # its first admission (not again after a failed load)
             req.first_scheduled_time, req.scheduled_ts = time.time(), time.monotonic()
         req.kv_loading = True
         self.kv_loading[req.request_id] = req
         return True
+
+    def _note_cached(self, req: Request, num_hit: int, num_external: int) -> None:
+        """At its first admission (again after a failed load): its prompt tokens not computed
+        (``num_hit``), ``num_external`` of them from the host tier or the connector, and the
+        cached ones it computes anyway (the front end's ``prompt_tokens_by_source``)."""
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens, req.num_external_tokens = num_hit, num_external
+            if not req.computes_every_prompt_token:  # those look nothing up: none recomputed
+                req.num_recomputed_tokens = self.kv.num_recomputed(req, num_hit)
 
     def kv_poll_meta(self) -> Optional[dict]:
         """The metadata of a step with nothing to compute (the engine only waits for

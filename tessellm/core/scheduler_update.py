@@ -17,9 +17,11 @@ from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 
 
 def _schedule_times(req: Request) -> dict:
-    """A request's queue and first-schedule stamps, for its first output."""
+    """A request's queue and first-schedule stamps and where its prompt's KV came from, for
+    its first output."""
     return {"first_scheduled_time": req.first_scheduled_time, "queued_ts": req.queued_ts,
-            "scheduled_ts": req.scheduled_ts}
+            "scheduled_ts": req.scheduled_ts, "num_external_computed_tokens": req.num_external_tokens,
+            "num_recomputed_tokens": req.num_recomputed_tokens}
 
 
 class SchedulerUpdate:

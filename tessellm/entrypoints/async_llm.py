@@ -157,6 +157,7 @@ class AsyncLLM:
         self.last_message_time = time.monotonic()
         self.dead_reason: Optional[str] = None
         self.sleeping = False  # sleep mode: the cores refuse requests until wake_up (core_call)
+        self.sleep_level = 0  # 0 awake, else the level some core still sleeps at (core_call)
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._handlers: list[asyncio.Task] = []
@@ -334,6 +335,10 @@ class AsyncLLM:
         ``is_sleeping`` if any sleeps, otherwise the first core's result."""
         answers = await self.call_all(method, timeout, list(args))
         self.sleeping = any(a.get("sleeping") for a in answers)
+        level = max((a.get("sleep_level", self.sleep_level) for a in answers), default=0)
+        if level != self.sleep_level:  # the engine_sleep_state metric
+            self.sleep_level = level
+            self._notify_optional("observe_sleep_state", level)
         for core, answer in enumerate(answers):
             if "error" in answer:
                 prefix = f"{self.cores.name(core)}: " if self.cores.size > 1 else ""
@@ -450,22 +455,26 @@ class AsyncLLM:
         latest, with only this message's step token counts (each step is observed once)."""
         stats = EngineStats.from_dict(message_stats)
         if self.cores.size > 1:
-            steps = stats.step_num_tokens
+            own = stats
             stats = self.cores.merged_stats()
-            stats.step_num_tokens = steps
+            stats.step_num_tokens, stats.kv_block_residency = own.step_num_tokens, own.kv_block_residency
             self._notify_engine(core, EngineStats.from_dict(message_stats))
         self._notify("observe_stats", stats)
 
     def _notify_engine(self, core: int, stats: EngineStats) -> None:
         """One core's stats, for the loggers that label them by engine (``observe_engine_stats``)."""
+        self._notify_optional("observe_engine_stats", core, stats)
+
+    def _notify_optional(self, method: str, *args) -> None:
+        """``method`` of the stat loggers that have it (``observe_engine_stats``,
+        ``observe_sleep_state``: not in the ``StatLogger`` protocol)."""
         for stat_logger in list(self.stat_loggers):
-            observe = getattr(stat_logger, "observe_engine_stats", None)
+            observe = getattr(stat_logger, method, None)
             if observe is not None:
                 try:
-                    observe(core, stats)
+                    observe(*args)
                 except Exception:  # noqa: BLE001 - metrics must not take the serving path down
-                    logger.exception("Stat logger %r failed in observe_engine_stats; it is dropped.",
-                                     stat_logger)
+                    logger.exception("Stat logger %r failed in %s; it is dropped.", stat_logger, method)
                     self.stat_loggers.remove(stat_logger)
 
     def _route(self, core_outputs, core_timestamp: Optional[float] = None) -> None:

@@ -146,6 +146,9 @@ HELP = {
                      "(tessellm:NAME), vllm (vLLM's vllm:NAME names and labels, for dashboards, "
                      "autoscalers and routers written for vLLM) or both (unset: "
                      "TESSELLM_METRICS_NAMES, else tessellm; docs/metrics.md)",
+    "kv_cache_metrics": "export vLLM's sampled KV block residency histograms: kv_block_lifetime_seconds, "
+                        "kv_block_idle_before_evict_seconds, kv_block_reuse_gap_seconds (docs/metrics.md)",
+    "kv_cache_metrics_sample": "with --kv-cache-metrics: the fraction of KV blocks followed, in (0, 1]",
     "logits_processors": "custom logits processors (vLLM's interface): module:Class or "
                          "package.module.Class names of tessellm.sample.logits_processor."
                          "LogitsProcessor subclasses; per-request arguments in a request's "

@@ -49,14 +49,16 @@ VLLM_FAMILIES = frozenset({
     "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions",
     "prefix_cache_queries", "prefix_cache_hits", "external_prefix_cache_queries",
     "external_prefix_cache_hits", "kv_offload_total_bytes", "kv_offload_cpu_cache_usage_perc",
-    "prompt_tokens", "generation_tokens", "request_success", "time_to_first_token_seconds",
+    "prompt_tokens", "prompt_tokens_by_source", "prompt_tokens_cached", "prompt_tokens_recomputed",
+    "generation_tokens", "request_success", "engine_sleep_state", "time_to_first_token_seconds",
     "inter_token_latency_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
     "request_prompt_tokens", "request_generation_tokens", "iteration_tokens_total",
     "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
     "request_time_per_output_token_seconds", "request_params_n", "request_params_max_tokens",
     "request_max_num_generation_tokens", "request_prefill_kv_computed_tokens",
     "spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
-    "spec_decode_num_accepted_tokens_per_pos", "lora_requests_info"})
+    "spec_decode_num_accepted_tokens_per_pos", "lora_requests_info", "kv_block_lifetime_seconds",
+    "kv_block_idle_before_evict_seconds", "kv_block_reuse_gap_seconds"})
 # vLLM's older names, same values: the KV usage gauge's until 0.10 (older Gateway API Inference
 # Extension releases read it by default); inter_token_latency_seconds' until 0.11 (vLLM's
 # example Grafana dashboard's "Time Per Output Token Latency" panel reads it).
@@ -166,4 +168,5 @@ def engine_metrics_options(args, info) -> dict:
     """``EngineMetrics``' naming keywords for an engine of ``args`` (EngineArgs) and ``info``."""
     names = resolve_metrics_names(args.metrics_names)
     return {"names": names, "data_parallel_size": args.data_parallel_size,
+            "kv_cache_metrics": args.kv_cache_metrics,
             "cache_config": cache_config_labels(args, info) if names != "tessellm" else None}

@@ -28,10 +28,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from tessellm.metrics.buckets import (ITERATION_TOKEN_BUCKETS, ITL_BUCKETS,  # noqa: F401 - their old home
                                       REQUEST_SECONDS_BUCKETS, TTFT_BUCKETS, one_two_five_buckets)
+from tessellm.metrics.kv_residency import RESIDENCY_BUCKETS
 from tessellm.metrics.names import PREFIX, NamedView
 from tessellm.metrics.request_metrics import FINISH_REASONS, RequestMetrics  # noqa: F401
 from tessellm.metrics.stats import EngineStats
 from tessellm.metrics.vllm_buckets import vllm_buckets
+
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # by sleep level 0, 1, 2 (vLLM's)
+
 
 class _BothBounds:
     """A histogram observed under tessellm's bounds and under vLLM's (``metrics_names=both``,
@@ -69,20 +73,22 @@ class EngineMetrics(RequestMetrics):
     the per-core gauges (fed by ``observe_engine_stats``). ``names``: tessellm, vllm or both
     (``tessellm.metrics.names``); ``data_parallel_size``: the engine cores the stats come from
     (> 1: no ``engine`` label on vLLM's names of whole-engine series); ``cache_config``
-    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``. A histogram's
+    (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``;
+    ``kv_cache_metrics``: the KV block residency histograms (``--kv-cache-metrics``). A histogram's
     ``vllm:`` name has vLLM's bucket bounds (``tessellm.metrics.vllm_buckets``), its
     ``tessellm:`` name tessellm's.
     """
 
     def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
                  num_engines: int = 1, names: str = "tessellm", data_parallel_size: int = 1,
-                 cache_config: Optional[dict] = None):
+                 cache_config: Optional[dict] = None, kv_cache_metrics: bool = False):
         self.model_name = model_name
         self.registry = registry
         self.view = NamedView(registry, names, max(num_engines, data_parallel_size), cache_config)
         self._vllm_buckets = vllm_buckets(max_model_len)
         self._add_core_metrics()
         self._add_request_metrics(one_two_five_buckets(max_model_len))
+        self.residency = self._residency_metrics() if kv_cache_metrics else None
         if num_engines > 1:
             self._add_engine_metrics(num_engines)
 
@@ -140,6 +146,11 @@ class EngineMetrics(RequestMetrics):
         self.compilations = self._child(Gauge, "triton_compilations_after_ready", "Triton JIT "
                                         "compilations in the engine core since warm-up ended "
                                         "(should stay 0; tessellm.metrics.compile_counter).")
+        sleep = Gauge(PREFIX + "engine_sleep_state", "Sleep mode: awake = 1 while awake (0 asleep); "
+                      "weights_offloaded = 1 in a level-1 sleep, discard_all = 1 in a level-2 one.",
+                      ["model_name", "sleep_state"], registry=self.registry)
+        self.sleep_state = [sleep.labels(model_name=self.model_name, sleep_state=s) for s in SLEEP_STATES]
+        self.observe_sleep_state(0)
         self._add_spec_decode_metrics()
         self._kv_offload = None  # created when the core first reports a host tier
         self._kv_connector = None  # created when the core first reports a KV connector
@@ -302,12 +313,40 @@ class EngineMetrics(RequestMetrics):
         self._observe_kv_connector(stats.kv_connector)
         self._observe_state_snapshots(stats.state_snapshots)
         self._observe_lora(stats.lora)
+        self.observe_residency(stats.kv_block_residency)
         for n in stats.step_num_tokens:
             self.iteration_tokens.observe(n)
         if stats.device_memory_used_bytes is not None:
             self.device_used.labels(model_name=self.model_name).set(stats.device_memory_used_bytes)
         if stats.device_memory_total_bytes is not None:
             self.device_total.labels(model_name=self.model_name).set(stats.device_memory_total_bytes)
+
+    def _residency_metrics(self) -> tuple:
+        """--kv-cache-metrics: vLLM's sampled KV block residency (tessellm.metrics.kv_residency)."""
+        docs = {"kv_block_lifetime_seconds": "KV block lifetime, taken to taken again (sampled blocks).",
+                "kv_block_idle_before_evict_seconds": "KV block idle time, last use to taken again "
+                                                      "(sampled blocks).",
+                "kv_block_reuse_gap_seconds": "Time between prefix hits of a KV block, its last "
+                                              "few (sampled blocks)."}
+        return tuple(self._histogram(name, doc, RESIDENCY_BUCKETS) for name, doc in docs.items())
+
+    def observe_residency(self, events: Optional[list]) -> None:
+        """The core's residency events ([lifetime, idle, [gaps]] each) since its last message."""
+        if not events or self.residency is None:
+            return
+        lifetime, idle, gap = self.residency
+        for life, idle_s, gaps in events:
+            lifetime.observe(life)
+            idle.observe(idle_s)
+            for g in gaps:
+                gap.observe(g)
+
+    def observe_sleep_state(self, level: int) -> None:
+        """Sleep mode's state now (docs/sleep_mode.md): 0 awake, else the level of the sleep
+        (1: weights offloaded, 2: discarded) until every part is awake again; set by the front
+        end after each sleep and wake_up, not per step."""
+        for i, gauge in enumerate(self.sleep_state):
+            gauge.set(1 if i == level else 0)
 
     def observe_engine_stats(self, engine: int, stats: EngineStats) -> None:
         """One data-parallel core's own stats (``observe_stats`` gets the whole engine's)."""

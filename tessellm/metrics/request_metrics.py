@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from tessellm.metrics.buckets import (ITERATION_TOKEN_BUCKETS, ITL_BUCKETS, N_PARAM_BUCKETS,
                                       REQUEST_SECONDS_BUCKETS, TTFT_BUCKETS)
 from tessellm.metrics.names import PREFIX
-from tessellm.metrics.stats import FinishedRequest, IterationStats
+from tessellm.metrics.stats import FinishedRequest, IterationStats, PromptTokenStats
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -61,6 +61,17 @@ class RequestMetrics:
                                          "that produced their first token (cached ones included).")
         self.generation_tokens = self._child(Counter, "generation_tokens_total",
                                              "Output tokens generated.")
+        by_source = Counter(PREFIX + "prompt_tokens_by_source_total", "Prompt tokens by where their "
+                            "KV came from: local_compute, local_cache_hit (the prefix cache), "
+                            "external_kv_transfer (the host KV tier, a KV connector).",
+                            ["model_name", "source"], registry=self.registry)
+        self.prompt_by_source = [by_source.labels(model_name=self.model_name, source=source)
+                                 for source in PromptTokenStats.SOURCES]  # exported at zero
+        self.prompt_cached = self._child(Counter, "prompt_tokens_cached_total", "Prompt tokens not "
+                                         "computed (prefix cache, host KV tier, KV connector).")
+        self.prompt_recomputed = self._child(Counter, "prompt_tokens_recomputed_total", "Cached "
+                                             "prompt tokens computed anyway (a fully cached "
+                                             "prompt's last block).")
         self.success = Counter(PREFIX + "request_success_total", "Requests finished, by finish "
                                "reason (stop, length, abort).", ["model_name", "finished_reason"],
                                registry=self.registry)
@@ -101,6 +112,7 @@ class RequestMetrics:
     def observe_outputs(self, it: IterationStats) -> None:
         if it.num_prompt_tokens:
             self.prompt_tokens.inc(it.num_prompt_tokens)
+            self._observe_prompt_sources(it.prompt_tokens)
         if it.num_generation_tokens:
             self.generation_tokens.inc(it.num_generation_tokens)
         if self.vllm_iteration_tokens is not None and (it.num_prompt_tokens or it.num_generation_tokens):
@@ -114,6 +126,15 @@ class RequestMetrics:
         for n, most in zip(it.n_params, it.max_num_generation_tokens):
             self.params_n.observe(n)
             self.max_num_generation_tokens.observe(most)
+
+    def _observe_prompt_sources(self, prompt: PromptTokenStats) -> None:
+        for counter, n in zip(self.prompt_by_source, prompt.by_source()):
+            if n:
+                counter.inc(n)
+        if prompt.cached:
+            self.prompt_cached.inc(prompt.cached)
+        if prompt.recomputed:
+            self.prompt_recomputed.inc(prompt.recomputed)
 
     def _observe_finished(self, fin: FinishedRequest) -> None:
         self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()

@@ -61,6 +61,10 @@ class EngineStats:
     # With LoRA: {"running": [adapter names], "waiting": [...], "max_lora": slots} now (the
     # adapters of running and of waiting requests); None: LoRA off.
     lora: Optional[dict] = None
+    # --kv-cache-metrics: the sampled KV blocks taken again since the previous message, each
+    # [lifetime, idle, [reuse gaps]] in seconds (tessellm.metrics.kv_residency); None: off.
+    # Like step_num_tokens, each message's own: merge_engine_stats leaves them out.
+    kv_block_residency: Optional[list] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineStats":
@@ -156,6 +160,42 @@ def _phase_times(times: "RequestStateStats") -> dict:
 
 
 @dataclass
+class PromptTokenStats:
+    """Prompt tokens of sequences that got their first token, by where their KV came from
+    (vLLM's ``PromptTokenStats``, with its invariants)::
+
+        computed + local_cache_hit + external_kv_transfer - recomputed = total
+        local_cache_hit + external_kv_transfer - recomputed = cached
+
+    ``computed``: prefilled here (recomputed tokens included); ``local_cache_hit``: found in
+    the device prefix cache (recomputed ones included, as vLLM counts them);
+    ``external_kv_transfer``: supplied by the host KV tier or a KV connector; ``cached``: not
+    computed (the request's ``num_cached_tokens``); ``recomputed``: cached but computed anyway
+    (a fully cached prompt's last block, ``BlockManager.num_recomputed``)."""
+
+    SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+    computed: int = 0
+    local_cache_hit: int = 0
+    external_kv_transfer: int = 0
+    cached: int = 0
+    recomputed: int = 0
+    total: int = 0
+
+    def add(self, prompt_len: int, cached: int, external: int, recomputed: int) -> None:
+        self.computed += prompt_len - cached
+        self.external_kv_transfer += external
+        self.local_cache_hit += cached + recomputed - external
+        self.cached += cached
+        self.recomputed += recomputed
+        self.total += prompt_len
+
+    def by_source(self) -> tuple[int, int, int]:
+        """The counts of ``SOURCES``, in that order."""
+        return self.computed, self.local_cache_hit, self.external_kv_transfer
+
+
+@dataclass
 class IterationStats:
     """What one batch of core outputs did, seen from the front end at time ``now``.
 
@@ -165,6 +205,7 @@ class IterationStats:
 
     now: float = field(default_factory=time.time)
     num_prompt_tokens: int = 0  # prompts of sequences that got their first token now
+    prompt_tokens: PromptTokenStats = field(default_factory=PromptTokenStats)  # those, by source
     num_generation_tokens: int = 0  # output tokens that arrived now
     time_to_first_token: list[float] = field(default_factory=list)
     inter_token_latency: list[float] = field(default_factory=list)  # one per output after the first
@@ -176,7 +217,10 @@ class IterationStats:
     max_num_generation_tokens: list[int] = field(default_factory=list)
 
     def observe_output(self, times: RequestTimes, num_new_tokens: int,
-                       first_scheduled_time: Optional[float]) -> None:
+                       first_scheduled_time: Optional[float], num_cached: int = 0,
+                       num_external: int = 0, num_recomputed: int = 0) -> None:
+        """One core output of ``num_new_tokens`` kept tokens; ``num_cached`` .. ``num_recomputed``:
+        its prompt's (``EngineCoreOutput``, on its first output), counted with its first token."""
         if first_scheduled_time is not None and times.first_scheduled_time is None:
             times.first_scheduled_time = first_scheduled_time
         if num_new_tokens == 0:
@@ -187,6 +231,7 @@ class IterationStats:
             times.first_token_time = self.now
             times.first_token_latency = self.now - times.arrival_time
             self.num_prompt_tokens += times.num_prompt_tokens
+            self.prompt_tokens.add(times.num_prompt_tokens, num_cached, num_external, num_recomputed)
             self.time_to_first_token.append(times.first_token_latency)
         else:
             self.inter_token_latency.append(self.now - times.last_token_time)

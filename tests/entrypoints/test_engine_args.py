@@ -36,7 +36,7 @@ NON_DEFAULT = {
     "kv_transfer_config": '{"kv_connector": "SharedStorageConnector"}',
     "enable_sleep_mode": True,
     "enable_prompt_embeds": True,
-    "metrics_names": "vllm",
+    "metrics_names": "vllm", "kv_cache_metrics": True, "kv_cache_metrics_sample": 0.5,
     "enable_expert_parallel": True,
     "enable_decode_overlap": True, "decode_overlap_steps": "all", "decode_overlap_min_batch": 64,
     "decode_overlap_min_prefill": 1024, "decode_overlap_sm_carveout": 16,

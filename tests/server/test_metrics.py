@@ -173,8 +173,15 @@ def test_prefix_cache_hits_after_repeating_a_prompt(metrics_server, rng):
     # the cached tokens are not computed again (max_tokens=1: only the prompt is computed)
     assert after.delta(middle, "tessellm:iteration_tokens_total_sum") == 40 - hit
     assert middle.delta(before, "tessellm:iteration_tokens_total_sum") == 40
-    # ... but they count as prompt tokens
+    # ... but they count as prompt tokens, by source: computed, or found in the prefix cache
     assert after.delta(middle, "tessellm:prompt_tokens_total") == 40
+    by_source = "tessellm:prompt_tokens_by_source_total"
+    assert middle.delta(before, by_source, source="local_compute") == 40
+    assert after.delta(middle, by_source, source="local_compute") == 40 - hit
+    assert after.delta(middle, by_source, source="local_cache_hit") == hit
+    assert after.delta(before, by_source, source="external_kv_transfer") == 0
+    assert after.delta(middle, "tessellm:prompt_tokens_cached_total") == hit
+    assert after.delta(before, "tessellm:prompt_tokens_recomputed_total") == 0  # 40 fills no last block
     assert body["usage"]["prompt_tokens"] == 40
 
 
