@@ -133,11 +133,7 @@ def test_corrupt_truncated_and_missing_files(tiny_model_dir, tmp_path):
                                              lora_request=None, block_key=lambda a, b, lora: None))
     with open(conn.path(keys_p[4], 0), "r+b") as f:  # block 4 of p: cut short
         f.truncate(os.path.getsize(f.name) - 8)
-    with open(conn.path(keys_q[7], 0), "r+b") as f:  # block 7 of q: one payload byte flipped
-        f.seek(-5, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _flip_byte(conn.path(keys_q[7], 0), 5, 0xFF)  # block 7 of q: one payload byte flipped
     rows, stats = _run(model, [p, q], kv_transfer_config=_kv(tmp_path, "kv_consumer"))
     assert [t for t, _, _ in rows] == want
     assert rows[0][1:] == (16, 42 - 16 + 5)  # blocks 0..3 loaded
@@ -168,11 +164,7 @@ def test_a_failed_load_keeps_the_first_schedule_stamps(load_async, tiny_model_di
     conn = _connector(tmp_path, ns)
     keys = conn.block_keys(SimpleNamespace(request_id="p", all_token_ids=p, lora_request=None,
                                            block_key=lambda a, b, lora: None))
-    with open(conn.path(keys[7], 0), "r+b") as f:  # a payload byte flipped: the load fails
-        f.seek(-5, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-5, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    _flip_byte(conn.path(keys[7], 0), 5, 0xFF)  # a payload byte flipped: the load fails
     kv = _kv(tmp_path, "kv_consumer")
     kv["kv_connector_extra_config"]["load_async"] = load_async
     with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
@@ -210,11 +202,7 @@ def test_blocks_computed_over_a_failed_load_are_never_saved(engine, tiny_model_d
     conn = _connector(tmp_path, ns)
     keys = conn.block_keys(SimpleNamespace(request_id="x", all_token_ids=longer,
                                            lora_request=None, block_key=lambda a, b, lora: None))
-    with open(conn.path(keys[3], 0), "r+b") as f:
-        f.seek(-9, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-9, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x5A]))
+    _flip_byte(conn.path(keys[3], 0), 9, 0x5A)
     both = _kv(tmp_path, "kv_both")
     both["kv_connector_extra_config"]["load_async"] = False
     rows, stats = _run(model, [longer], kv_transfer_config=both, **engine)
@@ -282,11 +270,7 @@ def test_background_load_while_other_requests_run(corrupt, tiny_model_dir, tmp_p
         (ns,) = os.listdir(tmp_path)
         keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
             request_id="p", all_token_ids=p, lora_request=None, block_key=lambda a, b, lora: None))
-        with open(_connector(tmp_path, ns).path(keys[5], 0), "r+b") as f:
-            f.seek(-7, os.SEEK_END)
-            byte = f.read(1)
-            f.seek(-7, os.SEEK_END)
-            f.write(bytes([byte[0] ^ 0x21]))
+        _flip_byte(_connector(tmp_path, ns).path(keys[5], 0), 7, 0x21)
     register_kv_connector("GatedStorage", f"{__name__}:GatedStorage")
     GatedStorage.gate.clear()
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -390,6 +374,16 @@ def _connector(path, namespace: str, role=KVConnectorRole.SCHEDULER, **extra) ->
     config = parse_kv_transfer_config(_kv(path, "kv_both"))
     config.kv_connector_extra_config.update(extra)
     return SharedStorageConnector(config, role, KVConnectorContext(BS, namespace))
+
+
+def _flip_byte(path: str, from_end: int, mask: int) -> None:
+    """XOR one byte of a block file, ``from_end`` bytes before its end (a payload byte: the
+    load's checksum fails)."""
+    with open(path, "r+b") as f:
+        f.seek(-from_end, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-from_end, os.SEEK_END)
+        f.write(bytes([byte[0] ^ mask]))
 
 
 @pytest.mark.parametrize("checksum", ["sum64", "crc32", "none"])
@@ -774,11 +768,7 @@ def test_a_load_failing_on_one_tensor_parallel_rank_fails_on_all(tiny_model_dir,
     (ns,) = os.listdir(tmp_path)
     keys = _connector(tmp_path, ns).block_keys(SimpleNamespace(
         request_id="p", all_token_ids=prompts[0], lora_request=None, block_key=lambda a, b, lora: None))
-    with open(_connector(tmp_path, ns).path(keys[3], 1), "r+b") as f:  # block 3, rank 1
-        f.seek(-3, os.SEEK_END)
-        byte = f.read(1)
-        f.seek(-3, os.SEEK_END)
-        f.write(bytes([byte[0] ^ 0x55]))
+    _flip_byte(_connector(tmp_path, ns).path(keys[3], 1), 3, 0x55)  # block 3, rank 1
     rows, stats = _run(model, prompts, kv_transfer_config=_kv(tmp_path, "kv_consumer"),
                        tensor_parallel_size=2)
     assert rows == [(hf_greedy(model, prompts, 6)[0], 0, 42 + 5)]  # failed in the background
