@@ -148,6 +148,19 @@ def test_under_async_scheduling_a_failure_stays_with_its_steps_requests(tokenize
     assert list(finished["b"].token_ids) == plain[PROMPTS[2]][:8]
 
 
+def test_a_data_parallel_engine_returns_the_failed_request(tokenized_model, plain):
+    """With the cores in other processes the failure comes back as the request's output
+    (finish reason "error", the cause its stop_reason), not as an exception; later requests
+    are served."""
+    with LLM(tokenized_model, **ENGINE, data_parallel_size=2,
+             logits_processors=[f"{PROCS}:RaisingProcessor"]) as engine:
+        (failed,) = engine.generate(PROMPTS[0], _greedy(6, boom=True), use_tqdm=False)
+        assert failed.outputs[0].finish_reason == "error"
+        assert "RaisingProcessor raised in apply: RuntimeError: boom" in failed.outputs[0].stop_reason
+        assert _tokens(engine.generate(PROMPTS[1:3], _greedy(12), use_tqdm=False)) == [plain[PROMPTS[1]],
+                                                                                       plain[PROMPTS[2]]]
+
+
 def test_a_processor_that_returns_no_tensor_fails_its_steps_requests_only(tokenized_model, plain):
     """``apply`` must return the logits (a tensor of their shape); one that returns None fails
     the step's requests as a raising one does, naming what it returned; the engine goes on."""
