@@ -11,17 +11,23 @@ have produced since the last call, waiting for at least one message. Outputs go 
 
 A core that dies, or a core error, fails the engine: every later call raises the same
 ``EngineDeadError`` (the other cores are stopped), as ``LLMEngine`` does after a failed step.
+
+``set_tokenizer`` reaches the cores by name (``core_tokenizer.py``): a blocking call to every
+core (``_call_cores``), whose wait keeps the messages that arrive meanwhile for ``step``.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from typing import Optional
 
 import zmq
 
 from tessellm.config import EngineArgs
 from tessellm.core.core_group import EngineCoreGroup, core_refusal, load_front_tokenizer
+from tessellm.core.core_tokenizer import tokenizer_name, vocabulary_digest
 from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
 from tessellm.core.engine_surface import EngineSurface, engine_metrics
 from tessellm.core.input_processor import InputProcessor, PromptType
@@ -34,6 +40,7 @@ from tessellm.metrics.stats import EngineStats, merge_engine_stats
 from tessellm.pooling.front import POOLING_SAMPLING, check_generates, resolve_pooling_params
 
 _POLL_MS = 500  # the cores' liveness is checked this often (their messages never say a core died)
+_CALL_TIMEOUT_S = 120.0  # a call to the cores (set_tokenizer: each loads the tokenizer from disk)
 
 
 class DPLLMEngine(EngineSurface):
@@ -58,6 +65,8 @@ class DPLLMEngine(EngineSurface):
             self._poller.register(client.output, zmq.POLLIN)
         self._core_of = {client.output: i for i, client in enumerate(self.cores.clients)}
         self._checked = time.monotonic()  # when the cores' liveness was last checked
+        self._call_ids = itertools.count()
+        self._pending: deque = deque()  # (core, message) that came during a call, for step()
 
     @property
     def core(self):
@@ -70,17 +79,54 @@ class DPLLMEngine(EngineSurface):
                                   "-dp N's routes reach every core).")
 
     def _set_grammar_tokenizer(self, tokenizer) -> None:
-        """The cores (other processes) compile grammars against the model's tokenizer files; a
-        tokenizer of another vocabulary cannot reach them (only msgpack crosses), so constrained
-        requests are refused at the edge until the model's vocabulary is set again."""
+        """The cores (other processes) compile grammars against the tokenizer they hold; one of
+        another vocabulary reaches them by name, each core loading it and answering with its
+        vocabulary's digest. Where it has no name, or a core cannot load it or loads another
+        vocabulary, constrained requests are refused at the edge until a tokenizer the cores
+        hold is set again."""
         from tessellm.structured_output.compiler import same_vocabulary
 
-        same = self._core_tokenizer is not None and same_vocabulary(self._core_tokenizer, tokenizer)
-        self.inputs.structured_refusal = None if same else (
+        if self._core_tokenizer is not None and same_vocabulary(self._core_tokenizer, tokenizer):
+            self.inputs.structured_refusal = None
+            return
+        name, digest = tokenizer_name(tokenizer), vocabulary_digest(tokenizer)
+        why = ("it has no name (name_or_path) to load it by: save it (save_pretrained(DIR)) and set "
+               "AutoTokenizer.from_pretrained(DIR)")
+        if name is not None and digest is not None:
+            answers = self._call_cores("set_tokenizer", [name])
+            if any("result" in a for a in answers):
+                self._core_tokenizer = None  # the cores hold what they loaded, maybe not ``tokenizer``
+            errors = [f"{self.cores.name(i)}: {a['error']}" for i, a in enumerate(answers) if "error" in a]
+            if not errors and all(a["result"] == digest for a in answers):
+                self._core_tokenizer, self.inputs.structured_refusal = tokenizer, None
+                return
+            why = errors[0] if errors else f"{name!r} loads another vocabulary than the tokenizer given"
+        self.inputs.structured_refusal = (
             "structured_outputs: set_tokenizer gave a tokenizer whose vocabulary differs from the "
-            "model's, and with data_parallel_size > 1 the engine cores compile grammars against the "
-            "model's own; set the model's tokenizer again, or use LLM(data_parallel_size=1), where "
-            "grammars follow set_tokenizer.")
+            "engine cores', and with data_parallel_size > 1 the cores (other processes) load it by "
+            f"name: {why}. Set one loadable by name, set the model's tokenizer again, or use "
+            "LLM(data_parallel_size=1), where grammars follow any set_tokenizer.")
+
+    def _call_cores(self, method: str, args: list) -> list[dict]:
+        """Every core's answer to ``method`` (engine_process ``_call``), in core order; one that
+        does not answer in time reads as an error. What the cores send meanwhile waits in
+        ``_pending`` for ``step``, in order; a core that dies fails the engine."""
+        self._check_alive()
+        calls = {next(self._call_ids): core for core in range(self.cores.size)}
+        for call_id, core in calls.items():
+            self.cores.send_call(core, call_id, method, args)
+        answers: dict[int, dict] = {}
+        deadline = time.monotonic() + _CALL_TIMEOUT_S
+        while len(answers) < len(calls) and time.monotonic() < deadline:
+            for core, msg in self._receive():
+                if msg[0] == "call_result" and msg[1] in calls:
+                    answers[calls[msg[1]]] = msg[2]
+                elif msg[0] == "dead":
+                    self._handle(core, msg)  # raises
+                else:
+                    self._pending.append((core, msg))
+        late = {"error": f"no answer to {method!r} within {_CALL_TIMEOUT_S:.0f}s"}
+        return [answers.get(core, late) for core in range(self.cores.size)]
 
     # -- requests (as LLMEngine) --------------------------------------------------------------
 
@@ -135,23 +181,31 @@ class DPLLMEngine(EngineSurface):
         nothing is in flight)."""
         self._check_alive()
         results: list[RequestOutput] = []
-        while self.has_unfinished_requests() and not results:
-            ready = dict(self._poller.poll(_POLL_MS))
-            now = time.monotonic()
-            if not ready or now - self._checked > _POLL_MS / 1000:  # a silent core may be dead
-                self._checked = now
-                dead = self.cores.dead_core()
-                if dead is not None:
-                    self._fail(dead)
-            for sock in ready:
-                core = self._core_of[sock]
-                while True:
-                    try:
-                        raw = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    results.extend(self._handle(core, unpack(raw)))
-        return results
+        while True:
+            while self._pending:  # one at a time: those after a refusal (it raises) stay
+                results.extend(self._handle(*self._pending.popleft()))
+            if results or not self.has_unfinished_requests():
+                return results
+            self._pending.extend(self._receive())
+
+    def _receive(self) -> list[tuple[int, list]]:
+        """The messages the cores sent (waiting up to ``_POLL_MS`` for one), with their core's
+        index; a core found dead fails the engine."""
+        ready = dict(self._poller.poll(_POLL_MS))
+        now = time.monotonic()
+        if not ready or now - self._checked > _POLL_MS / 1000:  # a silent core may be dead
+            self._checked = now
+            dead = self.cores.dead_core()
+            if dead is not None:
+                self._fail(dead)
+        messages = []
+        for sock in ready:
+            while True:
+                try:
+                    messages.append((self._core_of[sock], unpack(sock.recv(zmq.NOBLOCK))))
+                except zmq.Again:
+                    break
+        return messages
 
     def _handle(self, core: int, msg: list) -> list[RequestOutput]:
         kind = msg[0]

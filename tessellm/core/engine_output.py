@@ -18,8 +18,8 @@ class EngineCoreOutput:
 
     request_id: str
     new_token_ids: list[int]  # accepted this step, in order (several with draft tokens)
-    finish_reason: Optional[str] = None  # "stop", "length", "abort" when finished
-    stop_reason: Optional[object] = None  # the stop token id that ended it
+    finish_reason: Optional[str] = None  # "stop", "length", "abort", "error" when finished
+    stop_reason: Optional[object] = None  # the stop token id that ended it (or why: abort, error)
     logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
     prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
     # Prompt tokens found in the prefix cache at first schedule (the OpenAI usage's

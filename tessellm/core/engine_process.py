@@ -7,6 +7,7 @@ sockets in a private temp dir. Every message is **msgpack** (never pickle on a s
     API process (EngineCoreClient)                    core process (run_engine_core)
       input  PUSH  --["add", req] ["abort", ids]-->   PULL
                     ["remove_lora", id] ["call", id, method(, args)] ["shutdown"]
+                    (methods: "stats", "ping", _CORE_CALLS, "set_tokenizer")
       output PULL  <--["ready", info] ["startup_failed", msg]--  PUSH
                     ["warm", WarmupReport] (after warm-up, before any step)
                     ["outputs", [out...], EngineStats] ["rejected", rid, msg]
@@ -54,6 +55,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.prompt_embeds import PromptEmbeds, encode_prompt_embeds
 from tessellm.core.core_stop import CLOSE_WAIT_S, CoreTerminated, StopSignal, shut_down
+from tessellm.core.core_tokenizer import set_core_tokenizer
 from tessellm.core.ipc import ParentEndpoints
 from tessellm.core.cache_view import CacheEvents
 from tessellm.core.load_report import StepTimer, core_load, waiting_kv_blocks
@@ -283,6 +285,8 @@ class _CoreLoop:
                 stats["load"] = core_load(self.core.scheduler, self.received, self.step_timer.ms)
             stats["load"]["waiting_blocks"] = waiting_kv_blocks(self.core.scheduler)
             return stats
+        if method == "set_tokenizer":  # LLM(data_parallel_size=N).set_tokenizer: core_tokenizer.py
+            return set_core_tokenizer(self.core, *(args or []))
         if method in _CORE_CALLS:  # sleep mode and weight updates (docs/sleep_mode.md)
             try:
                 result = getattr(self.core, method)(*(args or []))

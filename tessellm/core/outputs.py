@@ -25,8 +25,10 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[SampleLogprobs] = None
-    finish_reason: Optional[str] = None  # "stop", "length", "abort"; None while running
-    stop_reason: Optional[object] = None  # the stop string or token id that ended it
+    # "stop", "length", "abort" (the caller's), "error" (vLLM's: the engine failed the request,
+    # e.g. a custom logits processor raised; retryable); None while running
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[object] = None  # the stop string or token id that ended it; "error": why
     lora_request: Optional[object] = None  # the request's LoRARequest (None: the base model)
 
     def finished(self) -> bool:

@@ -17,6 +17,9 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # EOS, a stop token or a stop string
     FINISHED_LENGTH = 4  # max_tokens or the context length
     FINISHED_ABORTED = 5  # aborted by the caller (client disconnect, stop string in front end)
+    # vLLM's FINISHED_ERROR: the engine failed this request on its own (a custom logits
+    # processor raised in its step); retryable, a 500 at the server (docs/openai_api.md).
+    FINISHED_ERROR = 6
 
     @property
     def is_finished(self) -> bool:
@@ -31,6 +34,7 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 

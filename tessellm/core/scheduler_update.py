@@ -121,11 +121,12 @@ class SchedulerUpdate:
                                 **(_schedule_times(req) if first else {}))
 
     def _failed(self, req: Request, error: str) -> EngineCoreOutput:
-        """The request ends aborted, ``error`` its stop_reason; nothing of the step is output
-        (its first output, before any token: with its queue and schedule stamps)."""
+        """The request ends with vLLM's finish reason "error" (an internal failure, not the
+        client's abort), ``error`` its stop_reason; nothing of the step is output (its first
+        output, before any token: with its queue and schedule stamps)."""
         req.stop_reason = error
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
-        return EngineCoreOutput(req.request_id, [], "abort", error,
+        self._finish(req, RequestStatus.FINISHED_ERROR)
+        return EngineCoreOutput(req.request_id, [], "error", error,
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
                                 **(_schedule_times(req) if req.num_output_tokens == 0 else {}))
 

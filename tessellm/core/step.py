@@ -194,8 +194,8 @@ class ModelRunnerOutput:
     # blocks (KVConnectorBase.save_totals); None: none.
     kv_saves: Optional[list] = None
     # Requests whose step failed in a custom logits processor (it raised in update_state or
-    # apply: every request of that step): request id -> the error. They finish aborted, the
-    # error as their stop_reason; the engine goes on (docs/logits_processors.md).
+    # apply: every request of that step): request id -> the error. They finish with reason
+    # "error", the error as their stop_reason; the engine goes on (docs/logits_processors.md).
     failed: dict[str, str] = field(default_factory=dict)
 
 

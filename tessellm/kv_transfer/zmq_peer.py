@@ -722,12 +722,12 @@ class ZmqPeerConnector(SharedStorageConnector):
         return keys[:n], (start + n if n < len(keys) else None)
 
     def request_finished(self, request) -> Optional[dict]:
-        """A producer's ``do_remote_decode`` request that finished (not aborted): where a
+        """A producer's ``do_remote_decode`` request that finished (not aborted, no error): where a
         decode engine fetches its blocks (``params.decode_params``). Its output left once its
         saves were in this engine's store (``do_remote_decode`` waits for them)."""
         super().request_finished(request)
         if (not self.config.is_producer or not remote_decode(_params(request))
-                or request.status.finish_reason in (None, "abort")):
+                or request.status.finish_reason in (None, "abort", "error")):
             return None
         bs = self.context.block_size
         return decode_params(self.engine_id, self.host, self.port, self.context.world_size,

@@ -25,7 +25,7 @@ from tessellm.metrics.buckets import (ITERATION_TOKEN_BUCKETS, ITL_BUCKETS, N_PA
 from tessellm.metrics.names import PREFIX
 from tessellm.metrics.stats import FinishedRequest, IterationStats, PromptTokenStats
 
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")  # vLLM's label values
 
 # family (no prefix) -> (doc, tessellm's buckets or "tokens"), observed per finished sequence
 # from the FinishedRequest field of the same name as the dict's third element

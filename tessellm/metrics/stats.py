@@ -130,7 +130,7 @@ class FinishedRequest:
     scheduled: no times; scheduled but no token: only ``queued_time``).
     """
 
-    finish_reason: str  # "stop", "length" or "abort"
+    finish_reason: str  # "stop", "length", "abort" or "error"
     e2e_latency: float  # arrival to the final output, seconds
     queue_time: Optional[float]  # tessellm's: arrival to first scheduled (wall); None if never scheduled
     num_prompt_tokens: int

@@ -3,7 +3,8 @@ engine (tiny random llama with the SmolLM2 tokenizer, cpu, float32): vLLM's exam
 force their target token on the rows that ask for it and leave the other rows' tokens equal to
 a plain engine's, across continuous batching, preemption and async scheduling; the batch
 bookkeeping (removed / added / moved) keeps every index on its request; per-request arguments
-are checked at add_request; a processor that raises fails its step's requests only."""
+are checked at add_request; a processor that raises fails its step's requests only (vLLM's
+finish reason "error")."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def test_bad_extra_args_are_refused_at_add_request(llm, plain):
 def test_a_processor_that_raises_fails_its_steps_requests_only(llm, plain):
     out = llm.generate(PROMPTS[:2], [_greedy(6, boom=True), _greedy(6)], use_tqdm=False)
     for o in out:
-        assert o.outputs[0].finish_reason == "abort"
+        assert o.outputs[0].finish_reason == "error" and list(o.outputs[0].token_ids) == []
         assert "logits processor RaisingProcessor raised in apply: RuntimeError: boom" in o.outputs[0].stop_reason
         assert 0 < o.metrics.queued_ts <= o.metrics.scheduled_ts  # it was queued and scheduled
     after = llm.generate(PROMPTS, [_greedy(12), _greedy(12, target_token=5), _greedy(12), _greedy(12)],
@@ -142,9 +143,22 @@ def test_under_async_scheduling_a_failure_stays_with_its_steps_requests(tokenize
         engine.add_request("b", PROMPTS[2], _greedy(8))
         while engine.has_unfinished_requests():
             finished.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
-    assert finished["a"].finish_reason == finished["boom"].finish_reason == "abort"
+    assert finished["a"].finish_reason == finished["boom"].finish_reason == "error"
     assert finished["b"].finish_reason == "length"
     assert list(finished["b"].token_ids) == plain[PROMPTS[2]][:8]
+
+
+def test_a_data_parallel_engine_returns_the_failed_request(tokenized_model, plain):
+    """With the cores in other processes the failure comes back as the request's output
+    (finish reason "error", the cause its stop_reason), not as an exception; later requests
+    are served."""
+    with LLM(tokenized_model, **ENGINE, data_parallel_size=2,
+             logits_processors=[f"{PROCS}:RaisingProcessor"]) as engine:
+        (failed,) = engine.generate(PROMPTS[0], _greedy(6, boom=True), use_tqdm=False)
+        assert failed.outputs[0].finish_reason == "error"
+        assert "RaisingProcessor raised in apply: RuntimeError: boom" in failed.outputs[0].stop_reason
+        assert _tokens(engine.generate(PROMPTS[1:3], _greedy(12), use_tqdm=False)) == [plain[PROMPTS[1]],
+                                                                                       plain[PROMPTS[2]]]
 
 
 def test_a_processor_that_returns_no_tensor_fails_its_steps_requests_only(tokenized_model, plain):
@@ -153,7 +167,7 @@ def test_a_processor_that_returns_no_tensor_fails_its_steps_requests_only(tokeni
     with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:NoneReturningProcessor"]) as engine:
         out = engine.generate(PROMPTS[:2], [_greedy(6, forget=True), _greedy(6)], use_tqdm=False)
         for o in out:
-            assert o.outputs[0].finish_reason == "abort"
+            assert o.outputs[0].finish_reason == "error"
             assert "NoneReturningProcessor returned NoneType from apply" in o.outputs[0].stop_reason
         assert _tokens(engine.generate(PROMPTS[1], _greedy(12), use_tqdm=False)) == [plain[PROMPTS[1]]]
 

@@ -1,7 +1,8 @@
 """``LLM.set_tokenizer`` (vLLM's) reaches structured output: grammars of later requests are
 compiled against the new tokenizer's vocabulary (the output, decoded with it, follows the
 constraint); the same vocabulary keeps the compile cache; a data-parallel engine, whose cores
-compile in other processes, refuses constrained requests while the vocabularies differ."""
+compile in other processes, has them load the tokenizer by name, and refuses constrained requests
+while the vocabularies differ (a tokenizer with no name, or whose name loads another)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,44 @@ def test_data_parallel_refuses_constrained_requests_under_another_vocabulary(tin
         llm.set_tokenizer(own)
         out = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
         assert re.fullmatch(REGEX, out.text), out.text
+
+
+def test_data_parallel_cores_load_a_tokenizer_by_name(tiny_llm_args, tmp_path):
+    """``set_tokenizer`` with a tokenizer loaded from a directory: each core loads it by that
+    name, so constrained requests follow its vocabulary on both cores; outputs that arrive
+    while the front end waits for the cores are kept for the next step; a name that no longer
+    loads, or loads another vocabulary than the one given, keeps the refusal, naming why."""
+    from transformers import AutoTokenizer
+
+    _other_vocabulary().save_pretrained(tmp_path / "other")
+    named = AutoTokenizer.from_pretrained(tmp_path / "other")
+    with LLM(**tiny_llm_args, data_parallel_size=2) as llm:
+        own, engine = llm.get_tokenizer(), llm.llm_engine
+        engine.add_request("during", "the cat sat", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        llm.set_tokenizer(named)
+        finished = []
+        while engine.has_unfinished_requests():
+            finished += [o for o in engine.step() if o.finished]
+        assert [(o.request_id, len(o.outputs[0].token_ids)) for o in finished] == [("during", 8)]
+
+        outs = llm.generate(["the cat sat"] * 4, [_constrained(seed) for seed in range(4)], use_tqdm=False)
+        assert all(n > 0 for n in engine.requests_sent())  # both cores compiled against it
+        for out in (o.outputs[0] for o in outs):
+            assert re.fullmatch(REGEX, out.text), out.text
+            assert named.decode(out.token_ids, skip_special_tokens=True) == out.text
+            assert own.decode(out.token_ids, skip_special_tokens=True) != out.text
+
+        changed = AutoTokenizer.from_pretrained(tmp_path / "other")
+        changed.add_tokens(["<added-in-memory>"])  # its name loads the vocabulary without it
+        llm.set_tokenizer(changed)
+        with pytest.raises(ValueError, match="loads another vocabulary than the tokenizer given"):
+            llm.generate(["the cat sat"], _constrained(), use_tqdm=False)
+        gone = AutoTokenizer.from_pretrained(tmp_path / "other")
+        gone.name_or_path = str(tmp_path / "missing")
+        llm.set_tokenizer(gone)
+        with pytest.raises(ValueError, match="engine core 0 of 2: the tokenizer .*missing.* could not be loaded"):
+            llm.generate(["the cat sat"], _constrained(), use_tqdm=False)
+
+        llm.set_tokenizer(own)  # by name too: the model's directory
+        out = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
+        assert re.fullmatch(REGEX, out.text) and own.decode(out.token_ids, skip_special_tokens=True) == out.text

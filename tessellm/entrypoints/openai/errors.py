@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Optional, Union
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -19,7 +19,7 @@ class OpenAIError(Exception):
     """Raised anywhere in request handling; becomes an error response with this status."""
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Optional[str] = None, type: Optional[str] = None):
+                 code: Optional[Union[str, int]] = None, type: Optional[str] = None):
         super().__init__(message)
         self.message = message
         self.status = status

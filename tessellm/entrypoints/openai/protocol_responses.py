@@ -255,7 +255,7 @@ class ErrorInfo(BaseModel):
     message: str
     type: str
     param: Optional[str] = None
-    code: Optional[str] = None
+    code: Optional[Union[str, int]] = None  # OpenAI's names; vLLM's 500 for a failed generation
 
 
 class ErrorResponse(BaseModel):

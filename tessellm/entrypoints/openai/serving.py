@@ -3,7 +3,8 @@
 A streamed request is answered with ``text/event-stream``: one ``data: {json}`` event per
 chunk, ``data: [DONE]`` at the end, an SSE comment (``: keep-alive``) after every
 ``sse_keepalive_s`` of silence (queued, or in a long prefill) so proxies keep the stream
-open, and an error that happens mid-stream as a last ``data: {"error": ...}`` event.
+open, and an error that happens mid-stream as a last ``data: {"error": ...}`` event (then
+``data: [DONE]``, as vLLM; a request the engine failed, finish reason "error", is one).
 Whatever ends the stream (done, error, client gone: Starlette cancels the generator) aborts
 the requests that are still running, which frees their KV blocks in the core.
 
@@ -90,6 +91,17 @@ def engine_error(exc: BaseException) -> OpenAIError:
         return bad_request(str(exc), getattr(exc, "param", None))  # RequestParamError names it
     logger.exception("Request failed", exc_info=exc)
     return OpenAIError(f"Internal error: {type(exc).__name__}: {exc}", 500)
+
+
+def raise_if_error(out) -> None:
+    """vLLM's ``_raise_if_error``: a sample the engine failed (finish_reason "error": a custom
+    logits processor raised in its step) fails the whole request with vLLM's 500, ``Internal
+    server error`` (in a stream, as its last event); the cause is logged here, not sent."""
+    for co in out.outputs if isinstance(out, RequestOutput) else ():
+        if co.finish_reason == "error":
+            logger.error("Request %s failed with an internal error during generation: %s",
+                         out.request_id, co.stop_reason)
+            raise OpenAIError("Internal server error", 500, None, 500, "InternalServerError")
 
 
 @dataclass
@@ -183,7 +195,10 @@ async def collect(engine: AsyncLLM, sub: Submitted, http_request: Request,
                 if await http_request.is_disconnected():
                     raise OpenAIError("The client disconnected.", 400, None, "client_disconnected")
                 next_check = time.monotonic() + interval
-            if item is not None and item[1].finished:
+            if item is None:
+                continue
+            raise_if_error(item[1])
+            if item[1].finished:
                 final[item[0]] = item[1]
                 request_log(engine).finished(item[1])
     except Exception as exc:  # noqa: BLE001
@@ -239,6 +254,7 @@ async def _sse_events(items, renderer: ChunkRenderer, include_usage: bool, close
             if item is None:
                 yield ": keep-alive\n\n"
                 continue
+            raise_if_error(item[1])
             for chunk in renderer.update(*item):
                 yield _event(chunk, include_usage)
         for chunk in renderer.finish():
@@ -279,7 +295,8 @@ def _event(chunk: BaseModel, include_usage: bool) -> str:
 
 def finish_reason(reason: Optional[str]) -> Optional[str]:
     """The engine's reasons as OpenAI's: stop or length (an abort never reaches a client: one
-    the core makes, naming why, is the request's error; AsyncLLM._route)."""
+    the core makes, naming why, is the request's error, AsyncLLM._route; an "error" is a 500,
+    ``raise_if_error``)."""
     if reason is None:
         return None
     return "length" if reason == "length" else "stop"

@@ -37,7 +37,7 @@ from tessellm.entrypoints.openai.responses.protocol import (IncompleteDetails, I
                                                             ResponsesRequest, ResponseUsage)
 from tessellm.entrypoints.openai.responses.store import ResponseStore, StoredResponse
 from tessellm.entrypoints.openai.serving import (SSE_HEADERS, Submitted, collect, engine_error, parse_request,
-                                                 submit)
+                                                 raise_if_error, submit)
 from tessellm.entrypoints.openai.serving_chat import ChatJob, prepare_chat
 from tessellm.entrypoints.openai.server_config import ServerConfig
 
@@ -164,6 +164,7 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
             if item is None:
                 yield ": keep-alive\n\n"
                 continue
+            raise_if_error(item[1])
             for chunk in chunks.update(*item):
                 for event in _chunk_events(builder, chunk):
                     yield sse(event)
