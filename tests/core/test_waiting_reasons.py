@@ -92,48 +92,44 @@ def test_waiting_for_kv_blocks_is_capacity(tiny_model_dir):
         _expect_waiting(llm, 0, 0)
 
 
-def test_waiting_for_a_kv_connector_lookup_is_deferred(tiny_model_dir, tmp_path):
+@pytest.fixture
+def gated_kv(tmp_path):
+    """A consumer's kv_transfer_config of GatedLookups over an empty store, its gate closed."""
+    register_kv_connector("GatedLookups", f"{__name__}:GatedLookups")
+    GatedLookups.gate.clear()
+    yield {"kv_connector": "GatedLookups", "kv_role": "kv_consumer",
+           "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
+    GatedLookups.gate.set()
+
+
+def test_waiting_for_a_kv_connector_lookup_is_deferred(tiny_model_dir, gated_kv):
     """Two seats; g's connector lookup is held: a and b take the seats, g is deferred and c waits
     for capacity. Once the lookup answers (a miss), g runs; every request finishes."""
-    register_kv_connector("GatedLookups", f"{__name__}:GatedLookups")
-    GatedLookups.gate.clear()
-    kv = {"kv_connector": "GatedLookups", "kv_role": "kv_consumer",
-          "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
-    try:
-        with LLM(tiny_model_dir("llama"), num_kv_blocks=64, max_num_seqs=2, kv_transfer_config=kv,
-                 **ENGINE) as llm:
-            engine = llm.llm_engine
-            _add(engine, {"g": [GATED, 9, 11, 4, 8], "a": [5, 9, 11], "b": [6, 3, 2], "c": [1, 2, 3]})
-            engine.step()
-            sched = engine.core.scheduler
-            assert {r.request_id for r in sched.running} == {"a", "b"}
-            _expect_waiting(llm, 1, 1)
-            engine.step()  # still held: g stays deferred (taken, passed over again), c waits
-            _expect_waiting(llm, 1, 1)
-            GatedLookups.gate.set()
-            _drain(engine)
-            _expect_waiting(llm, 0, 0)
-            assert not sched.deferred
-    finally:
+    with LLM(tiny_model_dir("llama"), num_kv_blocks=64, max_num_seqs=2, kv_transfer_config=gated_kv,
+             **ENGINE) as llm:
+        engine = llm.llm_engine
+        _add(engine, {"g": [GATED, 9, 11, 4, 8], "a": [5, 9, 11], "b": [6, 3, 2], "c": [1, 2, 3]})
+        engine.step()
+        sched = engine.core.scheduler
+        assert {r.request_id for r in sched.running} == {"a", "b"}
+        _expect_waiting(llm, 1, 1)
+        engine.step()  # still held: g stays deferred (taken, passed over again), c waits
+        _expect_waiting(llm, 1, 1)
         GatedLookups.gate.set()
+        _drain(engine)
+        _expect_waiting(llm, 0, 0)
+        assert not sched.deferred
 
 
-def test_an_aborted_deferred_request_leaves_the_count(tiny_model_dir, tmp_path):
-    register_kv_connector("GatedLookups", f"{__name__}:GatedLookups")
-    GatedLookups.gate.clear()
-    kv = {"kv_connector": "GatedLookups", "kv_role": "kv_consumer",
-          "kv_connector_extra_config": {"shared_storage_path": str(tmp_path)}}
-    try:
-        with LLM(tiny_model_dir("llama"), num_kv_blocks=64, kv_transfer_config=kv, **ENGINE) as llm:
-            engine = llm.llm_engine
-            _add(engine, {"g": [GATED, 9, 11, 4, 8], "a": [5, 9, 11]})
-            engine.step()
-            _expect_waiting(llm, 0, 1)
-            engine.abort_request("g")
-            _expect_waiting(llm, 0, 0)
-            _drain(engine)
-    finally:
-        GatedLookups.gate.set()
+def test_an_aborted_deferred_request_leaves_the_count(tiny_model_dir, gated_kv):
+    with LLM(tiny_model_dir("llama"), num_kv_blocks=64, kv_transfer_config=gated_kv, **ENGINE) as llm:
+        engine = llm.llm_engine
+        _add(engine, {"g": [GATED, 9, 11, 4, 8], "a": [5, 9, 11]})
+        engine.step()
+        _expect_waiting(llm, 0, 1)
+        engine.abort_request("g")
+        _expect_waiting(llm, 0, 0)
+        _drain(engine)
 
 
 def _aborts(llm) -> dict[str, int]:
