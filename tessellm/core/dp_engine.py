@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import zmq
 
@@ -158,9 +158,10 @@ class DPLLMEngine(EngineSurface):
     def default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.info.default_sampling)
 
-    def abort_request(self, request_id: str) -> None:
-        ids = self.outputs.core_ids(request_id)
-        self.outputs.abort(request_id)
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        """Abort a request (or several: vLLM's takes a list); counted in the metrics as the
+        server's aborts. Unknown or finished ids are ignored."""
+        ids = self._abort_outputs(request_id)
         if self.failure is None:
             self.cores.send_abort(ids)
 

@@ -6,7 +6,7 @@ engines (``LLMEngine``, ``DPLLMEngine``). Read-only views built from the engine'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -153,6 +153,20 @@ class EngineSurface:
     def _cores_engine_stats(self) -> list[EngineStats]:
         """Each data-parallel core's own stats (its ``engine="i"`` gauges); none with one core."""
         return []
+
+    def _abort_outputs(self, request_ids: Union[str, Iterable[str]]) -> list[str]:
+        """Forget requests in the front end (``abort_request``: one id, or several as vLLM's);
+        returns their core ids to free. Their unfinished samples count as finished with "abort"
+        in the metrics, as the server's aborts do (``request_success_total{finished_reason=
+        "abort"}``); a request finished already counts nothing."""
+        ids: list[str] = []
+        iteration = IterationStats() if self.metrics is not None else None
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            ids += self.outputs.core_ids(request_id)
+            self.outputs.abort(request_id, iteration)
+        if iteration is not None and not iteration.is_empty:
+            self.metrics.observe_outputs(iteration)
+        return ids
 
     def _process_outputs(self, core_outputs: list, step_num_tokens: list[int],
                          core_timestamp: Optional[float] = None,

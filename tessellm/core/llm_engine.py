@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 from tessellm.config import EngineArgs
 from tessellm.core.engine_core import EngineCore
@@ -103,10 +103,10 @@ class LLMEngine(EngineSurface):
         """SamplingParams with the model's generation-config defaults (tessellm/generation_config.py)."""
         return SamplingParams(**self.core.info.default_sampling)
 
-    def abort_request(self, request_id: str) -> None:
-        ids = self.outputs.core_ids(request_id)
-        self.outputs.abort(request_id)
-        self.core.abort_requests(ids)
+    def abort_request(self, request_id: Union[str, Iterable[str]]) -> None:
+        """Abort a request (or several: vLLM's takes a list); counted in the metrics as the
+        server's aborts. Unknown or finished ids are ignored."""
+        self.core.abort_requests(self._abort_outputs(request_id))
 
     def shutdown(self) -> None:
         self.core.shutdown()

@@ -16,6 +16,11 @@ Invariants
   freed, ``num_computed_tokens`` reset) and put back in ``waiting`` (at the front; in its place
   by priority); it is recomputed later from its tokens, so its results are unchanged.
 * No waiting request is admitted in a step that preempted (it would only be preempted again).
+* ``deferred`` holds the ids of the waiting requests that were last passed over for a reason of
+  their own (vLLM's ``skipped_waiting``: a KV connector load or lookup under way, a grammar
+  still compiling, a LoRA slot, a sibling's prefill), not for the step's capacity (blocks,
+  budget, ``max_num_seqs``); a request leaves it when it is taken again, so it is counted once
+  per step without a pass over the queue (``stats``: vLLM's waiting reasons).
 * Several batches may be in flight (``in_flight``, an ``InFlightSteps``: the steps scheduled
   whose results have not come back, and what they owe each request): under pipeline
   parallelism (one per stage) and under async scheduling (the next step is scheduled while one
@@ -86,6 +91,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.connector = None  # a KV connector's scheduler half (--kv-transfer-config), or None
         self.kv_loading: dict[str, Request] = {}  # its background loads under way (scheduler_kv_loads.py)
         self.kv_lookups: set[str] = set()  # requests whose connector lookup is under way, off the step
+        self.deferred: set[str] = set()  # waiting, last passed over for a reason of their own
 
     # -- admission -------------------------------------------------------------------------
 
@@ -248,9 +254,10 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             self.lora.begin_admission()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.take()
+            self.deferred.discard(req.request_id)
             if req.kv_loading or self._waits_for_sibling(req) or (req.grammar is not None
                                                                   and not req.grammar.ready):
-                skipped.append(req)  # its KV loads, its grammar still compiles: others go ahead
+                self._defer(req, skipped)  # its KV loads, its grammar still compiles: others go ahead
                 continue
             if req.grammar is not None and req.grammar.error is not None:
                 req.stop_reason = req.grammar.error  # the front end's refusal (a 400), as LoRA's
@@ -261,7 +268,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             lora = acquire_slot(self, req) if req.lora_request is not None else 0
             if lora < 0:  # its adapter is loading or every slot is busy: it waits; or it failed
                 if lora == LORA_WAIT:
-                    skipped.append(req)
+                    self._defer(req, skipped)
                 continue
             # Prompt logprobs and per-token pooling need every prompt position computed.
             use_cache = req.num_computed_tokens == 0 and not req.computes_every_prompt_token
@@ -271,14 +278,14 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             ext = self._num_external(req, num_hit) if use_cache else (0, False)
             if ext is None:  # the connector looks it up off the step: others go ahead
                 release_slot(self, req)
-                skipped.append(req)
+                self._defer(req, skipped)
                 continue
             num_ext, load_async = ext
             num_hit += num_ext
             if num_ext and load_async:  # loaded in the background; it waits in its place
                 if self._start_kv_load(req, prefix, offloaded, num_hit, num_ext):
                     release_slot(self, req)  # taken again when it runs
-                    skipped.append(req)
+                    self._defer(req, skipped)
                     continue
                 if self.running or self.kv_loading or self._free_waiting_blocks(req):
                     release_slot(self, req)
@@ -341,6 +348,11 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
             budget -= num_new
         self.waiting.requeue_all(skipped)
         return budget
+
+    def _defer(self, req: Request, skipped: list[Request]) -> None:
+        """``req`` waits for a reason of its own (vLLM's "deferred"); others go ahead."""
+        skipped.append(req)
+        self.deferred.add(req.request_id)
 
     def _num_external(self, req: Request, num_hit: int) -> Optional[tuple[int, bool]]:
         """Tokens the KV connector loads after a hit of ``num_hit`` (whole blocks, never the
@@ -552,6 +564,7 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         release_slot(self, req)
         self.kept_blocks.pop(req.request_id, None)
         self.finished_ids.add(req.request_id)
+        self.deferred.discard(req.request_id)
         del self.requests[req.request_id]
         if self.connector is not None:
             self.kv_lookups.discard(req.request_id)
@@ -566,4 +579,5 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
                               None if self.kv.host is None else self.kv.host.stats_dict(),
                               None if self.connector is None else self.connector.stats.as_dict(),
                               None if self.kv.states is None else self.kv.states.stats_dict(),
-                              None if self.lora is None else lora_stats(self))
+                              None if self.lora is None else lora_stats(self),
+                              num_waiting_deferred=len(self.deferred))

@@ -66,6 +66,9 @@ class SchedulerStats:
     state_snapshots: Optional[dict] = None
     # With LoRA (lora/scheduling.lora_stats): adapters of running and waiting requests, slots.
     lora: Optional[dict] = None
+    # Of num_waiting, those vLLM calls "deferred" (Scheduler.deferred: a KV connector load, a
+    # grammar, a LoRA slot); the others wait for "capacity" (blocks, budget, max_num_seqs).
+    num_waiting_deferred: int = 0
 
 
 class ContextLengthError(ValueError):

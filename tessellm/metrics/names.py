@@ -46,7 +46,8 @@ METRICS_NAMES = ("tessellm", "vllm", "both")
 # under "vllm:" + the same name, with the same meaning (vllm/v1/metrics/loggers.py,
 # spec_decode/metrics.py, the offloading connector's metrics).
 VLLM_FAMILIES = frozenset({
-    "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions",
+    "num_requests_running", "num_requests_waiting", "num_requests_waiting_by_reason",
+    "kv_cache_usage_perc", "num_preemptions",
     "prefix_cache_queries", "prefix_cache_hits", "external_prefix_cache_queries",
     "external_prefix_cache_hits", "kv_offload_total_bytes", "kv_offload_cpu_cache_usage_perc",
     "prompt_tokens", "prompt_tokens_by_source", "prompt_tokens_cached", "prompt_tokens_recomputed",

@@ -35,6 +35,7 @@ from tessellm.metrics.stats import EngineStats
 from tessellm.metrics.vllm_buckets import vllm_buckets
 
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # by sleep level 0, 1, 2 (vLLM's)
+WAITING_REASONS = ("capacity", "deferred")  # vLLM's num_requests_waiting_by_reason labels
 
 
 class _BothBounds:
@@ -127,6 +128,13 @@ class EngineMetrics(RequestMetrics):
                                        "Requests (one per sample) running in the engine now.")
         self.num_waiting = self._child(Gauge, "num_requests_waiting", "Requests (one per sample) "
                                        "waiting to be scheduled, preempted ones included.")
+        by_reason = Gauge(PREFIX + "num_requests_waiting_by_reason", "Waiting requests by reason "
+                          "(vLLM's): capacity = waiting for the step's capacity (KV blocks, token "
+                          "budget, max_num_seqs); deferred = passed over for a reason of their own "
+                          "(a KV connector load, a grammar compiling, a LoRA slot). The reasons add "
+                          "up to num_requests_waiting.", ["model_name", "reason"], registry=self.registry)
+        self.waiting_capacity, self.waiting_deferred = (
+            by_reason.labels(model_name=self.model_name, reason=r) for r in WAITING_REASONS)
         self.kv_cache_usage = self._child(Gauge, "kv_cache_usage_perc", "KV cache usage: fraction "
                                           "of KV blocks held by requests, 1 = full.")
         # No child until the core reports a value: a backend that cannot tell exports nothing.
@@ -303,6 +311,8 @@ class EngineMetrics(RequestMetrics):
     def observe_stats(self, stats: EngineStats) -> None:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
+        self.waiting_capacity.set(stats.num_waiting - stats.num_waiting_deferred)
+        self.waiting_deferred.set(stats.num_waiting_deferred)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.preemptions.update(stats.num_preemptions_total)
         self.prefix_queries.update(stats.prefix_cache_queries)

@@ -28,6 +28,9 @@ class EngineStats:
 
     num_running: int = 0  # core requests (one per sample) holding KV blocks now
     num_waiting: int = 0  # queued or preempted
+    # Of those, vLLM's "deferred" (a KV connector load or lookup, a grammar, a LoRA slot); the
+    # others wait for "capacity" (Scheduler.deferred): num_requests_waiting_by_reason
+    num_waiting_deferred: int = 0
     kv_cache_usage: float = 0.0  # fraction of KV blocks held by requests, 0..1
     num_preemptions_total: int = 0  # since the core started
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
@@ -282,6 +285,7 @@ def merge_engine_stats(parts: list[EngineStats]) -> EngineStats:
     total = [p.device_memory_total_bytes for p in parts if p.device_memory_total_bytes is not None]
     return EngineStats(
         num_running=sum(p.num_running for p in parts), num_waiting=sum(p.num_waiting for p in parts),
+        num_waiting_deferred=sum(p.num_waiting_deferred for p in parts),
         kv_cache_usage=sum(p.kv_cache_usage for p in parts) / max(1, len(parts)),
         num_preemptions_total=sum(p.num_preemptions_total for p in parts),
         prefix_cache_queries=sum(p.prefix_cache_queries for p in parts),

@@ -683,7 +683,14 @@ def test_offline_dp2_get_metrics_under_vllms_names(tiny_model_dir):
     with LLM(path, disable_log_stats=False, metrics_names="vllm",
              **_kwargs(data_parallel_size=2)) as two:
         two.generate(PROMPTS, GREEDY, use_tqdm=False)
+        two.llm_engine.add_request("gone", {"prompt_token_ids": [3, 4, 5]}, GREEDY)
+        two.llm_engine.abort_request("gone")  # offline aborts count as the server's
         metrics = two.get_metrics()
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert sorted(m.labels["engine"] for m in metrics if m.name == name) == ["0", "1"], name
     assert {m.name for m in metrics} >= {"vllm:prompt_tokens", "vllm:cache_config_info"}
+    by_reason = [m for m in metrics if m.name == "vllm:num_requests_waiting_by_reason"]
+    assert sorted(m.labels["reason"] for m in by_reason) == ["capacity", "deferred"]  # the whole engine's
+    assert all("engine" not in m.labels for m in by_reason)
+    (aborts,) = [m for m in metrics if m.name == "vllm:request_success" and m.labels["finished_reason"] == "abort"]
+    assert aborts.value == 1

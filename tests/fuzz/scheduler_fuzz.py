@@ -44,6 +44,7 @@ def check_invariants(s: Scheduler, budget: int, out=None) -> None:
     assert not set(ids_running) & set(ids_waiting)
     assert len(set(ids_running)) == len(ids_running) and len(set(ids_waiting)) == len(ids_waiting)
     assert set(ids_running) | set(ids_waiting) == set(s.requests)
+    assert s.deferred <= set(ids_waiting), "a request counted deferred is not waiting"
     assert len(s.running) <= s.config.max_num_seqs
     if s.config.policy == "priority":  # served, and preempted from the back, in priority order
         keys = [priority_key(r) for r in s.running]

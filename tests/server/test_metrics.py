@@ -83,6 +83,7 @@ def test_metrics_parse_with_every_name_labelled(metrics_server):
     names = {f.name for f in page.families}
     # The parser names counter families without their _total suffix.
     expected = {"tessellm:num_requests_running", "tessellm:num_requests_waiting",
+                "tessellm:num_requests_waiting_by_reason",
                 "tessellm:kv_cache_usage_perc", "tessellm:prefix_cache_queries",
                 "tessellm:prefix_cache_hits", "tessellm:prompt_tokens", "tessellm:generation_tokens",
                 "tessellm:num_preemptions", "tessellm:request_success",
