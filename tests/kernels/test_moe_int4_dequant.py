@@ -23,7 +23,7 @@ from tessellm.backends.reference.moe import (dequantize_int4, fused_experts_refe
 from tessellm.kernels.moe import fused_moe_triton  # noqa: E402
 from tessellm.kernels.moe import int4_dequant as dq  # noqa: E402
 from tessellm.kernels.moe import int4_tc_moe as tm  # noqa: E402
-from tests.kernels.test_moe_int4_tc import _experts  # noqa: E402 (the experts' quantized layout)
+from tests.quantization.int4_checkpoint import random_int4_experts as _experts  # noqa: E402
 from tests.kernels.offline_compile import run_compile_script  # noqa: E402
 
 fm = importlib.import_module("tessellm.kernels.moe.fused_moe")  # (the package's name is the op)
