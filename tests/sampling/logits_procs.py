@@ -90,39 +90,44 @@ class AlternatingPerReqProcessor(AdapterLogitsProcessor):
         return alternate
 
 
-class RaisingProcessor(LogitsProcessor):
-    """Raises in apply while a request with extra_args {"boom": true} is in the batch."""
+class _FlaggedRows(LogitsProcessor):
+    """The rows whose request's extra_args carry ``FLAG`` true (``self.rows``)."""
+
+    FLAG = ""
+    ARGMAX_INVARIANT = False
 
     def __init__(self, vllm_config, device, is_pin_memory):
-        self.boom: dict[int, bool] = {}
+        self.rows: dict[int, bool] = {}
 
     def is_argmax_invariant(self) -> bool:
-        return False
+        return self.ARGMAX_INVARIANT
 
     def update_state(self, batch_update) -> None:
-        process_dict_updates(self.boom, batch_update,
-                             lambda params, _, __: True if (params.extra_args or {}).get("boom") else None)
+        process_dict_updates(self.rows, batch_update,
+                             lambda params, _, __: True if (params.extra_args or {}).get(self.FLAG) else None)
+
+
+class RaisingProcessor(_FlaggedRows):
+    """Raises in apply while a request with extra_args {"boom": true} is in the batch."""
+
+    FLAG = "boom"
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.boom:
+        if self.rows:
             raise RuntimeError("boom")
         return logits
 
 
-class TopTwoProcessor(LogitsProcessor):
+class TopTwoProcessor(_FlaggedRows):
     """Argmax-invariant: a request with extra_args {"top_two": true} samples among its two most
     likely tokens only (after temperature, as vLLM applies such processors)."""
 
+    FLAG = "top_two"
+    ARGMAX_INVARIANT = True
+
     def __init__(self, vllm_config, device, is_pin_memory):
-        self.rows: dict[int, bool] = {}
+        super().__init__(vllm_config, device, is_pin_memory)
         self.applied = 0
-
-    def is_argmax_invariant(self) -> bool:
-        return True
-
-    def update_state(self, batch_update) -> None:
-        process_dict_updates(self.rows, batch_update,
-                             lambda params, _, __: True if (params.extra_args or {}).get("top_two") else None)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         self.applied += 1
@@ -132,19 +137,11 @@ class TopTwoProcessor(LogitsProcessor):
         return logits
 
 
-class NoneReturningProcessor(LogitsProcessor):
+class NoneReturningProcessor(_FlaggedRows):
     """A buggy processor: ``apply`` forgets to return the logits while a request with
     extra_args {"forget": true} is in the batch."""
 
-    def __init__(self, vllm_config, device, is_pin_memory):
-        self.rows: dict[int, bool] = {}
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update) -> None:
-        process_dict_updates(self.rows, batch_update,
-                             lambda params, _, __: True if (params.extra_args or {}).get("forget") else None)
+    FLAG = "forget"
 
     def apply(self, logits: torch.Tensor) -> Optional[torch.Tensor]:
         if self.rows:
