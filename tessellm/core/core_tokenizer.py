@@ -1,7 +1,8 @@
 """``set_tokenizer`` across processes: the engine cores compile grammars against a tokenizer the
 front end names.
 
-A data-parallel front end (``DPLLMEngine``) holds its tokenizer in its own process, and only
+A front end whose cores run in other processes (``DPLLMEngine``; ``AsyncLLM``, the server's)
+holds its tokenizer in its own process, and only
 msgpack crosses to the cores, so a tokenizer object cannot. What can cross is its name (a
 directory or a Hugging Face name: ``tokenizer.name_or_path``)::
 
@@ -33,6 +34,70 @@ def vocabulary_digest(tokenizer) -> Optional[str]:
         return None
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_fits(tokenizer, vocab_size: int) -> None:
+    """``set_tokenizer``'s check: the tokenizer's ids must be the model's."""
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if size is not None and size > vocab_size:
+        raise ValueError(f"set_tokenizer: the tokenizer has {size} tokens, over the model's vocabulary "
+                         f"of {vocab_size}; give the model's tokenizer (or one with its ids).")
+
+
+def use_front_tokenizer(front, tokenizer) -> None:
+    """A front end (``tokenizer``, ``inputs``, ``outputs``, ``info``) tokenizes and detokenizes
+    requests added from now on with ``tokenizer``; a vision model's chat template is adopted by
+    it as by the model's own. Grammars are the caller's (``CoreTokenizer`` across processes)."""
+    check_fits(tokenizer, front.info.vocab_size)
+    front.tokenizer = front.inputs.tokenizer = front.outputs.tokenizer = tokenizer
+    if front.info.mm_limits:
+        from tessellm.multimodal.processor import adopt_chat_template
+
+        adopt_chat_template(tokenizer, front.info)
+
+
+class CoreTokenizer:
+    """What the cores (other processes) compile grammars against, as the front end knows it.
+
+    ``ask(tokenizer)``: the ``set_tokenizer`` call's arguments for the cores, or None when there
+    is nothing to ask (they hold its vocabulary already, or it has no name to load it by);
+    the front end sends the call to every core and gives their answers to ``settle``, which
+    returns the refusal for constrained requests (None: they may go)."""
+
+    def __init__(self, tokenizer, hint: str = ""):
+        self.held = tokenizer  # None when a core may hold another vocabulary than any we know
+        self.hint = hint  # the refusal's last words: another way out on this kind of engine
+
+    def ask(self, tokenizer) -> Optional[list]:
+        from tessellm.structured_output.compiler import same_vocabulary
+
+        if self.held is not None and same_vocabulary(self.held, tokenizer):
+            return None
+        name, digest = tokenizer_name(tokenizer), vocabulary_digest(tokenizer)
+        return [name] if name is not None and digest is not None else None
+
+    def settle(self, tokenizer, answers: Optional[list[dict]], core_names: list[str]) -> Optional[str]:
+        """``answers``: each core's to ``ask``'s call, in core order (None: not asked)."""
+        from tessellm.structured_output.compiler import same_vocabulary
+
+        if answers is None:
+            if self.held is not None and same_vocabulary(self.held, tokenizer):
+                return None
+            return self._refusal("it has no name (name_or_path) to load it by: save it (save_pretrained(DIR)) "
+                                 "and set AutoTokenizer.from_pretrained(DIR)")
+        if any("result" in a for a in answers):
+            self.held = None  # the cores hold what they loaded, maybe not ``tokenizer``
+        errors = [f"{name}: {a['error']}" for name, a in zip(core_names, answers) if "error" in a]
+        if not errors and all(a["result"] == vocabulary_digest(tokenizer) for a in answers):
+            self.held = tokenizer
+            return None
+        return self._refusal(errors[0] if errors else
+                             f"{tokenizer_name(tokenizer)!r} loads another vocabulary than the tokenizer given")
+
+    def _refusal(self, why: str) -> str:
+        return ("structured_outputs: set_tokenizer gave a tokenizer whose vocabulary differs from the "
+                f"engine cores', and the cores (other processes) load it by name: {why}. Set one loadable "
+                f"by name, or set the model's tokenizer again{self.hint}.")
 
 
 def set_core_tokenizer(core, name: str) -> dict:

@@ -27,7 +27,7 @@ import zmq
 
 from tessellm.config import EngineArgs
 from tessellm.core.core_group import EngineCoreGroup, core_refusal, load_front_tokenizer
-from tessellm.core.core_tokenizer import tokenizer_name, vocabulary_digest
+from tessellm.core.core_tokenizer import CoreTokenizer
 from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
 from tessellm.core.engine_surface import EngineSurface, engine_metrics
 from tessellm.core.input_processor import InputProcessor, PromptType
@@ -55,7 +55,9 @@ class DPLLMEngine(EngineSurface):
             self.cores.close()
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
-        self._core_tokenizer = self.tokenizer  # the one the cores compile grammars against
+        # what the cores compile grammars against
+        self._core_tokenizer = CoreTokenizer(self.tokenizer, ", or use LLM(data_parallel_size=1), where "
+                                             "grammars follow any set_tokenizer")
         self.outputs = OutputProcessor(self.tokenizer, final_only)
         # get_metrics() (engine_surface.py), with each core's engine="i" gauges
         self.metrics = engine_metrics(args, self.info, log_stats, num_engines=self.cores.size)
@@ -83,29 +85,11 @@ class DPLLMEngine(EngineSurface):
         another vocabulary reaches them by name, each core loading it and answering with its
         vocabulary's digest. Where it has no name, or a core cannot load it or loads another
         vocabulary, constrained requests are refused at the edge until a tokenizer the cores
-        hold is set again."""
-        from tessellm.structured_output.compiler import same_vocabulary
-
-        if self._core_tokenizer is not None and same_vocabulary(self._core_tokenizer, tokenizer):
-            self.inputs.structured_refusal = None
-            return
-        name, digest = tokenizer_name(tokenizer), vocabulary_digest(tokenizer)
-        why = ("it has no name (name_or_path) to load it by: save it (save_pretrained(DIR)) and set "
-               "AutoTokenizer.from_pretrained(DIR)")
-        if name is not None and digest is not None:
-            answers = self._call_cores("set_tokenizer", [name])
-            if any("result" in a for a in answers):
-                self._core_tokenizer = None  # the cores hold what they loaded, maybe not ``tokenizer``
-            errors = [f"{self.cores.name(i)}: {a['error']}" for i, a in enumerate(answers) if "error" in a]
-            if not errors and all(a["result"] == digest for a in answers):
-                self._core_tokenizer, self.inputs.structured_refusal = tokenizer, None
-                return
-            why = errors[0] if errors else f"{name!r} loads another vocabulary than the tokenizer given"
-        self.inputs.structured_refusal = (
-            "structured_outputs: set_tokenizer gave a tokenizer whose vocabulary differs from the "
-            "engine cores', and with data_parallel_size > 1 the cores (other processes) load it by "
-            f"name: {why}. Set one loadable by name, set the model's tokenizer again, or use "
-            "LLM(data_parallel_size=1), where grammars follow any set_tokenizer.")
+        hold is set again (``CoreTokenizer``)."""
+        call = self._core_tokenizer.ask(tokenizer)
+        answers = self._call_cores("set_tokenizer", call) if call is not None else None
+        names = [self.cores.name(i) for i in range(self.cores.size)]
+        self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, names)
 
     def _call_cores(self, method: str, args: list) -> list[dict]:
         """Every core's answer to ``method`` (engine_process ``_call``), in core order; one that

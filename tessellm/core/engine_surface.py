@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Union
 import torch
 from prometheus_client import CollectorRegistry
 
+from tessellm.core.core_tokenizer import use_front_tokenizer
 from tessellm.metrics.names import engine_metrics_options
 from tessellm.metrics.prometheus import EngineMetrics
 from tessellm.metrics.reader import Metric, read_metrics
@@ -102,16 +103,8 @@ class EngineSurface:
         (a Hugging Face tokenizer; its ids must be the model's), a vision model's chat template
         is adopted by it as by the model's own, and structured outputs' grammars are compiled
         against its vocabulary (``_set_grammar_tokenizer``)."""
-        size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
-        if size is not None and size > self.info.vocab_size:
-            raise ValueError(f"set_tokenizer: the tokenizer has {size} tokens, over the model's vocabulary "
-                             f"of {self.info.vocab_size}; give the model's tokenizer (or one with its ids).")
-        self.tokenizer = self.inputs.tokenizer = self.outputs.tokenizer = tokenizer
+        use_front_tokenizer(self, tokenizer)
         self._set_grammar_tokenizer(tokenizer)
-        if self.info.mm_limits:
-            from tessellm.multimodal.processor import adopt_chat_template
-
-            adopt_chat_template(tokenizer, self.info)
 
     def _set_grammar_tokenizer(self, tokenizer) -> None:
         """Constrained requests added from now on follow ``tokenizer``'s vocabulary."""

@@ -110,7 +110,8 @@ class OutputProcessor:
             if s.finish_reason is None:
                 s.finish_reason = "abort"
                 if stats is not None:
-                    stats.observe_finished(s.times, "abort", state.params.max_tokens, s.num_cached_tokens)
+                    stats.observe_finished(s.times, "abort", state.params.max_tokens, s.num_cached_tokens,
+                                           by_client=True)
         return self._finish(state)
 
     def process(self, outputs: list[EngineCoreOutput], stats: Optional[IterationStats] = None,
@@ -146,7 +147,7 @@ class OutputProcessor:
         results = []
         for state in touched.values():
             if state.finished:
-                if stats is not None and all(s.finish_reason != "abort" for s in state.samples):
+                if stats is not None:  # every sample finished in the core (an abort there too, as vLLM)
                     stats.observe_request_finished(len(state.samples),
                                                    [s.times.num_generation_tokens for s in state.samples])
                 results.append(self._finish(state))

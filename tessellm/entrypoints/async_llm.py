@@ -45,6 +45,7 @@ import zmq.asyncio
 from tessellm.config import EngineArgs
 from tessellm.core.core_group import EngineCoreGroup, core_refusal as _core_refusal
 from tessellm.core.core_group import load_front_tokenizer as _load_tokenizer
+from tessellm.core.core_tokenizer import CoreTokenizer, use_front_tokenizer
 from tessellm.core.engine_process import EngineDeadError, decode_output, unpack
 from tessellm.core.input_processor import InputProcessor, ProcessedPrompt, PromptType
 from tessellm.core.output_processor import OutputProcessor
@@ -59,6 +60,7 @@ from tessellm.pooling.front import check_generates
 logger = logging.getLogger(__name__)
 
 _POLL_MS = 500  # the output handler checks the core is alive after this much silence
+_SET_TOKENIZER_TIMEOUT_S = 120.0  # each core loads the tokenizer from disk
 _CANCEL_WAIT_S = 10  # shutdown() from another thread waits this long for the handlers to end
 
 
@@ -152,6 +154,7 @@ class AsyncLLM:
             raise
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
+        self._core_tokenizer = CoreTokenizer(self.tokenizer)  # what the cores compile grammars against
         self.streams: dict[str, RequestStream] = {}
         self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
@@ -216,6 +219,26 @@ class AsyncLLM:
             raise ContextLengthError(f"{what} is {num_chars} characters, at least {least} tokens for this "
                                      f"model (no token is longer than {per_token} characters), over its "
                                      f"maximum context length of {self.info.max_model_len} tokens; shorten it.")
+
+    async def set_tokenizer(self, tokenizer) -> None:
+        """``LLM.set_tokenizer``'s semantics: requests added from now on are tokenized and
+        detokenized with ``tokenizer`` (its ids must be the model's: ValueError otherwise), a
+        vision model's chat template is adopted by it, and structured outputs' grammars follow
+        its vocabulary. The cores (other processes) load it by name and answer its vocabulary's
+        digest; where it has no name, or a core cannot load it or loads another vocabulary,
+        constrained requests are refused at the edge, naming why, until a tokenizer the cores
+        hold is set again (``tessellm.core.core_tokenizer``). Requests in flight keep theirs."""
+        use_front_tokenizer(self, tokenizer)
+        self._max_token_chars = None  # check_text_fits: the new vocabulary's longest token
+        call, answers = self._core_tokenizer.ask(tokenizer), None
+        if call is not None:
+            try:
+                answers = await self.call_all("set_tokenizer", _SET_TOKENIZER_TIMEOUT_S, call)
+            except asyncio.TimeoutError:
+                late = {"error": f"no answer to 'set_tokenizer' within {_SET_TOKENIZER_TIMEOUT_S:.0f}s"}
+                answers = [late] * self.cores.size
+        names = [self.cores.name(i) for i in range(self.cores.size)]
+        self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, names)
 
     def max_token_chars(self) -> int:
         """An upper bound of characters per token: the longest vocabulary entry, x4 for

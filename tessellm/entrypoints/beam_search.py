@@ -11,6 +11,11 @@ candidates, and ``completed`` every sequence that ended with EOS::
               |        '--> completed (EOS, unless ignore_eos)
               '--> the best w non-EOS candidates by cum_logprob are the next beams
 
+A step request the engine failed (vLLM's finish reason "error", e.g. a custom logits processor
+raised) ends its prompt's search: the result is one sequence, the prompt alone, with
+finish_reason "error" and the engine's reason as stop_reason (vLLM's server beam search answers
+the same: one output, no tokens, "error"); the other prompts' searches go on.
+
 After ``max_tokens`` steps (or when no beam is left) the result is the best ``beam_width`` of
 ``completed`` + ``beams`` by ``cum_logprob / length ** length_penalty``, where length counts
 the prompt and the generated tokens but not a final EOS (vLLM's score).
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Collection, Generator, Optional
+from typing import Collection, Generator, Optional, Union
 
 from tessellm.core.outputs import Logprob
 from tessellm.core.sampling_params import SamplingParams
@@ -64,8 +69,8 @@ class BeamSearchSequence:
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per generated token
     cum_logprob: float = 0.0
     text: Optional[str] = None  # filled when returned
-    finish_reason: Optional[str] = None  # "stop" (EOS) or None (still running / length)
-    stop_reason: Optional[int] = None  # the EOS id that ended it
+    finish_reason: Optional[str] = None  # "stop" (EOS), "error" (the engine failed a step) or None
+    stop_reason: Optional[Union[int, str]] = None  # the EOS id that ended it; "error": why
 
 
 @dataclass
@@ -87,14 +92,22 @@ class BeamSearch:
         self.steps_left = min(params.max_tokens, max_model_len - self.prompt_len)
         self.beams = [BeamSearchSequence(list(prompt_token_ids))]
         self.completed: list[BeamSearchSequence] = []
+        self.failed: Optional[BeamSearchSequence] = None  # the engine failed one of its steps
         self.cache_salt: Optional[str] = None  # the prompt's (vLLM's cache_salt), for every step
 
     def live(self) -> list[list[int]]:
         """The token lists to extend this step (none when done)."""
         return [b.tokens for b in self.beams] if self.steps_left > 0 else []
 
-    def advance(self, entries: list[Optional[dict[int, Logprob]]]) -> None:
-        """Each live beam's next-token logprobs (None: its request ended without them)."""
+    def advance(self, entries: list[Union[None, dict[int, Logprob], "StepFailed"]]) -> None:
+        """Each live beam's next-token logprobs (None: its request ended without them;
+        ``StepFailed``: the engine failed it, which ends the search)."""
+        failure = next((e for e in entries if isinstance(e, StepFailed)), None)
+        if failure is not None:
+            prompt = self.beams[0].tokens[:self.prompt_len]
+            self.failed = BeamSearchSequence(prompt, finish_reason="error", stop_reason=failure.reason)
+            self.beams, self.steps_left = [], 0
+            return
         width, keep_eos = self.params.beam_width, self.params.include_stop_str_in_output
         candidates = []
         for beam, entry in zip(self.beams, entries):
@@ -118,7 +131,10 @@ class BeamSearch:
         return seq.cum_logprob / (length ** self.params.length_penalty)
 
     def best(self) -> list[BeamSearchSequence]:
-        """The best ``beam_width`` finished or surviving sequences, best first."""
+        """The best ``beam_width`` finished or surviving sequences, best first (a failed
+        search: its one "error" sequence)."""
+        if self.failed is not None:
+            return [self.failed]
         ranked = sorted(self.completed + self.beams, key=self.score, reverse=True)
         return ranked[:self.params.beam_width]
 
@@ -132,7 +148,7 @@ def step_params(params: BeamSearchParams, vocab_size: int) -> SamplingParams:
 Step = list[tuple[BeamSearch, list[int]]]
 
 
-def drive(searches: list[BeamSearch]) -> Generator[Step, list[Optional[dict[int, Logprob]]], None]:
+def drive(searches: list[BeamSearch]) -> Generator[Step, list, None]:
     """Runs the searches step by step: yields every live beam (its search and tokens: one
     engine request each) and takes back their next-token logprobs in that order; returns when
     all are done."""
@@ -148,8 +164,18 @@ def drive(searches: list[BeamSearch]) -> Generator[Step, list[Optional[dict[int,
             at += len(beams)
 
 
-def step_logprobs(out) -> Optional[dict[int, Logprob]]:
-    """A step request's RequestOutput -> its one token's logprobs (None if it has none)."""
+@dataclass
+class StepFailed:
+    """A step request the engine failed (finish reason "error"); ``reason``: its stop_reason."""
+
+    reason: Optional[str]
+
+
+def step_logprobs(out) -> Union[None, dict[int, Logprob], StepFailed]:
+    """A step request's RequestOutput -> its one token's logprobs (None if it has none;
+    ``StepFailed`` if the engine failed it)."""
+    if out.outputs and out.outputs[0].finish_reason == "error":
+        return StepFailed(out.outputs[0].stop_reason)
     logprobs = out.outputs[0].logprobs if out.outputs else None
     return logprobs[0] if logprobs else None
 
@@ -184,7 +210,8 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
     for search in searches:
         best = search.best()
         for seq in best:
-            seq.text = tokenizer.decode(seq.tokens) if tokenizer is not None else None
+            text = tokenizer.decode(seq.tokens) if tokenizer is not None else None
+            seq.text = "" if seq.finish_reason == "error" else text
         results.append(BeamSearchOutput(best))
     return results
 

@@ -138,7 +138,7 @@ class RequestMetrics:
 
     def _observe_finished(self, fin: FinishedRequest) -> None:
         self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()
-        if fin.finish_reason == "abort":  # the client left: its latency says nothing of the engine
+        if fin.by_client:  # the client left: its latency says nothing of the engine (vLLM: not observed)
             return
         self.e2e.observe(fin.e2e_latency)
         if fin.queue_time is not None:

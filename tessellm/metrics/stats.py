@@ -146,6 +146,9 @@ class FinishedRequest:
     mean_time_per_output_token: Optional[float] = None
     max_tokens_param: Optional[int] = None  # its SamplingParams.max_tokens (None: up to the context)
     num_cached_tokens: int = 0  # prompt tokens it did not compute (prefix cache, KV connector)
+    # The client aborted it in the front end (went away, ``abort_request``): counted in
+    # request_success{abort} only. An abort the core reports (it refused the request) is False.
+    by_client: bool = False
 
 
 def _phase_times(times: "RequestStateStats") -> dict:
@@ -241,17 +244,20 @@ class IterationStats:
         times.last_token_time = self.now
 
     def observe_finished(self, times: RequestTimes, finish_reason: str,
-                         max_tokens: Optional[int] = None, num_cached_tokens: int = 0) -> None:
+                         max_tokens: Optional[int] = None, num_cached_tokens: int = 0,
+                         by_client: bool = False) -> None:
         queue_time = None
         if times.first_scheduled_time is not None:
             queue_time = max(0.0, times.first_scheduled_time - times.arrival_time)
         self.finished.append(FinishedRequest(finish_reason, self.now - times.arrival_time, queue_time,
                                              times.num_prompt_tokens, times.num_generation_tokens,
                                              max_tokens_param=max_tokens,
-                                             num_cached_tokens=num_cached_tokens, **_phase_times(times)))
+                                             num_cached_tokens=num_cached_tokens, by_client=by_client,
+                                             **_phase_times(times)))
 
     def observe_request_finished(self, n: int, num_generation_tokens: list[int]) -> None:
-        """A request's last sample finished (none aborted): ``n`` and its samples' output counts."""
+        """A request's last sample finished (through the core: not aborted by the client):
+        ``n`` and its samples' output counts."""
         self.n_params.append(n)
         self.max_num_generation_tokens.append(max(num_generation_tokens, default=0))
 

@@ -133,3 +133,41 @@ def test_prefill_kv_computed_is_each_samples_own():
     proc.process([EngineCoreOutput("r-1", [2], "length", num_cached_tokens=4),
                   EngineCoreOutput("r-0", [2], "length", num_cached_tokens=0)], stats, core_timestamp=4.0)
     assert sorted(f.num_cached_tokens for f in stats.finished) == [0, 4]
+
+
+def test_aborts_are_observed_as_vllm_observes_them():
+    """vLLM observes a request the core ended as aborted (here: refused a request already
+    queued) in every request-level histogram, as any finished request, and nothing of one the
+    client aborted in the front end (vLLM issue #55634). tessellm does the same, but for
+    counting the client's aborts in ``request_success_total{finished_reason="abort"}``."""
+    from prometheus_client import CollectorRegistry
+
+    from tessellm.core.engine_output import EngineCoreOutput
+    from tessellm.core.output_processor import OutputProcessor
+    from tessellm.metrics.prometheus import EngineMetrics
+    from tessellm.metrics.reader import Counter, read_metrics
+    from tessellm.metrics.stats import IterationStats
+
+    proc, metrics = OutputProcessor(tokenizer=None), EngineMetrics("m", CollectorRegistry(), max_model_len=64)
+    params = SamplingParams(max_tokens=4)
+    proc.add_request("core", None, [1, 2, 3], params, ["core-0"])
+    proc.add_request("client", None, [1, 2], params, ["client-0"])
+    stats = IterationStats()
+    proc.process([EngineCoreOutput("core-0", [], "abort", "its adapter failed to load", queued_ts=1.0),
+                  EngineCoreOutput("client-0", [7], queued_ts=1.0, scheduled_ts=2.0)], stats, core_timestamp=3.0)
+    proc.abort("client", stats)
+    assert [(f.finish_reason, f.by_client) for f in stats.finished] == [("abort", False), ("abort", True)]
+    metrics.observe_outputs(stats)
+
+    read = read_metrics(metrics.view)
+    seen = {m.name: m for m in read}
+    success = [m for m in read if isinstance(m, Counter)
+               and m.name == "tessellm:request_success" and m.labels.get("finished_reason") == "abort"]
+    assert [m.value for m in success] == [2]  # both counted
+    # the core's abort alone in the request-level histograms: its prompt, its 0 tokens, n = 1
+    assert seen["tessellm:e2e_request_latency_seconds"].count == 1
+    assert seen["tessellm:request_prompt_tokens"].sum == 3
+    assert seen["tessellm:request_generation_tokens"].count == 1
+    assert seen["tessellm:request_params_max_tokens"].sum == 4
+    assert seen["tessellm:request_params_n"].count == 1
+    assert seen["tessellm:request_prefill_time_seconds"].count == 0  # never scheduled: no phases

@@ -176,3 +176,23 @@ def test_text_and_stop_at_eos_with_a_tokenizer(tokenized_model):
 def test_bad_params(kw, message):
     with pytest.raises(ValueError, match=message):
         BeamSearchParams(**kw)
+
+
+def test_a_failed_step_ends_its_search_with_error(tiny):
+    """The engine fails a step's requests (a custom logits processor raised): each prompt's
+    search ends with one sequence, the prompt alone, finish_reason "error" and the cause as
+    stop_reason (vLLM's server beam search answers the same); the next search is served."""
+    from tests.sampling.failing_procs import POISON_TEMPERATURE
+
+    procs = ["tests.sampling.failing_procs:PoisonedTemperatureProcessor"]
+    with LLM(tiny, **ENGINE, logits_processors=procs) as llm:
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS],
+                               BeamSearchParams(beam_width=2, max_tokens=4, temperature=POISON_TEMPERATURE))
+        for prompt, out in zip(PROMPTS, outs):
+            (seq,) = out.sequences
+            assert (seq.tokens, seq.finish_reason, seq.text) == (prompt, "error", "")
+            assert "RuntimeError: poisoned temperature" in seq.stop_reason, seq.stop_reason
+        served = llm.beam_search([{"prompt_token_ids": PROMPTS[0]}],
+                                 BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True))[0]
+        assert [len(s.tokens) for s in served.sequences] == [len(PROMPTS[0]) + 4] * 2
+        assert all(s.finish_reason is None for s in served.sequences)

@@ -116,3 +116,61 @@ def test_data_parallel_cores_load_a_tokenizer_by_name(tiny_llm_args, tmp_path):
         llm.set_tokenizer(own)  # by name too: the model's directory
         out = llm.generate(["the cat sat"], _constrained(), use_tqdm=False)[0].outputs[0]
         assert re.fullmatch(REGEX, out.text) and own.decode(out.token_ids, skip_special_tokens=True) == out.text
+
+
+async def _async_scenario(args: dict, named, unnamed):
+    """AsyncLLM (the server's engine, its core in another process) through set_tokenizer: a
+    tokenizer loaded by name; one with no name; the model's again."""
+    from tessellm.config import EngineArgs
+    from tessellm.entrypoints.async_llm import AsyncLLM
+
+    engine = AsyncLLM(EngineArgs(**args))
+    seen = {}
+
+    async def run(tag: str, params: SamplingParams):
+        async for out in engine.generate("the cat sat", params, request_id=tag):
+            seen[tag] = out
+        return seen[tag]
+
+    try:
+        engine.start()
+        own = engine.tokenizer
+        with pytest.raises(ValueError, match="over the model's vocabulary"):
+            big = _other_vocabulary()
+            big.add_tokens([f"<extra{i}>" for i in range(engine.info.vocab_size)])
+            await engine.set_tokenizer(big)
+        assert engine.tokenizer is own  # refused: nothing changed
+
+        await engine.set_tokenizer(named)
+        out = await run("named", _constrained())
+        assert out.prompt_token_ids == named.encode("the cat sat")  # tokenized with it
+        text = out.outputs[0].text
+        assert re.fullmatch(REGEX, text) and named.decode(out.outputs[0].token_ids, skip_special_tokens=True) == text
+
+        await engine.set_tokenizer(unnamed)
+        with pytest.raises(ValueError, match="it has no name"):
+            await run("unnamed", _constrained())
+        plain = await run("plain", SamplingParams(max_tokens=2, temperature=0.0))
+        assert len(plain.outputs[0].token_ids) == 2
+
+        await engine.set_tokenizer(own)
+        out = await run("own", _constrained())
+        assert re.fullmatch(REGEX, out.outputs[0].text) and out.prompt_token_ids == own.encode("the cat sat")
+    finally:
+        await engine.shutdown()
+
+
+def test_async_llm_set_tokenizer(tiny_llm_args, tmp_path):
+    """``AsyncLLM.set_tokenizer``, with LLM's semantics: later prompts are tokenized and outputs
+    detokenized with it; its ids must fit the model; grammars follow its vocabulary in the core
+    process (loaded there by name), and a tokenizer the core cannot load by name keeps
+    constrained requests refused, naming why, while plain ones are served."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    _other_vocabulary().save_pretrained(tmp_path / "other")
+    named = AutoTokenizer.from_pretrained(tmp_path / "other")
+    unnamed = _other_vocabulary()  # built in memory: no name_or_path
+    unnamed.add_tokens(["<added-in-memory>"])  # not the vocabulary the core holds
+    asyncio.run(_async_scenario(tiny_llm_args, named, unnamed))

@@ -1,4 +1,11 @@
-"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors in the OpenAI shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+The type follows the status: a 4xx is OpenAI's ``invalid_request_error``; a 500 (the server
+failed: an exception in handling, or a request the engine failed, finish reason "error") is
+vLLM's ``InternalServerError`` with code 500, whatever raised it, so a client tells every
+internal failure by one object; another 5xx (502, 503: the engine or a replica unreachable,
+asleep, shutting down) is ``server_error`` with a code naming why where there is one.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,13 @@ from pydantic import ValidationError
 from tessellm.core.scheduler_config import ContextLengthError
 from tessellm.entrypoints.openai.protocol_responses import ErrorInfo, ErrorResponse
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_INTERNAL = 500  # vLLM's object for it: type "InternalServerError", code 500
+
+
+def _type(status: int) -> str:
+    if status == _INTERNAL:
+        return "InternalServerError"
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 class OpenAIError(Exception):
@@ -24,8 +36,8 @@ class OpenAIError(Exception):
         self.message = message
         self.status = status
         self.param = param
-        self.code = code
-        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.code = code if code is not None or status != _INTERNAL else _INTERNAL
+        self.type = type or _type(status)
 
     def body(self) -> dict:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)

@@ -101,7 +101,7 @@ def raise_if_error(out) -> None:
         if co.finish_reason == "error":
             logger.error("Request %s failed with an internal error during generation: %s",
                          out.request_id, co.stop_reason)
-            raise OpenAIError("Internal server error", 500, None, 500, "InternalServerError")
+            raise OpenAIError("Internal server error", 500)
 
 
 @dataclass

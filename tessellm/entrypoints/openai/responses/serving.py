@@ -13,8 +13,10 @@ without it ``store`` is answered false and ``previous_response_id`` is a 400.
 
 A stream is server-sent events, ``event: <type>`` then ``data: <json>``, each with a
 ``sequence_number``: response.created, response.in_progress, the items' events (items.py),
-then response.completed (or response.incomplete). An error mid-stream is an ``error`` event,
-the last one. No ``[DONE]`` (OpenAI sends none here).
+then response.completed (or response.incomplete). An error mid-stream (a request the engine
+failed, finish reason "error", among them) is vLLM's ``error`` event, then OpenAI's
+``response.failed`` (status "failed", ``error`` {code, message}, the items so far) as the last.
+No ``[DONE]`` (OpenAI sends none here). Not streamed, a failed request is vLLM's HTTP 500.
 """
 
 from __future__ import annotations
@@ -126,6 +128,15 @@ class _Result:
             metadata=req.metadata or {}, store=self.store is not None,
             previous_response_id=req.previous_response_id)
 
+    def failed(self, builder: ItemBuilder, err: OpenAIError) -> ResponseObject:
+        """OpenAI's failed response: the items streamed so far, ``error`` {code, message}
+        with one of OpenAI's codes: ``server_error`` for a 5xx (a request the engine failed:
+        vLLM's "Internal server error"), ``invalid_prompt`` for a refusal of the request."""
+        response = self.response(builder, None, "failed")
+        response.error = {"code": "server_error" if err.status >= 500 else "invalid_prompt",
+                          "message": err.message}
+        return response
+
     def keep(self, response: ResponseObject) -> ResponseObject:
         """The finished response, stored when it is to be kept."""
         if self.store is not None:
@@ -173,9 +184,11 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
             yield sse(event)
         final = result.keep(result.response(builder, out))
         yield sse({"type": f"response.{final.status}", "response": final.model_dump()})
-    except Exception as exc:  # noqa: BLE001 - becomes the stream's last event
+    except Exception as exc:  # noqa: BLE001 - becomes the stream's last events
         err = engine_error(exc)
-        yield sse({"type": "error", "code": err.code, "message": err.message, "param": err.param})
+        code = str(err.code) if err.code is not None else None  # the event's code is a string
+        yield sse({"type": "error", "code": code, "message": err.message, "param": err.param})
+        yield sse({"type": "response.failed", "response": result.failed(builder, err).model_dump()})
     finally:
         sub.abort(engine)  # never awaits: safe while being cancelled
 

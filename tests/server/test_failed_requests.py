@@ -1,0 +1,85 @@
+"""A request the engine fails (vLLM's finish reason "error": here a custom logits processor
+raises while a request sampled at a poisoned temperature is in the step) at the routes whose
+requests carry no ``vllm_xargs``: /v1/responses and beam search (``use_beam_search``). Not
+streamed, the client gets vLLM's HTTP 500 error object; streamed, /v1/responses ends with vLLM's
+``error`` event then OpenAI's ``response.failed`` (status "failed" with an error), beam search
+with the error object then ``[DONE]``. The next request is served."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from pydantic import TypeAdapter
+
+from tests.sampling.failing_procs import POISON_TEMPERATURE
+from tests.server.conftest import MODEL
+
+INTERNAL_ERROR = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
+                            "code": 500}}
+ASK = {"model": MODEL, "input": "Name a fruit.", "max_output_tokens": 4}
+BEAM = {"model": MODEL, "use_beam_search": True, "n": 2, "max_tokens": 3}
+BEAM_ROUTES = [("/v1/completions", {"prompt": "Hi"}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})]
+
+
+@pytest.fixture(scope="module")
+def http(server_factory):
+    srv = server_factory(["--logits-processors", "tests.sampling.failing_procs:PoisonedTemperatureProcessor"])
+    with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
+        yield client
+
+
+def _served(http) -> None:
+    r = http.post("/v1/responses", json={**ASK, "temperature": 0})
+    assert r.status_code == 200 and r.json()["status"] in ("completed", "incomplete"), r.text
+
+
+def test_responses_failed_is_vllms_500(http):
+    r = http.post("/v1/responses", json={**ASK, "temperature": POISON_TEMPERATURE})
+    assert r.status_code == 500, r.text
+    assert r.json() == INTERNAL_ERROR
+    _served(http)
+
+
+def test_responses_failed_stream_ends_with_error_then_response_failed(http):
+    from openai.types.responses import ResponseStreamEvent
+
+    events, kinds = [], []
+    body = {**ASK, "temperature": POISON_TEMPERATURE, "stream": True}
+    with http.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line[7:])
+            elif line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert [e["type"] for e in events] == kinds
+    assert kinds == ["response.created", "response.in_progress", "error", "response.failed"], kinds
+    assert [e["sequence_number"] for e in events] == list(range(4))
+    parse = TypeAdapter(ResponseStreamEvent).validate_python
+    error, failed = parse(events[2]), parse(events[3])  # the SDK's own event models read them
+    assert (error.code, error.message) == ("500", "Internal server error")
+    assert failed.response.status == "failed" and failed.response.id == events[0]["response"]["id"]
+    assert (failed.response.error.code, failed.response.error.message) == ("server_error", "Internal server error")
+    _served(http)
+
+
+@pytest.mark.parametrize("path,body", BEAM_ROUTES)
+def test_beam_search_failed_is_vllms_500(http, path, body):
+    r = http.post(path, json={**BEAM, **body, "temperature": POISON_TEMPERATURE})
+    assert r.status_code == 500, r.text
+    assert r.json() == INTERNAL_ERROR
+    served = http.post(path, json={**BEAM, **body, "temperature": 0})
+    assert served.status_code == 200 and len(served.json()["choices"]) == 2, served.text
+
+
+def test_beam_search_failed_stream_ends_with_the_error_then_done(http):
+    body = {**BEAM, "prompt": "Hi", "temperature": POISON_TEMPERATURE, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]" and json.loads(data[-2]) == INTERNAL_ERROR
+    assert all("error" not in json.loads(d) for d in data[:-2])
+    _served(http)
