@@ -307,3 +307,76 @@ def test_the_producers_held_down_are_bounded():
         assert conn._address(1, "10.1.0.1:1") == "10.1.0.1:2"  # the oldest dropped: asked again
     finally:
         conn.shutdown()
+
+
+def test_a_routed_producer_that_dies_mid_transfer_is_a_recompute_and_leaves_nothing_open(
+        tiny_model_dir, caplog):
+    """xPyD with a producer dying: a consumer without kv_peer finds p's blocks at the producer
+    p's params name, then that producer's server stops (gone mid-transfer). p's load waits
+    ``timeout_s`` (0.5 s) for its reply and fails: p computes its prompt (a plain engine's
+    tokens), counted once as a load failure and as a fallback, and the reader's socket to the
+    gone producer is closed (its replies were due). q, routed there next, is computed too
+    (counted): its lookup, on the scheduler's side, times out once (each half holds the
+    producer down on its own failures: the workers run in other processes), and s after it is
+    not asked at all. In a consumer whose loads wait 2 s, r, aborted while its load waits for
+    the gone producer, keeps its blocks until that load's bound (a reader may still write
+    them) and no longer: then they are free, no routing state or socket is left behind, and
+    the engine shuts down in bound."""
+    from tests.core.test_kv_transfer_failures import _drive, _step_until_looked_up
+
+    model = tiny_model_dir("llama")
+    p, q, r, s_ = _prompts(4, seed=5)
+    want = _plain(model, [p, q, s_])
+    port = _free_port()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def routed_params(rparams) -> SamplingParams:
+        return params.clone(kv_transfer_params=rparams)
+
+    with _llm(model, _peer("kv_producer", kv_port=port)) as producer:
+        routed = {x: _greedy(producer, prompt, 1, PREFILL).kv_transfer_params
+                  for x, prompt in (("p", p), ("q", q), ("r", r), ("s", s_))}
+        conn = producer.engine.core.runner.kv_connector
+        consumer = _llm(model, _peer("kv_consumer", allowed_producers=["127.0.0.1"], timeout_s=0.5,
+                                     lookup_wait_ms=0, load_async=True))
+        waiting = _llm(model, _peer("kv_consumer", allowed_producers=["127.0.0.1"], timeout_s=2,
+                                    lookup_wait_ms=0, lookup_timeout_ms=20000, load_async=True))
+        try:
+            for llm, rid, prompt in ((consumer, "p", p), (waiting, "r", r)):
+                llm.engine.add_request(rid, {"prompt_token_ids": prompt}, routed_params(routed[rid]))
+                _step_until_looked_up(llm.engine, llm.engine.core.scheduler, rid)
+            conn._server.close()  # the producer is gone: nothing answers the loads' "get"
+            conn._server = None
+            engine, sched = consumer.engine, consumer.engine.core.scheduler
+            outs = _drive(engine, 20)
+            engine.add_request("q", {"prompt_token_ids": q}, routed_params(routed["q"]))
+            outs.update(_drive(engine, 20))
+            told = caplog.text.count(f"KV peer 127.0.0.1:{port} did not answer")
+            engine.add_request("s", {"prompt_token_ids": s_}, routed_params(routed["s"]))
+            outs.update(_drive(engine, 20))
+            assert caplog.text.count(f"KV peer 127.0.0.1:{port} did not answer") == told  # not asked
+            assert {k: list(o.outputs[0].token_ids) for k, o in outs.items()} == {
+                "p": want[0], "q": want[1], "s": want[2]}
+            assert [outs[k].num_cached_tokens for k in "pqs"] == [0, 0, 0]
+            stats = sched.stats().kv_connector
+            assert (stats["load_failures"], stats["remote_prefill_fallbacks"], stats["hits"]) == (1, 3, 0)
+            assert sched.kv.num_free_blocks == 32 and not sched.connector._routes
+            assert not consumer.engine.core.runner.kv_connector._zmq._open  # the reader's socket: closed
+
+            engine, sched = waiting.engine, waiting.engine.core.scheduler
+            for _ in range(3):
+                engine.step()
+            assert "r" in sched.kv_loading  # its "get" waits for the gone producer
+            engine.abort_request("r")
+            engine.step()
+            assert sched.kv.num_free_blocks < 32  # held while a reader may write them
+            _drive(engine, 20)  # the load's bound: timeout_s, then its failure
+            assert sched.kv.num_free_blocks == 32 and not sched.kv_loading
+            assert not sched.connector._routes and not sched.connector._lookups
+            assert not waiting.engine.core.runner.kv_connector._zmq._open
+            t0 = time.monotonic()
+            waiting.shutdown()
+            assert time.monotonic() - t0 < 5
+        finally:
+            consumer.shutdown()
+            waiting.shutdown()
