@@ -4,7 +4,8 @@ robin), then decoded on one of several decode engines, which fetches the prompt'
 from the prefill engine that computed them (``ZmqPeerConnector``, docs/kv_transfer.md).
 
     # two prefill engines (ZmqPeerConnector kv_producer, kv_port 14579 and 14589) on :8100
-    # and :8101, one decode engine (kv_consumer, no kv_peer needed) on :8200, then:
+    # and :8101, one decode engine (kv_consumer, no kv_peer needed; its allowed_producers
+    # lists the prefill engines' hosts, ["10.0.0.5", "10.0.0.6"]) on :8200, then:
     python examples/disagg_proxy.py --prefill http://10.0.0.5:8100 http://10.0.0.6:8101 \\
         --decode http://10.0.0.7:8200 --port 8000
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
@@ -19,6 +20,8 @@ Per request (``/v1/completions`` and ``/v1/chat/completions``):
 2. to the next decode engine: the original request (streamed if it asked) with those
    ``kv_transfer_params`` (a client's own are dropped: only a prefill engine names a producer): the decode engine loads the blocks from that prefill engine (or,
    if it is gone or evicted them, recomputes the prompt: same tokens) and answers the client.
+   A decode engine fetches only from the producers its ``allowed_producers`` lists (a prefill
+   engine it does not list: a 400 naming the setting, passed back to the client).
 
 The client's ``Authorization`` header is passed on to both engines. Needs ``fastapi``,
 ``httpx`` and ``uvicorn`` (tessellm's server dependencies).

@@ -96,6 +96,9 @@ class EngineInfo:
     devices: list = field(default_factory=list)
     # A KV connector is configured (--kv-transfer-config): requests may carry kv_transfer_params.
     kv_connector: bool = False
+    # The KV producers a request's kv_transfer_params may name (the connector's
+    # allowed_producers(): "host" or "host:port"); None: any, or a connector that does not route.
+    kv_producers: Optional[list] = None
     # --scheduling-policy: "fcfs" or "priority" (only then may a request's priority be non-zero).
     scheduling_policy: str = "fcfs"
 
@@ -217,6 +220,8 @@ class EngineCore(EngineSleep, EngineProfile):
                                                           if args.enable_prompt_embeds else 0),
                                devices=[str(w.get("device")) for w in self.executor.worker_info],
                                kv_connector=self.scheduler.connector is not None,
+                               kv_producers=(None if self.scheduler.connector is None
+                                             else self.scheduler.connector.allowed_producers()),
                                scheduling_policy=args.scheduling_policy)
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(

@@ -11,6 +11,7 @@ from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import check_prompt_fits
 from tessellm.core.scheduler_config import RequestParamError, prompt_tokens_to_keep
+from tessellm.kv_transfer.params import check_producer
 
 PromptType = Union[str, list[int], dict]
 
@@ -232,6 +233,10 @@ class InputProcessor:
         ``lora_request``: the adapter (``tessellm.lora.LoRARequest``), None for the base model;
         ``priority``: vLLM's (``check_priority``)."""
         check_priority(priority, self.info.scheduling_policy)
+        try:  # a KV producer this engine does not fetch from (docs/kv_transfer.md)
+            check_producer(getattr(params, "kv_transfer_params", None), self.info.kv_producers)
+        except ValueError as exc:
+            raise RequestParamError(str(exc), "kv_transfer_params") from None
         lora = None if lora_request is None else lora_request.to_dict()
         arrival = time.time() if arrival_time is None else arrival_time
         if params.bad_words:

@@ -160,23 +160,30 @@ def speed_factors(step_ms: list, enabled: Optional[bool] = None) -> list[float]:
 
 
 def load_score(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
-               num_samples: int = 1) -> int:
+               num_samples: int = 1, shared_tokens: int = 0) -> int:
     """The load policy's score (module docstring) of an engine with ``report`` as its latest
     figures and ``unreceived`` requests sent to it since, once a prompt of ``num_prompt_tokens``
     lands there. Shared with the Ray Serve router (entrypoints/ray_serve/prefix_router.py),
     whose requests may run ``num_samples`` sequences (n > 1; here each sample is a request of
     its own): each counts, and needs a slot; they share the prompt's full blocks, each with a
-    block of its own for its tail."""
-    return sum(load_score_parts(report, unreceived, num_prompt_tokens, block_size, num_samples))
+    block of its own for its tail. ``shared_tokens``: the prompt's leading tokens whose blocks
+    requests running there hold already (shared, not taken from the free blocks)."""
+    return sum(load_score_parts(report, unreceived, num_prompt_tokens, block_size, num_samples,
+                                shared_tokens))
 
 
 def load_score_parts(report: CoreLoad, unreceived: int, num_prompt_tokens: int, block_size: int,
-                     num_samples: int = 1) -> tuple[int, int]:
+                     num_samples: int = 1, shared_tokens: int = 0) -> tuple[int, int]:
     """``load_score`` as ``(ahead, own)``: the work ahead of the request there (``4 x queued +
-    running``) and its own term (1 a sample if it starts at once, else 4)."""
+    running``) and its own term (1 a sample if it starts at once, else 4)::
+
+        prompt:  |<- shared full blocks ->|<- its own full blocks ->|tail|
+                  held by running requests  taken from free_blocks   one a sample
+    """
     queued = report.waiting + max(0, unreceived) + report.prefill_steps
     bs = max(1, block_size)
-    blocks = -(-num_prompt_tokens // bs) + (num_samples - 1) * (1 if num_prompt_tokens % bs else 0)
+    blocks = (-(-num_prompt_tokens // bs) - min(max(0, shared_tokens), num_prompt_tokens) // bs
+              + (num_samples - 1) * (1 if num_prompt_tokens % bs else 0))
     at_once = (queued == 0 and (report.free_seqs is None or report.free_seqs >= num_samples)
                and (report.free_blocks is None or blocks <= report.free_blocks))
     return (_WAITING_WEIGHT * queued + report.running,

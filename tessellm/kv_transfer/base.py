@@ -265,6 +265,13 @@ class KVConnectorBase:
         processes."""
         return None
 
+    def allowed_producers(self) -> Optional[list]:
+        """The producers a request's ``kv_transfer_params`` may name (``"host"`` or
+        ``"host:port"`` entries: ``params.producer_allowed``), which the front end holds
+        requests to (``EngineInfo.kv_producers``: one 400 for another); None: any, or a
+        connector that fetches from no producer a request names."""
+        return None
+
     # -- worker half (each rank's process) -------------------------------------------------
 
     def register_kv_caches(self, caches: list, swap_blocks: Callable, synchronize: Callable,

@@ -78,6 +78,29 @@ def remote_producer(params: Optional[dict]) -> Optional[str]:
     return f"{host}:{port}"
 
 
+ANY_PRODUCER = "*"  # an allowed_producers entry: a request may name any producer
+
+
+def producer_allowed(where: str, allowed) -> bool:
+    """Whether a consumer may fetch from ``where`` (``"host:port"``, ``remote_producer``'s):
+    ``allowed`` None (any), or ``where`` or its host among the entries."""
+    return allowed is None or where in allowed or where.rpartition(":")[0] in allowed
+
+
+def check_producer(params: Optional[dict], allowed) -> None:
+    """One ValueError naming the fix, for a request whose params name a producer the consumer
+    does not fetch from (``allowed``: its ``allowed_producers`` and ``kv_peer``; None: any)."""
+    where = remote_producer(params)
+    if where is None or producer_allowed(where, allowed):
+        return
+    listed = ", ".join(sorted(allowed)) or "none"
+    raise ValueError(f"kv_transfer_params names the KV producer {where}, which this engine does "
+                     f"not fetch from (its producers: {listed}). List it in the consumer's "
+                     "--kv-transfer-config kv_connector_extra_config.allowed_producers (\"host\" "
+                     "or \"host:port\"; [\"*\"]: any producer a request names, only behind a "
+                     "trusted proxy), or send the request without do_remote_prefill.")
+
+
 def decode_params(engine_id: str, host: str, port: int, tp_size: int, num_tokens: int) -> dict:
     """What a producer hands back for a finished ``do_remote_decode`` request (the response's
     ``kv_transfer_params``; a proxy passes it to the consumer whole):

@@ -26,7 +26,8 @@ Routing (xPyD, vLLM's proxy flow; ``params.py``): a producer hands back, for a f
 its "where", which travels to the workers in the step's ``meta["sources"]``; a socket per
 thread and producer, kept: ``_SOCKETS_PER_THREAD`` at most), ``kv_peer`` (optional) being
 the default; ``allowed_producers`` (optional) limits whom requests may name. A producer that
-does not answer is a miss for its requests alone (``_down_until`` per address, ``_mark_down``).
+does not answer is a miss for its requests alone (``_down``, a bounded ``PeerBackoff`` per
+address; ``_mark_down``).
 
 Wire protocol ``tslkv-peer/2`` (multipart frames; the client is a DEALER): a request is
 ``[b"tslkv-peer/2", op, namespace, tag, key...]`` (``tag``: the client's number for it, echoed
@@ -63,7 +64,9 @@ from typing import Optional
 import numpy as np
 
 from tessellm.kv_transfer import shared_storage_format as fmt
-from tessellm.kv_transfer.params import decode_params, remote_decode, remote_producer
+from tessellm.kv_transfer.peer_backoff import PeerBackoff
+from tessellm.kv_transfer.params import (ANY_PRODUCER, decode_params, producer_allowed, remote_decode,
+                                         remote_producer)
 from tessellm.kv_transfer.shared_storage import _EXTRA_KEYS, SharedStorageConnector, _params
 
 logger = logging.getLogger(__name__)
@@ -590,10 +593,14 @@ class ZmqPeerConnector(SharedStorageConnector):
         if allowed is not None and (not isinstance(allowed, list) or not all(
                 isinstance(a, str) and a and not any(c.isspace() for c in a) for a in allowed)):
             raise ValueError("ZmqPeerConnector's allowed_producers is the producers a request's "
-                             "kv_transfer_params may name, a list of 'host' (any port) or "
-                             "'host:port' (its remote_host and remote_port), e.g. ['10.0.0.5', "
-                             f"'10.0.0.6:{_DEFAULT_PORT}']; leave it out to allow any; got {allowed!r}.")
-        self.allowed = None if allowed is None else frozenset(allowed)
+                             "kv_transfer_params may name besides kv_peer, a list of 'host' (any "
+                             "port) or 'host:port' (its remote_host and remote_port), e.g. "
+                             f"['10.0.0.5', '10.0.0.6:{_DEFAULT_PORT}'], or ['*'] for any (only "
+                             f"behind a trusted proxy); leave it out for kv_peer alone; got {allowed!r}.")
+        # Whom requests may name (docs/kv_transfer.md, "Whom a consumer asks"): None, any;
+        # else these entries and kv_peer (unset: kv_peer alone)
+        self.allowed = None if allowed is not None and ANY_PRODUCER in allowed else frozenset(
+            (allowed or []) + ([f"{self.peer[0]}:{self.peer[1]}"] if self.peer else []))
         self._refused: set = set()  # the producers told refused in the log (a few at most)
         self.engine_id = uuid.uuid4().hex  # handed back as remote_engine_id (messages only)
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
@@ -602,7 +609,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         self.load_timeout = self.timeout + 1.0
         self.store_ahead = ahead
         self._zmq = _Clients()  # this connector's sockets and ZeroMQ context
-        self._down_until: dict[str, float] = {}  # peer address -> until when it is not asked
+        self._down = PeerBackoff(self.store_down)  # producer ranks not asked for now (bounded)
         self._store: Optional[BlockStore] = None
         self._server: Optional[BlockServer] = None
         self._told_namespace = False
@@ -619,11 +626,16 @@ class ZmqPeerConnector(SharedStorageConnector):
         peer = _host_port(where) if where is not None else self.peer
         return None if peer is None else f"{peer[0]}:{peer[1] + rank}"
 
+    def allowed_producers(self) -> Optional[list]:
+        if not self.config.is_consumer or self.allowed is None:
+            return None
+        return sorted(self.allowed)
+
     def _allowed(self, where: str) -> bool:
-        """Whether a producer a request named may be asked: ``allowed_producers`` unset, its
-        ``host:port`` or host listed, or kv_peer (a refused one is told in the log once)."""
-        if (self.allowed is None or where in self.allowed or where.rpartition(":")[0] in self.allowed
-                or where == self._rank_address(0)):
+        """Whether a producer a request named may be asked (``allowed_producers``, kv_peer; the
+        front end refused the others already: ``check_producer``); a refused one is told in
+        the log once."""
+        if producer_allowed(where, self.allowed):
             return True
         if where not in self._refused and len(self._refused) < 64:
             self._refused.add(where)
@@ -637,7 +649,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         if where is not None and not self._allowed(where):
             return None
         address = self._rank_address(rank, where)
-        if address is None or time.monotonic() < self._down_until.get(address, 0.0):
+        if address is None or self._down.down(address):
             return None
         return address
 
@@ -660,11 +672,11 @@ class ZmqPeerConnector(SharedStorageConnector):
         if reply is None and self._zmq.stopping:
             return None  # the connector shuts down: not the peer's failure
         if reply is None:
-            self._down_until[address] = time.monotonic() + self.store_down
+            self._down.mark(address)
             logger.warning("KV peer %s did not answer in %.1f s: its blocks count as missing "
                            "(it is asked again in %.1f s).", address, timeout, self.store_down)
             return None
-        self._down_until.pop(address, None)
+        self._down.clear(address)
         if reply[0] == b"ok":
             return reply[1:]
         rest = [bytes(getattr(f, "buffer", f)) for f in reply[1:]]
@@ -687,7 +699,7 @@ class ZmqPeerConnector(SharedStorageConnector):
                 address, [b"has", self.context.namespace.encode()], _LOOKUP_TIMEOUT_S)
             if reply is None or reply[0] != b"ok":
                 raise ConnectionError(f"{address} did not answer")
-            self._down_until.pop(address, None)
+            self._down.clear(address)
 
     # -- scheduler half: routing, lookups (on the lookup thread) ----------------------------
 
@@ -710,7 +722,7 @@ class ZmqPeerConnector(SharedStorageConnector):
             return
         logger.warning("KV peer %s: %s; not asked for %.1f s.", where, why, self.store_down)
         for rank in range(self.context.world_size):
-            self._down_until[self._rank_address(rank, where)] = time.monotonic() + self.store_down
+            self._down.mark(self._rank_address(rank, where))
 
     def _look(self, keys: list, start: int, where: Optional[str] = None) -> tuple:
         n = len(keys)

@@ -1576,7 +1576,8 @@ def test_zmq_peer_tensor_parallel_ranks_fetch_from_their_peer_rank(tiny_model_di
         assert (stats.kv_connector["hits"], stats.kv_connector["load_failures"]) == (40, 0)
         routed = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": port, "tp_size": 2}
         with LLM(model, device="cpu", dtype="float32", block_size=BS, num_kv_blocks=32,
-                 max_model_len=128, tensor_parallel_size=2, kv_transfer_config=_peer("kv_consumer")) as llm:
+                 max_model_len=128, tensor_parallel_size=2,
+                 kv_transfer_config=_peer("kv_consumer", allowed_producers=["127.0.0.1"])) as llm:
             out = llm.generate({"prompt_token_ids": prompts[0]},
                                SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
                                               kv_transfer_params=routed), use_tqdm=False)[0]

@@ -4,7 +4,8 @@ for a ``do_remote_decode`` request, and a consumer given those params fetches th
 blocks from *that* producer: two producers behind one consumer, each prompt's blocks from its
 own, greedy tokens equal to a plain engine's. A producer that is gone, or holds no such
 blocks, costs its request a recompute (counted), never another request's load; a malformed
-object is one error naming the key."""
+object, or one naming a producer the consumer does not fetch from, is one error naming the
+key."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def test_two_producers_one_consumer_each_prompt_from_its_producer(load_async, ti
     ports = [_free_port(), _free_port()]
     with _llm(model, _peer("kv_producer", kv_port=ports[0])) as p1, \
             _llm(model, _peer("kv_producer", kv_port=ports[1])) as p2, \
-            _llm(model, _peer("kv_consumer", timeout_s=2.0, load_async=load_async)) as consumer:
+            _llm(model, _peer("kv_consumer", timeout_s=2.0, load_async=load_async,
+                              allowed_producers=["*"])) as consumer:
         routed = []
         for producer, port, prompt, held in ((p1, ports[0], prompts[0], 40), (p2, ports[1], prompts[1], 28)):
             out = _greedy(producer, prompt, 1, PREFILL)
@@ -91,7 +93,8 @@ def test_a_routed_request_whose_producer_fails_is_recomputed_alone(tiny_model_di
     want = _plain(model, prompts)
     port, gone = _free_port(), _free_port()
     with _llm(model, _peer("kv_producer", kv_port=port)) as p1, \
-            _llm(model, _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", timeout_s=0.5)) as consumer:
+            _llm(model, _peer("kv_consumer", kv_peer=f"127.0.0.1:{port}", timeout_s=0.5,
+                              allowed_producers=["127.0.0.1"])) as consumer:
         params = [_greedy(p1, p, 1, PREFILL).kv_transfer_params for p in prompts[:2]]
         dead = dict(params[0], remote_port=gone)
         out = _greedy(consumer, prompts[0], params=dead)
@@ -138,7 +141,8 @@ def test_a_routed_producer_that_hangs_is_marked_down_alone(caplog):
                                       parse_kv_transfer_config)
 
     silent, peer = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
-    kv = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=peer, lookup_timeout_ms=100))
+    kv = parse_kv_transfer_config(_peer("kv_consumer", kv_peer=peer, lookup_timeout_ms=100,
+                                        allowed_producers=["127.0.0.1"]))
     conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
     host, port = silent.split(":")
     params = {"do_remote_prefill": True, "remote_host": host, "remote_port": int(port)}
@@ -158,27 +162,50 @@ def test_a_routed_producer_that_hangs_is_marked_down_alone(caplog):
 
 
 def test_allowed_producers_limits_whom_a_consumer_asks(tiny_model_dir, caplog):
-    """A consumer with allowed_producers asks only the producers listed (by host, or by
-    host:port): a request naming another is not sent to it at all (its prompt computed, a
-    plain engine's tokens, counted as a fallback, one warning however often it is named);
-    one naming a listed producer loads as without the setting."""
+    """Whom a consumer fetches from: by default its kv_peer alone (a request may not make it
+    reach a host:port of the client's choosing), else the producers allowed_producers lists (by
+    host, or by host:port), or any with ["*"]. A request naming another is refused at the edge,
+    one error naming allowed_producers, before anything reaches the engine (the server's 400);
+    one naming a listed producer loads. Past the edge (a core fed directly), the connector
+    never asks an unlisted producer: one warning, and the request computes its prompt."""
+    from tessellm.core.engine_core import EngineCoreRequest
+
     model = tiny_model_dir("llama")
     prompts = _prompts(2, seed=3)
     want = _plain(model, prompts)
     port = _free_port()
     with _llm(model, _peer("kv_producer", kv_port=port)) as p1:
         params = [_greedy(p1, p, 1, PREFILL).kv_transfer_params for p in prompts]
-        with _llm(model, _peer("kv_consumer", allowed_producers=["10.9.9.9", f"127.0.0.1:{port + 1}"])) as c:
-            for prompt, routed in zip(prompts, params):
-                out = _greedy(c, prompt, params=routed)
-                assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[prompts.index(prompt)], 0)
-            stats = c.engine.core.scheduler.stats().kv_connector
-            assert (stats["remote_prefill_fallbacks"], stats["hits"], stats["store_down"]) == (2, 0, 0)
-        assert caplog.text.count(f"KV producer 127.0.0.1:{port} named by") == 1
-        for allowed in (["127.0.0.1"], [f"127.0.0.1:{port}"]):
+        for kv in ({}, {"kv_peer": f"127.0.0.1:{port + 1}"},
+                   {"allowed_producers": ["10.9.9.9", f"127.0.0.1:{port + 1}"]}):
+            with _llm(model, _peer("kv_consumer", **kv)) as c:
+                with pytest.raises(ValueError, match=f"names the KV producer 127.0.0.1:{port}, which "
+                                   "this engine does not fetch from") as exc:
+                    _greedy(c, prompts[0], params=params[0])
+                assert "allowed_producers" in str(exc.value) and '["*"]' in str(exc.value)
+                assert getattr(exc.value, "param", None) == "kv_transfer_params"
+                assert c.engine.core.info.kv_producers == sorted(kv.get("allowed_producers", []) + (
+                    [kv["kv_peer"]] if "kv_peer" in kv else []))
+                out = _greedy(c, prompts[1])  # the engine serves on
+                assert list(out.outputs[0].token_ids) == want[1]
+            if kv:
+                continue
+            with _llm(model, _peer("kv_consumer")) as c:  # past the edge: not asked
+                core = c.engine.core
+                core.add_request(EngineCoreRequest("direct", prompts[0], SamplingParams(
+                    temperature=0, max_tokens=6, ignore_eos=True, kv_transfer_params=params[0]), 0.0))
+                tokens = []
+                while core.has_unfinished_requests():
+                    tokens += [t for o in core.step() if o.request_id == "direct" for t in o.new_token_ids]
+                assert tokens == want[0]
+                stats = core.scheduler.stats().kv_connector
+                assert (stats["remote_prefill_fallbacks"], stats["hits"], stats["store_down"]) == (1, 0, 0)
+            assert caplog.text.count(f"KV producer 127.0.0.1:{port} named by") == 1
+        for allowed in (["127.0.0.1"], [f"127.0.0.1:{port}"], ["*"]):
             with _llm(model, _peer("kv_consumer", allowed_producers=allowed)) as c:
                 out = _greedy(c, prompts[0], params=params[0])
                 assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want[0], 40)
+                assert c.engine.core.info.kv_producers == (None if allowed == ["*"] else allowed)
 
 
 @pytest.mark.parametrize("value", ["10.0.0.5", ["10.0.0.5", ""], [5], ["10.0.0.5 :1"]])
@@ -227,7 +254,7 @@ def test_a_producer_address_zeromq_cannot_read_is_marked_down_not_hung(caplog):
     from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
                                       parse_kv_transfer_config)
 
-    kv = parse_kv_transfer_config(_peer("kv_consumer", lookup_timeout_ms=2000))
+    kv = parse_kv_transfer_config(_peer("kv_consumer", lookup_timeout_ms=2000, allowed_producers=["*"]))
     conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
     params = {"do_remote_prefill": True, "remote_host": "bad_host!", "remote_port": 1}
     SamplingParams(kv_transfer_params=params)  # (the checks at the edge let it through)
@@ -244,3 +271,112 @@ def test_a_producer_address_zeromq_cannot_read_is_marked_down_not_hung(caplog):
         closing.start()
         closing.join(10)
     assert not closing.is_alive(), "the connector's shutdown hung"
+
+
+def test_the_producers_held_down_are_bounded():
+    """A producer that did not answer is not asked for store_down_ms; the addresses held down
+    expire (each mark drops the expired ones) and never number more than max_entries, however
+    many distinct producers requests name and fail on."""
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+    from tessellm.kv_transfer.peer_backoff import PeerBackoff
+
+    clock = [100.0]
+    down = PeerBackoff(5.0, max_entries=4, clock=lambda: clock[0])
+    for i in range(10):
+        down.mark(f"10.0.0.{i}:1")
+    assert len(down) == 4  # the six oldest dropped: asked again a little early
+    assert [down.down(f"10.0.0.{i}:1") for i in (0, 5, 6, 9)] == [False, False, True, True]
+    down.mark("10.0.0.6:1")  # marked again: now the newest
+    clock[0] += 4.0
+    down.mark("10.0.0.10:1")
+    assert len(down) == 5 - 1 and down.down("10.0.0.9:1")  # none expired yet (4 past the cap)
+    clock[0] += 1.0  # 5 s after the first marks: they expire, the later ones stand
+    down.mark("10.0.0.11:1")
+    assert len(down) == 2 and not down.down("10.0.0.9:1") and down.down("10.0.0.10:1")
+    down.clear("10.0.0.10:1")  # it answered
+    assert not down.down("10.0.0.10:1") and len(down) == 1
+
+    kv = parse_kv_transfer_config(_peer("kv_consumer", allowed_producers=["*"], store_down_ms=60_000))
+    conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns", 2))
+    try:
+        for port in range(1, 3001):  # 3000 producers (two ranks each), none answering
+            conn._mark_down("gone", f"10.1.{port // 250}.{port % 250}:{port}")
+        assert len(conn._down) == 1024
+        assert conn._address(0, "10.1.12.0:3000") is None  # the latest still held down
+        assert conn._address(1, "10.1.0.1:1") == "10.1.0.1:2"  # the oldest dropped: asked again
+    finally:
+        conn.shutdown()
+
+
+def test_a_routed_producer_that_dies_mid_transfer_is_a_recompute_and_leaves_nothing_open(
+        tiny_model_dir, caplog):
+    """xPyD with a producer dying: a consumer without kv_peer finds p's blocks at the producer
+    p's params name, then that producer's server stops (gone mid-transfer). p's load waits
+    ``timeout_s`` (0.5 s) for its reply and fails: p computes its prompt (a plain engine's
+    tokens), counted once as a load failure and as a fallback, and the reader's socket to the
+    gone producer is closed (its replies were due). q, routed there next, is computed too
+    (counted): its lookup, on the scheduler's side, times out once (each half holds the
+    producer down on its own failures: the workers run in other processes), and s after it is
+    not asked at all. In a consumer whose loads wait 2 s, r, aborted while its load waits for
+    the gone producer, keeps its blocks until that load's bound (a reader may still write
+    them) and no longer: then they are free, no routing state or socket is left behind, and
+    the engine shuts down in bound."""
+    from tests.core.test_kv_transfer_failures import _drive, _step_until_looked_up
+
+    model = tiny_model_dir("llama")
+    p, q, r, s_ = _prompts(4, seed=5)
+    want = _plain(model, [p, q, s_])
+    port = _free_port()
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    def routed_params(rparams) -> SamplingParams:
+        return params.clone(kv_transfer_params=rparams)
+
+    with _llm(model, _peer("kv_producer", kv_port=port)) as producer:
+        routed = {x: _greedy(producer, prompt, 1, PREFILL).kv_transfer_params
+                  for x, prompt in (("p", p), ("q", q), ("r", r), ("s", s_))}
+        conn = producer.engine.core.runner.kv_connector
+        consumer = _llm(model, _peer("kv_consumer", allowed_producers=["127.0.0.1"], timeout_s=0.5,
+                                     lookup_wait_ms=0, load_async=True))
+        waiting = _llm(model, _peer("kv_consumer", allowed_producers=["127.0.0.1"], timeout_s=2,
+                                    lookup_wait_ms=0, lookup_timeout_ms=20000, load_async=True))
+        try:
+            for llm, rid, prompt in ((consumer, "p", p), (waiting, "r", r)):
+                llm.engine.add_request(rid, {"prompt_token_ids": prompt}, routed_params(routed[rid]))
+                _step_until_looked_up(llm.engine, llm.engine.core.scheduler, rid)
+            conn._server.close()  # the producer is gone: nothing answers the loads' "get"
+            conn._server = None
+            engine, sched = consumer.engine, consumer.engine.core.scheduler
+            outs = _drive(engine, 20)
+            engine.add_request("q", {"prompt_token_ids": q}, routed_params(routed["q"]))
+            outs.update(_drive(engine, 20))
+            told = caplog.text.count(f"KV peer 127.0.0.1:{port} did not answer")
+            engine.add_request("s", {"prompt_token_ids": s_}, routed_params(routed["s"]))
+            outs.update(_drive(engine, 20))
+            assert caplog.text.count(f"KV peer 127.0.0.1:{port} did not answer") == told  # not asked
+            assert {k: list(o.outputs[0].token_ids) for k, o in outs.items()} == {
+                "p": want[0], "q": want[1], "s": want[2]}
+            assert [outs[k].num_cached_tokens for k in "pqs"] == [0, 0, 0]
+            stats = sched.stats().kv_connector
+            assert (stats["load_failures"], stats["remote_prefill_fallbacks"], stats["hits"]) == (1, 3, 0)
+            assert sched.kv.num_free_blocks == 32 and not sched.connector._routes
+            assert not consumer.engine.core.runner.kv_connector._zmq._open  # the reader's socket: closed
+
+            engine, sched = waiting.engine, waiting.engine.core.scheduler
+            for _ in range(3):
+                engine.step()
+            assert "r" in sched.kv_loading  # its "get" waits for the gone producer
+            engine.abort_request("r")
+            engine.step()
+            assert sched.kv.num_free_blocks < 32  # held while a reader may write them
+            _drive(engine, 20)  # the load's bound: timeout_s, then its failure
+            assert sched.kv.num_free_blocks == 32 and not sched.kv_loading
+            assert not sched.connector._routes and not sched.connector._lookups
+            assert not waiting.engine.core.runner.kv_connector._zmq._open
+            t0 = time.monotonic()
+            waiting.shutdown()
+            assert time.monotonic() - t0 < 5
+        finally:
+            consumer.shutdown()
+            waiting.shutdown()

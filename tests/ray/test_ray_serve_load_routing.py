@@ -482,3 +482,49 @@ def test_a_replica_with_slower_steps_weighs_its_work_ahead_more(reports, monkeyp
         router.replica_queue_len_cache.update(replica.replica_id, 2)
     assert router.replica_loads([a, c], 96) == {"a": 3, "c": 3}  # c has no step time: a is the median
 
+
+
+def test_a_prompt_counts_only_the_blocks_not_held_where_its_prefix_runs(tiny_model_dir):
+    """A real core with one request running on a 64-token prefix (its 4 full blocks held) and 3
+    blocks free: a prompt on that prefix (72 tokens, 5 blocks, 4 of them shared) starts at once
+    there (the engine admits it in its next step, nothing waiting), so it scores as starting at
+    once (1 running + 1), not as queued for want of its 5 blocks (1 + 4). The router knows what
+    is held from the chains it sent to the replica that have not completed: a replica with
+    none in flight counts the prompt's blocks whole, and so does this one once its request
+    completed (the blocks free again, maybe only cached: counted among the free ones)."""
+    args = EngineArgs(model=tiny_model_dir("llama"), device="cpu", dtype="float32", num_kv_blocks=8,
+                      max_model_len=128, max_num_seqs=4)
+    core = EngineCore(args)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prefix = [(11 * j) % 90 + 3 for j in range(64)]
+    core.add_request(EngineCoreRequest("r0", prefix + [1] * 8, params, 0.0))
+    core.step()
+    report = _core_report(core, in_flight=1, samples=1, block_size=args.block_size)
+    assert (report["load"]["running"], report["load"]["waiting"], report["load"]["free_blocks"]) == (1, 0, 3)
+    assert replica_score(report, 1, 72) == 1 + 4  # its 5 blocks against 3 free
+    assert replica_score(report, 1, 72, shared_tokens=64) == 1 + 1  # 1 block of its own
+    assert replica_score(report, 1, 72, shared_tokens=32) == 1 + 1  # 2 shared: its 3 fit
+    assert replica_score(report, 1, 72, shared_tokens=16) == 1 + 4  # 1 shared: its 4 do not
+    core.add_request(EngineCoreRequest("r1", prefix + [2] * 8, params, 0.0))
+    core.step()  # the engine agrees: admitted at once, beside r0
+    assert len(core.scheduler.running) == 2 and not core.scheduler.waiting
+
+    links = [201, 202, 203, 204]  # the prefix's chain: four 16-token chunks
+    router = _router(balance="load", chunk_tokens=16)
+    a, b = _replica("a", report), _replica("b", report)
+
+    async def send():
+        pending = PendingRequest(args=[], kwargs={"prefix_hashes": links}, metadata=RequestMetadata(
+            request_id="x", internal_request_id="held"))
+        await router.choose_replicas([a], pending)
+        pending.future.set_result(a)
+        router.on_send_request(a.replica_id)
+
+    asyncio.run(send())
+    router.on_send_request(b.replica_id)  # b runs a request too, on another prefix (unnamed)
+    assert router.replica_loads([a, b], 72, 1, links + [205]) == {"a": 1 + 1, "b": 1 + 4}
+    assert router.replica_loads([a, b], 72, 1, [209] + links) == {"a": 1 + 4, "b": 1 + 4}  # not a prefix
+    router.on_request_completed(a.replica_id, "held")
+    router.on_new_queue_len_info(a.replica_id, 1)  # (its engine still reports it running)
+    assert router._chains == {} and router._live == {"a": {}}
+    assert router.replica_loads([a], 72, 1, links)["a"] == 1 + 4

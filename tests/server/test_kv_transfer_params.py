@@ -4,7 +4,7 @@ producer's response to a ``do_remote_decode`` request carries ``kv_transfer_para
 top level (completions and chat), naming where its blocks are; a malformed key is a 400
 naming it. A vLLM disaggregation proxy's flow through ``examples/disagg_proxy.py``: the
 prefill request to the producer server, its response's params with the whole request to a
-consumer server with no ``kv_peer``, which fetches the prompt's blocks from that producer over
+consumer server with no ``kv_peer`` (its ``allowed_producers`` listing the producer's host), which fetches the prompt's blocks from that producer over
 TCP and answers the producer's greedy text."""
 
 from __future__ import annotations
@@ -100,11 +100,12 @@ def test_a_vllm_proxys_prefill_then_decode_flow(producer, server_factory):
     """Through the example proxy (in process): the prefill request to the producer server, the
     decode request with its response's params to a consumer server that has no kv_peer: it
     loads the prompt's blocks from the producer the params name, and answers the producer's
-    greedy text, streamed or not."""
+    greedy text, streamed or not. A request naming a producer the consumer does not list
+(allowed_producers) is a 400 naming the setting."""
     from fastapi.testclient import TestClient
 
     srv, _ = producer
-    consumer = server_factory(_peer("kv_consumer"))
+    consumer = server_factory(_peer("kv_consumer", allowed_producers=["127.0.0.1"]))
     body = {"model": MODEL, "prompt": LONG, "temperature": 0, "max_tokens": 8}
     app = _proxy_module().build_app([srv.url], [consumer.url])
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as p, \
@@ -126,6 +127,12 @@ def test_a_vllm_proxys_prefill_then_decode_flow(producer, server_factory):
             time.sleep(0.1)
         assert hits >= prompt_tokens - 32  # the first request's blocks; the stream's hit the cache
         assert _counter(c, "kv_connector_remote_prefill_fallbacks_total") == 0
+        # A producer the consumer does not list: refused before the engine, a 400 naming the fix
+        elsewhere = {"do_remote_prefill": True, "remote_host": "10.6.6.6", "remote_port": 14579}
+        for stream in (False, True):
+            r = c.post("/v1/completions", json={**body, "stream": stream, "kv_transfer_params": elsewhere})
+            assert_error(r, 400, "kv_transfer_params", "10.6.6.6:14579", "allowed_producers")
+        assert_still_serving(c)
 
 
 def test_the_proxy_never_passes_a_clients_own_producer_on():

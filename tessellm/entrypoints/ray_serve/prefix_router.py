@@ -30,6 +30,11 @@ any of it is sent and counted. Each choice claims its replica for its request un
 moves with the request when Serve fulfils it with another rank's replica, and ends with the
 request if it is cancelled or completes unsent. No timer ends a claim that is still pending:
 on a busy machine the send may come seconds after the choice.
+Chains in flight: a named request's chain counts at the replica it was sent to from its send
+to its completion (as its send count, ``_routed``); a new prompt's leading links in flight at a
+replica are blocks held there, which it shares rather than takes from the free ones
+(``shared_tokens``, replica_load.py), so a prefix's holder is not scored as if the prompt
+needed its whole KV anew.
 This class reads those through the ``RequestRouter`` API of Ray Serve >= 2.50 (tested: 2.60).
 """
 
@@ -99,6 +104,11 @@ class PrefixAffinityRouter(RequestRouter):
         self._unnamed: Counter = Counter()  # replica unique id -> sent requests with no claim to name them
         self._known: frozenset = frozenset()
         self._claims: dict[str, _Claim] = {}  # internal request id -> its claim (counted by ``load``)
+        # Chains in flight: (internal request id, replica unique id) -> the chains of its sends
+        # there not completed (as ``_routed``), and replica unique id -> Counter of their links
+        # (the prompt blocks its requests hold: shared by a new prompt, not taken; replica_load.py)
+        self._chains: dict[tuple, list] = {}
+        self._live: dict[str, Counter] = {}
         self._claim_ids = itertools.count()  # keys for requests that carry no id
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -111,7 +121,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._claims.pop(request_id, None)  # a retry: its earlier choice is not load elsewhere
         chain = _chain(pending_request)
         loads = self.replica_loads(candidate_replicas, len(chain) * self._chunk_tokens,
-                                   _samples(pending_request))
+                                   _samples(pending_request), chain)
         chain = chain if self._affinity else []
         model_id = _model_id(pending_request)
         holders = frozenset(uid for uid, r in by_id.items()
@@ -133,6 +143,7 @@ class PrefixAffinityRouter(RequestRouter):
         claim = self._claims.pop(key) if key is not None else None
         if claim is not None and claim.named:
             self._routed[key, uid] += 1
+            self._hold(key, uid, _chain(claim.request))
         else:
             self._unnamed[uid] += 1
         self._sent[uid] += 1
@@ -162,6 +173,7 @@ class PrefixAffinityRouter(RequestRouter):
         uid = replica_id.unique_id
         if self._routed.get((internal_request_id, uid), 0) > 0:
             _decrement(self._routed, (internal_request_id, uid))
+            self._release((internal_request_id, uid))
         else:
             claim = self._claims.get(internal_request_id)
             if claim is not None and claim.request.future.done() and claim.target() == uid:
@@ -173,9 +185,10 @@ class PrefixAffinityRouter(RequestRouter):
         _decrement(self._sent, uid)
 
     def replica_loads(self, replicas: list[RunningReplica], num_prompt_tokens: int,
-                      num_samples: int = 1) -> dict[str, int]:
+                      num_samples: int = 1, chain: Optional[list] = None) -> dict[str, int]:
         """Each replica's load figure (unique id -> figure; ``balance``, replica_load.py) for a
-        prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences."""
+        prompt of about ``num_prompt_tokens`` running ``num_samples`` sequences, whose prefix
+        chain is ``chain`` (its leading links in flight at a replica: blocks held there)."""
         claimed = self._claimed()
         if self._balance == "in_flight":
             return {r.replica_id.unique_id: self._ongoing(r) for r in replicas}
@@ -183,8 +196,38 @@ class PrefixAffinityRouter(RequestRouter):
                    for r in replicas}
         reports = [_routing_stats(r) for r in replicas]
         return {r.replica_id.unique_id: replica_score(report, ongoing[r.replica_id.unique_id],
-                                                      num_prompt_tokens, num_samples, speed)
+                                                      num_prompt_tokens, num_samples, speed,
+                                                      self._shared_tokens(r.replica_id.unique_id, chain))
                 for r, report, speed in zip(replicas, reports, replica_speeds(reports))}
+
+    def _shared_tokens(self, uid: str, chain: Optional[list]) -> int:
+        """The prompt's leading tokens (``chunk_tokens`` a link) that requests in flight at
+        ``uid`` share: their KV blocks are held there already."""
+        live, n = self._live.get(uid), 0
+        if live and chain:
+            while n < len(chain) and live.get(chain[n], 0) > 0:
+                n += 1
+        return n * self._chunk_tokens
+
+    def _hold(self, key: str, uid: str, chain: list) -> None:
+        """A named request sent to ``uid``: its chain is in flight there until its completion."""
+        if chain:
+            self._chains.setdefault((key, uid), []).append(chain)
+            self._live.setdefault(uid, Counter()).update(chain)
+
+    def _release(self, send: tuple) -> None:
+        """One send of a request completed: its chain no longer in flight at that replica."""
+        chains = self._chains.get(send)
+        if not chains:
+            return
+        chain = chains.pop()
+        if not chains:
+            del self._chains[send]
+        live = self._live.get(send[1])
+        if live is not None:
+            live.subtract(chain)
+            for h in [h for h in chain if live[h] <= 0]:
+                del live[h]
 
     def _ongoing(self, replica: RunningReplica) -> int:
         """The replica's requests now (module docstring): Serve's queue-length cache or this
@@ -217,6 +260,8 @@ class PrefixAffinityRouter(RequestRouter):
                     del counts[uid]
             self._claims = {key: c for key, c in self._claims.items() if c.target() in ids}
             self._routed = Counter({key: n for key, n in self._routed.items() if key[1] in ids})
+            self._chains = {key: c for key, c in self._chains.items() if key[1] in ids}
+            self._live = {uid: live for uid, live in self._live.items() if uid in ids}
             self._known = ids
 
 

@@ -43,7 +43,12 @@ Two figures (``router.balance``):
   being routed adds its own samples (``load_score``: each counts and needs a slot; they share
   the prompt's blocks). Prefix sharing: the waiting requests' KV need is the engine's own
   count (``waiting_kv_blocks``: a prompt block they share with a running request or with each
-  other counted once) rather than the new prompt's size times their number.
+  other counted once) rather than the new prompt's size times their number. The new prompt's
+  own need counts only the blocks not already held there: its leading chunks that requests
+  this router sent to the replica, not yet completed, share (``shared_tokens``: their blocks
+  are the running requests', not among the free ones; prefix_router.py keeps the chains in
+  flight per replica). A prefix only cached there (its blocks free, reusable) still counts:
+  the report's free blocks include those, and the prompt takes them.
 * ``in_flight``: requests in flight at the replica (Serve's queue-length view, or this
   router's own count, whichever is larger): the router before engine load reports. Blind to what only the engine
   knows: a queue behind a full batch or a full KV cache, a long prefill.
@@ -101,11 +106,13 @@ def replica_speeds(reports: list) -> list[float]:
 
 
 def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, num_samples: int = 1,
-                  speed: float = 1.0):
+                  speed: float = 1.0, shared_tokens: int = 0):
     """A replica's ``load`` score for a prompt of ``num_prompt_tokens`` running ``num_samples``
     sequences (module docstring): ``report`` is its latest ``load_report`` (None or {}: none
     yet), ``ongoing`` its requests now as this router sees them, ``speed`` its speed factor
-    (``replica_speeds``: the work ahead is weighed by it, the request's own term is not)."""
+    (``replica_speeds``: the work ahead is weighed by it, the request's own term is not),
+    ``shared_tokens`` the prompt's leading tokens its requests in flight there hold (module
+    docstring, Prefix sharing: their blocks are not taken from the free ones)."""
     if not report or "load" not in report:
         return load_score(CoreLoad(running=max(0, ongoing)), 0, num_prompt_tokens, 1, num_samples)
     figures = CoreLoad.from_dict(report["load"])
@@ -146,7 +153,8 @@ def replica_score(report: Optional[dict], ongoing: int, num_prompt_tokens: int, 
         started = min(arrived, max(0, figures.free_seqs))
         figures.free_seqs -= started
     figures.running += started
-    ahead, own = load_score_parts(figures, arrived - started, num_prompt_tokens, block_size, num_samples)
+    ahead, own = load_score_parts(figures, arrived - started, num_prompt_tokens, block_size, num_samples,
+                                  shared_tokens)
     return ahead + own if speed == 1.0 else ahead * speed + own
 
 
