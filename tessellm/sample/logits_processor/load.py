@@ -61,14 +61,26 @@ def _checked(obj, name: str) -> type:
 
 
 def _installed() -> list[type]:
+    """The entry points' classes. One of ``tessellm.logits_processors`` (installed for
+    tessellm) that fails to load stops the engine, naming it. One of ``vllm.logits_processors``
+    was installed for vLLM and may import vLLM itself: nobody asked tessellm for it, so one
+    that fails is skipped with a warning naming its package (a class the user names in
+    ``logits_processors`` still loads or fails there, ``load_class``)."""
     classes = []
     for group in GROUPS:
         for ep in entry_points(group=group):
             try:
                 classes.append(_checked(ep.load(), ep.value))
             except Exception as exc:
-                raise ValueError(f"The logits processor plugin {ep.name} = {ep.value!r} (entry point "
-                                 f"group {group}) failed to load: {exc}; fix or uninstall its package.") from exc
+                package = getattr(getattr(ep, "dist", None), "name", None) or "unknown"
+                where = f"{ep.name} = {ep.value!r} (package {package}, entry point group {group})"
+                if group == GROUPS[0]:
+                    raise ValueError(f"The logits processor plugin {where} failed to load: {exc}; fix "
+                                     "or uninstall its package.") from exc
+                logger.warning("Skipping the vLLM logits processor plugin %s: it failed to load under "
+                               "tessellm (%s: %s). If you want it, port it (%s) and name it in "
+                               "logits_processors; else uninstall %s to silence this.",
+                               where, type(exc).__name__, exc, _VLLM_IMPORT, package)
     return classes
 
 
