@@ -58,3 +58,21 @@ def test_a_failing_tessellm_plugin_stops_the_engine(site):
     _install(site, "tessellm-procs", "tessellm.logits_processors", "broken", f"{BROKEN_MODULE}:Proc")
     with pytest.raises(ValueError, match="plugin broken .*package tessellm-procs.*failed to load.*fix or uninstall"):
         load_classes()
+
+
+def test_speculative_decoding_skips_installed_plugins_and_refuses_named_ones(site, caplog, tokenized_model):
+    """vLLM's rule: under speculative decoding a processor given by name stops the start (naming
+    the fix); an installed one is not used, with a warning, and the engine serves."""
+    _install(site, "ported-procs", "vllm.logits_processors", "dummy",
+             "tests.sampling.logits_procs:DummyLogitsProcessor")
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2}
+    engine = dict(device="cpu", dtype="float32", num_kv_blocks=64, speculative_config=spec)
+    with pytest.raises(ValueError, match=r"\(DummyLogitsProcessor\) do not combine with speculative decoding.*"
+                                         "drop speculative_config or logits_processors"):
+        LLM(tokenized_model, **engine, logits_processors=[DummyLogitsProcessor])
+    with caplog.at_level(logging.WARNING, logger="tessellm.sample.logits_processor.load"):
+        with LLM(tokenized_model, **engine) as llm:
+            (out,) = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                                          extra_args={"target_token": 7}), use_tqdm=False)
+    assert list(out.outputs[0].token_ids) != [7, 7, 7]  # not applied
+    assert any("plugins not used (speculative decoding is on): dummy" in r.getMessage() for r in caplog.records)

@@ -33,6 +33,28 @@ def load_classes(specs: Optional[Sequence] = None) -> list[type]:
     return classes
 
 
+def engine_classes(specs: Optional[Sequence], pooling: bool, speculative: bool) -> list[type]:
+    """The classes an engine builds (its engine core and the rank that samples ask alike), as
+    vLLM's ``build_logitsprocs``: none for a pooling engine or under speculative decoding, where
+    processors cannot run; given ones are then refused, naming the fix, installed ones skipped
+    with a warning (nobody asked for them here)."""
+    if not pooling and not speculative:
+        return load_classes(specs)
+    what = "this engine pools (embeddings)" if pooling else "speculative decoding is on"
+    if specs:
+        if pooling:
+            raise ValueError("logits_processors apply to generating models; this engine pools "
+                             "(embeddings); drop logits_processors.")
+        names = ", ".join(s.__qualname__ if isinstance(s, type) else str(s) for s in specs)
+        raise ValueError(f"Custom logits processors ({names}) do not combine with speculative decoding "
+                         "yet (a processor sees one row per request; a verifying request has several); "
+                         "drop speculative_config or logits_processors.")
+    skipped = [f"{ep.name} = {ep.value!r}" for group in GROUPS for ep in entry_points(group=group)]
+    if skipped:
+        logger.warning("Installed logits processor plugins not used (%s): %s.", what, ", ".join(skipped))
+    return []
+
+
 def load_class(spec) -> type:
     """One class from a class, ``"module:Qual.Name"`` or ``"module.Class"``; ValueError naming
     what is wrong with it."""
