@@ -105,6 +105,24 @@ def test_async_scheduling_sees_each_step(tokenized_model, plain):
     assert out[2].outputs[0].text in ("yes", "no")  # a constrained row samples after its mask
 
 
+@pytest.mark.parametrize("proc,extra,waits", [("DummyLogitsProcessor", {"target_token": 9}, False),
+                                               ("AlternatingPerReqProcessor", {"alternate": True}, True)])
+def test_only_a_processor_that_reads_output_ids_waits_for_the_step_in_flight(tokenized_model, plain, proc,
+                                                                            extra, waits):
+    """Async scheduling: the step before is still in flight when a step samples. A processor
+    that never reads output ids samples without waiting for it (on an accelerator, no host
+    sync a step); one that reads them waits (``OutputIds``) and reads every token."""
+    with LLM(tokenized_model, **ENGINE, async_scheduling=True, logits_processors=[f"{PROCS}:{proc}"]) as llm:
+        steps = llm.engine.core.runner.steps
+        in_flight, resolve_all = [], steps.resolve_all
+        steps.resolve_all = lambda: (in_flight.append(len(steps.unresolved)), resolve_all())
+        out = llm.generate(PROMPTS[:2], [_greedy(9, **extra), _greedy(12)], use_tqdm=False)
+    assert any(in_flight) is waits
+    prompt = out[0].prompt_token_ids
+    forced = [prompt[0], prompt[-1]] * 4 + [prompt[0]] if waits else [9] * 9
+    assert _tokens(out) == [forced, plain[PROMPTS[1]]]
+
+
 def test_the_adapter_wraps_a_per_request_callable(tokenized_model, plain):
     with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:WrappedPerReqLogitsProcessor"]) as engine:
         params = [_greedy(6, target_token=128), _greedy(12), _greedy(6, target_token=67), _greedy(12)]
