@@ -8,6 +8,7 @@ finish reason "error")."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -202,6 +203,19 @@ def test_an_argmax_invariant_processor_applies_to_random_sampling_only(llm, plai
     for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
         ranked = sorted(top.items(), key=lambda kv: -kv[1].logprob)
         assert token in [t for t, _ in ranked[:2]]  # of the raw logprobs' two best
+
+
+def test_min_p_applies_before_the_argmax_invariant_processors(tokenized_model):
+    """vLLM's order: min-p (on the temperature-scaled logits) drops tokens first, then the
+    argmax-invariant processors run; a processor that flattens the row samples among min-p's
+    survivors only. Min-p after it would keep nearly every token (the row is flat by then)."""
+    with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:FlatteningProcessor"]) as engine:
+        params = SamplingParams(temperature=1.0, min_p=0.5, max_tokens=24, ignore_eos=True, logprobs=1, seed=3,
+                                extra_args={"flatten": True})
+        (out,) = engine.generate(PROMPTS[0], params, use_tqdm=False)
+    for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+        best = max(lp.logprob for lp in top.values())  # the raw logprobs' best
+        assert top[token].logprob >= best + math.log(0.5) - 1e-5  # a min-p survivor
 
 
 def test_speculative_decoding_and_pooling_are_refused(tokenized_model):
