@@ -42,10 +42,13 @@ def test_a_failing_vllm_plugin_is_a_warning_naming_its_package(site, caplog, tok
     (warning,) = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
     assert "package vllm-only-procs" in warning and "No module named 'vllm'" in warning
     assert "uninstall vllm-only-procs" in warning
-    with LLM(tokenized_model, device="cpu", dtype="float32", num_kv_blocks=64) as llm:  # it starts
-        (out,) = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3, extra_args={"target_token": 7}),
-                              use_tqdm=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tessellm.sample.logits_processor.load"):
+        with LLM(tokenized_model, device="cpu", dtype="float32", num_kv_blocks=64) as llm:  # it starts
+            (out,) = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3,
+                                                          extra_args={"target_token": 7}), use_tqdm=False)
     assert list(out.outputs[0].token_ids) == [7, 7, 7]  # the working plugin applies
+    assert sum("Skipping" in r.getMessage() for r in caplog.records) == 1  # the engine core's, once
 
 
 def test_a_named_class_of_a_failing_vllm_plugin_fails_clearly(site):

@@ -24,22 +24,24 @@ _VLLM_IMPORT = ("a processor written for vLLM: change `from vllm.v1.sample.logit
                 "...` to `from tessellm.sample.logits_processor import ...`")
 
 
-def load_classes(specs: Optional[Sequence] = None) -> list[type]:
-    """The installed entry points' classes, then ``specs``' (each once, in that order)."""
+def load_classes(specs: Optional[Sequence] = None, warn: bool = True) -> list[type]:
+    """The installed entry points' classes, then ``specs``' (each once, in that order);
+    ``warn``: log the installed ones skipped (``_installed``)."""
     classes: list[type] = []
-    for cls in _installed() + [load_class(s) for s in specs or ()]:
+    for cls in _installed(warn) + [load_class(s) for s in specs or ()]:
         if cls not in classes:
             classes.append(cls)
     return classes
 
 
-def engine_classes(specs: Optional[Sequence], pooling: bool, speculative: bool) -> list[type]:
+def engine_classes(specs: Optional[Sequence], pooling: bool, speculative: bool, warn: bool = True) -> list[type]:
     """The classes an engine builds (its engine core and the rank that samples ask alike), as
     vLLM's ``build_logitsprocs``: none for a pooling engine or under speculative decoding, where
     processors cannot run; given ones are then refused, naming the fix, installed ones skipped
-    with a warning (nobody asked for them here)."""
+    with a warning (nobody asked for them here). ``warn``: False where the engine core has
+    warned already (the worker ranks)."""
     if not pooling and not speculative:
-        return load_classes(specs)
+        return load_classes(specs, warn)
     what = "this engine pools (embeddings)" if pooling else "speculative decoding is on"
     if specs:
         if pooling:
@@ -50,7 +52,7 @@ def engine_classes(specs: Optional[Sequence], pooling: bool, speculative: bool) 
                          "yet (a processor sees one row per request; a verifying request has several); "
                          "drop speculative_config or logits_processors.")
     skipped = [f"{ep.name} = {ep.value!r}" for group in GROUPS for ep in entry_points(group=group)]
-    if skipped:
+    if skipped and warn:
         logger.warning("Installed logits processor plugins not used (%s): %s.", what, ", ".join(skipped))
     return []
 
@@ -82,7 +84,7 @@ def _checked(obj, name: str) -> type:
     return obj
 
 
-def _installed() -> list[type]:
+def _installed(warn: bool = True) -> list[type]:
     """The entry points' classes. One of ``tessellm.logits_processors`` (installed for
     tessellm) that fails to load stops the engine, naming it. One of ``vllm.logits_processors``
     was installed for vLLM and may import vLLM itself: nobody asked tessellm for it, so one
@@ -99,10 +101,11 @@ def _installed() -> list[type]:
                 if group == GROUPS[0]:
                     raise ValueError(f"The logits processor plugin {where} failed to load: {exc}; fix "
                                      "or uninstall its package.") from exc
-                logger.warning("Skipping the vLLM logits processor plugin %s: it failed to load under "
-                               "tessellm (%s: %s). If you want it, port it (%s) and name it in "
-                               "logits_processors; else uninstall %s to silence this.",
-                               where, type(exc).__name__, exc, _VLLM_IMPORT, package)
+                if warn:
+                    logger.warning("Skipping the vLLM logits processor plugin %s: it failed to load "
+                                   "under tessellm (%s: %s). If you want it, port it (%s) and name it "
+                                   "in logits_processors; else uninstall %s to silence this.",
+                                   where, type(exc).__name__, exc, _VLLM_IMPORT, package)
     return classes
 
 
