@@ -35,7 +35,7 @@ from tessellm.metrics.kv_residency import KVResidency
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
 from tessellm.reasoning.parsers import resolve_reasoning_parser
-from tessellm.sample.logits_processor.load import load_classes, validate_request
+from tessellm.sample.logits_processor.load import engine_classes, validate_request
 from tessellm.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class EngineCore(EngineSleep, EngineProfile):
                 raise ValueError("enable_prompt_embeds applies to generating models; this engine "
                                  "pools (embeddings); drop enable_prompt_embeds.")
         # Custom logits processors (given and installed): validate_params checks each request.
-        self.logits_processor_classes = _logits_processor_classes(args, self.pooling is not None)
+        self.logits_processor_classes = engine_classes(args.logits_processors, self.pooling is not None,
+                                                      args.speculative_config is not None)
         if self.pooling is not None and self.pooling.bidirectional:  # a prompt runs whole
             from tessellm.pooling.encoder import encoder_args
 
@@ -478,22 +479,6 @@ class EngineCore(EngineSleep, EngineProfile):
             if fill is not None:
                 fill.result()
             self.executor.sample_deferred(sched.grammar_bitmask, sched.grammar_bitmask_rows)
-
-
-def _logits_processor_classes(args: EngineArgs, pooling: bool) -> list[type]:
-    """The engine's custom logits processor classes; refused where a processor cannot run."""
-    if pooling:
-        if args.logits_processors:
-            raise ValueError("logits_processors apply to generating models; this engine pools "
-                             "(embeddings); drop logits_processors.")
-        return []  # installed ones are not used by a pooling engine (as vLLM's)
-    classes = load_classes(args.logits_processors)
-    if classes and args.speculative_config is not None:
-        raise ValueError(f"Custom logits processors ({', '.join(c.__qualname__ for c in classes)}) do "
-                         "not combine with speculative decoding yet (a processor sees one row per "
-                         "request; a verifying request has several); drop speculative_config or "
-                         "the processors (logits_processors, or uninstall the plugin).")
-    return classes
 
 
 def _check_pooling_args(args: EngineArgs) -> None:

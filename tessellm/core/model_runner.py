@@ -298,13 +298,13 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
 
     def _sample_processed(self, logits, batch, rows, sampling_states, starts, out: ModelRunnerOutput):
         """The sampler with the custom logits processors: their batch updated to the step's
-        rows (each request's tokens so far resolved first: a processor may read them). One
-        that raises fails the step's requests (``ModelRunnerOutput.failed``), is rebuilt, and
-        the step samples without processors so the batch's bookkeeping goes on as usual."""
-        self.steps.resolve_all()
+        rows (a processor that reads a request's output ids waits there for the steps in
+        flight: ``OutputIds``; one that does not, never does). One that raises fails the
+        step's requests (``ModelRunnerOutput.failed``), is rebuilt, and the step samples
+        without processors so the batch's bookkeeping goes on as usual."""
         self.logitsprocs.forget_failed(self.batch.requests)
         try:
-            self.logitsprocs.update(rows)
+            self.logitsprocs.update(rows, self.steps.resolve_all)
             batch.processors = self.logitsprocs
             return self._sample(logits, batch, sampling_states, starts)
         except LogitsProcessorError as exc:

@@ -2,9 +2,11 @@
 
 Order of operations (vLLM's): allowed_token_ids, then bad words, logit bias and min-tokens
 masking, then custom logits processors that change the argmax, then penalties, on the raw
-logits; greedy rows take the argmax there. Random rows then divide by temperature, go through
-the argmax-invariant custom processors, apply top-k and top-p, drop tokens under min_p, and sample with
-the exponential trick (``argmax(p / q)``, ``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
+logits; greedy rows take the argmax there. Random rows then divide by temperature, drop tokens
+under min_p (of the whole vocabulary's softmax: vLLM's built-in argmax-invariant processor, the
+first of them), go through the argmax-invariant custom processors, apply top-k and top-p (top-p's
+mass counted over what min_p left), and sample with the exponential trick (``argmax(p / q)``,
+``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
 (before any processing), as vLLM reports them.
 
 A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
@@ -195,15 +197,14 @@ class Sampler:
             greedy_rows = batch.temperature == 0
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
         scaled = logits / temp[:, None]
+        if batch.min_p is not None:  # vLLM's order: min-p, custom processors, top-k/top-p
+            scaled = _drop_below_min_p(scaled, batch.min_p)
         if batch.processors is not None and batch.processors.keeps_argmax:  # vLLM: after temperature
             scaled = batch.processors.apply(scaled, argmax_invariant=True)
         cand = self._filter(scaled, batch, greedy_rows)
         probs = torch.softmax(cand.values, dim=-1)
-        if batch.min_p is not None:
-            threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-            if cand.ids is None and self.on_host:
-                return _nonzero_columns(probs, greedy_rows)
+        if batch.min_p is not None and cand.ids is None and self.on_host:
+            return _nonzero_columns(probs, greedy_rows)
         return Candidates(probs, cand.ids)
 
     def _filter(self, scaled: torch.Tensor, batch: SamplingBatch, greedy_rows: torch.Tensor) -> Candidates:
@@ -313,6 +314,14 @@ def _keep_allowed(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     for row, mask in zip(rows, masks):
         out[row].masked_fill_(mask, -float("inf"))
     return out
+
+
+def _drop_below_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """-inf where a token's probability (softmax of the temperature-scaled row, the whole
+    vocabulary) is under ``min_p`` times the row's largest: vLLM's ``MinPLogitsProcessor``."""
+    probs = torch.softmax(scaled, dim=-1)
+    threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return scaled.masked_fill(probs < threshold, -float("inf"))
 
 
 def _has_edits(batch: SamplingBatch) -> bool:

@@ -675,10 +675,11 @@ def _logits_processors(args: EngineArgs, source, max_model_len: int, dtype: torc
     """The custom logits processors (given and installed), built on the sampler's device; None
     when there are none."""
     from tessellm.core.engine_surface import engine_model_config, engine_vllm_config
-    from tessellm.sample.logits_processor.load import load_classes
+    from tessellm.sample.logits_processor.load import engine_classes
     from tessellm.sample.logits_processor.state import LogitsProcessors
 
-    classes = load_classes(args.logits_processors)
+    # the engine core checked them and warned of any skipped: quiet here (every rank asks)
+    classes = engine_classes(args.logits_processors, False, args.speculative_config is not None, warn=False)
     if not classes:
         return None
     model = engine_model_config(args, source.path, max_model_len, dtype, "generate", source.hf_config,

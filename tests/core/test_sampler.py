@@ -75,6 +75,21 @@ def test_min_p_drops_unlikely_tokens(logits):
     assert torch.allclose(frequencies(out.token_ids), ref, atol=0.015)
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "accelerator-forms"])
+def test_min_p_comes_before_top_p_as_in_vllm(on_host):
+    """vLLM applies min-p first (its built-in argmax-invariant processor), so top-p counts its
+    mass over what min-p left: probabilities .5 .3 and many small ones, min_p .3 keeps .5 and
+    .3 (.625 and .375 of what is left), top_p .6 then keeps the first alone. Top-p first (over
+    the whole row: .5 < .6) would keep both."""
+    logits = torch.full((V,), -30.0)
+    logits[:2] = torch.tensor([0.5, 0.3]).log()
+    logits[2:] = torch.tensor(0.2 / (V - 2)).log()
+    sampler = Sampler(torch.device("cpu"), seed=5)
+    sampler.on_host = on_host
+    out = sampler(logits.expand(2000, V), batch(2000, top_p=0.6, min_p=0.3))
+    assert set(out.token_ids.tolist()) == {0}
+
+
 def test_seeded_rows_ignore_the_rest_of_the_batch(logits):
     seed = seed_for_position(42, 3)
     alone = Sampler(torch.device("cpu"), seed=0)(logits[None], batch(1, seeds=[(0, seed)]))

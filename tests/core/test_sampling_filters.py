@@ -88,15 +88,16 @@ def batch(rows, temperature, top_k=None, top_p=None, min_p=None, seeds=None, log
 
 
 def reference_probs(logits, b: SamplingBatch) -> torch.Tensor:
-    """The whole-vocabulary sampler: temperature, full-sort top-k/top-p, softmax, min-p."""
+    """The whole-vocabulary sampler in vLLM's order: temperature, min-p (of the whole row's
+    softmax), full-sort top-k/top-p, softmax."""
     temp = torch.where(b.temperature == 0, torch.ones_like(b.temperature), b.temperature)
     scaled = logits / temp[:, None]
+    if b.min_p is not None:
+        probs = torch.softmax(scaled, -1)
+        scaled = scaled.masked_fill(probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values, -float("inf"))
     if b.top_k is not None or b.top_p is not None:
         scaled = filter_dense(scaled, b.top_k, b.top_p)
-    probs = torch.softmax(scaled, -1)
-    if b.min_p is not None:
-        probs = probs.masked_fill(probs < b.min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
-    return probs
+    return torch.softmax(scaled, -1)
 
 
 def reference_seeded_tokens(logits, b: SamplingBatch) -> torch.Tensor:

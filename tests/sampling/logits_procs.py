@@ -148,3 +148,16 @@ class NoneReturningProcessor(_FlaggedRows):
             logits[:, 0] = 0.0  # edits in place, then returns nothing
             return None
         return logits
+
+
+class FlatteningProcessor(_FlaggedRows):
+    """Argmax-invariant: a request with extra_args {"flatten": true} has its (temperature-scaled)
+    logits divided by 100, nearly uniform over the tokens still allowed."""
+
+    FLAG = "flatten"
+    ARGMAX_INVARIANT = True
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for row in self.rows:
+            logits[row] /= 100.0
+        return logits

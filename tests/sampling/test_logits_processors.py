@@ -8,6 +8,7 @@ finish reason "error")."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -105,6 +106,24 @@ def test_async_scheduling_sees_each_step(tokenized_model, plain):
     assert out[2].outputs[0].text in ("yes", "no")  # a constrained row samples after its mask
 
 
+@pytest.mark.parametrize("proc,extra,waits", [("DummyLogitsProcessor", {"target_token": 9}, False),
+                                               ("AlternatingPerReqProcessor", {"alternate": True}, True)])
+def test_only_a_processor_that_reads_output_ids_waits_for_the_step_in_flight(tokenized_model, plain, proc,
+                                                                            extra, waits):
+    """Async scheduling: the step before is still in flight when a step samples. A processor
+    that never reads output ids samples without waiting for it (on an accelerator, no host
+    sync a step); one that reads them waits (``OutputIds``) and reads every token."""
+    with LLM(tokenized_model, **ENGINE, async_scheduling=True, logits_processors=[f"{PROCS}:{proc}"]) as llm:
+        steps = llm.engine.core.runner.steps
+        in_flight, resolve_all = [], steps.resolve_all
+        steps.resolve_all = lambda: (in_flight.append(len(steps.unresolved)), resolve_all())
+        out = llm.generate(PROMPTS[:2], [_greedy(9, **extra), _greedy(12)], use_tqdm=False)
+    assert any(in_flight) is waits
+    prompt = out[0].prompt_token_ids
+    forced = [prompt[0], prompt[-1]] * 4 + [prompt[0]] if waits else [9] * 9
+    assert _tokens(out) == [forced, plain[PROMPTS[1]]]
+
+
 def test_the_adapter_wraps_a_per_request_callable(tokenized_model, plain):
     with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:WrappedPerReqLogitsProcessor"]) as engine:
         params = [_greedy(6, target_token=128), _greedy(12), _greedy(6, target_token=67), _greedy(12)]
@@ -184,6 +203,19 @@ def test_an_argmax_invariant_processor_applies_to_random_sampling_only(llm, plai
     for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
         ranked = sorted(top.items(), key=lambda kv: -kv[1].logprob)
         assert token in [t for t, _ in ranked[:2]]  # of the raw logprobs' two best
+
+
+def test_min_p_applies_before_the_argmax_invariant_processors(tokenized_model):
+    """vLLM's order: min-p (on the temperature-scaled logits) drops tokens first, then the
+    argmax-invariant processors run; a processor that flattens the row samples among min-p's
+    survivors only. Min-p after it would keep nearly every token (the row is flat by then)."""
+    with LLM(tokenized_model, **ENGINE, logits_processors=[f"{PROCS}:FlatteningProcessor"]) as engine:
+        params = SamplingParams(temperature=1.0, min_p=0.5, max_tokens=24, ignore_eos=True, logprobs=1, seed=3,
+                                extra_args={"flatten": True})
+        (out,) = engine.generate(PROMPTS[0], params, use_tqdm=False)
+    for token, top in zip(out.outputs[0].token_ids, out.outputs[0].logprobs):
+        best = max(lp.logprob for lp in top.values())  # the raw logprobs' best
+        assert top[token].logprob >= best + math.log(0.5) - 1e-5  # a min-p survivor
 
 
 def test_speculative_decoding_and_pooling_are_refused(tokenized_model):

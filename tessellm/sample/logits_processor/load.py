@@ -24,13 +24,37 @@ _VLLM_IMPORT = ("a processor written for vLLM: change `from vllm.v1.sample.logit
                 "...` to `from tessellm.sample.logits_processor import ...`")
 
 
-def load_classes(specs: Optional[Sequence] = None) -> list[type]:
-    """The installed entry points' classes, then ``specs``' (each once, in that order)."""
+def load_classes(specs: Optional[Sequence] = None, warn: bool = True) -> list[type]:
+    """The installed entry points' classes, then ``specs``' (each once, in that order);
+    ``warn``: log the installed ones skipped (``_installed``)."""
     classes: list[type] = []
-    for cls in _installed() + [load_class(s) for s in specs or ()]:
+    for cls in _installed(warn) + [load_class(s) for s in specs or ()]:
         if cls not in classes:
             classes.append(cls)
     return classes
+
+
+def engine_classes(specs: Optional[Sequence], pooling: bool, speculative: bool, warn: bool = True) -> list[type]:
+    """The classes an engine builds (its engine core and the rank that samples ask alike), as
+    vLLM's ``build_logitsprocs``: none for a pooling engine or under speculative decoding, where
+    processors cannot run; given ones are then refused, naming the fix, installed ones skipped
+    with a warning (nobody asked for them here). ``warn``: False where the engine core has
+    warned already (the worker ranks)."""
+    if not pooling and not speculative:
+        return load_classes(specs, warn)
+    what = "this engine pools (embeddings)" if pooling else "speculative decoding is on"
+    if specs:
+        if pooling:
+            raise ValueError("logits_processors apply to generating models; this engine pools "
+                             "(embeddings); drop logits_processors.")
+        names = ", ".join(s.__qualname__ if isinstance(s, type) else str(s) for s in specs)
+        raise ValueError(f"Custom logits processors ({names}) do not combine with speculative decoding "
+                         "yet (a processor sees one row per request; a verifying request has several); "
+                         "drop speculative_config or logits_processors.")
+    skipped = [f"{ep.name} = {ep.value!r}" for group in GROUPS for ep in entry_points(group=group)]
+    if skipped and warn:
+        logger.warning("Installed logits processor plugins not used (%s): %s.", what, ", ".join(skipped))
+    return []
 
 
 def load_class(spec) -> type:
@@ -60,15 +84,28 @@ def _checked(obj, name: str) -> type:
     return obj
 
 
-def _installed() -> list[type]:
+def _installed(warn: bool = True) -> list[type]:
+    """The entry points' classes. One of ``tessellm.logits_processors`` (installed for
+    tessellm) that fails to load stops the engine, naming it. One of ``vllm.logits_processors``
+    was installed for vLLM and may import vLLM itself: nobody asked tessellm for it, so one
+    that fails is skipped with a warning naming its package (a class the user names in
+    ``logits_processors`` still loads or fails there, ``load_class``)."""
     classes = []
     for group in GROUPS:
         for ep in entry_points(group=group):
             try:
                 classes.append(_checked(ep.load(), ep.value))
             except Exception as exc:
-                raise ValueError(f"The logits processor plugin {ep.name} = {ep.value!r} (entry point "
-                                 f"group {group}) failed to load: {exc}; fix or uninstall its package.") from exc
+                package = getattr(getattr(ep, "dist", None), "name", None) or "unknown"
+                where = f"{ep.name} = {ep.value!r} (package {package}, entry point group {group})"
+                if group == GROUPS[0]:
+                    raise ValueError(f"The logits processor plugin {where} failed to load: {exc}; fix "
+                                     "or uninstall its package.") from exc
+                if warn:
+                    logger.warning("Skipping the vLLM logits processor plugin %s: it failed to load "
+                                   "under tessellm (%s: %s). If you want it, port it (%s) and name it "
+                                   "in logits_processors; else uninstall %s to silence this.",
+                                   where, type(exc).__name__, exc, _VLLM_IMPORT, package)
     return classes
 
 

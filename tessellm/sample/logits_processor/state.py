@@ -20,7 +20,7 @@ a swap where the target holds a request, a one-way move where it is empty::
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -35,20 +35,33 @@ class LogitsProcessorError(RuntimeError):
     """A processor raised in ``update_state`` or ``apply``: the step's requests fail with it."""
 
 
+def _nothing_pending() -> None:
+    return None
+
+
 class OutputIds(Sequence):
     """A live view of a runner request's output token ids (vLLM hands processors the list
-    itself; here it is the tail of ``RunnerRequest.token_ids``, read when asked)."""
+    itself; here it is the tail of ``RunnerRequest.token_ids``, read when asked). Under async
+    scheduling the last steps' tokens may still be on the device (``num_pending``): a read
+    first calls ``resolve`` (the runner's: wait for them), so only a processor that reads
+    output ids waits for the steps in flight, and only when it reads."""
 
-    __slots__ = ("_state",)
+    __slots__ = ("_state", "_resolve")
 
-    def __init__(self, state):
+    def __init__(self, state, resolve: Callable[[], None] = _nothing_pending):
         self._state = state
+        self._resolve = resolve
+
+    def _token_ids(self) -> list[int]:
+        if getattr(self._state, "num_pending", 0):
+            self._resolve()
+        return self._state.token_ids
 
     def _ids(self) -> list[int]:
-        return self._state.token_ids[self._state.num_prompt_tokens:]
+        return self._token_ids()[self._state.num_prompt_tokens:]
 
     def __len__(self) -> int:
-        return len(self._state.token_ids) - self._state.num_prompt_tokens
+        return len(self._token_ids()) - self._state.num_prompt_tokens
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -71,9 +84,10 @@ class OutputIds(Sequence):
         return repr(self._ids())
 
 
-def batch_update(before: list, rows: list) -> Optional[BatchUpdate]:
+def batch_update(before: list, rows: list, resolve: Callable[[], None] = _nothing_pending) -> Optional[BatchUpdate]:
     """The ``BatchUpdate`` that turns index -> request ``before`` into ``rows`` (see the module
-    docstring); None when they are the same."""
+    docstring); None when they are the same. ``resolve``: what an added request's output ids
+    call before a read while tokens are pending (``OutputIds``)."""
     if len(before) == len(rows) and all(a is b for a, b in zip(before, rows)):
         return None
     wanted = {id(s) for s in rows}
@@ -91,7 +105,7 @@ def batch_update(before: list, rows: list) -> Optional[BatchUpdate]:
         i = j if j in targets else others.pop(0)
         slots[i], where[id(s)] = s, i
         prompt = None if s.embeds_prompt else s.token_ids[:s.num_prompt_tokens]
-        added.append((i, s.params, prompt, OutputIds(s)))
+        added.append((i, s.params, prompt, OutputIds(s, resolve)))
     reused = {i for i, *_ in added}
     removed = [i for i in removed if i not in reused]  # an added request replaces it
     moved = []
@@ -127,13 +141,15 @@ class LogitsProcessors:
         self.changes_argmax = [p for p in self.processors if not p.is_argmax_invariant()]
         self.keeps_argmax = [p for p in self.processors if p.is_argmax_invariant()]
 
-    def update(self, rows: list) -> None:
-        """Tell every processor the step's rows (the runner's states, in logits-row order). A
-        request of a failed step is shown as a plain request (``_Finished``): it is finished,
-        its tokens are discarded, and it must not fail the step it is still scheduled in."""
+    def update(self, rows: list, resolve: Callable[[], None] = _nothing_pending) -> None:
+        """Tell every processor the step's rows (the runner's states, in logits-row order);
+        ``resolve``: waits for the steps in flight, called when a processor reads output ids
+        that are still pending. A request of a failed step is shown as a plain request
+        (``_Finished``): it is finished, its tokens are discarded, and it must not fail the
+        step it is still scheduled in."""
         if self._failed:
             rows = [self._failed.get(id(r), (r, r))[1] for r in rows]
-        change = batch_update(self._rows, rows)
+        change = batch_update(self._rows, rows, resolve)
         self._rows = list(rows)
         for p in self.processors:
             _guarded(p, "update_state", change)
