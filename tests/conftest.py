@@ -124,28 +124,46 @@ def pytest_terminal_summary(terminalreporter):
             f"{counts['forked_new']} by a new forkserver, {counts['spawned']} spawned")
 
 
-# Test files that start a local Ray cluster (ray.init, or the `serve --ray` launcher): under
-# pytest-xdist they run on one worker, one after another. Two clusters at once on a 2-core
-# machine would each claim the cores Ray counts for its actors and placement (the fleets ask
-# for num_cpus=2), and share Ray's session directory.
-_RAY_SCOPES = ("tests/ray/", "tests/distributed/test_ray_executor.py")
+# Test files that run whole on one worker under pytest-xdist (``--dist loadfile``), one after
+# another: unit name -> path prefixes.
+# - "ray cluster": the files that start a local Ray cluster (ray.init, or the `serve --ray`
+#   launcher). Two clusters at once on a 2-core machine would each claim the cores Ray counts for
+#   its actors and placement (the fleets ask for num_cpus=2), and share Ray's session directory.
+# - "server": time, not correctness. tests/server/conftest.py's session servers (``server``, the
+#   default one most of those files use, and ``tools_server``) start once per worker process that
+#   uses them (~10 s each on a busy 2-core machine); on one worker, once.
+# - "bundled hf model": the same for ``bundled_hf_model`` (HF's load of the bundled GGUF, ~11 s),
+#   the oracle of these two files.
+# A unit of many tests is handed out early (xdist's --loadscope-reorder, its default: units by
+# test count, most first), so a big unit does not make a long tail at the run's end.
+_SHARED_UNITS = {
+    "ray cluster": ("tests/ray/", "tests/distributed/test_ray_executor.py"),
+    "server": ("tests/server/",),
+    "bundled hf model": ("tests/loader/test_gguf_loader.py", "tests/models/test_default_model.py"),
+}
+
+
+def xdist_unit(nodeid: str, file_scope: str) -> str:
+    """The xdist work unit of a test: its ``_SHARED_UNITS`` name, else its file."""
+    return next((unit for unit, prefixes in _SHARED_UNITS.items() if nodeid.startswith(prefixes)),
+                file_scope)
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` (.ci/run), with the Ray test files (``_RAY_SCOPES``) as one unit:
-    each test file runs whole on one worker (its module fixtures, an engine or a server, are
-    built once), and the Ray files all on the same one. Other modes are xdist's own."""
+    """``--dist loadfile`` (.ci/run), with the files of each ``_SHARED_UNITS`` entry as one
+    unit: each test file runs whole on one worker (its module fixtures, an engine or a server,
+    are built once), and the files of a shared unit all on the same one. Other modes are
+    xdist's own."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class RayFilesTogether(LoadFileScheduling):
+    class SharedUnitsTogether(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            scope = super()._split_scope(nodeid)
-            return "ray cluster" if scope.startswith(_RAY_SCOPES) else scope
+            return xdist_unit(nodeid, super()._split_scope(nodeid))
 
-    return RayFilesTogether(config, log)
+    return SharedUnitsTogether(config, log)
 
 
 def pytest_unconfigure(config):

@@ -65,8 +65,11 @@ def test_unknown_quant_scheme_is_refused(target):
 def test_bad_requests_are_rejected_and_engine_keeps_serving(target, tiny_llama_dir):
     from tessellm import LLM
 
+    # eager: the requests are refused before any step, and capturing graphs (the toy backend's
+    # torch.compile, the cpu backend's compiled decode) was most of this test's time; the graphs
+    # are test_graph.py's and test_generation.py's
     llm = LLM(tiny_llama_dir, device=target.name, emulate=target.emulated, dtype="float32",
-              num_kv_blocks=32, max_model_len=128, max_num_seqs=4)
+              num_kv_blocks=32, max_model_len=128, max_num_seqs=4, enforce_eager=True)
     bad = [{"prompt_token_ids": [1, 100000]}, {"prompt_token_ids": [1] * 200},
            {"prompt_token_ids": []}, {"prompt_token_ids": [1, -3]}]
     for prompt in bad:

@@ -147,6 +147,12 @@ def _oracle(src: torch.Tensor, num_blocks: int, mapping) -> torch.Tensor:
     return out
 
 
+# The engines below run one request at a time: two sequences' room captures the graphs they
+# replay (batch 1, and 2) and not the default's ladder up to 256 (the toy backend traces each
+# size with torch.compile, seconds apiece; eight engines here)
+FEW_GRAPHS = dict(max_num_seqs=2)
+
+
 def test_generation_with_host_tier_equals_without(target, tiny_llama_dir):
     """A prompt evicted from a 12-block device cache by two others comes back from the host
     tier (no recompute) and generates the same greedy tokens."""
@@ -159,7 +165,8 @@ def test_generation_with_host_tier_equals_without(target, tiny_llama_dir):
     outs = {}
     for size in (None, 0.01):
         with LLM(tiny_llama_dir, device=target.name, dtype="float32", block_size=4,
-                 num_kv_blocks=12, max_model_len=128, kv_offloading_size=size) as llm:
+                 num_kv_blocks=12, max_model_len=128, kv_offloading_size=size,
+                 **FEW_GRAPHS) as llm:
             outs[size] = [greedy_tokens(llm, [p], 4)[0] for p in order]
             host = llm.engine.core.kv.host
             if size is not None:
@@ -206,7 +213,7 @@ def test_generation_through_a_kv_connector_equals_without(target, tiny_llama_dir
             "kv_connector_extra_config": {"shared_storage_path": str(tmp_path),
                                           "load_async": load_async}}
         with LLM(tiny_llama_dir, device=target.name, dtype="float32", block_size=4,
-                 num_kv_blocks=32, max_model_len=128, kv_transfer_config=kv) as llm:
+                 num_kv_blocks=32, max_model_len=128, kv_transfer_config=kv, **FEW_GRAPHS) as llm:
             outs[role] = greedy_tokens(llm, [prompt], 4)[0]
             if role == "kv_consumer":  # loaded, not recomputed after a failed load
                 stats = llm.engine.core.scheduler.stats().kv_connector
