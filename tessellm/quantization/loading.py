@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 _DTYPE_KEPT = {"weight_scale", "input_scale", "input_scale_ub", "scales", "qweight", "qzeros",
-               "g_idx"}
+               "g_idx", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "SCB"}
 _FLOATS_CAST = ("F64", "F32", "F16", "BF16")  # safetensors dtypes cast to the model dtype
 
 
@@ -61,6 +61,10 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
     rename = getattr(model, "checkpoint_names", None)  # a family's own checkpoint names
     if rename is not None:
         weights = rename(weights)
+    # a scheme's own checkpoint names (bitsandbytes' ``weight.absmax``: ``bnb.checkpoint_names``)
+    for scheme_names in {getattr(layer.quant_method, "checkpoint_names", None)
+                         for layer in layers.values()} - {None}:
+        weights = scheme_names(weights)
     routed: set[str] = set()
     pending: dict[str, dict] = {}  # layer name -> shard -> dense rows (foreign methods only)
 
