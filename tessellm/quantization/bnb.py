@@ -17,21 +17,17 @@ nested absmaxes are widened to float32 at load (4 bytes a block instead of ~1: a
 
 ``Bnb4Weight`` is the in-memory segment (codes as stored: 4 bits a weight); its ``dequantize``
 (and ``dequantize_bnb4``) is the reference the Triton kernel and the tests compare against.
+``bnb_stored.py`` gathers a checkpoint's tensors into such segments.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Iterable, Iterator
-
 import torch
 
 from tessellm.quantization.packed import PackedWeight
 
 QUANT_TYPES = ("nf4", "fp4")
-# The checkpoint tensors of one bnb 4-bit weight, under the names the method takes (a stored
-# ``<p>.weight.<part>`` becomes ``<p>.weight_<part>``: see ``checkpoint_names``).
-STATE_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state")
 
 
 class Bnb4Weight(PackedWeight):
@@ -159,27 +155,3 @@ def quantize_bnb4(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     scaled = blocks / absmax.clamp(min=1e-30)[:, None]
     q = (scaled.reshape(-1, 1) - code[None, :]).abs().argmin(dim=1)[:n * k]
     return Bnb4Weight(pack_bnb4(q.reshape(n, k)), absmax, code, blocksize)
-
-
-def checkpoint_tensors(w: Bnb4Weight, quant_type: str) -> dict:
-    """The tensors of one weight as a (single-quantized) bnb checkpoint stores them, under the
-    names the method takes: ``weight``, ``weight_absmax``, ``weight_quant_map``,
-    ``weight_quant_state``."""
-    state = {"quant_type": quant_type, "blocksize": w.blocksize, "dtype": "float32",
-             "shape": [w.out_features, w.in_features]}
-    raw = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
-    return {"weight": w.qweight.reshape(-1, 1), "weight_absmax": w.absmax,
-            "weight_quant_map": w.code, "weight_quant_state": raw}
-
-
-def checkpoint_names(weights: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
-    """A bnb checkpoint's tensor names in the form the loader routes: ``<p>.weight.<part>`` ->
-    ``<p>.weight_<part>`` (``weight.quant_state.bitsandbytes__nf4`` -> ``weight_quant_state``),
-    so each lands on layer ``<p>`` as attribute ``weight_<part>``; others unchanged."""
-    for name, tensor in weights:
-        prefix, sep, tail = name.rpartition(".weight.")
-        part = "quant_state" if tail.startswith("quant_state.bitsandbytes__") else tail
-        if sep and part in STATE_PARTS:
-            yield f"{prefix}.weight_{part}", tensor
-        else:
-            yield name, tensor

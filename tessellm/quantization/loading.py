@@ -59,12 +59,13 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
     layers = quantized_linears(model)
     stacked = getattr(model, "stacked_params", ())
     rename = getattr(model, "checkpoint_names", None)  # a family's own checkpoint names
-    if rename is not None:
-        weights = rename(weights)
-    # a scheme's own checkpoint names (bitsandbytes' ``weight.absmax``: ``bnb.checkpoint_names``)
+    # a scheme's own checkpoint form first (bitsandbytes: each weight gathered with its state,
+    # ``bnb_stored.stored_weights``), so a family's renames and cuts move it whole
     for scheme_names in {getattr(layer.quant_method, "checkpoint_names", None)
                          for layer in layers.values()} - {None}:
         weights = scheme_names(weights)
+    if rename is not None:
+        weights = rename(weights)
     routed: set[str] = set()
     pending: dict[str, dict] = {}  # layer name -> shard -> dense rows (foreign methods only)
 

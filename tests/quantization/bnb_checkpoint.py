@@ -58,10 +58,10 @@ def dequantized(path: str) -> dict:
     return out
 
 
-def bnb_maker(root, configs: dict, seed: int):
+def bnb_maker(root, config_of, seed: int):
     """``make(arch, **bnb)``: the ``(bnb dir, dequantized dir)`` of a tiny random HF model of
-    ``configs[arch]`` under ``root`` (made once per arch and settings; ``bnb``: ``write_bnb``'s
-    ``bits``, ``quant_type``, ``double_quant``)."""
+    config ``config_of(arch)`` under ``root`` (made once per arch and settings; ``bnb``:
+    ``write_bnb``'s ``bits``, ``quant_type``, ``double_quant``)."""
     from transformers import AutoModelForCausalLM
 
     made: dict = {}
@@ -70,7 +70,7 @@ def bnb_maker(root, configs: dict, seed: int):
         dense = str(root / f"{arch}-dense")
         if not os.path.isdir(dense):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(configs[arch], dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config_of(arch), dtype=torch.float32)
             model.save_pretrained(dense)
         key = (arch, tuple(sorted(bnb.items())))
         if key not in made:

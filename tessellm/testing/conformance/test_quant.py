@@ -301,8 +301,10 @@ def test_bnb4_checkpoint_layer(target, quant_type):
     codes two a byte, one absmax per 64 flattened weights, the type's 16-entry table) of two
     fused shards, the first ending inside a block (so they stay two segments): at 1 and 9 rows
     its product is the dequantized weight's. Needs no bitsandbytes package (the checkpoint
-    tensors come from ``bnb.quantize_bnb4``)."""
-    from tessellm.quantization.bnb import checkpoint_tensors, quantize_bnb4
+    codes come from ``bnb.quantize_bnb4``; the loader hands such a weight over whole, its state
+    gathered with it: ``bnb_stored.StoredBnb``)."""
+    from tessellm.quantization.bnb import quantize_bnb4
+    from tessellm.quantization.bnb_stored import StoredBnb
 
     if "bitsandbytes" not in (target.backend.capabilities.get("quantization") or []):
         pytest.skip(f"{target.name} does not declare bitsandbytes")
@@ -316,8 +318,7 @@ def test_bnb4_checkpoint_layer(target, quant_type):
     dense = []
     for shard, n in enumerate(sizes):
         w = quantize_bnb4(torch.randn(n, k, generator=g), quant_type)
-        for name, t in checkpoint_tensors(w, quant_type).items():
-            method.load_weight(layer, name, t.to(target.device), shard)
+        method.load_weight(layer, "weight", StoredBnb(f"shard{shard}.weight", w), shard)
         dense.append(w.dequantize())
     _assert_dequantized_products(target, method, layer, torch.cat(dense), g, 1e-4)
 
