@@ -156,9 +156,10 @@ class TritonQuantOps:
         return fp8_block_mm(x, w, bias)
 
     def bnb4_mm(self, x, w, bias=None):
-        """bitsandbytes 4-bit (``quantization/bnb.py``): the Triton dequantization (``code[q] *
-        absmax`` a flat block) into x's dtype, then cuBLAS (``gemm/bnb4.py``). Not measured on
-        a GPU yet."""
+        """bitsandbytes 4-bit (``quantization/bnb.py``, ``gemm/bnb4.py``): up to
+        ``bnb4.GEMV_MAX_M`` rows a GEMV reading the codes once, else the Triton dequantization
+        (``code[q] * absmax`` a flat block) into x's dtype, then cuBLAS. Not measured on a GPU
+        yet."""
         return bnb4_mm(x, w, bias)
 
     def fp8_mm_silu_and_mul(self, x, w: Fp8Weight, bias=None):
