@@ -20,15 +20,19 @@ from tests.quantization.block_fp8_checkpoint import write_checkpoint
 
 
 def write_bnb(dense_dir: str, bnb_dir: str, deq_dir: str, bits: int = 4,
-              quant_type: str = "nf4", double_quant: bool = False) -> tuple[str, str]:
+              quant_type: str = "nf4", double_quant: bool = False,
+              skip_modules: str = "") -> tuple[str, str]:
+    """``skip_modules``: comma-separated module names left in float (``llm_int8_skip_modules``,
+    as unsloth's "dynamic" quants leave some layers)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": skip_modules.split(",") + ["lm_head"]} if skip_modules else {}
     if bits == 4:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                     bnb_4bit_use_double_quant=double_quant,
-                                    bnb_4bit_compute_dtype=torch.float32)
+                                    bnb_4bit_compute_dtype=torch.float32, **skip)
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, **skip)
     model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=config,
                                                  device_map="cpu", dtype=torch.float32)
     model.save_pretrained(bnb_dir)

@@ -215,6 +215,18 @@ def test_bnb4_checkpoint_on_a_gpu(checkpoints):
     assert agree >= 0.8 * len(PROMPTS) * MAX_NEW
 
 
+def test_layers_left_in_float_stay_dense(checkpoints):
+    """``llm_int8_skip_modules`` (down_proj here): those layers are stored float and served
+    dense beside the 4-bit ones, the dequantized model's tokens."""
+    from tests.conftest import hf_greedy
+
+    bnb_dir, deq_dir = checkpoints("llama", bits=4, quant_type="nf4", skip_modules="down_proj")
+    layers = quantized_linears(build(bnb_dir))
+    assert [s.kind for s in layers["layers.1.mlp.down_proj"].segments] == ["dense"]
+    assert [s.kind for s in layers["layers.1.mlp.gate_up_proj"].segments] == ["bnb4"]
+    assert generate(bnb_dir, PROMPTS, MAX_NEW) == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
 def test_bnb4_layers_keep_the_stored_codes(checkpoints):
     """Each 4-bit layer holds the checkpoint's bytes (``N*K/2``), one float32 absmax a block of
     64 (double quant widened) and the table: no dense weight; q/k/v and gate/up stack into one
