@@ -152,6 +152,7 @@ def quantize_bnb4(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     flat[:n * k] = w.float().reshape(-1)
     blocks = flat.view(nb, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp(min=1e-30)[:, None]
-    q = (scaled.reshape(-1, 1) - code[None, :]).abs().argmin(dim=1)[:n * k]
+    scaled = (blocks / absmax.clamp(min=1e-30)[:, None]).reshape(-1)[:n * k]
+    values, order = code.sort()  # nearest entry: the bucket between midpoints (O(N*K) memory)
+    q = order[torch.bucketize(scaled, (values[1:] + values[:-1]) / 2)]
     return Bnb4Weight(pack_bnb4(q.reshape(n, k)), absmax, code, blocksize)
