@@ -241,10 +241,10 @@ def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
     """What tensor parallelism cannot split, refused before any weight is read (the engine
     calls this before its workers start). Each rank quantizes its slice of a dense checkpoint
     (int8, fp8), and cuts a pre-quantized one as stored (``quantization/sharding.py``: fp8
-    with its scales, AWQ/GPTQ int4, GGUF blocks, bnb 8-bit). Left: GPTQ act-order, whose groups
-    scatter over every row-parallel rank's inputs, and bnb 4-bit (blocks over flattened
-    weights). (A split off the int4 group or GGUF block boundaries, which needs the layers'
-    sizes, is refused as its layer loads.)"""
+    with its scales, AWQ/GPTQ int4, GGUF blocks, bitsandbytes). Left: GPTQ act-order, whose
+    groups scatter over every row-parallel rank's inputs. (A split off the int4 group, GGUF or
+    bnb 4-bit block boundaries, which needs the layers' sizes, is refused as its layer
+    loads.)"""
     if quant_spec is None or tp_size == 1:
         return
     if quant_spec.scheme == "gptq" and quant_spec.config.get("desc_act"):
@@ -253,13 +253,6 @@ def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
                          "scattered over every rank's columns of the row-parallel layers; use "
                          "tensor_parallel_size=1 (or pipeline_parallel_size), or a GPTQ "
                          "checkpoint quantized without desc_act.")
-    if quant_spec.scheme == "bitsandbytes" and quant_spec.config.get("format") == "bnb4":
-        raise ValueError(f"A pre-quantized bitsandbytes 4-bit checkpoint cannot run with "
-                         f"tensor_parallel_size={tp_size}: its blocks run over each weight's "
-                         "flattened values, so a rank's rows or columns do not own whole blocks "
-                         "(vLLM refuses it too); use tensor_parallel_size=1 (or "
-                         "pipeline_parallel_size), or load the unquantized checkpoint with "
-                         "quantization='bitsandbytes' (each rank quantizes its part).")
 
 
 def _drop_lm_head(model) -> None:

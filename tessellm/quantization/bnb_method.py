@@ -13,9 +13,9 @@ activations and which vLLM does not run either). A layer the checkpoint left in 
 ``quantization="bitsandbytes"`` on a dense checkpoint quantizes each linear to NF4 with double
 quantization (blocksize 64; vLLM's defaults) through the ``bitsandbytes`` package's
 ``quantize_4bit``, then loads the result as a pre-quantized weight. Tensor parallelism: each rank
-quantizes its own slice; a pre-quantized 4-bit checkpoint is refused at ``T > 1``
-(``loader.model_loader.check_tensor_parallel_quantization``: its blocks run over the flattened
-weight; vLLM refuses it too); an 8-bit one is split by rows / columns with its row scales.
+quantizes its own slice on load; a pre-quantized checkpoint is cut as stored (``shard_tensor``):
+8-bit by rows / columns with its row scales, 4-bit by rows or whole blocks of input columns
+(vLLM refuses pre-quantized bnb at ``T > 1``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 
 from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod, dense_segment
+from tessellm.quantization.bnb import Bnb4Weight
 from tessellm.quantization.bnb_stored import StoredBnb, inputs, stored_weights
 
 INFLIGHT = {"quant_type": "nf4", "blocksize": 64, "double_quant": True}
@@ -38,10 +39,22 @@ class BnbMethod(QuantLinearMethod):
         self.prequantized = bool(self.config.get("prequantized", False))
 
     def shard_tensor(self, layer, name, tensor, split):
-        """A stored bnb weight: this rank's rows or (8-bit) input columns; else as dense."""
-        if isinstance(tensor, StoredBnb):
-            return tensor.narrow(split.dim, split.start, split.size)
-        return sharding.dense(layer, name, tensor, split)
+        """A stored bnb weight: this rank's rows or input columns (``bnb_stored.py`` draws the
+        cut); a 4-bit one whose rank part does not hold whole blocks is refused naming the
+        layer. Anything else (a float weight, a bias) as dense."""
+        if not isinstance(tensor, StoredBnb):
+            return sharding.dense(layer, name, tensor, split)
+        seg = tensor.seg
+        if isinstance(seg, Bnb4Weight):
+            k, bs = seg.in_features, seg.blocksize
+            what = f"blocks of {bs} flattened weights of bitsandbytes 4-bit ({k} inputs a row)"
+            if k % bs:
+                raise ValueError(f"{sharding._where(layer, split)}: its {what} span rows, so no "
+                                 "rank's rows or columns hold whole blocks; use "
+                                 "tensor_parallel_size=1 (or pipeline_parallel_size).")
+            if split.dim == 1:
+                sharding._check_groups(layer, split, bs, what)
+        return tensor.narrow(split.dim, split.start, split.size)
 
     def _load(self, layer, name, tensor, shard, pieces):
         if isinstance(tensor, StoredBnb):

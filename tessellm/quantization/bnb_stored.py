@@ -9,11 +9,15 @@ carries them: each stored ``<p>.weight`` with its state becomes one ``StoredBnb`
 
         -> ("<p>.weight", StoredBnb(Bnb4Weight | Int8Weight))
 
-Cutting rows (``split_rows``): a 4-bit part must start on a block boundary of the flattened
-weight (``start * K`` a multiple of the block size: always so in released models, K being a
-multiple of 64), else one absmax would cover two parts -> refused naming the weight. An 8-bit
-weight is also cut by columns for tensor parallelism (``narrow``); a 4-bit one is refused at
-``T > 1`` before loading.
+Cutting rows (``split_rows``, ``narrow`` for a column-parallel rank): a 4-bit part must start
+on a block boundary of the flattened weight (``start * K`` a multiple of the block size: always
+so in released models, K being a multiple of 64), else one absmax would cover two parts ->
+refused naming the weight. Cutting input columns (a row-parallel rank): 8-bit freely (the row
+scales stay whole); 4-bit in whole blocks of every row (``K``, the rank's first input and its
+count multiples of the block size), as ``BnbMethod.shard_tensor`` checks::
+
+    4-bit [N, K], blocks of 64 (K a multiple of 64): absmax viewed [N, K/64]
+    rank r of T:  codes [:, r K/2T : (r+1) K/2T]   absmax [:, r K/64T : (r+1) K/64T]
 """
 
 from __future__ import annotations
@@ -56,15 +60,20 @@ class StoredBnb:
         return parts
 
     def narrow(self, dim: int, start: int, size: int) -> "StoredBnb":
-        """Rows (dim 0) or, 8-bit only, input columns (dim 1): a tensor-parallel rank's part."""
+        """Rows (dim 0) or input columns (dim 1): a tensor-parallel rank's part. 4-bit columns
+        must be whole blocks of every row (``K`` and ``start``, ``size`` multiples of the block
+        size: ``BnbMethod.shard_tensor`` refuses other splits naming the layer)."""
+        seg = self.seg
         if dim == 0:
-            return StoredBnb(self.name, rows_of(self.seg, start, start + size, self.name))
-        if isinstance(self.seg, Bnb4Weight):
-            raise ValueError(f"{self.name}: a bitsandbytes 4-bit weight cannot be split by input "
-                             "columns (its blocks run over the flattened weight); use "
-                             "tensor_parallel_size=1.")
-        return StoredBnb(self.name, Int8Weight(self.seg.qweight[:, start:start + size].contiguous(),
-                                               self.seg.scales, size))
+            return StoredBnb(self.name, rows_of(seg, start, start + size, self.name))
+        if isinstance(seg, Int8Weight):
+            return StoredBnb(self.name, Int8Weight(seg.qweight[:, start:start + size].contiguous(),
+                                                   seg.scales, size))
+        n, k, bs = seg.out_features, seg.in_features, seg.blocksize
+        assert k % bs == 0 and start % bs == 0 and size % bs == 0
+        absmax = seg.absmax.view(n, k // bs)[:, start // bs:(start + size) // bs]
+        return StoredBnb(self.name, Bnb4Weight(seg.qweight[:, start // 2:(start + size) // 2]
+                                               .contiguous(), absmax.reshape(-1), seg.code, bs))
 
 
 def inputs(seg: PackedWeight) -> int:

@@ -11,8 +11,9 @@
   transformers; the 4-bit layers hold the stored codes (4 bits a weight), nothing dense; the
   cuda backend's kernels give them too (interpreted);
 * ``quantization="bitsandbytes"`` on the dense checkpoint quantizes as transformers does (the
-  same codes, the same tokens); tensor parallelism: 8-bit ranks hold their rows / columns,
-  pre-quantized 4-bit refused at T > 1;
+  same codes, the same tokens); tensor parallelism: 4-bit and 8-bit ranks hold their rows /
+  columns (4-bit: whole blocks), two cpu workers generate as one device, a split off the
+  blocks is refused;
 * bad input refused with one sentence naming the fix.
 """
 
@@ -46,16 +47,20 @@ FORMS = [dict(bits=4, quant_type="nf4", double_quant=True),
 def checkpoints(tmp_path_factory):
     """Made by the bitsandbytes package (the ``[test]`` extra); skipped without it."""
     pytest.importorskip("bitsandbytes")
-    from transformers import Phi3Config
+    from transformers import LlamaConfig, Phi3Config
 
     from tests.conftest import TINY_COMMON, _tiny_configs
     from tests.quantization.bnb_checkpoint import bnb_maker
 
     tiny = _tiny_configs()
-    phi3 = Phi3Config(**TINY_COMMON, tie_word_embeddings=False, pad_token_id=0, eos_token_id=2,
-                      bos_token_id=1)
+    more = {"phi3": lambda: Phi3Config(**TINY_COMMON, tie_word_embeddings=False, pad_token_id=0,
+                                       eos_token_id=2, bos_token_id=1),
+            # every rank's inputs whole blocks of 64 at T=2 (o_proj 128, down_proj 256)
+            "llama-wide": lambda: LlamaConfig(**dict(TINY_COMMON, hidden_size=128,
+                                                     intermediate_size=256),
+                                              tie_word_embeddings=False, initializer_range=0.1)}
     return bnb_maker(tmp_path_factory.mktemp("bnb"),
-                     lambda arch: phi3 if arch == "phi3" else tiny[arch], seed=1234)
+                     lambda arch: more[arch]() if arch in more else tiny[arch], seed=1234)
 
 
 def _library_quantized(w: torch.Tensor, quant_type: str, double_quant: bool, blocksize=64):
@@ -276,16 +281,40 @@ def test_bnb8_ranks_hold_their_part(checkpoints):
     assert_ranks_hold_their_part(bnb_dir, "cpu", 2)
 
 
-def test_bnb4_refused_with_tensor_parallelism(checkpoints):
-    from tessellm.config import resolve_model
-    from tessellm.loader.model_loader import check_tensor_parallel_quantization
-    from tessellm.quantization.config import resolve_quant_spec
+@pytest.mark.parametrize("form", [FORMS[0], FORMS[3]], ids=["nf4-dq", "fp4"])
+def test_bnb4_ranks_hold_their_part(checkpoints, form):
+    """4-bit at T=2: column-parallel ranks hold their rows of codes and absmaxes, row-parallel
+    ones whole blocks of each row's inputs; bit for bit the one-device layer's."""
+    from tests.distributed.test_parallel_prequantized import assert_ranks_hold_their_part
 
-    bnb_dir, _ = checkpoints("llama", bits=4, quant_type="nf4", double_quant=False)
-    spec = resolve_quant_spec(None, resolve_model(bnb_dir))
-    check_tensor_parallel_quantization(spec, 1)
-    with pytest.raises(ValueError, match="tensor_parallel_size=2.*quantization='bitsandbytes'"):
-        check_tensor_parallel_quantization(spec, 2)
+    bnb_dir, _ = checkpoints("llama-wide", **form)
+    assert_ranks_hold_their_part(bnb_dir, "cpu", 2)
+
+
+def test_bnb4_tp2_generates_like_one_device(checkpoints):
+    """Two cpu workers (gloo) serve the nf4 checkpoint with the one-device model's greedy
+    tokens and prompt log-probabilities (to float32 reassociation: row-parallel layers sum
+    the ranks' partial products)."""
+    from tests.models.variant_parity import ours
+
+    bnb_dir, _ = checkpoints("llama-wide", **FORMS[0])
+    run = lambda **kw: ours(bnb_dir, PROMPTS[:2], 4, device="cpu", num_kv_blocks=64,  # noqa: E731
+                            seed=0, **kw)
+    one, two = run(), run(tensor_parallel_size=2)
+    assert two[0] == one[0]
+    for got, want in zip(two[1], one[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_bnb4_split_off_blocks_refused(checkpoints):
+    """T=4: o_proj's 128 inputs give each rank 32, half a block of 64: refused naming the
+    layer and the fix."""
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    bnb_dir, _ = checkpoints("llama-wide", **FORMS[0])
+    with pytest.raises(ValueError, match=r"o_proj cannot be split over tensor_parallel_size=4: "
+                                         r"each rank would take 32 of its 128 inputs"):
+        build(bnb_dir, tp=TensorParallel(0, 4))
 
 
 def test_quantized_on_load_under_tensor_parallelism(checkpoints):
