@@ -23,6 +23,7 @@ nested absmaxes are widened to float32 at load (4 bytes a block instead of ~1: a
 from __future__ import annotations
 
 import json
+
 import torch
 
 from tessellm.quantization.packed import PackedWeight

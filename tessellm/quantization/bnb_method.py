@@ -20,8 +20,6 @@ quantizes its own slice on load; a pre-quantized checkpoint is cut as stored (``
 
 from __future__ import annotations
 
-import torch
-
 from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod, dense_segment
 from tessellm.quantization.bnb import Bnb4Weight
