@@ -59,6 +59,31 @@ class StoredBnb:
             start += rows
         return parts
 
+    def split(self, sizes, dim: int = 0) -> list["StoredBnb"]:
+        """``Tensor.split`` by rows, as families that cut fused tensors call it (Falcon)."""
+        if dim != 0 or isinstance(sizes, int):
+            raise self._unsupported(f"split({sizes!r}, dim={dim})")
+        return self.split_rows(list(sizes))
+
+    def chunk(self, parts: int, dim: int = 0) -> list["StoredBnb"]:
+        if dim != 0 or self.shape[0] % parts:
+            raise self._unsupported(f"chunk({parts}, dim={dim})")
+        return self.split_rows([self.shape[0] // parts] * parts)
+
+    def __getattr__(self, attr: str):
+        """Any other tensor operation a family's loader tries (e.g. GPT-NeoX's per-head
+        ``unflatten``): an AttributeError (``hasattr`` stays False) saying why."""
+        if attr.startswith("__") or attr in ("name", "seg"):
+            raise AttributeError(attr)
+        raise self._unsupported(attr)
+
+    def _unsupported(self, what: str) -> AttributeError:
+        return AttributeError(f"{self.name} is a bitsandbytes-quantized weight, which this model "
+                              f"family's loader cuts with {what}; tessellm cuts bnb weights "
+                              "only into runs of whole rows, so this family's bnb checkpoints "
+                              "are not supported (load the dense checkpoint, or with "
+                              "quantization='bitsandbytes' to quantize it on load).")
+
     def narrow(self, dim: int, start: int, size: int) -> "StoredBnb":
         """Rows (dim 0) or input columns (dim 1): a tensor-parallel rank's part. 4-bit columns
         must be whole blocks of every row (``K`` and ``start``, ``size`` multiples of the block

@@ -178,8 +178,17 @@ def test_fused_cut_inside_a_block_refused():
                        quantize_bnb4(torch.randn(10, 40)))
     with pytest.raises(ValueError, match=r"qkv_proj\.weight .* cannot be cut at row 3"):
         stored.split_rows([3, 7])
-    parts = StoredBnb("w", quantize_bnb4(torch.randn(16, 40))).split_rows([8, 8])  # 320 = 5 x 64
+    whole = StoredBnb("w", quantize_bnb4(torch.randn(16, 40)))
+    parts = whole.split_rows([8, 8])  # 320 = 5 x 64
     assert [p.shape[0] for p in parts] == [8, 8]
+    assert [p.shape[0] for p in whole.split([8, 8], dim=0)] == [8, 8]  # Falcon's form
+    assert torch.equal(torch.cat([p.seg.dequantize() for p in whole.chunk(2)]),
+                       whole.seg.dequantize())
+    # GPT-NeoX cuts q/k/v per head (unflatten): refused in one sentence
+    with pytest.raises(AttributeError, match="w is a bitsandbytes-quantized weight, which this "
+                                             "model family's loader cuts with unflatten"):
+        whole.unflatten(0, (2, 8))
+    assert not hasattr(whole, "qtype")  # probes for other formats stay False
 
 
 def test_moe_refused():
