@@ -241,9 +241,10 @@ def check_tensor_parallel_quantization(quant_spec, tp_size: int) -> None:
     """What tensor parallelism cannot split, refused before any weight is read (the engine
     calls this before its workers start). Each rank quantizes its slice of a dense checkpoint
     (int8, fp8), and cuts a pre-quantized one as stored (``quantization/sharding.py``: fp8
-    with its scales, AWQ/GPTQ int4, GGUF blocks). Left: GPTQ act-order, whose groups scatter
-    over every row-parallel rank's inputs. (A split off the int4 group or GGUF block
-    boundaries, which needs the layers' sizes, is refused as its layer loads.)"""
+    with its scales, AWQ/GPTQ int4, GGUF blocks, bitsandbytes). Left: GPTQ act-order, whose
+    groups scatter over every row-parallel rank's inputs. (A split off the int4 group, GGUF or
+    bnb 4-bit block boundaries, which needs the layers' sizes, is refused as its layer
+    loads.)"""
     if quant_spec is None or tp_size == 1:
         return
     if quant_spec.scheme == "gptq" and quant_spec.config.get("desc_act"):

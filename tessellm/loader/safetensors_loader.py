@@ -67,6 +67,11 @@ class LazyTensor:
     def materialize(self) -> torch.Tensor:
         return _cast(self._handle.get_tensor(self.name), self._dtype)
 
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype the file stores, as safetensors names it ("BF16", "U8", ...), unread."""
+        return self._slice.get_dtype()
+
     def stored(self) -> torch.Tensor:
         """The whole tensor in its stored dtype, uncast: a tensor the model keeps in float32
         whatever it runs in (DeepSeek-V3's router bias, ``models/deepseek_v2.py``)."""

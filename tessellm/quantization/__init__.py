@@ -9,6 +9,7 @@ backend's ``QuantOps`` (how packed weights are multiplied) by ``make_quant_metho
     awq   4-bit AWQ (GEMM) checkpoints
     gptq  4-bit GPTQ checkpoints, with or without act-order
     gguf  a .gguf file's Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K blocks kept quantized in memory
+    bitsandbytes  bnb 4-bit (NF4 / FP4, double quant) and 8-bit checkpoints, or NF4 on load
 
 A backend plugin answers ``tessellm_quant_method`` with ``make_quant_method(spec, its_ops)``.
 """
@@ -65,6 +66,10 @@ def make_quant_method(spec: QuantSpec, ops: QuantOps,
         from tessellm.quantization.int4 import Int4Method
 
         return Int4Method(ops, {"format": spec.scheme, **spec.config})
+    if spec.scheme == "bitsandbytes":
+        from tessellm.quantization.bnb_method import BnbMethod
+
+        return BnbMethod(ops, spec.config)
     if spec.scheme == "gguf":
         try:
             from tessellm.quantization.gguf import GgufMethod

@@ -1,8 +1,8 @@
 """The shared skeleton of every quantized linear method, and what a backend must provide.
 
-A scheme (int8, fp8, awq, gptq, gguf) decides how checkpoint tensors become packed segments
-(``packed.py``); a backend decides how a segment is multiplied (``QuantOps``). The plugin's
-``tessellm_quant_method`` hook pairs them: ``make_quant_method(spec, ops)``.
+A scheme (int8, fp8, awq, gptq, gguf, bitsandbytes) decides how checkpoint tensors become
+packed segments (``packed.py``); a backend decides how a segment is multiplied (``QuantOps``).
+The plugin's ``tessellm_quant_method`` hook pairs them: ``make_quant_method(spec, ops)``.
 
 Life of one quantized ``Linear`` (``layer``)::
 
@@ -51,6 +51,12 @@ class QuantOps(Protocol):
     # ``w`` a ``fp8_block.Fp8BlockWeight`` (e4m3 ``[N, K]``, a float32 scale per ``bn x bk``
     # block): the dequantized weight's product (W8A16, the reference) or W8A8 with x quantized
     # per token and group of ``bk`` (``fp8_block.w8a8_block_reference``, the Triton kernels).
+    #
+    # For the ``bitsandbytes`` scheme (listed in ``schemes``): ``bnb4_mm(x, w, bias=None)``,
+    # ``w`` a ``bnb.Bnb4Weight`` (uint8 codes two a byte, a float32 absmax per block of the
+    # flattened weight, the 16-entry code table): the dequantized weight's product
+    # (``backends/reference/quant_ops.TorchQuantOps.bnb4_mm``, the oracle); bnb 8-bit
+    # checkpoints use ``int8_mm``.
     #
     # Optional: ``fp8_mm_silu_and_mul(x, w, bias=None)``, ``silu_and_mul(fp8_mm(x, w, bias))``
     # for a stacked ``[gate; up]`` weight (``[M, 2I]`` -> ``[M, I]``, SiLU rounded to x's dtype

@@ -7,6 +7,8 @@
     fp8_block   unquantized                     quantized on load, 128x128 blocks
     None, fp8   fp8 with weight_block_size      fp8_block, pre-quantized (Qwen3-FP8, DeepSeek-V3)
     gguf        .gguf                           GGUF blocks kept quantized in memory
+    None        bitsandbytes 4-bit / 8-bit      bitsandbytes, pre-quantized (NF4/FP4, LLM.int8)
+    bitsandbytes  unquantized                   NF4 on load (needs the bitsandbytes package)
     X           quantization_config of Y != X   refused: one sentence naming Y
     awq, gptq   no quantization_config          refused: they need such a checkpoint
 
@@ -20,8 +22,9 @@ from typing import Optional
 
 from tessellm.backends.spec import QuantSpec
 
-SCHEMES = ("int8", "fp8", "fp8_block", "awq", "gptq", "gguf")
-_ALIASES = {"fp8_e4m3": "fp8", "fbgemm_fp8": "fp8", "w8a16": "int8", "int8_weight_only": "int8"}
+SCHEMES = ("int8", "fp8", "fp8_block", "awq", "gptq", "gguf", "bitsandbytes")
+_ALIASES = {"fp8_e4m3": "fp8", "fbgemm_fp8": "fp8", "w8a16": "int8", "int8_weight_only": "int8",
+            "bnb": "bitsandbytes"}
 _OFF = (None, "", "none", "auto")
 
 
@@ -64,6 +67,11 @@ def resolve_quant_spec(requested: Optional[str], source) -> Optional[QuantSpec]:
             return QuantSpec(req, {"prequantized": False})
         if req == "fp8_block":
             return QuantSpec(req, {"prequantized": False, "weight_block_size": (128, 128)})
+        if req == "bitsandbytes":
+            from tessellm.quantization.bnb_method import bitsandbytes_functional
+
+            bitsandbytes_functional()  # the package quantizes: refused now if it is missing
+            return QuantSpec(req, {"prequantized": False})
         if req == "gguf":
             raise ValueError(f"quantization='gguf' needs a .gguf model file; {source.path} is a "
                              "directory (use int8 or fp8 to quantize it on load).")
@@ -109,6 +117,8 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
             return _block_fp8(qc)
         return QuantSpec("fp8", {"prequantized": True, "format": "fp8", "checkpoint": qc,
                                  "activation_scheme": _activation_scheme(qc)})
+    if method == "bitsandbytes":
+        return _bitsandbytes(qc)
     if method == "mxfp4":  # gpt-oss's released checkpoints: MoE experts in MXFP4 blocks
         raise ValueError("MXFP4 checkpoints (quant_method 'mxfp4') are supported for gpt-oss "
                          "only (GptOssForCausalLM: its experts are dequantized at load); for "
@@ -116,8 +126,8 @@ def parse_checkpoint_config(qc: dict) -> QuantSpec:
                          "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)),"
                          " then save_pretrained) and load that.")
     raise ValueError(f"Checkpoint quantization {method!r} is not supported; tessellm loads awq, "
-                     "gptq, fp8 (per-tensor, per-channel or block-wise), compressed-tensors FP8 "
-                     "and fbgemm_fp8 checkpoints.")
+                     "gptq, fp8 (per-tensor, per-channel or block-wise), compressed-tensors FP8, "
+                     "fbgemm_fp8 and bitsandbytes (4-bit, 8-bit) checkpoints.")
 
 
 def _activation_scheme(qc: dict) -> str:
@@ -148,6 +158,30 @@ def _block_fp8(qc: dict) -> QuantSpec:
                          "only float32 scales (weight_scale_inv).")
     return QuantSpec("fp8_block", {"prequantized": True, "format": "fp8", "checkpoint": qc,
                                    "weight_block_size": block})
+
+
+def _bitsandbytes(qc: dict) -> QuantSpec:
+    """bnb 4-bit (``load_in_4bit``: nf4 / fp4, double quant or not) or 8-bit (``load_in_8bit``)
+    checkpoints as transformers saves them (``quantization/bnb_method.py``)."""
+    four, eight = bool(qc.get("load_in_4bit")), bool(qc.get("load_in_8bit"))
+    if four == eight:
+        raise ValueError("This bitsandbytes checkpoint's quantization_config says load_in_4bit="
+                         f"{qc.get('load_in_4bit')} and load_in_8bit={qc.get('load_in_8bit')}; "
+                         "exactly one must be true (the form its weights were saved in).")
+    if four:
+        qtype = str(qc.get("bnb_4bit_quant_type", "fp4")).lower()
+        if qtype not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type {qtype!r} is not supported; nf4 or fp4.")
+        storage = str(qc.get("bnb_4bit_quant_storage", "uint8")).lower().removeprefix("torch.")
+        if storage != "uint8":
+            raise ValueError(f"bitsandbytes 4-bit codes stored as {storage} "
+                             "(bnb_4bit_quant_storage) are not supported; only uint8, the "
+                             "default that transformers saves.")
+    elif qc.get("llm_int8_has_fp16_weight"):
+        raise ValueError("This bitsandbytes 8-bit checkpoint keeps fp16 weights "
+                         "(llm_int8_has_fp16_weight); load it as a dense model instead.")
+    return QuantSpec("bitsandbytes", {"prequantized": True, "format": "bnb4" if four else "bnb8",
+                                      "checkpoint": qc})
 
 
 def _int4_common(qc: dict, name: str) -> int:

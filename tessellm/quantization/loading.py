@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 _DTYPE_KEPT = {"weight_scale", "input_scale", "input_scale_ub", "scales", "qweight", "qzeros",
-               "g_idx"}
+               "g_idx", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "SCB"}
 _FLOATS_CAST = ("F64", "F32", "F16", "BF16")  # safetensors dtypes cast to the model dtype
 
 
@@ -59,6 +59,11 @@ def load_quantized_weights(model: nn.Module, weights: Iterable[tuple[str, object
     layers = quantized_linears(model)
     stacked = getattr(model, "stacked_params", ())
     rename = getattr(model, "checkpoint_names", None)  # a family's own checkpoint names
+    # a scheme's own checkpoint form first (bitsandbytes: each weight gathered with its state,
+    # ``bnb_stored.stored_weights``), so a family's renames and cuts move it whole
+    for scheme_names in {getattr(layer.quant_method, "checkpoint_names", None)
+                         for layer in layers.values()} - {None}:
+        weights = scheme_names(weights)
     if rename is not None:
         weights = rename(weights)
     routed: set[str] = set()

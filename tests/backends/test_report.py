@@ -20,7 +20,7 @@ def test_lists_every_backend_with_plugin_availability_and_validation():
     assert rows["tpu"][-1] == "untested" and rows["xpu"][-1] == "untested"
     assert f"--device=auto selects: {auto_device()}" in text  # cpu without a GPU
     assert "Never run on an AMD GPU" in text  # the honest validation note
-    assert "quantization=[fp8,fp8_block,int8,awq,gptq,gguf]" in text  # rocm
+    assert "quantization=[fp8,fp8_block,int8,awq,gptq,gguf,bitsandbytes]" in text  # rocm
     assert "  pieces (for" not in text
 
 

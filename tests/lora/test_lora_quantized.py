@@ -60,6 +60,29 @@ def test_adapters_on_an_int8_base_match_peft(lora_setup, int8_grid_model):
         assert out.outputs[0].token_ids == want[n][p], (n, p)
 
 
+def test_adapters_on_a_bnb4_base_match_peft(lora_setup, tmp_path):
+    """QLoRA's serving case: an NF4 (double quant) bitsandbytes checkpoint of the tiny sharp
+    Llama, written by transformers + bitsandbytes, with the adapters: peft's greedy tokens on
+    the dequantized checkpoint (``tests/quantization/bnb_checkpoint.py``)."""
+    pytest.importorskip("bitsandbytes")
+    from tests.quantization.bnb_checkpoint import write_bnb
+
+    model, paths = lora_setup
+    bnb_dir, deq_dir = write_bnb(model, str(tmp_path / "bnb"), str(tmp_path / "deq"),
+                                 quant_type="nf4", double_quant=True)
+    prompts = [[5, 17, 101, 250], [3, 9, 27, 81, 243, 300, 11]]
+    names = [None, "all32"]
+    want = {n: peft_greedy(deq_dir, paths[n] if n else None, prompts, MAX_NEW) for n in names}
+    llm = LLM(bnb_dir, dtype="float32", enable_lora=True, max_lora_rank=32)
+    jobs = [(p, n) for n in names for p in range(len(prompts))]
+    outs = llm.generate([{"prompt_token_ids": prompts[p]} for p, _ in jobs],
+                        SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True),
+                        use_tqdm=False,
+                        lora_request=[LoRARequest(n, 1, paths[n]) if n else None for _, n in jobs])
+    for (p, n), out in zip(jobs, outs):
+        assert out.outputs[0].token_ids == want[n][p], (n, p)
+
+
 GGUF_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 
 

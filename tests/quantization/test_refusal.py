@@ -56,9 +56,9 @@ GGUF = ["gguf"] if importlib.util.find_spec("gguf") else []  # device machines m
 
 def test_every_scheme_has_a_home(registry):
     cpu, cuda = registry.backends["cpu"], registry.backends["cuda"]
-    for scheme in ["int8", "fp8", "awq", "gptq"] + GGUF:
+    for scheme in ["int8", "fp8", "awq", "gptq", "bitsandbytes"] + GGUF:
         assert registry.quant_method(cpu, QuantSpec(scheme)) is not None
-    for scheme in ["int8", "fp8", "awq", "gptq"] + GGUF:
+    for scheme in ["int8", "fp8", "awq", "gptq", "bitsandbytes"] + GGUF:
         assert registry.quant_method(cuda, QuantSpec(scheme)) is not None
     assert registry.quant_method(cpu, QuantSpec("no-such-scheme")) is None
 
@@ -119,7 +119,8 @@ def test_gguf_source_schemes(bundled_model):
     ({"quant_method": "fp8", "weight_block_size": [128, 100]}, r"\[128, 100\] is not supported"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "8-bit weights are not supported"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "only GEMM"),
-    ({"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),
+    ({"quant_method": "hqq"}, "'hqq' is not supported"),
+    ({"quant_method": "bitsandbytes"}, "exactly one must be true"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
         "weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}, "int 4-bit"),
 ])

@@ -32,7 +32,8 @@ def tessellm_register_backends(register):
         validation_note="Conformance suite on every CI run; with TESSELLM_CPU_COMPILE=1 the "
                         "compiled decode step passes the graph tests and greedy parity with eager.",
         capabilities={"graph_capture": "opt-in: TESSELLM_CPU_COMPILE=1 (torch.compile)",
-                      "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf"], "logit_softcap": True,
+                      "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf",
+                                       "bitsandbytes"], "logit_softcap": True,
                       "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
                       "key_limits": True},
     ))

@@ -45,7 +45,8 @@ def tessellm_register_backends(register):
                          "tensor and pipeline parallelism (NCCL, symmetric-memory all-reduce) on "
                          "2 and 4 H200s of one host."),
         capabilities={"graph_capture": True,
-                      "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf"],
+                      "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq", "gguf",
+                                       "bitsandbytes"],
                       "kv_cache_dtypes": ["auto", "fp8"], "lora": True, "logit_softcap": True,
                       "attention_sinks": True, "mla": True, "mamba2": True, "gated_delta": True,
                       "decode_overlap": True,

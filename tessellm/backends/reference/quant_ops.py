@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tessellm.backends.reference.ops import ReferenceOps, fold_out, rms_scaled
 from tessellm.kernels.op_flags import QUANT_OPS_FLAGS, drop_unowned_flags
+from tessellm.quantization.bnb import Bnb4Weight, dequantize_bnb4
 from tessellm.quantization.fp8_block import Fp8BlockWeight, dequantize_block
 from tessellm.quantization.packed import Fp8Activation, Fp8Weight, Int4Weight, Int8Weight
 
@@ -37,7 +38,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class TorchQuantOps:
     name = "torch"
-    schemes = frozenset({"int8", "fp8", "fp8_block", "gguf"})
+    schemes = frozenset({"int8", "fp8", "fp8_block", "gguf", "bitsandbytes"})
 
     def __init_subclass__(cls, **kwargs):
         """The one rule of optional flags (``op_flags.drop_unowned_flags``); ``QuantOps``
@@ -114,6 +115,19 @@ class TorchQuantOps:
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             wd = dequantize_block(w.qweight[n0:n1], w.scales[n0 // bn:-(-n1 // bn)], w.block, ct)
+            torch.matmul(xc, wd.t(), out=out[:, n0:n1])
+        return _finish(out, x.dtype, bias)
+
+    def bnb4_mm(self, x: torch.Tensor, w: Bnb4Weight, bias=None) -> torch.Tensor:
+        """bitsandbytes 4-bit (``quantization/bnb.py``): each slab of rows dequantized
+        (``code[q] * absmax`` in float32, then the compute dtype) and multiplied: the
+        dequantized checkpoint's product. The oracle of the Triton ``gemm/bnb4.py``."""
+        n, k = w.out_features, w.in_features
+        ct = _compute_dtype(x)
+        xc = x.to(ct)
+        out = torch.empty(x.shape[0], n, dtype=ct, device=x.device)
+        for n0, n1 in _slabs(n, k):
+            wd = dequantize_bnb4(w.qweight[n0:n1], w.absmax, w.code, w.blocksize, ct, n0)
             torch.matmul(xc, wd.t(), out=out[:, n0:n1])
         return _finish(out, x.dtype, bias)
 

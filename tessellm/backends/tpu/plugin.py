@@ -101,7 +101,7 @@ def tessellm_register_backends(register):
                     "(PJRT_DEVICE=CPU for tests).",
         validated_on=VALIDATED_UNTESTED, validation_note=VALIDATION_NOTE,
         capabilities={"graph_capture": True, "quantization": ["int8", "fp8", "fp8_block", "awq", "gptq",
-                                                           "gguf"],
+                                                           "gguf", "bitsandbytes"],
                       "kv_cache_dtypes": ["auto"],
                       "sliding_window": True, "logit_softcap": True, "attention_sinks": True, "key_limits": True,
                       "shape_buckets": "powers of two (tokens from 8, sequences)",

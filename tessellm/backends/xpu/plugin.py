@@ -49,7 +49,7 @@ def _ipex_version():
 
 def _quant_schemes() -> list[str]:
     # int4 (awq, gptq): IPEX's WOQ, else the torch int4 op behind it (ipex_quant.py)
-    return ["int8", "fp8", "fp8_block", "gguf"] + (["awq", "gptq"] if _ipex_version() else [])
+    return ["int8", "fp8", "fp8_block", "gguf", "bitsandbytes"] + (["awq", "gptq"] if _ipex_version() else [])
 
 
 def _paths() -> str:

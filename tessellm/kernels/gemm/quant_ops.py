@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tessellm import envs
 from tessellm.kernels.fused_ops import TritonOps
 from tessellm.kernels.gemm.common import _interpreted
+from tessellm.kernels.gemm.bnb4 import bnb4_mm
 from tessellm.kernels.gemm.fp8_block import fp8_block_mm
 from tessellm.kernels.gemm.fp8 import _scaled_mm_ok, fp8_gemm, quantize_fp8_rows, scaled_mm_plan
 from tessellm.kernels.gemm.gemv_int4 import INT4_GEMV_MAX_M, gemv_int4
@@ -80,7 +81,7 @@ class TritonQuantOps:
     """
 
     name = "triton"
-    schemes = frozenset({"int8", "fp8", "fp8_block", "awq", "gptq", "gguf"})
+    schemes = frozenset({"int8", "fp8", "fp8_block", "awq", "gptq", "gguf", "bitsandbytes"})
 
     def __init_subclass__(cls, **kwargs):
         """The one rule of optional flags (``op_flags.drop_unowned_flags``); ``QuantOps``
@@ -153,6 +154,13 @@ class TritonQuantOps:
         token and group of the weight's ``bk`` (``gemm/fp8_block.py``). Not measured on a GPU
         yet; at decode a W8A16 kernel (as ``fp8_mm`` takes) may beat it."""
         return fp8_block_mm(x, w, bias)
+
+    def bnb4_mm(self, x, w, bias=None):
+        """bitsandbytes 4-bit (``quantization/bnb.py``, ``gemm/bnb4.py``): up to
+        ``bnb4.GEMV_MAX_M`` rows a GEMV reading the codes once, else the Triton dequantization
+        (``code[q] * absmax`` a flat block) into x's dtype, then cuBLAS. Not measured on a GPU
+        yet."""
+        return bnb4_mm(x, w, bias)
 
     def fp8_mm_silu_and_mul(self, x, w: Fp8Weight, bias=None):
         """``silu_and_mul(fp8_mm(x, w, bias))`` for a stacked ``[gate; up]`` weight (the

@@ -9,7 +9,8 @@ import torch
 from tessellm.backends.spec import QuantMethod, QuantSpec
 
 # Relative error of x @ W.T allowed per scheme (weights quantized from dense).
-REL_TOL = {"fp8": 0.08, "fp8_block": 0.08, "int8": 0.02, "awq": 0.2, "gptq": 0.2, "gguf": 0.2}
+REL_TOL = {"fp8": 0.08, "fp8_block": 0.08, "int8": 0.02, "awq": 0.2, "gptq": 0.2, "gguf": 0.2,
+           "bitsandbytes": 0.2}
 
 
 def _schemes(target, missing: list):
@@ -263,24 +264,63 @@ def test_fp8_block_checkpoint_layer(target):
     assert method is not None, f"{target.name} declares 'fp8_block' but returns no method"
     g = torch.Generator().manual_seed(5)
     sizes, k = [128, 72], 200  # K: one whole block and a short one
-    layer = torch.nn.Module()
-    layer.input_size, layer.output_size, layer.output_sizes = k, sum(sizes), sizes
-    with torch.device(target.device):
-        method.create_weights(layer, k, sum(sizes), torch.float32)
+    layer = _fused_layer(target, method, sizes, k)
     dense = []
     for shard, n in enumerate(sizes):
         q, s = quantize_block_tensors(torch.randn(n, k, generator=g), (128, 128))
         method.load_weight(layer, "weight", q.to(target.device), shard)
         method.load_weight(layer, "weight_scale_inv", s.to(target.device), shard)
         dense.append(dequantize_block(q, s, (128, 128)))
+    _assert_dequantized_products(target, method, layer, torch.cat(dense), g, 0.05)
+
+
+def _fused_layer(target, method, sizes: list, k: int) -> torch.nn.Module:
+    """A bare layer of ``len(sizes)`` fused output shards over ``k`` inputs, made by ``method``."""
+    layer = torch.nn.Module()
+    layer.input_size, layer.output_size, layer.output_sizes = k, sum(sizes), sizes
+    with torch.device(target.device):
+        method.create_weights(layer, k, sum(sizes), torch.float32)
+    return layer
+
+
+def _assert_dequantized_products(target, method, layer, dense: torch.Tensor, g, bound: float):
+    """After loading: at 1 and 9 rows ``apply`` is ``x @ dense.T`` within ``bound`` (relative)."""
     method.process_weights_after_loading(layer)
     for rows in (1, 9):
-        x = torch.randn(rows, k, generator=g)
+        x = torch.randn(rows, dense.shape[1], generator=g)
         out = method.apply(layer, x.to(target.device))
-        want = x @ torch.cat(dense).t()
+        want = x @ dense.t()
         assert out.shape == want.shape and out.dtype == torch.float32
         rel = ((out.cpu() - want).norm() / want.norm()).item()
-        assert rel < 0.05, f"rows {rows}: relative error {rel:.3f} against the dequantized weight"
+        assert rel < bound, f"rows {rows}: relative error {rel:.2e} against the dequantized weight"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bnb4_checkpoint_layer(target, quant_type):
+    """A bitsandbytes 4-bit checkpoint's layer (``QuantOps.bnb4_mm``; ``quantization/bnb.py``:
+    codes two a byte, one absmax per 64 flattened weights, the type's 16-entry table) of two
+    fused shards, the first ending inside a block (so they stay two segments): at 1 and 9 rows
+    its product is the dequantized weight's. Needs no bitsandbytes package (the checkpoint
+    codes come from ``bnb.quantize_bnb4``; the loader hands such a weight over whole, its state
+    gathered with it: ``bnb_stored.StoredBnb``)."""
+    from tessellm.quantization.bnb import quantize_bnb4
+    from tessellm.quantization.bnb_stored import StoredBnb
+
+    if "bitsandbytes" not in (target.backend.capabilities.get("quantization") or []):
+        pytest.skip(f"{target.name} does not declare bitsandbytes")
+    spec = QuantSpec("bitsandbytes", {"prequantized": True, "format": "bnb4"},
+                     dtype=torch.float32)
+    method = target.registry.quant_method(target.backend, spec)
+    assert method is not None, f"{target.name} declares 'bitsandbytes' but returns no method"
+    g = torch.Generator().manual_seed(6)
+    sizes, k = [20, 24], 72  # 20 x 72 = 22.5 blocks of 64
+    layer = _fused_layer(target, method, sizes, k)
+    dense = []
+    for shard, n in enumerate(sizes):
+        w = quantize_bnb4(torch.randn(n, k, generator=g), quant_type)
+        method.load_weight(layer, "weight", StoredBnb(f"shard{shard}.weight", w), shard)
+        dense.append(w.dequantize())
+    _assert_dequantized_products(target, method, layer, torch.cat(dense), g, 1e-4)
 
 
 def test_int4_layer_at_every_row_count(target):

@@ -1,0 +1,394 @@
+"""bitsandbytes checkpoints (``quantization/bnb.py``, ``bnb_method.py``), made by the real library
+(HF transformers' ``BitsAndBytesConfig`` on the CPU, ``bnb_checkpoint.py``):
+
+* the format: our dequantization equals ``bitsandbytes.functional.dequantize_4bit`` (nf4, fp4,
+  with and without double quantization), and ``quantize_bnb4`` (the conformance suite's plain
+  torch quantizer) gives bitsandbytes' values;
+* the Triton dequantization kernel (the cuda/rocm ``bnb4_mm``) against the torch reference, bit
+  for bit, and its product (interpreted on the CPU where there is no GPU);
+* tiny random Llama models saved in bnb 4-bit and 8-bit give, on the cpu backend (float32), the
+  greedy tokens of the same models from the dequantized checkpoint, served by tessellm and by HF
+  transformers; the 4-bit layers hold the stored codes (4 bits a weight), nothing dense; the
+  cuda backend's kernels give them too (interpreted);
+* ``quantization="bitsandbytes"`` on the dense checkpoint quantizes as transformers does (the
+  same codes, the same tokens); tensor parallelism: 4-bit and 8-bit ranks hold their rows /
+  columns (4-bit: whole blocks), two cpu workers generate as one device, a split off the
+  blocks is refused;
+* bad input refused with one sentence naming the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from tessellm.backends.reference.quant_ops import TorchQuantOps
+from tessellm.quantization.bnb import (Bnb4Weight, dequantize_bnb4, quant_state, quantize_bnb4,
+                                       widen_absmax)
+from tessellm.quantization.loading import quantized_linears
+from tests.gpu_set import ON_GPU, gpu_when_present
+from tests.quantization.block_fp8_checkpoint import build, generate
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+PROMPTS = [[5, 17, 42, 99, 3, 250], [7, 7, 7], list(range(40, 80)), [200, 12]]
+MAX_NEW = 10
+FORMS = [dict(bits=4, quant_type="nf4", double_quant=True),
+         dict(bits=4, quant_type="nf4", double_quant=False),
+         dict(bits=4, quant_type="fp4", double_quant=True),
+         dict(bits=4, quant_type="fp4", double_quant=False),
+         dict(bits=8)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Made by the bitsandbytes package (the ``[test]`` extra); skipped without it."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import LlamaConfig, Phi3Config
+
+    from tests.conftest import TINY_COMMON, _tiny_configs
+    from tests.quantization.bnb_checkpoint import bnb_maker
+
+    tiny = _tiny_configs()
+    more = {"phi3": lambda: Phi3Config(**TINY_COMMON, tie_word_embeddings=False, pad_token_id=0,
+                                       eos_token_id=2, bos_token_id=1),
+            # every rank's inputs whole blocks of 64 at T=2 (o_proj 128, down_proj 256)
+            "llama-wide": lambda: LlamaConfig(**dict(TINY_COMMON, hidden_size=128,
+                                                     intermediate_size=256),
+                                              tie_word_embeddings=False, initializer_range=0.1)}
+    return bnb_maker(tmp_path_factory.mktemp("bnb"),
+                     lambda arch: more[arch]() if arch in more else tiny[arch], seed=1234)
+
+
+def _library_quantized(w: torch.Tensor, quant_type: str, double_quant: bool, blocksize=64):
+    """bitsandbytes' own quantization of ``w``: (its dequantized weight, our segment of it)."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    q, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                            compress_statistics=double_quant)
+    saved = state.as_dict(packed=True)
+    parts = {k.split(".")[0]: v for k, v in saved.items()}  # quant_state.bitsandbytes__nf4
+    meta = quant_state(parts["quant_state"], "w")
+    n, k = meta["shape"]
+    seg = Bnb4Weight(q.reshape(n, k // 2), widen_absmax(parts, meta, "w"), parts["quant_map"],
+                     meta["blocksize"])
+    return bnb_functional.dequantize_4bit(q, state), seg
+
+
+# -- the format ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("shape,blocksize", [((48, 64), 64), ((40, 192), 64), ((24, 256), 128),
+                                             ((300, 128), 64)])
+def test_dequantize_equals_bitsandbytes(quant_type, double_quant, shape, blocksize):
+    """Our ``code[q] * absmax`` over flat blocks (nested absmax widened as bnb does) is
+    bitsandbytes' dequantization bit for bit. (K a multiple of the block: bitsandbytes 0.50.2's
+    CPU ``dequantize_4bit`` disagrees with its own ``quantize_4bit`` where a block straddles two
+    rows; no released model has such a K.) 300 x 128 / 64 = 600 absmaxes: three nested blocks."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    want, seg = _library_quantized(w, quant_type, double_quant, blocksize)
+    assert torch.equal(seg.dequantize(), want)
+    rows = slice(5, 17)  # a slab of rows, as the reference op dequantizes them
+    assert torch.equal(dequantize_bnb4(seg.qweight[rows], seg.absmax, seg.code, blocksize,
+                                       row0=rows.start), want[rows])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_plain_torch_quantizer_gives_bitsandbytes_values(quant_type):
+    """``quantize_bnb4`` (the conformance suite's checkpoints) picks the table entry
+    bitsandbytes picks, up to values exactly between two entries."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    want, _ = _library_quantized(w, quant_type, False)
+    got = quantize_bnb4(w, quant_type).dequantize()
+    assert (got != want).float().mean() < 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=0.2 * w.abs().max().item())
+
+
+# -- the kernel ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k,blocksize", [(40, 64, 64), (33, 96, 64), (7, 200, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@gpu_when_present
+def test_triton_dequantize_equals_the_reference(n, k, blocksize, dtype):
+    """Blocks straddling rows (96, 200 inputs), a short last block (33 x 96 / 64), every
+    nibble and table entry: the kernel's weight is the reference's bit for bit (16-bit: on a
+    GPU; the interpreter truncates its cast, one step off), and its product (then cuBLAS, or
+    torch on the CPU) the reference op's."""
+    from tessellm.kernels.gemm.bnb4 import bnb4_dequantize, bnb4_mm
+
+    g = torch.Generator().manual_seed(n * k)
+    w = quantize_bnb4(torch.randn(n, k, generator=g), "nf4", blocksize)
+    x = (torch.randn(5, k, generator=g)).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    want_w = w.dequantize(dtype)
+    want = TorchQuantOps().bnb4_mm(x, w, bias)
+    w = w.to(DEVICE)
+    got_w = bnb4_dequantize(w, dtype).cpu()
+    if dtype == torch.float32 or DEVICE.type == "cuda":
+        assert torch.equal(got_w, want_w)
+    else:
+        step = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+        torch.testing.assert_close(got_w.float(), want_w.float(), rtol=step, atol=0)
+    # 16-bit: a 16-bit GEMM of the rounded weight against the reference's float32 sums
+    tol = 1e-5 if dtype == torch.float32 else 2e-2 * want.abs().max().item()
+    for rows in (1, 3, 5):  # the GEMV (up to GEMV_MAX_M rows), then dequantize + GEMM
+        torch.testing.assert_close(bnb4_mm(x[:rows].to(DEVICE), w, bias.to(DEVICE)).cpu(),
+                                   want[:rows], rtol=1e-5 if dtype == torch.float32 else 2e-2,
+                                   atol=tol)
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: "-".join(map(str, f.values())))
+def test_bnb_checkpoint_serves_its_dequantized_model(checkpoints, form):
+    """cpu backend, float32: the bnb checkpoint's greedy tokens are the dequantized
+    checkpoint's, served by tessellm and by HF transformers."""
+    from tests.conftest import hf_greedy
+
+    bnb_dir, deq_dir = checkpoints("llama", **form)
+    got = generate(bnb_dir, PROMPTS, MAX_NEW)
+    assert got == generate(deq_dir, PROMPTS, MAX_NEW)
+    assert got == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
+@pytest.mark.parametrize("form", [FORMS[0], FORMS[-1]], ids=["nf4-dq", "8bit"])
+def test_fused_stored_weights_are_cut_with_their_state(checkpoints, form):
+    """Phi-3 stores q/k/v and gate/up fused (``qkv_proj``, ``gate_up_proj``); the family cuts
+    them into parts, each with its rows of codes and absmaxes (4-bit) or row scales (8-bit):
+    the dequantized model's tokens, as HF gives them."""
+    from tests.conftest import hf_greedy
+
+    bnb_dir, deq_dir = checkpoints("phi3", **form)
+    got = generate(bnb_dir, PROMPTS, MAX_NEW)
+    assert got == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
+def test_fused_cut_inside_a_block_refused():
+    """A part starting inside a block of the flattened weight (3 rows of 40 inputs = 120
+    weights, blocks of 64) cannot keep its absmaxes: refused naming the weight."""
+    from tessellm.quantization.bnb_stored import StoredBnb
+
+    stored = StoredBnb("model.layers.0.self_attn.qkv_proj.weight",
+                       quantize_bnb4(torch.randn(10, 40)))
+    with pytest.raises(ValueError, match=r"qkv_proj\.weight .* cannot be cut at row 3"):
+        stored.split_rows([3, 7])
+    whole = StoredBnb("w", quantize_bnb4(torch.randn(16, 40)))
+    parts = whole.split_rows([8, 8])  # 320 = 5 x 64
+    assert [p.shape[0] for p in parts] == [8, 8]
+    assert [p.shape[0] for p in whole.split([8, 8], dim=0)] == [8, 8]  # Falcon's form
+    assert torch.equal(torch.cat([p.seg.dequantize() for p in whole.chunk(2)]),
+                       whole.seg.dequantize())
+    # GPT-NeoX cuts q/k/v per head (unflatten): refused in one sentence
+    with pytest.raises(AttributeError, match="w is a bitsandbytes-quantized weight, which this "
+                                             "model family's loader cuts with unflatten"):
+        whole.unflatten(0, (2, 8))
+    assert not hasattr(whole, "qtype")  # probes for other formats stay False
+
+
+def test_moe_refused():
+    """tessellm keeps MoE experts in fp8 or int4 only: a bnb MoE checkpoint is refused in one
+    sentence (vLLM serves bnb experts; not here yet)."""
+    from tessellm.backends.spec import QuantSpec
+    from tessellm.layers.moe_fp8 import expert_quant
+
+    with pytest.raises(ValueError, match="MoE models quantized with 'bitsandbytes' are not"):
+        expert_quant(QuantSpec("bitsandbytes", {"prequantized": True, "format": "bnb4"}))
+
+
+@pytest.mark.interpreted
+def test_bnb4_checkpoint_on_the_cuda_kernels(checkpoints):
+    """The cuda backend's Triton dequantization (interpreted on host tensors without a GPU)
+    gives the dequantized model's tokens; tied embeddings (Qwen3) too."""
+    for arch in ("llama", "qwen3"):
+        bnb_dir, deq_dir = checkpoints(arch, bits=4, quant_type="nf4", double_quant=True)
+        want = generate(deq_dir, PROMPTS[:2], 4)
+        assert generate(bnb_dir, PROMPTS[:2], 4, device="cuda", emulate=True) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_bnb4_checkpoint_on_a_gpu(checkpoints):
+    """On a real GPU (the lead's device run): the cuda backend in bfloat16 and float32 on an
+    nf4 double-quant checkpoint gives the dequantized checkpoint's greedy tokens (float32), and
+    bfloat16 stays within a token or two of them."""
+    bnb_dir, deq_dir = checkpoints("llama-sharp", bits=4, quant_type="nf4", double_quant=True)
+    want = generate(deq_dir, PROMPTS, MAX_NEW, device="cuda")
+    assert generate(bnb_dir, PROMPTS, MAX_NEW, device="cuda") == want
+    from tessellm import LLM, SamplingParams
+
+    with LLM(bnb_dir, dtype="bfloat16", device="cuda", num_kv_blocks=64) as llm:
+        params = SamplingParams(max_tokens=MAX_NEW, temperature=0, ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
+    agree = sum(a == b for o, w in zip(outs, want) for a, b in zip(o.outputs[0].token_ids, w))
+    assert agree >= 0.8 * len(PROMPTS) * MAX_NEW
+
+
+def test_layers_left_in_float_stay_dense(checkpoints):
+    """``llm_int8_skip_modules`` (down_proj here): those layers are stored float and served
+    dense beside the 4-bit ones, the dequantized model's tokens."""
+    from tests.conftest import hf_greedy
+
+    bnb_dir, deq_dir = checkpoints("llama", bits=4, quant_type="nf4", skip_modules="down_proj")
+    layers = quantized_linears(build(bnb_dir))
+    assert [s.kind for s in layers["layers.1.mlp.down_proj"].segments] == ["dense"]
+    assert [s.kind for s in layers["layers.1.mlp.gate_up_proj"].segments] == ["bnb4"]
+    assert generate(bnb_dir, PROMPTS, MAX_NEW) == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
+def test_bnb4_layers_keep_the_stored_codes(checkpoints):
+    """Each 4-bit layer holds the checkpoint's bytes (``N*K/2``), one float32 absmax a block of
+    64 (double quant widened) and the table: no dense weight; q/k/v and gate/up stack into one
+    segment."""
+    from safetensors.torch import load_file
+
+    bnb_dir, _ = checkpoints("llama", bits=4, quant_type="nf4", double_quant=True)
+    stored = load_file(os.path.join(bnb_dir, "model.safetensors"))
+    layers = quantized_linears(build(bnb_dir))
+    qkv = layers["layers.0.self_attn.qkv_proj"]
+    assert [type(s).__name__ for s in qkv.segments] == ["Bnb4Weight"]
+    seg = qkv.segments[0]
+    parts = ["q_proj", "k_proj", "v_proj"]
+    want = torch.cat([stored[f"model.layers.0.self_attn.{p}.weight"].reshape(-1) for p in parts])
+    assert torch.equal(seg.qweight.reshape(-1), want)
+    for layer in layers.values():
+        for s in layer.segments:
+            assert s.kind == "bnb4" and s.absmax.numel() * 64 == s.qweight.numel() * 2
+        assert all(p.numel() == 0 for name, p in layer.named_parameters(recurse=False)
+                   if name != "bias")
+
+
+def test_quantized_on_load_as_transformers_quantizes(checkpoints, tiny_model_dir):
+    """``quantization="bitsandbytes"`` on the dense checkpoint: NF4 with double quantization,
+    blocksize 64 (vLLM's and transformers' defaults), the very codes transformers saves, so
+    the same tokens as the saved checkpoint."""
+    bnb_dir, _ = checkpoints("llama", bits=4, quant_type="nf4", double_quant=True)
+    dense_dir = os.path.join(os.path.dirname(bnb_dir), "llama-dense")
+    saved = quantized_linears(build(bnb_dir))
+    loaded = quantized_linears(build(dense_dir, quantization="bitsandbytes"))
+    for name, layer in saved.items():
+        for a, b in zip(layer.segments, loaded[name].segments):
+            assert torch.equal(a.qweight, b.qweight) and torch.equal(a.absmax, b.absmax), name
+    assert generate(dense_dir, PROMPTS[:2], 4, quantization="bitsandbytes") == \
+        generate(bnb_dir, PROMPTS[:2], 4)
+
+
+# -- tensor parallelism --------------------------------------------------------------------
+
+
+def test_bnb8_ranks_hold_their_part(checkpoints):
+    """8-bit: each rank's int8 rows (column-parallel) or columns (row-parallel) with their row
+    scales, bit for bit the one-device layer's."""
+    from tests.distributed.test_parallel_prequantized import assert_ranks_hold_their_part
+
+    bnb_dir, _ = checkpoints("llama", bits=8)
+    assert_ranks_hold_their_part(bnb_dir, "cpu", 2)
+
+
+@pytest.mark.parametrize("form", [FORMS[0], FORMS[3]], ids=["nf4-dq", "fp4"])
+def test_bnb4_ranks_hold_their_part(checkpoints, form):
+    """4-bit at T=2: column-parallel ranks hold their rows of codes and absmaxes, row-parallel
+    ones whole blocks of each row's inputs; bit for bit the one-device layer's."""
+    from tests.distributed.test_parallel_prequantized import assert_ranks_hold_their_part
+
+    bnb_dir, _ = checkpoints("llama-wide", **form)
+    assert_ranks_hold_their_part(bnb_dir, "cpu", 2)
+
+
+def test_bnb4_tp2_generates_like_one_device(checkpoints):
+    """Two cpu workers (gloo) serve the nf4 checkpoint with the one-device model's greedy
+    tokens and prompt log-probabilities (to float32 reassociation: row-parallel layers sum
+    the ranks' partial products)."""
+    from tests.models.variant_parity import ours
+
+    bnb_dir, _ = checkpoints("llama-wide", **FORMS[0])
+    run = lambda **kw: ours(bnb_dir, PROMPTS[:2], 4, device="cpu", num_kv_blocks=64,  # noqa: E731
+                            seed=0, **kw)
+    one, two = run(), run(tensor_parallel_size=2)
+    assert two[0] == one[0]
+    for got, want in zip(two[1], one[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_bnb4_split_off_blocks_refused(checkpoints):
+    """T=4: o_proj's 128 inputs give each rank 32, half a block of 64: refused naming the
+    layer and the fix."""
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    bnb_dir, _ = checkpoints("llama-wide", **FORMS[0])
+    with pytest.raises(ValueError, match=r"o_proj cannot be split over tensor_parallel_size=4: "
+                                         r"each rank would take 32 of its 128 inputs"):
+        build(bnb_dir, tp=TensorParallel(0, 4))
+
+
+def test_quantized_on_load_under_tensor_parallelism(checkpoints):
+    """Each rank quantizes its own slice (as vLLM does): rank r's layer is the NF4 of its rows
+    or columns of the dense weight."""
+    from safetensors.torch import load_file
+
+    from tessellm.distributed.parallel_state import TensorParallel
+
+    bnb_dir, _ = checkpoints("llama", bits=4, quant_type="nf4", double_quant=True)
+    dense_dir = os.path.join(os.path.dirname(bnb_dir), "llama-dense")
+    full = load_file(os.path.join(dense_dir, "model.safetensors"))[
+        "model.layers.1.self_attn.o_proj.weight"]
+    for rank in range(2):
+        layers = quantized_linears(build(dense_dir, tp=TensorParallel(rank, 2),
+                                         quantization="bitsandbytes"))
+        o = layers["layers.1.self_attn.o_proj"]
+        want = full[:, o.input_start:o.input_start + o.input_size]
+        got = torch.cat([s.dequantize() for s in o.segments])
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()) < 0.15
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qc,match", [
+    ({"load_in_4bit": True, "load_in_8bit": True}, "exactly one must be true"),
+    ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "nf4 or fp4"),
+    ({"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, "only uint8"),
+    ({"load_in_8bit": True, "llm_int8_has_fp16_weight": True}, "as a dense model"),
+])
+def test_bad_configs_refused(qc, match):
+    from tessellm.quantization.config import parse_checkpoint_config
+
+    with pytest.raises(ValueError, match=match):
+        parse_checkpoint_config({"quant_method": "bitsandbytes", **qc})
+
+
+def test_checkpoint_not_matching_the_config_refused(checkpoints, tmp_path):
+    """A quant_state whose shape is not the layer's: one sentence naming the layer."""
+    from safetensors.torch import load_file, save_file
+
+    bnb_dir, _ = checkpoints("llama", bits=4, quant_type="fp4", double_quant=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in os.listdir(bnb_dir):
+        if f.endswith(".json"):
+            (broken / f).write_text(open(os.path.join(bnb_dir, f)).read())
+    state = load_file(os.path.join(bnb_dir, "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__fp4"
+    meta = json.loads(bytes(state[key].tolist()))
+    meta["shape"] = meta["shape"][::-1]
+    state[key] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj\.weight is a bitsandbytes "
+                                         r"weight of \[128, 64\], but the layer takes \[64, 128\]"):
+        build(str(broken))
+
+
+def test_quantize_on_load_without_the_package_says_how(tiny_model_dir, monkeypatch):
+    from tessellm.config import resolve_model
+    from tessellm.quantization.config import resolve_quant_spec
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        resolve_quant_spec("bitsandbytes", resolve_model(tiny_model_dir("llama")))
