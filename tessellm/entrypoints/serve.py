@@ -44,10 +44,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="name(s) clients use for the model (default: MODEL as given)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file overriding the tokenizer's")
-    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+    g.add_argument("--tool-call-parser", default=None, metavar="{" + ",".join(sorted(TOOL_PARSERS)) + "}",
                    help="parses tool calls out of the model's text for tool_choice 'auto' "
                         "(docs/structured_output.md); openai: gpt-oss's harmony format, chosen by "
-                        "itself for a gpt-oss model")
+                        "itself for a gpt-oss model; a --tool-parser-plugin file adds names")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["trace", "debug", "info", "warning", "error", "critical"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
@@ -348,6 +348,7 @@ def _server_config(args: argparse.Namespace):
     keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
     vllm = parsed_vllm_args(args)  # --enable-log-requests, ... (vllm_args.py)
     check_parsed_vllm_args(args)  # --data-parallel-size-local: -dp's value only
+    plugin = _tool_parser(args.tool_call_parser, vllm.get("tool_parser_plugin"))
     if vllm.get("max_log_len") is not None and vllm["max_log_len"] < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {vllm['max_log_len']}.")
     if any(not k for k in keys):
@@ -378,7 +379,7 @@ def _server_config(args: argparse.Namespace):
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
-        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser,
+        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser, tool_parser_plugin=plugin,
         responses_store_size=args.responses_store_size,
         lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
@@ -393,6 +394,20 @@ def _server_config(args: argparse.Namespace):
         force_include_usage=getattr(args, "enable_force_include_usage", False),
         log_requests=bool(vllm.get("enable_log_requests")), log_outputs=bool(vllm.get("enable_log_outputs")),
         max_log_len=vllm.get("max_log_len"))
+
+
+def _tool_parser(name: Optional[str], plugin: Optional[str]) -> Optional[str]:
+    """Import --tool-parser-plugin (its names join --tool-call-parser's) and check the parser's
+    name; the plugin's absolute path (each API process imports it again), or None."""
+    from tessellm.entrypoints.openai.tool_parsers import ToolParserManager, tool_parser_names
+
+    if plugin:
+        ToolParserManager.import_tool_parser(plugin)
+        plugin = os.path.abspath(plugin)
+    if name is not None and name not in tool_parser_names():
+        raise ValueError(f"--tool-call-parser {name!r} is not a tool-call parser; choose one of "
+                         f"{', '.join(tool_parser_names())}, or register it with --tool-parser-plugin FILE.")
+    return plugin or None
 
 
 def _root_path(value: str) -> str:
