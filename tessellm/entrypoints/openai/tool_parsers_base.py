@@ -188,8 +188,13 @@ _INTS = ("int", "uint", "long", "short", "unsigned")
 
 def schema_type(schema) -> str:
     """The declared type of a parameter schema, lower case ("string" when none is given); of
-    ``["integer", "null"]`` the first that is not null."""
-    kind = schema.get("type") if isinstance(schema, dict) else None
+    ``["integer", "null"]`` or ``anyOf``/``oneOf`` alternatives the first that is not null."""
+    if not isinstance(schema, dict):
+        return "string"
+    kind = schema.get("type")
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if kind is None and isinstance(options, list):
+        kind = next((schema_type(o) for o in options if isinstance(o, dict) and o.get("type") != "null"), None)
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
     return str(kind).strip().lower() if kind is not None else "string"
@@ -227,14 +232,12 @@ def typed_value(text: str, schema) -> Any:
 
 def loose_literal(text: str) -> Any:
     """``text`` as JSON, else as a Python literal (``ast.literal_eval``: literals only, never
-    code), else the string itself."""
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        pass
-    try:
-        value = ast.literal_eval(text)
-        json.dumps(value)  # sets, bytes, complex: not JSON values
-        return value
-    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-        return text
+    code), else the string itself; a value JSON cannot carry (NaN, a set, bytes) stays text."""
+    for read in (json.loads, ast.literal_eval):
+        try:
+            value = read(text)
+            json.dumps(value, allow_nan=False)
+            return value
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            pass
+    return text

@@ -49,7 +49,7 @@ class _MarkedCalls(ToolParser):
             end = text.find(self.END, b)
             name, args, call_id = self.split(text[b + len(self.BEGIN):end if end >= 0 else len(text)])
             if end < 0 and not final:
-                calls.append(ParsedToolCall(name, None))
+                calls.append(ParsedToolCall(name, None, call_id))  # the id is whole once the name is
                 break
             if name is None or args is None:
                 return ParseResult(text)

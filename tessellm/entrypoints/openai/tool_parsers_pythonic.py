@@ -36,7 +36,7 @@ def _call(segment: str) -> Optional[ParsedToolCall]:
         if any(k.arg is None for k in node.keywords):  # **kwargs
             return None
         args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-        return ParsedToolCall(node.func.id, json.dumps(args, ensure_ascii=False))
+        return ParsedToolCall(node.func.id, json.dumps(args, ensure_ascii=False, allow_nan=False))
     except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return None
 
