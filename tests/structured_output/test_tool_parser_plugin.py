@@ -110,3 +110,21 @@ def test_serve_checks_the_parser_name_after_loading_the_plugin():
         assert config.tool_call_parser == "toy_json" and config.tool_parser_plugin == PLUGIN
         with pytest.raises(ValueError, match="'nope' is not a tool-call parser; choose one of .*qwen3_coder.*toy_json"):
             _server_config(build_parser().parse_args(["serve", "--tool-call-parser", "nope"]))
+
+
+def test_a_plugin_that_cannot_start_is_a_500_naming_it(tmp_path):
+    from tessellm.entrypoints.openai.errors import OpenAIError
+
+    plugin = tmp_path / "needs_tokens.py"
+    plugin.write_text(
+        "from tessellm.entrypoints.openai.tool_parsers import ToolParser, ToolParserManager\n\n"
+        "@ToolParserManager.register_module('needs_tokens')\n"
+        "class NeedsTokens(ToolParser):\n"
+        "    def __init__(self, tokenizer):\n"
+        "        super().__init__(tokenizer)\n"
+        "        if self.vocab.get('<tool_call>') is None:\n"
+        "            raise RuntimeError('could not locate tool call tokens in the tokenizer')\n")
+    with _restored():
+        with pytest.raises(OpenAIError) as err:
+            ToolPlan(_req(), "needs_tokens", None, str(plugin))
+    assert err.value.status == 500 and "'needs_tokens' failed to start: RuntimeError: could not locate" in err.value.message

@@ -21,7 +21,7 @@ import secrets
 import string
 from typing import Optional
 
-from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
 from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
@@ -50,10 +50,7 @@ class ToolPlan:
                 raise bad_request("tool_choice 'auto' needs a tool-call parser: start the server with "
                                   f"--tool-call-parser ({', '.join(tool_parser_names())}), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
-            if plugin:
-                ToolParserManager.import_tool_parser(plugin)
-            self.parser = get_tool_parser(tool_parser, tokenizer, req)
-            self.parser.adjust_request(req)  # vLLM's hook (a plugin may keep special tokens)
+            self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)
         elif self.mode == "required":
             self.parser = RequiredParser()
         elif self.mode == "named":
@@ -83,6 +80,20 @@ class ToolPlan:
 
     def view(self) -> Optional["ToolCallView"]:
         return ToolCallView(self.parser) if self.parser is not None else None
+
+
+def _auto_parser(req, name: str, tokenizer, plugin: Optional[str]) -> ToolParser:
+    """The server's parser for ``req``; a plugin's failure to start is a 500 naming it."""
+    try:
+        if plugin:
+            ToolParserManager.import_tool_parser(plugin)
+        parser = get_tool_parser(name, tokenizer, req)
+        parser.adjust_request(req)  # vLLM's hook (a plugin may keep special tokens)
+        return parser
+    except Exception as exc:
+        raise OpenAIError(f"The tool-call parser {name!r} failed to start: {type(exc).__name__}: {exc}. Fix "
+                          "its --tool-parser-plugin file or start the server with another --tool-call-parser.",
+                          500) from exc
 
 
 def _mode(req, tools) -> tuple[str, Optional[str]]:
