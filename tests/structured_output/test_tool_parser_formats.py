@@ -32,6 +32,15 @@ RECORDED = [
      [("get_current_weather", {"city": "Dallas"})]),  # no <tool_call> tags (vLLM's fallback)
     ("qwen3_coder", "<tool_call>\n<function=get_time>\n</function>\n</tool_call>", "", [("get_time", {})]),
     ("qwen3_coder", "I would call <function but will not.", "I would call <function but will not.", []),
+    ("seed_oss", "<seed:think>ok</seed:think>" + QWEN_CALL.replace("tool_call>", "seed:tool_call>"),
+     "<seed:think>ok</seed:think>", [("get_current_weather", W)]),
+    ("minimax_m2", 'Checking.<minimax:tool_call>\n<invoke name="get_current_weather">\n<parameter name="city">'
+                   'Dallas</parameter>\n<parameter name="state">TX</parameter>\n<parameter name="unit">fahrenheit'
+                   '</parameter>\n</invoke>\n<invoke name="get_time"></invoke>\n</minimax:tool_call>', "Checking.",
+     [("get_current_weather", W), ("get_time", {})]),
+    ("minimax_m2", "<invoke name=\"f\"></invoke>", "<invoke name=\"f\"></invoke>", []),  # outside the block: text
+    ("longcat", 'Hi<longcat_tool_call>{"name": "get_current_weather", "arguments": ' + WJ + "}</longcat_tool_call>",
+     "Hi", [("get_current_weather", W)]),
     ("glm45", "Let me check.<tool_call>get_current_weather\n<arg_key>city</arg_key>\n<arg_value>Dallas</arg_value>\n"
               "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "Let me check.",
      [("get_current_weather", {"city": "Dallas", "days": 3})]),
@@ -95,7 +104,7 @@ def test_streams_reassemble_to_the_whole_output(name, text, content, calls, step
 def test_every_parser_in_vllms_names_is_here():
     assert {"qwen3_coder", "qwen3_xml", "pythonic", "llama4_pythonic", "deepseek_v3", "deepseek_v31", "kimi_k2",
             "glm45", "granite", "xlam", "phi4_mini_json", "internlm", "jamba", "hunyuan_a13b", "minimax",
-            "llama4_json"} <= set(TOOL_PARSERS)
+            "llama4_json", "seed_oss", "minimax_m2", "longcat"} <= set(TOOL_PARSERS)
 
 
 def _request(properties: dict) -> ChatCompletionRequest:
@@ -173,6 +182,7 @@ ADVERSARIAL = [
     _100kb(DS[0], DS[1]), _100kb(DS[0] + DS[1] + "f" + DS[2], "{"), _100kb(KIMI[0], KIMI[1] + "a:0" + KIMI[2]),
     _100kb("<tool_calls>", '[{"name": "f", "arguments": {"a": '), _100kb("```json\n[", '{"name": "'),
     _100kb("", "functools"), _100kb("<|action_start|><|plugin|>", "{"),
+    _100kb("<minimax:tool_call>", '<invoke name="'), _100kb("<minimax:tool_call><invoke name=f>", "<parameter name="),
 ]
 NEW = sorted({c.name: c for n, c in TOOL_PARSERS.items()
               if n not in ("hermes", "qwen", "llama3_json", "llama4_json", "mistral", "openai")}.values(),

@@ -1,7 +1,8 @@
 """Tool-call parsers: a model's text output -> (content, tool calls), complete or partial.
 
 ``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
-here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``), ``llama3_json`` (Llama 3.x
+here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
+``<longcat_tool_call>`` tags), ``llama3_json`` (Llama 3.x
 ``{"name", "parameters"}`` objects, optionally after ``<|python_tag|>``, separated by ``;``),
 ``mistral`` (``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces) and ``openai``
 (harmony); the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
@@ -63,6 +64,13 @@ class HermesParser(ToolParser):
                 return ParseResult(text if final else "")
             pos = text.find(self.START, end + len(self.END)) if end >= 0 else -1
         return ParseResult(text[:start], calls)
+
+
+class LongcatParser(HermesParser):
+    """LongCat-Flash: Hermes calls in ``<longcat_tool_call>`` tags."""
+
+    name = "longcat"
+    START, END = "<longcat_tool_call>", "</longcat_tool_call>"
 
 
 class Llama3JsonParser(ToolParser):
@@ -190,7 +198,7 @@ class HarmonyToolParser(ToolParser):
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
-    "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser,
+    "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
     **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 

@@ -13,6 +13,14 @@ are typed by the request's tool schema (``typed_value``).
 
   one newline after ``>`` and before ``</parameter>`` is not part of the value; a parameter
   ends at ``</parameter>``, the next ``<parameter=`` or ``</function>``.
+- ``seed_oss`` (Seed-OSS): the same inside ``<seed:tool_call>``; ``minimax_m2`` (MiniMax-M2)::
+
+      <minimax:tool_call>
+      <invoke name="get_weather">
+      <parameter name="city">Paris</parameter>
+      </invoke>
+      </minimax:tool_call>
+
 - ``glm45`` / ``glm47`` (GLM-4.5, 4.6, 4.7)::
 
       <tool_call>get_weather
@@ -50,17 +58,19 @@ class Qwen3CoderParser(ToolParser):
     name = "qwen3_coder"
     TOOL, FUNC, FUNC_END = "<tool_call>", "<function=", "</function>"
     PARAM, PARAM_END = "<parameter=", "</parameter>"
+    BARE_CALLS = True  # a <function=...> without the <tool_call> tag is a call too (vLLM's fallback)
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        start = _first(text, (self.TOOL, self.FUNC))
+        starts = (self.TOOL, self.FUNC) if self.BARE_CALLS else (self.TOOL,)
+        start = _first(text, starts)
         if start < 0:
-            return _no_call(text, final, (self.TOOL, self.FUNC))
+            return _no_call(text, final, starts)
         calls, pos = [], start
         while (f := text.find(self.FUNC, pos)) >= 0:
             end = text.find(self.FUNC_END, f)
             body_end = end if end >= 0 else len(text)
             gt = text.find(">", f + len(self.FUNC), body_end)
-            name = text[f + len(self.FUNC):gt].strip() if gt >= 0 else ""
+            name = _unquote(text[f + len(self.FUNC):gt]) if gt >= 0 else ""
             if end < 0 and not final:  # still being written: its name once known
                 calls.append(ParsedToolCall(name or None, None))
                 break
@@ -86,13 +96,43 @@ class Qwen3CoderParser(ToolParser):
             gt = text.find(">", p + len(self.PARAM), stop)
             if gt >= 0:
                 close = text.find(self.PARAM_END, gt + 1, stop)
-                value = text[gt + 1:close if close >= 0 else stop]
-                value = value[1:] if value.startswith("\n") else value
-                value = value[:-1] if value.endswith("\n") else value
-                key = text[p + len(self.PARAM):gt].strip()
+                value = self.value(text[gt + 1:close if close >= 0 else stop])
+                key = _unquote(text[p + len(self.PARAM):gt])
                 args[key] = typed_value(value, schemas.get(key))
             p = nxt
         return json.dumps(args, ensure_ascii=False)
+
+    @staticmethod
+    def value(text: str) -> str:
+        """A parameter's text without the newline after its tag and the one before its end."""
+        text = text[1:] if text.startswith("\n") else text
+        return text[:-1] if text.endswith("\n") else text
+
+
+class SeedOssParser(Qwen3CoderParser):
+    """Seed-OSS: Qwen3-Coder's calls inside ``<seed:tool_call>`` (special tokens)."""
+
+    name = "seed_oss"
+    TOOL = "<seed:tool_call>"
+    needs_special_tokens = True
+
+
+class MinimaxM2Parser(Qwen3CoderParser):
+    """MiniMax-M2: ``<minimax:tool_call><invoke name="f"><parameter name="p">value</parameter>
+    </invoke></minimax:tool_call>`` (names quoted or not, values without surrounding blanks)."""
+
+    name = "minimax_m2"
+    TOOL, FUNC, FUNC_END, PARAM = "<minimax:tool_call>", "<invoke name=", "</invoke>", "<parameter name="
+    BARE_CALLS = False
+
+    @staticmethod
+    def value(text: str) -> str:
+        return text.strip()
+
+
+def _unquote(name: str) -> str:
+    name = name.strip()
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] and name[0] in "\"'" else name
 
 
 class Glm45Parser(ToolParser):
@@ -144,5 +184,5 @@ class Glm45Parser(ToolParser):
         return json.dumps(args, ensure_ascii=False) if not body[pos:].strip() else None
 
 
-XML_PARSERS = {"qwen3_coder": Qwen3CoderParser, "qwen3_xml": Qwen3CoderParser,
-               "glm45": Glm45Parser, "glm47": Glm45Parser}
+XML_PARSERS = {"qwen3_coder": Qwen3CoderParser, "qwen3_xml": Qwen3CoderParser, "seed_oss": SeedOssParser,
+               "minimax_m2": MinimaxM2Parser, "glm45": Glm45Parser, "glm47": Glm45Parser}
