@@ -62,7 +62,8 @@ def test_whole_and_streamed_responses_are_the_plugins_calls(registry):
     for step in (1, 7):
         streamed_content, streamed = _stream(get_tool_parser("toy_json"), OUTPUT, step)
         assert streamed_content == content
-        assert [(c["name"], c["arguments"]) for c in streamed] == [(c.function.name, c.function.arguments) for c in calls]
+        assert [(c["name"], c["arguments"]) for c in streamed] == \
+            [(c.function.name, c.function.arguments) for c in calls]
         assert all(c["id"].startswith("chatcmpl-tool-") for c in streamed)
 
 
@@ -127,4 +128,20 @@ def test_a_plugin_that_cannot_start_is_a_500_naming_it(tmp_path):
     with _restored():
         with pytest.raises(OpenAIError) as err:
             ToolPlan(_req(), "needs_tokens", None, str(plugin))
-    assert err.value.status == 500 and "'needs_tokens' failed to start: RuntimeError: could not locate" in err.value.message
+    assert err.value.status == 500
+    assert "'needs_tokens' failed to start: RuntimeError: could not locate" in err.value.message
+
+
+def test_a_newer_vllm_plugin_gets_the_requests_tools(tmp_path):
+    """vLLM 0.11+'s ToolParser takes ``(tokenizer, tools=None)``; an older one ``(tokenizer)``."""
+    plugin = tmp_path / "with_tools.py"
+    plugin.write_text(
+        "from tessellm.entrypoints.openai.tool_parsers import ToolParser, ToolParserManager\n\n"
+        "@ToolParserManager.register_module('with_tools')\n"
+        "class WithTools(ToolParser):\n"
+        "    def __init__(self, tokenizer, tools=None):\n"
+        "        super().__init__(tokenizer, tools)\n")
+    with _restored():
+        ToolParserManager.import_tool_parser(str(plugin))
+        req = _req()
+        assert get_tool_parser("with_tools", None, req).tools == req.tools

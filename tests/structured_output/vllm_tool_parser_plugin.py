@@ -10,8 +10,9 @@ import re
 from collections.abc import Sequence
 from typing import Union
 
-from tessellm.entrypoints.openai.tool_parsers import (DeltaMessage, ExtractedToolCallInformation, FunctionCall,
-                                                      ToolCall, ToolParser, ToolParserManager)
+from tessellm.entrypoints.openai.tool_parsers import (ChatCompletionRequest, DeltaMessage,
+                                                      ExtractedToolCallInformation, FunctionCall, ToolCall,
+                                                      ToolParser, ToolParserManager)
 
 
 @ToolParserManager.register_module(["toy_json", "toy"])
@@ -21,11 +22,11 @@ class ToyJsonToolParser(ToolParser):
         self.start, self.end = "<<call>>", "<</call>>"
         self.regex = re.compile(r"<<call>>(.*?)(?:<</call>>|$)", re.DOTALL)
 
-    def adjust_request(self, request):
+    def adjust_request(self, request: ChatCompletionRequest) -> ChatCompletionRequest:
         request.skip_special_tokens = False
         return request
 
-    def extract_tool_calls(self, model_output: str, request) -> ExtractedToolCallInformation:
+    def extract_tool_calls(self, model_output: str, request: ChatCompletionRequest) -> ExtractedToolCallInformation:
         if self.start not in model_output:
             return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
         if "explode" in model_output:
@@ -41,5 +42,6 @@ class ToyJsonToolParser(ToolParser):
 
     def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
                                      previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
-                                     delta_token_ids: Sequence[int], request) -> Union[DeltaMessage, None]:
+                                     delta_token_ids: Sequence[int],
+                                     request: ChatCompletionRequest) -> Union[DeltaMessage, None]:
         return DeltaMessage(content=delta_text)

@@ -18,11 +18,13 @@ calls held back, linear scans, ``MAX_CALLS``) is written in ``tool_parsers_base.
 
 This module is also the import line of a vLLM plugin: ``ToolParser``, ``ToolParserManager``,
 ``ExtractedToolCallInformation``, ``ToolCall``, ``FunctionCall``, ``DeltaMessage``,
-``DeltaToolCall`` and ``DeltaFunctionCall`` are here as vLLM has them.
+``DeltaToolCall``, ``DeltaFunctionCall``, ``ChatCompletionRequest``,
+``ChatCompletionToolsParam`` and ``make_tool_call_id`` are here as vLLM has them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Optional
 
@@ -32,9 +34,11 @@ from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedTool
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
-from tessellm.entrypoints.openai.tool_parsers_vllm import (DeltaFunctionCall, DeltaMessage,  # noqa: F401
-                                                           DeltaToolCall, ExtractedToolCallInformation,
-                                                           FunctionCall, ToolCall, ToolParserManager)
+from tessellm.entrypoints.openai.tool_parsers_vllm import (ChatCompletionRequest,  # noqa: F401 (vLLM's names)
+                                                           ChatCompletionToolsParam, DeltaFunctionCall,
+                                                           DeltaMessage, DeltaToolCall,
+                                                           ExtractedToolCallInformation, FunctionCall, ToolCall,
+                                                           ToolParserManager, make_tool_call_id)
 from tessellm.entrypoints.openai.tool_parsers_xml import XML_PARSERS
 from tessellm.reasoning.holdback import hold_back
 
@@ -208,12 +212,18 @@ def tool_parser_names() -> list[str]:
     return sorted(set(TOOL_PARSERS) | set(ToolParserManager.tool_parsers))
 
 
+def _takes_tools(cls: type) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return "tools" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def get_tool_parser(name: str, tokenizer=None, request=None) -> ToolParser:
     """A new parser for one output of ``request`` (its tools type the XML formats' values). A
     name a plugin registered wins over a built-in one, as in vLLM."""
     plugin = ToolParserManager.tool_parsers.get(name)
-    if plugin is not None:
-        parser = plugin(tokenizer)
+    if plugin is not None:  # vLLM's constructor: (tokenizer), or (tokenizer, tools) since 0.11
+        tools = getattr(request, "tools", None)
+        parser = plugin(tokenizer, tools=tools) if _takes_tools(plugin) else plugin(tokenizer)
     elif name in TOOL_PARSERS:
         parser = TOOL_PARSERS[name]()
         parser.model_tokenizer = tokenizer

@@ -54,8 +54,9 @@ class ToolParser:
     needs_special_tokens = False  # its markers are special tokens: keep them in the text
     partial_arguments = False  # arguments grow while streaming (else they come complete)
 
-    def __init__(self, tokenizer=None):
+    def __init__(self, tokenizer=None, tools=None):
         self.model_tokenizer = tokenizer
+        self.tools = tools  # the request's tools (newer vLLM passes them to the constructor)
         self.request = None  # the ChatCompletionRequest (None: no tool schemas known)
         # vLLM's ToolParser attributes, which plugin parsers read and write
         self.prev_tool_call_arr: list[dict] = []
@@ -83,7 +84,7 @@ class ToolParser:
 
     def parameter_schemas(self, function: str) -> dict:
         """``properties`` of ``function``'s parameters in the request's tools ({} if unknown)."""
-        for tool in getattr(self.request, "tools", None) or []:
+        for tool in getattr(self.request, "tools", None) or self.tools or []:
             if tool.function.name == function and isinstance(tool.function.parameters, dict):
                 props = tool.function.parameters.get("properties")
                 return props if isinstance(props, dict) else {}

@@ -87,7 +87,8 @@ class DeepSeekV3Parser(_MarkedCalls):
 
 class DeepSeekV31Parser(_MarkedCalls):
     name = "deepseek_v31"
-    SECTION, BEGIN, END, SEP = DeepSeekV3Parser.SECTION, DeepSeekV3Parser.BEGIN, DeepSeekV3Parser.END, DeepSeekV3Parser.SEP
+    SECTION, BEGIN, END, SEP = (DeepSeekV3Parser.SECTION, DeepSeekV3Parser.BEGIN, DeepSeekV3Parser.END,
+                                DeepSeekV3Parser.SEP)
 
     def split(self, body: str):
         sep = body.find(self.SEP)

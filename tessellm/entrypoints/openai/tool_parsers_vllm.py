@@ -41,6 +41,8 @@ from typing import Callable, Optional, Union
 from pydantic import BaseModel, Field
 
 from tessellm.entrypoints.openai import protocol_responses as _protocol
+from tessellm.entrypoints.openai.protocol import ChatCompletionRequest  # noqa: F401 (a plugin's type hints)
+from tessellm.entrypoints.openai.protocol import ChatTool as ChatCompletionToolsParam  # noqa: F401
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaMessage,  # noqa: F401
                                                             DeltaToolCall, FunctionCall)
 from tessellm.entrypoints.openai.tool_parsers_base import MAX_CALLS, ParsedToolCall, ParseResult, ToolParser
@@ -48,7 +50,7 @@ from tessellm.entrypoints.openai.tool_parsers_base import MAX_CALLS, ParsedToolC
 logger = logging.getLogger(__name__)
 
 
-def make_tool_call_id() -> str:
+def make_tool_call_id() -> str:  # vLLM's (vllm.entrypoints.chat_utils)
     return f"chatcmpl-tool-{uuid.uuid4().hex[:24]}"
 
 
