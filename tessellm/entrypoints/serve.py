@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, checked_tool_parser
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
@@ -348,7 +348,7 @@ def _server_config(args: argparse.Namespace):
     keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
     vllm = parsed_vllm_args(args)  # --enable-log-requests, ... (vllm_args.py)
     check_parsed_vllm_args(args)  # --data-parallel-size-local: -dp's value only
-    plugin = _tool_parser(args.tool_call_parser, vllm.get("tool_parser_plugin"))
+    plugin = checked_tool_parser(args.tool_call_parser, vllm.get("tool_parser_plugin"))
     if vllm.get("max_log_len") is not None and vllm["max_log_len"] < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {vllm['max_log_len']}.")
     if any(not k for k in keys):
@@ -394,20 +394,6 @@ def _server_config(args: argparse.Namespace):
         force_include_usage=getattr(args, "enable_force_include_usage", False),
         log_requests=bool(vllm.get("enable_log_requests")), log_outputs=bool(vllm.get("enable_log_outputs")),
         max_log_len=vllm.get("max_log_len"))
-
-
-def _tool_parser(name: Optional[str], plugin: Optional[str]) -> Optional[str]:
-    """Import --tool-parser-plugin (its names join --tool-call-parser's) and check the parser's
-    name; the plugin's absolute path (each API process imports it again), or None."""
-    from tessellm.entrypoints.openai.tool_parsers import ToolParserManager, tool_parser_names
-
-    if plugin:
-        ToolParserManager.import_tool_parser(plugin)
-        plugin = os.path.abspath(plugin)
-    if name is not None and name not in tool_parser_names():
-        raise ValueError(f"--tool-call-parser {name!r} is not a tool-call parser; choose one of "
-                         f"{', '.join(tool_parser_names())}, or register it with --tool-parser-plugin FILE.")
-    return plugin or None
 
 
 def _root_path(value: str) -> str:

@@ -145,3 +145,16 @@ def test_a_newer_vllm_plugin_gets_the_requests_tools(tmp_path):
         ToolParserManager.import_tool_parser(str(plugin))
         req = _req()
         assert get_tool_parser("with_tools", None, req).tools == req.tools
+
+
+def test_a_ray_serve_config_checks_the_parser_and_makes_the_plugin_path_absolute(monkeypatch):
+    """A replica imports the plugin again in its own process and working directory."""
+    from tessellm.entrypoints.ray_serve.config import parse_config
+
+    monkeypatch.chdir(Path(PLUGIN).parent)
+    with _restored():
+        server = {"tool_parser_plugin": Path(PLUGIN).name, "tool_call_parser": "toy_json"}
+        config = parse_config({"engine": {"device": "cpu"}, "server": server}).server_config()
+        assert config.tool_parser_plugin == PLUGIN and config.tool_call_parser == "toy_json"
+        with pytest.raises(ValueError, match="'nope' is not a tool-call parser"):
+            parse_config({"engine": {"device": "cpu"}, "server": {"tool_call_parser": "nope"}}).server_config()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
@@ -210,6 +211,19 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 def tool_parser_names() -> list[str]:
     """Every name ``--tool-call-parser`` takes now: the built-in ones and the plugins'."""
     return sorted(set(TOOL_PARSERS) | set(ToolParserManager.tool_parsers))
+
+
+def checked_tool_parser(name: Optional[str], plugin: Optional[str]) -> Optional[str]:
+    """At start-up: import ``--tool-parser-plugin`` (its names join ``--tool-call-parser``'s)
+    and check the parser's name. Returns the plugin's absolute path (each API process and Ray
+    replica imports it again, from any working directory), or None."""
+    if plugin:
+        ToolParserManager.import_tool_parser(plugin)
+        plugin = os.path.abspath(plugin)
+    if name is not None and name not in tool_parser_names():
+        raise ValueError(f"--tool-call-parser {name!r} is not a tool-call parser; choose one of "
+                         f"{', '.join(tool_parser_names())}, or register it with --tool-parser-plugin FILE.")
+    return plugin or None
 
 
 def _takes_tools(cls: type) -> bool:
