@@ -58,6 +58,11 @@ RECORDED = [
     ("pythonic", "How can I help you today?", "How can I help you today?", []),
     ("llama4_pythonic", "<|python_start|>[get_weather(city='Paris', n=-2, t=(1, 2.5))]<|python_end|>", "",
      [("get_weather", {"city": "Paris", "n": -2, "t": [1, 2.5]})]),
+    ("olmo3", "<function_calls>get_weather(city='Paris', days=null, ok=true)\nget_time()</function_calls>", "",
+     [("get_weather", {"city": "Paris", "days": None, "ok": True}), ("get_time", {})]),
+    ("olmo3", "get_time()", "get_time()", []),  # no tag: text
+    ("granite-20b-fc", 'Sure <function_call> {"name": "get_current_weather", "arguments": ' + WJ + "}\n"
+     '<function_call> {"name": "get_time", "arguments": {}}', "Sure ", [("get_current_weather", W), ("get_time", {})]),
     ("deepseek_v3", "Checking." + DS[0] + DS[1] + "function" + DS[2] + "get_current_weather\n```json\n" + WJ + "\n```"
      + DS[3] + "\n" + DS[1] + "function" + DS[2] + "get_time\n```json\n{}\n```" + DS[3] + DS[4], "Checking.",
      [("get_current_weather", W), ("get_time", {})]),
@@ -105,7 +110,7 @@ def test_streams_reassemble_to_the_whole_output(name, text, content, calls, step
 def test_every_parser_in_vllms_names_is_here():
     assert {"qwen3_coder", "qwen3_xml", "pythonic", "llama4_pythonic", "deepseek_v3", "deepseek_v31", "kimi_k2",
             "glm45", "granite", "xlam", "phi4_mini_json", "internlm", "jamba", "hunyuan_a13b", "minimax",
-            "llama4_json", "seed_oss", "minimax_m2", "longcat"} <= set(TOOL_PARSERS)
+            "llama4_json", "seed_oss", "minimax_m2", "longcat", "olmo3", "granite-20b-fc"} <= set(TOOL_PARSERS)
 
 
 def _request(properties: dict) -> ChatCompletionRequest:
@@ -184,6 +189,7 @@ ADVERSARIAL = [
     _100kb(DS[0], DS[1]), _100kb(DS[0] + DS[1] + "f" + DS[2], "{"), _100kb(KIMI[0], KIMI[1] + "a:0" + KIMI[2]),
     _100kb("<tool_calls>", '[{"name": "f", "arguments": {"a": '), _100kb("```json\n[", '{"name": "'),
     _100kb("", "functools"), _100kb("<|action_start|><|plugin|>", "{"),
+    _100kb("<function_calls>", "f()\n"), _100kb("<function_calls>", "f(x=["), _100kb("", "<function_call>{}"),
     _100kb("<minimax:tool_call>", '<invoke name="'), _100kb("<minimax:tool_call><invoke name=f>", "<parameter name="),
 ]
 NEW = sorted({c.name: c for n, c in TOOL_PARSERS.items()

@@ -3,6 +3,7 @@ objects, in an array or one after another, after a marker; content is the text b
 
 | parser | model output |
 |---|---|
+| ``granite-20b-fc`` | ``<function_call>{...}`` once per call (granite-20b-functioncalling) |
 | ``granite`` | ``[{...}, ...]``, optionally after ``<|tool_call|>`` (Granite 3.0) or ``<tool_call>`` (3.1+) |
 | ``xlam`` | ``[{...}, ...]`` alone, or in a ```` ```json ```` block, after ``[TOOL_CALLS]`` or in ``<tool_call>`` tags |
 | ``phi4_mini_json`` | ``functools[{...}, ...]`` |
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (ParseResult, ToolParser, after_tag, call_sequence,
-                                                           skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           after_tag, call_from_object, call_sequence, decode_at,
+                                                           partial_name, skip_ws)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -120,6 +122,33 @@ class MinimaxParser(_AfterMarker):
     MARKERS = ("<tool_calls>",)
 
 
-JSON_PARSERS = {"granite": GraniteParser, "xlam": XlamParser, "phi4_mini_json": Phi4MiniJsonParser,
+class Granite20bFcParser(ToolParser):
+    """granite-20b-functioncalling: each call is ``<function_call>`` then its JSON object."""
+
+    name = "granite-20b-fc"
+    TAG = "<function_call>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.TAG)
+        if start < 0:
+            return ParseResult(text if final else text[:len(text) - held_back(text, (self.TAG,))])
+        calls, pos = [], start
+        while text.startswith(self.TAG, pos):
+            pos = skip_ws(text, pos + len(self.TAG))
+            value, end = decode_at(text, pos)
+            call = call_from_object(value) if end > 0 else None
+            if call is None:
+                if final:
+                    return ParseResult(text)
+                calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+                break
+            calls.append(call)
+            if len(calls) > MAX_CALLS:
+                return ParseResult(text if final else "")
+            pos = skip_ws(text, end)
+        return ParseResult(text[:start], calls)
+
+
+JSON_PARSERS = {"granite-20b-fc": Granite20bFcParser, "granite": GraniteParser, "xlam": XlamParser, "phi4_mini_json": Phi4MiniJsonParser,
                 "internlm": InternlmParser, "jamba": JambaParser, "hunyuan_a13b": HunyuanA13BParser,
                 "minimax": MinimaxParser}
