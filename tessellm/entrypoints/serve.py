@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, checked_tool_parser
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
@@ -44,10 +44,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="name(s) clients use for the model (default: MODEL as given)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file overriding the tokenizer's")
-    g.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+    g.add_argument("--tool-call-parser", default=None, metavar="{" + ",".join(sorted(TOOL_PARSERS)) + "}",
                    help="parses tool calls out of the model's text for tool_choice 'auto' "
                         "(docs/structured_output.md); openai: gpt-oss's harmony format, chosen by "
-                        "itself for a gpt-oss model")
+                        "itself for a gpt-oss model; a --tool-parser-plugin file adds names")
     g.add_argument("--uvicorn-log-level", default="info",
                    choices=["trace", "debug", "info", "warning", "error", "critical"])
     g.add_argument("--no-access-log", action="store_true", help="no log line per HTTP request")
@@ -348,6 +348,7 @@ def _server_config(args: argparse.Namespace):
     keys = list(args.api_key or ([envs.api_key()] if envs.api_key() else []))
     vllm = parsed_vllm_args(args)  # --enable-log-requests, ... (vllm_args.py)
     check_parsed_vllm_args(args)  # --data-parallel-size-local: -dp's value only
+    plugin = checked_tool_parser(args.tool_call_parser, vllm.get("tool_parser_plugin"))
     if vllm.get("max_log_len") is not None and vllm["max_log_len"] < 0:
         raise ValueError(f"--max-log-len must be >= 0, got {vllm['max_log_len']}.")
     if any(not k for k in keys):
@@ -378,7 +379,7 @@ def _server_config(args: argparse.Namespace):
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
-        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser,
+        sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser, tool_parser_plugin=plugin,
         responses_store_size=args.responses_store_size,
         lora_modules=parse_lora_modules(getattr(args, "lora_modules", None)),
         allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),

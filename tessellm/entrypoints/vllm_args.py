@@ -187,8 +187,9 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("data_parallel_backend", "neutral", _ONE_HOST_DP, neutral=("mp",)),
     VllmArg("data_parallel_hybrid_lb", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
     VllmArg("data_parallel_external_lb", "neutral", _ONE_HOST_DP, bool, neutral=(False,)),
-    VllmArg("tool_parser_plugin", "neutral", "tool parsers are built in: --tool-call-parser "
-            "hermes, llama3_json, mistral or openai", neutral=("",)),
+    VllmArg("tool_parser_plugin", "serve", "a Python file registering tool parsers written for vLLM "
+            "(@ToolParserManager.register_module, imported from tessellm.entrypoints.openai.tool_parsers); "
+            "--tool-call-parser then takes their names (docs/structured_output.md)"),
     VllmArg("tool_server", "neutral", "tessellm runs no tools itself; function calling returns the "
             "calls to the client"),
     VllmArg("enable_ssl_refresh", "neutral", "restart the server to load new certificates", bool,

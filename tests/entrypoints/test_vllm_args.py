@@ -62,7 +62,6 @@ def test_rope_flags_join_hf_overrides():
     (["--skip-tokenizer-init"], "--skip-tokenizer-init", "prompt_token_ids"),
     (["--headless"], "--headless", "--ray"),
     (["--api-server-count", "4"], "--api-server-count", "-dp N"),
-    (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin", "--tool-call-parser"),
     (["--otlp-traces-endpoint", "http://x"], "--otlp-traces-endpoint", "/metrics"),
     (["--compilation-config", "{bad"], "--compilation-config", None),  # not JSON is fine (-O3)
     (["--speculative-model", "/d", "--num-speculative-tokens", "3"], "--speculative-model", "--speculative-config"),

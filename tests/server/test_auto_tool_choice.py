@@ -6,11 +6,13 @@ forces the model's text into P's call format, with arguments that the tool's JSO
 accepts (compact JSON: a 135M model left free whitespace loops on it). The whole path runs for
 real: grammar -> sampled tokens -> detokenized text -> P ->
 OpenAI ``tool_calls`` (ids, ``finish_reason: "tool_calls"``), whole and as ``delta.tool_calls``
-chunks that reassemble to the same call."""
+chunks that reassemble to the same call. ``toy_json`` is a vLLM parser loaded with
+``--tool-parser-plugin``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -26,30 +28,57 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                             "parameters": PARAMS}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
-# Per parser: the text before the arguments object, the text after it, the content expected.
+# Per parser: the text the grammar forces ({CITY}: 1-16 letters, {UNIT}: celsius or fahrenheit)
+# and the content expected. One format family per parser: JSON objects (hermes, llama3_json,
+# mistral, granite, jamba), XML parameters typed by the schema (qwen3_coder, glm45), Python call
+# lists (pythonic), special-token sections (deepseek_v31, kimi_k2) and a vLLM plugin (toy_json).
+_ARGS = '{"city": "{CITY}", "unit": "{UNIT}"}'
 FORMATS = {
-    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ', "}\n</tool_call>",
+    "hermes": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + _ARGS + "}\n</tool_call>",
                "Let me check.\n"),
-    "llama3_json": ('{"name": "get_weather", "parameters": ', "}", None),
-    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": ', "}]", None),
+    "llama3_json": ('{"name": "get_weather", "parameters": ' + _ARGS + "}", None),
+    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": ' + _ARGS + "}]", None),
+    "qwen3_coder": ("Checking.<tool_call>\n<function=get_weather>\n<parameter=city>\n{CITY}\n</parameter>\n"
+                    "<parameter=unit>\n{UNIT}\n</parameter>\n</function>\n</tool_call>", "Checking."),
+    "glm45": ("<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>{CITY}</arg_value>\n<arg_key>unit"
+              "</arg_key>\n<arg_value>{UNIT}</arg_value>\n</tool_call>", None),
+    "pythonic": ('[get_weather(city="{CITY}", unit="{UNIT}")]', None),
+    "deepseek_v31": ("Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>" + _ARGS
+                     + "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "Sure."),
+    "kimi_k2": ("<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+                + _ARGS + "<|tool_call_end|><|tool_calls_section_end|>", None),
+    "granite": ('<tool_call>[{"name": "get_weather", "arguments": ' + _ARGS + "}]", None),
+    "jamba": ('<tool_calls>[{"name": "get_weather", "arguments": ' + _ARGS + "}]</tool_calls>", None),
+    "toy_json": ('Checking.<<call>>[{"name": "get_weather", "arguments": ' + _ARGS + "}]<</call>>", "Checking."),
 }
+PLUGIN = str(Path(__file__).parent.parent / "structured_output" / "vllm_tool_parser_plugin.py")
 
 
 def _forced(parser: str) -> str:
-    """An EBNF grammar: ``before`` + a compact arguments object valid against PARAMS + ``after``."""
-    before, after, _ = FORMATS[parser]
-    lit = json.dumps  # an EBNF string literal
-    city_key, unit_key, close = '{"city": "', '", "unit": "', '"}'
-    args = f'{lit(city_key)} [A-Za-z]{{1,16}} {lit(unit_key)} ("celsius" | "fahrenheit") {lit(close)}'
-    return f"root ::= {lit(before)} {args} {lit(after)}"
+    """An EBNF grammar for ``FORMATS[parser]``: its text, a city of letters, a unit of the enum
+    (arguments valid against PARAMS; compact: a 135M model left free whitespace loops on it)."""
+    def lit(text: str) -> str:  # an EBNF string literal
+        return json.dumps(text, ensure_ascii=False)
+
+    parts = []
+    for piece in FORMATS[parser][0].split("{CITY}"):
+        for j, literal in enumerate(piece.split("{UNIT}")):
+            parts += (['("celsius" | "fahrenheit")'] if j else []) + ([lit(literal)] if literal else [])
+        parts.append("[A-Za-z]{1,16}")
+    return "root ::= " + " ".join(parts[:-1])
 
 
-@pytest.mark.parametrize("parser", ["hermes", pytest.param("llama3_json", marks=pytest.mark.slow),
-                                    pytest.param("mistral", marks=pytest.mark.slow)])
+def _server(request, server_factory, parser: str):
+    if parser == "hermes":  # conftest's tools_server (its parser; a template that shows the tools), shared
+        return request.getfixturevalue("tools_server")
+    plugin = ["--tool-parser-plugin", PLUGIN] if parser == "toy_json" else []
+    return server_factory(["--enable-auto-tool-choice", *plugin, "--tool-call-parser", parser])
+
+
+@pytest.mark.parametrize("parser", ["hermes", "toy_json", *(pytest.param(p, marks=pytest.mark.slow) for p in FORMATS
+                                                             if p not in ("hermes", "toy_json"))])
 def test_auto_tool_choice_through_the_server(request, server_factory, parser):
-    # hermes: conftest's tools_server (its parser; a template that shows the tools), shared
-    srv = request.getfixturevalue("tools_server") if parser == "hermes" else \
-        server_factory(["--enable-auto-tool-choice", "--tool-call-parser", parser])
+    srv = _server(request, server_factory, parser)
     with openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=300) as client:
         kw = dict(model=MODEL, messages=ASK, max_tokens=160, temperature=0, tools=[WEATHER], tool_choice="auto",
                   extra_body={"structured_outputs": {"grammar": _forced(parser)}})
@@ -63,14 +92,14 @@ def test_auto_tool_choice_through_the_server(request, server_factory, parser):
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather" and call.id
     jsonschema.validate(json.loads(call.function.arguments), PARAMS)
-    assert choice.message.content == FORMATS[parser][2]
+    assert choice.message.content == FORMATS[parser][1]
     # The stream: the same call in delta.tool_calls pieces (id and name first), the same end.
     pieces = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert pieces[0].id and pieces[0].function.name == "get_weather" and all(p.index == 0 for p in pieces)
     assert json.loads("".join(p.function.arguments or "" for p in pieces)) == json.loads(call.function.arguments)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert streamed == (FORMATS[parser][2] or "")
+    assert streamed == (FORMATS[parser][1] or "")
     # Without a call in its text, "auto" answers with content and no tool_calls.
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
     assert plain.choices[0].finish_reason != "tool_calls"

@@ -13,6 +13,7 @@ class ServerConfig:
     extra_api_keys: tuple = ()  # --api-key K1 K2 ...: the others, accepted alike (vLLM's list)
     chat_template: Optional[str] = None  # template text (already read from --chat-template)
     tool_call_parser: Optional[str] = None  # --tool-call-parser: parses tool_choice "auto" output
+    tool_parser_plugin: Optional[str] = None  # --tool-parser-plugin: a vLLM parser file registering names
     max_n: int = 16  # most samples per request (n, best_of)
     max_logprobs: int = 20  # most top logprobs per token (logprobs / top_logprobs); -1: no limit
     max_tokens: Optional[int] = None  # most output tokens per request; None: the context length

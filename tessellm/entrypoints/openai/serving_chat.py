@@ -92,7 +92,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     check_kv_transfer_params(req, engine.info)
     check_limits(req, config, engine.info)
     harmony = harmony_on(engine, config.tool_call_parser)  # gpt-oss (openai/harmony.py)
-    plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser)
+    plan = ToolPlan(req, TOOL_PARSER if harmony else config.tool_call_parser, engine.tokenizer,
+                    config.tool_parser_plugin)
     structured = structured_from_request(req, plan.forced_schema())
     images: list = []  # image_url parts, loaded (docs/multimodal.md)
     template_kwargs = merged_template_kwargs(req.chat_template_kwargs, config)

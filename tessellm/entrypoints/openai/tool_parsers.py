@@ -1,105 +1,47 @@
 """Tool-call parsers: a model's text output -> (content, tool calls), complete or partial.
 
-``--tool-call-parser`` picks one for ``tool_choice: "auto"``: ``hermes`` (Hermes / Qwen
-``<tool_call>{json}</tool_call>``), ``llama3_json`` (Llama 3.x ``{"name", "parameters"}``
-objects, optionally after ``<|python_tag|>``, separated by ``;``) and ``mistral``
-(``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces). Two more serve forced
-choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains the
-output to) and ``NamedParser`` (the output *is* the arguments of the named function).
+``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
+here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
+``<longcat_tool_call>`` tags), ``llama3_json`` (Llama 3.x
+``{"name", "parameters"}`` objects, optionally after ``<|python_tag|>``, separated by ``;``),
+``mistral`` (``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces) and ``openai``
+(harmony); the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
+Python call lists (``pythonic``, ``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the
+special-token formats (``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the
+other JSON formats (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
+``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
+forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
+the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
 
-``parse(text, final)`` is called with the whole text so far, so a stream and a whole response
-go through the same code and reassemble to the same calls. While not ``final``: ``content`` is
-only text that can no longer turn into a tool call (a possible start of a marker is held
-back), and a call whose JSON is not complete yet has ``arguments`` None (its name once known).
-When ``final`` and a call does not parse, the whole text is content (no calls).
+The contract every parser keeps (``parse(text, final)`` over the whole text so far, partial
+calls held back, linear scans, ``MAX_CALLS``) is written in ``tool_parsers_base.py``.
 
-Safety: only ``str.find``, ``json`` decoding and scans that look at each character a bounded
-number of times: linear in the text, no regular expressions, no ``eval``; at most
-``MAX_CALLS`` calls per output.
+This module is also the import line of a vLLM plugin: ``ToolParser``, ``ToolParserManager``,
+``ExtractedToolCallInformation``, ``ToolCall``, ``FunctionCall``, ``DeltaMessage``,
+``DeltaToolCall``, ``DeltaFunctionCall``, ``ChatCompletionRequest``,
+``ChatCompletionToolsParam`` and ``make_tool_call_id`` are here as vLLM has them.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from dataclasses import dataclass, field
+import os
 from typing import Optional
 
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
+                                                           ToolParser, call_from_object, call_sequence,
+                                                           decode_at, partial_name, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_vllm import (ChatCompletionRequest,  # noqa: F401 (vLLM's names)
+                                                           ChatCompletionToolsParam, DeltaFunctionCall,
+                                                           DeltaMessage, DeltaToolCall,
+                                                           ExtractedToolCallInformation, FunctionCall, ToolCall,
+                                                           ToolParserManager, make_tool_call_id)
+from tessellm.entrypoints.openai.tool_parsers_xml import XML_PARSERS
 from tessellm.reasoning.holdback import hold_back
-
-_DECODER = json.JSONDecoder()
-_WS = " \t\r\n"
-MAX_CALLS = 64  # more calls in one output: it is not a tool call (bounds the work per parse)
-
-
-@dataclass
-class ParsedToolCall:
-    name: Optional[str]  # None while not yet generated
-    arguments: Optional[str]  # JSON text; None while the call is incomplete
-
-
-@dataclass
-class ParseResult:
-    content: str
-    calls: list[ParsedToolCall] = field(default_factory=list)
-
-
-class ToolParser:
-    name = ""
-    needs_special_tokens = False  # its markers are special tokens: keep them in the text
-    partial_arguments = False  # arguments grow while streaming (else they come complete)
-
-    def parse(self, text: str, final: bool) -> ParseResult:
-        raise NotImplementedError
-
-
-def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[ParsedToolCall]:
-    """``{"name": ..., "arguments"|"parameters": {...}}`` as a call; None if not that shape."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = next((obj[k] for k in args_keys if k in obj), {})
-    if isinstance(args, str):
-        try:
-            json.loads(args)
-        except (json.JSONDecodeError, RecursionError):
-            return None
-        return ParsedToolCall(obj["name"], args)
-    if not isinstance(args, dict):
-        return None
-    return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
-
-
-def decode_at(text: str, pos: int):
-    """``(value, end)`` of the JSON value at ``pos``, or ``(None, -1)`` if it is incomplete or
-    invalid there."""
-    try:
-        return _DECODER.raw_decode(text, pos)
-    except (json.JSONDecodeError, RecursionError, ValueError):
-        return None, -1
-
-
-def partial_name(text: str) -> Optional[str]:
-    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed."""
-    key = text.find('"name"')
-    if key < 0:
-        return None
-    i = key + 6
-    while i < len(text) and text[i] in _WS:
-        i += 1
-    if i >= len(text) or text[i] != ":":
-        return None
-    i += 1
-    while i < len(text) and text[i] in _WS:
-        i += 1
-    if i >= len(text) or text[i] != '"':
-        return None
-    value, end = decode_at(text, i)
-    return value if isinstance(value, str) and end > 0 else None
-
-
-def skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in _WS:
-        pos += 1
-    return pos
 
 
 class HermesParser(ToolParser):
@@ -129,27 +71,11 @@ class HermesParser(ToolParser):
         return ParseResult(text[:start], calls)
 
 
-def _call_sequence(text: str, pos: int, final: bool, sep: str,
-                   stop: Optional[str] = None) -> ParseResult:
-    """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
-    the text's end. While streaming, an unfinished object is a call whose name is known so far;
-    once final, anything that is not a call makes the whole text content again."""
-    calls = []
-    while pos < len(text) and text[pos] != stop:
-        value, end = decode_at(text, pos)
-        call = call_from_object(value) if end > 0 else None
-        if call is None:
-            if final:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(partial_name(text[pos:]), None))
-            break
-        calls.append(call)
-        if len(calls) > MAX_CALLS:
-            return ParseResult(text if final else "")
-        pos = skip_ws(text, end)
-        if pos < len(text) and text[pos] == sep:
-            pos = skip_ws(text, pos + 1)
-    return ParseResult("", calls)
+class LongcatParser(HermesParser):
+    """LongCat-Flash: Hermes calls in ``<longcat_tool_call>`` tags."""
+
+    name = "longcat"
+    START, END = "<longcat_tool_call>", "</longcat_tool_call>"
 
 
 class Llama3JsonParser(ToolParser):
@@ -166,7 +92,7 @@ class Llama3JsonParser(ToolParser):
             return ParseResult(text if final else "")
         if text[pos] != "{":
             return ParseResult(text)
-        return _call_sequence(text, pos, final, sep=";")
+        return call_sequence(text, pos, final, sep=";")
 
 
 class MistralParser(ToolParser):
@@ -224,7 +150,7 @@ class RequiredParser(ToolParser):
         pos = skip_ws(text, 0)
         if pos < len(text) and text[pos] != "[":
             return ParseResult(text)
-        return _call_sequence(text, skip_ws(text, pos + 1), final, sep=",", stop="]")
+        return call_sequence(text, skip_ws(text, pos + 1), final, sep=",", stop="]")
 
 
 class NamedParser(ToolParser):
@@ -234,6 +160,7 @@ class NamedParser(ToolParser):
     partial_arguments = True
 
     def __init__(self, function_name: str):
+        super().__init__()
         self.function_name = function_name
 
     def parse(self, text: str, final: bool) -> ParseResult:
@@ -255,6 +182,7 @@ class HarmonyToolParser(ToolParser):
     def __init__(self, calls: bool = True, forced: Optional[ToolParser] = None, opened: Optional[tuple] = None):
         from tessellm.reasoning.harmony import HarmonyParser
 
+        super().__init__()
         self.harmony = HarmonyParser(opened)  # opened: the header the prompt ended with
         self.calls = calls
         self.forced = forced
@@ -275,11 +203,47 @@ class HarmonyToolParser(ToolParser):
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
-    "mistral": MistralParser, "openai": HarmonyToolParser,
+    "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
+    **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 
 
-def get_tool_parser(name: str) -> ToolParser:
-    if name not in TOOL_PARSERS:
-        raise ValueError(f"Unknown tool-call parser {name!r}; choose one of {', '.join(sorted(TOOL_PARSERS))}.")
-    return TOOL_PARSERS[name]()
+def tool_parser_names() -> list[str]:
+    """Every name ``--tool-call-parser`` takes now: the built-in ones and the plugins'."""
+    return sorted(set(TOOL_PARSERS) | set(ToolParserManager.tool_parsers))
+
+
+def checked_tool_parser(name: Optional[str], plugin: Optional[str]) -> Optional[str]:
+    """At start-up: import ``--tool-parser-plugin`` (its names join ``--tool-call-parser``'s)
+    and check the parser's name. Returns the plugin's absolute path (each API process and Ray
+    replica imports it again, from any working directory), or None."""
+    if plugin:
+        ToolParserManager.import_tool_parser(plugin)
+        plugin = os.path.abspath(plugin)
+    if name is not None and name not in tool_parser_names():
+        raise ValueError(f"--tool-call-parser {name!r} is not a tool-call parser; choose one of "
+                         f"{', '.join(tool_parser_names())}, or register it with --tool-parser-plugin FILE.")
+    return plugin or None
+
+
+def _takes_tools(cls: type) -> bool:
+    params = inspect.signature(cls.__init__).parameters
+    return "tools" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def get_tool_parser(name: str, tokenizer=None, request=None) -> ToolParser:
+    """A new parser for one output of ``request`` (its tools type the XML formats' values). A
+    name a plugin registered wins over a built-in one, as in vLLM."""
+    plugin = ToolParserManager.tool_parsers.get(name)
+    if plugin is not None:  # vLLM's constructor: (tokenizer), or (tokenizer, tools) since 0.11
+        tools = getattr(request, "tools", None)
+        parser = plugin(tokenizer, tools=tools) if _takes_tools(plugin) else plugin(tokenizer)
+    elif name in TOOL_PARSERS:
+        parser = TOOL_PARSERS[name]()
+        parser.model_tokenizer = tokenizer
+    else:
+        raise ValueError(f"Unknown tool-call parser {name!r}; choose one of {', '.join(tool_parser_names())}"
+                         " (or register it with --tool-parser-plugin FILE).")
+    parser.request = request
+    return parser
+

@@ -21,11 +21,12 @@ import secrets
 import string
 from typing import Optional
 
-from tessellm.entrypoints.openai.errors import bad_request
+from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
 from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
-                                                      TOOL_PARSERS, ToolParser, get_tool_parser)
+                                                      ToolParser, ToolParserManager, get_tool_parser,
+                                                      tool_parser_names)
 from tessellm.structured_output.grammar import check_limits
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -35,7 +36,9 @@ _ANY_OBJECT = {"type": "object"}
 class ToolPlan:
     """What a chat request's tools mean for rendering, constraining and parsing its output."""
 
-    def __init__(self, req, tool_parser: Optional[str]):
+    def __init__(self, req, tool_parser: Optional[str], tokenizer=None, plugin: Optional[str] = None):
+        """``tool_parser``: the server's --tool-call-parser; ``plugin``: its --tool-parser-plugin
+        file (imported once per process, so a Ray Serve replica finds the names too)."""
         self.tools = req.tools or []
         self.mode, self.function = _mode(req, self.tools)
         self.parallel = req.parallel_tool_calls is not False
@@ -45,9 +48,9 @@ class ToolPlan:
         if self.mode == "auto":
             if tool_parser is None:
                 raise bad_request("tool_choice 'auto' needs a tool-call parser: start the server with "
-                                  f"--tool-call-parser ({', '.join(sorted(TOOL_PARSERS))}), or use tool_choice "
+                                  f"--tool-call-parser ({', '.join(tool_parser_names())}), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
-            self.parser = get_tool_parser(tool_parser)
+            self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)
         elif self.mode == "required":
             self.parser = RequiredParser()
         elif self.mode == "named":
@@ -77,6 +80,20 @@ class ToolPlan:
 
     def view(self) -> Optional["ToolCallView"]:
         return ToolCallView(self.parser) if self.parser is not None else None
+
+
+def _auto_parser(req, name: str, tokenizer, plugin: Optional[str]) -> ToolParser:
+    """The server's parser for ``req``; a plugin's failure to start is a 500 naming it."""
+    try:
+        if plugin:
+            ToolParserManager.import_tool_parser(plugin)
+        parser = get_tool_parser(name, tokenizer, req)
+        parser.adjust_request(req)  # vLLM's hook (a plugin may keep special tokens)
+        return parser
+    except Exception as exc:
+        raise OpenAIError(f"The tool-call parser {name!r} failed to start: {type(exc).__name__}: {exc}. Fix "
+                          "its --tool-parser-plugin file or start the server with another --tool-call-parser.",
+                          500) from exc
 
 
 def _mode(req, tools) -> tuple[str, Optional[str]]:
@@ -137,14 +154,16 @@ class ToolCallView:
         self.sent_content = 0
         self.sent_calls: list[int] = []  # per call: characters of arguments sent (-1: header only)
 
-    def _id(self, i: int) -> str:
+    def _id(self, i: int, call: Optional[ParsedToolCall] = None) -> str:
+        """Call ``i``'s id: the model's own (``call.id``, Kimi-K2's) or a new one, kept."""
         while len(self.ids) <= i:
-            self.ids.append(new_call_id(self.parser.name == "mistral"))
+            self.ids.append(call.id if call is not None and call.id and len(self.ids) == i
+                            else new_call_id(self.parser.name == "mistral"))
         return self.ids[i]
 
     def final(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
         result = self.parser.parse(text, final=True)
-        calls = [ToolCall(id=self._id(i), function=FunctionCall(name=c.name, arguments=c.arguments))
+        calls = [ToolCall(id=self._id(i, c), function=FunctionCall(name=c.name, arguments=c.arguments))
                  for i, c in enumerate(result.calls)]
         return (result.content or None) if calls else result.content, calls
 
@@ -169,7 +188,7 @@ class ToolCallView:
             self.sent_calls.append(0)
             args = call.arguments or ""
             self.sent_calls[i] = len(args)
-            return DeltaToolCall(index=i, id=self._id(i), type="function",
+            return DeltaToolCall(index=i, id=self._id(i, call), type="function",
                                  function=DeltaFunctionCall(name=call.name, arguments=args))
         if call.arguments is None or len(call.arguments) <= self.sent_calls[i]:
             return None

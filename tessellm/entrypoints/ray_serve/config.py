@@ -140,6 +140,11 @@ class RayServeConfig:
         if not all(isinstance(k, str) and k for k in keys):
             raise ValueError("server.api_key: each key must be a non-empty string (a list of "
                              "them accepts any one).")
+        if server.get("tool_parser_plugin") or server.get("tool_call_parser"):  # as tessellm serve checks them
+            from tessellm.entrypoints.openai.tool_parsers import checked_tool_parser
+
+            server["tool_parser_plugin"] = checked_tool_parser(server.get("tool_call_parser"),
+                                                               server.get("tool_parser_plugin"))
         return ServerConfig(served_model_names=list(names), api_key=keys[0] if keys else None,
                             extra_api_keys=tuple(keys[1:]), **server)
 

@@ -1,0 +1,244 @@
+"""What every tool-call parser shares: the result types, the base class, and the scans they
+are built from (JSON values at a position, a call object's name while it is still being
+written, typed parameter values from the request's tool schema).
+
+The contract (``tool_parsers.py`` lists the parsers): ``parse(text, final)`` is called with the
+whole text so far, so a stream and a whole response go through the same code and reassemble to
+the same calls. While not ``final``, ``content`` is only text that can no longer turn into a
+tool call (a possible start of a marker is held back) and a call whose arguments are not
+complete has ``arguments`` None (its name once known). When ``final`` and a call does not
+parse, the whole text is content (no calls).
+
+Safety: ``str.find``, ``json`` decoding, ``ast`` parsing of literals (never ``eval``) and scans
+that look at each character a bounded number of times: linear in the text, no regular
+expressions; at most ``MAX_CALLS`` calls per output.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_DECODER = json.JSONDecoder()
+_WS = " \t\r\n"
+MAX_CALLS = 64  # more calls in one output: it is not a tool call (bounds the work per parse)
+
+
+@dataclass
+class ParsedToolCall:
+    name: Optional[str]  # None while not yet generated
+    arguments: Optional[str]  # JSON text; None while the call is incomplete
+    id: Optional[str] = None  # the call's id when the model writes one (Kimi-K2), else made up
+
+
+@dataclass
+class ParseResult:
+    content: str
+    calls: list[ParsedToolCall] = field(default_factory=list)
+
+
+class ToolParser:
+    """The base of every tool-call parser.
+
+    tessellm's parsers implement ``parse(text, final)``. A parser written for vLLM (a
+    ``--tool-parser-plugin`` file) implements ``extract_tool_calls(model_output, request)``
+    instead; the base's ``parse`` runs it on the whole text once the output is final
+    (``tool_parsers_vllm.py``), and the base's ``extract_tool_calls`` runs ``parse`` for callers
+    that use vLLM's method on a built-in parser. ``request`` is the chat request being answered
+    (its ``tools`` type the parameters of the XML formats); the server sets it per request."""
+
+    name = ""
+    needs_special_tokens = False  # its markers are special tokens: keep them in the text
+    partial_arguments = False  # arguments grow while streaming (else they come complete)
+
+    def __init__(self, tokenizer=None, tools=None):
+        self.model_tokenizer = tokenizer
+        self.tools = tools  # the request's tools (newer vLLM passes them to the constructor)
+        self.request = None  # the ChatCompletionRequest (None: no tool schemas known)
+        # vLLM's ToolParser attributes, which plugin parsers read and write
+        self.prev_tool_call_arr: list[dict] = []
+        self.current_tool_id = -1
+        self.current_tool_name_sent = False
+        self.streamed_args_for_tool: list[str] = []
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self.model_tokenizer.get_vocab() if self.model_tokenizer is not None else {}
+
+    def adjust_request(self, request):
+        """vLLM's hook: change the request before it is sampled (e.g. ``skip_special_tokens``)."""
+        return request
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        from tessellm.entrypoints.openai.tool_parsers_vllm import parse_with_extract
+
+        return parse_with_extract(self, text, final)
+
+    def extract_tool_calls(self, model_output: str, request):
+        from tessellm.entrypoints.openai.tool_parsers_vllm import extract_with_parse
+
+        return extract_with_parse(self, model_output, request)
+
+    def parameter_schemas(self, function: str) -> dict:
+        """``properties`` of ``function``'s parameters in the request's tools ({} if unknown)."""
+        for tool in getattr(self.request, "tools", None) or self.tools or []:
+            if tool.function.name == function and isinstance(tool.function.parameters, dict):
+                props = tool.function.parameters.get("properties")
+                return props if isinstance(props, dict) else {}
+        return {}
+
+
+def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[ParsedToolCall]:
+    """``{"name": ..., "arguments"|"parameters": {...}}`` as a call; None if not that shape."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = next((obj[k] for k in args_keys if k in obj), {})
+    if isinstance(args, str):
+        try:
+            json.loads(args)
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        return ParsedToolCall(obj["name"], args)
+    if not isinstance(args, dict):
+        return None
+    return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def decode_at(text: str, pos: int):
+    """``(value, end)`` of the JSON value at ``pos``, or ``(None, -1)`` if it is incomplete or
+    invalid there."""
+    try:
+        return _DECODER.raw_decode(text, pos)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return None, -1
+
+
+def json_object_at(text: str, pos: int) -> Optional[str]:
+    """The JSON object at ``pos`` (after whitespace) as compact-or-original text, if it is a
+    whole object and only whitespace follows it; else None."""
+    pos = skip_ws(text, pos)
+    value, end = decode_at(text, pos)
+    if end < 0 or not isinstance(value, dict) or text[end:].strip():
+        return None
+    return text[pos:end]
+
+
+def partial_name(text: str) -> Optional[str]:
+    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed."""
+    key = text.find('"name"')
+    if key < 0:
+        return None
+    i = skip_ws(text, key + 6)
+    if i >= len(text) or text[i] != ":":
+        return None
+    i = skip_ws(text, i + 1)
+    if i >= len(text) or text[i] != '"':
+        return None
+    value, end = decode_at(text, i)
+    return value if isinstance(value, str) and end > 0 else None
+
+
+def skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _WS:
+        pos += 1
+    return pos
+
+
+def call_sequence(text: str, pos: int, final: bool, sep: str,
+                  stop: Optional[str] = None) -> ParseResult:
+    """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
+    the text's end. While streaming, an unfinished object is a call whose name is known so far;
+    once final, anything that is not a call makes the whole text content again."""
+    calls = []
+    while pos < len(text) and text[pos] != stop:
+        value, end = decode_at(text, pos)
+        call = call_from_object(value) if end > 0 else None
+        if call is None:
+            if final:
+                return ParseResult(text)
+            calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+            break
+        calls.append(call)
+        if len(calls) > MAX_CALLS:
+            return ParseResult(text if final else "")
+        pos = skip_ws(text, end)
+        if pos < len(text) and text[pos] == sep:
+            pos = skip_ws(text, pos + 1)
+    return ParseResult("", calls)
+
+
+def after_tag(text: str, pos: int, tags: tuple[str, ...], final: bool) -> Optional[int]:
+    """Past one of ``tags`` at ``pos`` (and the whitespace after it); ``pos`` if none is there;
+    None while the text so far could still be the start of one (hold it back)."""
+    for tag in tags:
+        if text.startswith(tag, pos):
+            return skip_ws(text, pos + len(tag))
+    if not final and pos < len(text) and any(t.startswith(text[pos:]) for t in tags):
+        return None
+    return pos
+
+
+# -- parameter values typed by the request's schema (the XML formats write them as text) -----
+
+_STRINGS = ("string", "str", "text", "varchar", "char", "enum")
+_INTS = ("int", "uint", "long", "short", "unsigned")
+
+
+def schema_type(schema) -> str:
+    """The declared type of a parameter schema, lower case ("string" when none is given); of
+    ``["integer", "null"]`` or ``anyOf``/``oneOf`` alternatives the first that is not null."""
+    if not isinstance(schema, dict):
+        return "string"
+    kind = schema.get("type")
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if kind is None and isinstance(options, list):
+        kind = next((schema_type(o) for o in options if isinstance(o, dict) and o.get("type") != "null"), None)
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    return str(kind).strip().lower() if kind is not None else "string"
+
+
+def typed_value(text: str, schema) -> Any:
+    """A parameter's text as its schema's type (vLLM's qwen3_coder rules): ``null`` is None;
+    integers and numbers parse (a number with no fraction becomes an int), booleans are
+    ``true``/``false``, objects and arrays are JSON (or a Python literal); anything that does
+    not convert stays the string it was. No schema: the string."""
+    if text.lower() == "null":
+        return None
+    if schema is None:
+        return text
+    kind = schema_type(schema)
+    if kind in _STRINGS:
+        return text
+    if kind.startswith(_INTS):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+    if kind.startswith(("num", "float")):
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        if not math.isfinite(number):
+            return text
+        return int(number) if number.is_integer() else number
+    if kind in ("boolean", "bool", "binary"):
+        return text.lower() == "true"
+    return loose_literal(text)
+
+
+def loose_literal(text: str) -> Any:
+    """``text`` as JSON, else as a Python literal (``ast.literal_eval``: literals only, never
+    code), else the string itself; a value JSON cannot carry (NaN, a set, bytes) stays text."""
+    for read in (json.loads, ast.literal_eval):
+        try:
+            value = read(text)
+            json.dumps(value, allow_nan=False)
+            return value
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            pass
+    return text

@@ -1,0 +1,154 @@
+"""Tool-call formats that write calls as JSON ``{"name": ..., "arguments"|"parameters": {...}}``
+objects, in an array or one after another, after a marker; content is the text before it.
+
+| parser | model output |
+|---|---|
+| ``granite-20b-fc`` | ``<function_call>{...}`` once per call (granite-20b-functioncalling) |
+| ``granite`` | ``[{...}, ...]``, optionally after ``<|tool_call|>`` (Granite 3.0) or ``<tool_call>`` (3.1+) |
+| ``xlam`` | ``[{...}, ...]`` alone, or in a ```` ```json ```` block, after ``[TOOL_CALLS]`` or in ``<tool_call>`` tags |
+| ``phi4_mini_json`` | ``functools[{...}, ...]`` |
+| ``internlm`` | ``<|action_start|><|plugin|>{...}<|action_end|>`` (InternLM 2 / 2.5, one call) |
+| ``jamba`` | ``<tool_calls>[{...}, ...]</tool_calls>`` |
+| ``hunyuan_a13b`` | ``<tool_calls>[{...}, ...]</tool_calls>`` |
+| ``minimax`` | ``<tool_calls>`` then one ``{...}`` per line, then ``</tool_calls>`` (MiniMax-M1) |
+
+Contract as in ``tool_parsers_base.py``; a call's arguments come whole once its object is.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           after_tag, call_from_object, call_sequence, decode_at,
+                                                           partial_name, skip_ws)
+from tessellm.reasoning.holdback import held_back
+
+
+def calls_at(text: str, start: int, pos: int, final: bool) -> ParseResult:
+    """The calls written from ``pos`` on (a JSON array of call objects, or call objects one
+    after another, up to a ``<`` tag) as the calls of ``text``, whose content is
+    ``text[:start]``; when final and they are not calls, all of ``text`` is content."""
+    pos = skip_ws(text, pos)
+    if pos >= len(text):
+        return ParseResult(text if final else text[:start])
+    if text[pos] == "[":
+        result = call_sequence(text, skip_ws(text, pos + 1), final, sep=",", stop="]")
+    elif text[pos] == "{":
+        result = call_sequence(text, pos, final, sep=",", stop="<")
+    else:
+        return ParseResult(text)
+    if result.content or (final and not result.calls):
+        return ParseResult(text if final else "")
+    return ParseResult(text[:start], result.calls)
+
+
+class _AfterMarker(ToolParser):
+    """Calls after the first of ``MARKERS``; the text before it is content."""
+
+    MARKERS: tuple[str, ...] = ()
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        found = [(i, m) for m in self.MARKERS if (i := text.find(m)) >= 0]
+        if not found:
+            return ParseResult(text if final else text[:len(text) - held_back(text, self.MARKERS)])
+        start, marker = min(found)
+        pos = self.body(text, start, marker, final)
+        return ParseResult(text[:start]) if pos is None else calls_at(text, start, pos, final)
+
+    def body(self, text: str, start: int, marker: str, final: bool) -> Optional[int]:
+        """Where the calls after ``marker`` begin; None: not known yet."""
+        return start + len(marker)
+
+
+class GraniteParser(ToolParser):
+    name = "granite"
+    TAGS = ("<|tool_call|>", "<tool_call>")
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        pos = after_tag(text, skip_ws(text, 0), self.TAGS, final)
+        if pos is None or (pos >= len(text) and not final):
+            return ParseResult("")
+        if pos >= len(text) or text[pos] != "[":
+            return ParseResult(text)
+        return calls_at(text, 0, pos, final)
+
+
+class XlamParser(_AfterMarker):
+    name = "xlam"
+    MARKERS = ("```", "[TOOL_CALLS]", "<tool_call>")
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        pos = skip_ws(text, 0)
+        if text.startswith("[", pos) and not text.startswith("[TOOL_CALLS]", pos) and not (
+                not final and "[TOOL_CALLS]".startswith(text[pos:])):
+            return calls_at(text, 0, pos, final)
+        return super().parse(text, final)
+
+    def body(self, text: str, start: int, marker: str, final: bool) -> Optional[int]:
+        pos = start + len(marker)
+        if marker == "```":  # a ```json block (the language tag is optional)
+            if text.startswith("json", pos):
+                return pos + 4
+            if not final and "json".startswith(text[pos:]):
+                return None
+        return pos
+
+
+class Phi4MiniJsonParser(_AfterMarker):
+    name = "phi4_mini_json"
+    MARKERS = ("functools",)
+
+
+class InternlmParser(_AfterMarker):
+    name = "internlm"
+    MARKERS = ("<|action_start|><|plugin|>",)
+    needs_special_tokens = True
+
+
+class JambaParser(_AfterMarker):
+    name = "jamba"
+    MARKERS = ("<tool_calls>",)
+    needs_special_tokens = True
+
+
+class HunyuanA13BParser(_AfterMarker):
+    name = "hunyuan_a13b"
+    MARKERS = ("<tool_calls>",)
+
+
+class MinimaxParser(_AfterMarker):
+    name = "minimax"
+    MARKERS = ("<tool_calls>",)
+
+
+class Granite20bFcParser(ToolParser):
+    """granite-20b-functioncalling: each call is ``<function_call>`` then its JSON object."""
+
+    name = "granite-20b-fc"
+    TAG = "<function_call>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.TAG)
+        if start < 0:
+            return ParseResult(text if final else text[:len(text) - held_back(text, (self.TAG,))])
+        calls, pos = [], start
+        while text.startswith(self.TAG, pos):
+            pos = skip_ws(text, pos + len(self.TAG))
+            value, end = decode_at(text, pos)
+            call = call_from_object(value) if end > 0 else None
+            if call is None:
+                if final:
+                    return ParseResult(text)
+                calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+                break
+            calls.append(call)
+            if len(calls) > MAX_CALLS:
+                return ParseResult(text if final else "")
+            pos = skip_ws(text, end)
+        return ParseResult(text[:start], calls)
+
+
+JSON_PARSERS = {"granite-20b-fc": Granite20bFcParser, "granite": GraniteParser, "xlam": XlamParser, "phi4_mini_json": Phi4MiniJsonParser,
+                "internlm": InternlmParser, "jamba": JambaParser, "hunyuan_a13b": HunyuanA13BParser,
+                "minimax": MinimaxParser}

@@ -1,0 +1,172 @@
+"""Tool calls written as a Python list of calls with keyword arguments (Llama 3.2, Llama 4,
+ToolACE)::
+
+    [get_weather(city="Paris", unit="celsius"), get_time(tz='CET')]
+
+``pythonic``: the output is that list; ``llama4_pythonic``: also inside Llama 4's
+``<|python_start|>`` ... ``<|python_end|>``; ``olmo3``: one call per line (no brackets) inside
+``<function_calls>`` ... ``</function_calls>``. Argument values are Python literals (strings,
+numbers, True/False/None, lists, tuples and dicts of them): each call is parsed with ``ast``
+and its values read with ``ast.literal_eval``; nothing is ever evaluated. An output that is not
+such a list is content.
+
+One linear scan splits the list into its calls (brackets and string literals tracked), so each
+call is parsed once it is complete; while streaming, the call being written has its name as
+soon as its ``(`` is generated.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Optional
+
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           after_tag)
+
+_OPEN, _CLOSE = "([{", ")]}"
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+
+_JSON_NAMES = {"null": None, "true": True, "false": False}
+
+
+class _JsonNames(ast.NodeTransformer):
+    """``null``/``true``/``false`` written as Python names: their constants (Olmo 3 writes them)."""
+
+    def visit_Name(self, node: ast.Name):
+        return ast.copy_location(ast.Constant(_JSON_NAMES[node.id]), node) if node.id in _JSON_NAMES else node
+
+
+def _call(segment: str, json_names: bool = False) -> Optional[ParsedToolCall]:
+    """``name(key=literal, ...)`` as a call; None if it is anything else."""
+    try:
+        node = ast.parse(segment.strip(), mode="eval").body
+        if not isinstance(node, ast.Call) or node.args or not isinstance(node.func, ast.Name):
+            return None
+        if any(k.arg is None for k in node.keywords):  # **kwargs
+            return None
+        values = [_JsonNames().visit(k.value) if json_names else k.value for k in node.keywords]
+        args = {k.arg: ast.literal_eval(v) for k, v in zip(node.keywords, values)}
+        return ParsedToolCall(node.func.id, json.dumps(args, ensure_ascii=False, allow_nan=False))
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+        return None
+
+
+class _Scan:
+    """The calls from ``text[pos]`` on (``call, call, ...`` or one per line) up to ``close``
+    (the ``]`` of a list, the ``<`` of a closing tag): their spans, the name of an unfinished
+    one, where they end, and whether the text stopped being calls."""
+
+    def __init__(self, text: str, pos: int, close: str = "]"):
+        self.spans: list[tuple[int, int]] = []  # complete calls: text[a:b]
+        self.partial: Optional[str] = None  # the call being written: its name once "(" came
+        self.end = -1  # after the closing "]" / at the "<" (-1: not generated yet)
+        self.bad = False  # not a list of calls
+        self.pending = False  # the text ends inside a call (or its name)
+        self.close = close
+        self._run(text, pos)
+
+    def _run(self, text: str, i: int) -> None:
+        depth, quote, start = 0, "", -1  # depth inside the current call
+        while i < len(text):
+            c = text[i]
+            if quote:
+                if c == "\\":
+                    i += 1
+                elif c == quote:
+                    quote = ""
+            elif depth == 0:  # between calls: a name, "(", or "," / "]"
+                if c in " \t\r\n" or (c == "," and start < 0 and self.spans):
+                    pass
+                elif c == self.close and start < 0:
+                    self.end = i + (c == "]")
+                    return
+                elif c in _NAME_CHARS:
+                    start = i if start < 0 else start
+                elif c == "(" and start >= 0:
+                    self.partial, depth = text[start:i].strip(), 1
+                else:
+                    self.bad = True
+                    return
+            elif c in "'\"":
+                quote = c
+            elif c in _OPEN:
+                depth += 1
+            elif c in _CLOSE:
+                depth -= 1
+                if depth == 0:
+                    self.spans.append((start, i + 1))
+                    self.partial, start = None, -1
+                    if len(self.spans) > MAX_CALLS:
+                        self.bad = True
+                        return
+            i += 1
+        self.pending = start >= 0
+
+
+class PythonicParser(ToolParser):
+    name = "pythonic"
+    START: tuple[str, ...] = ()  # tags the list may come after
+    END = ""  # a tag the list may be followed by
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        pos = after_tag(text, _skip(text, 0), self.START, final)
+        if pos is None or (pos >= len(text) and not final):
+            return ParseResult("")  # nothing yet, or a tag being generated
+        if pos >= len(text) or text[pos] != "[":
+            return ParseResult(text)
+        scan = _Scan(text, pos + 1)
+        if scan.bad or (final and (scan.end < 0 or not self._only_end_after(text, scan.end))):
+            return ParseResult(text)
+        calls = [_call(text[a:b]) for a, b in scan.spans]
+        if None in calls:
+            return ParseResult(text)
+        if not final and scan.end < 0:
+            calls.append(ParsedToolCall(scan.partial, None))
+        return ParseResult("", calls) if calls or not final else ParseResult(text)
+
+    def _only_end_after(self, text: str, pos: int) -> bool:
+        rest = text[pos:].strip()
+        return not rest or (bool(self.END) and rest == self.END)
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+class Llama4PythonicParser(PythonicParser):
+    name = "llama4_pythonic"
+    START = ("<|python_start|>",)
+    END = "<|python_end|>"
+    needs_special_tokens = True
+
+
+class Olmo3Parser(PythonicParser):
+    """Olmo 3: one call per line inside ``<function_calls>`` ... ``</function_calls>``; values
+    may also be ``null``/``true``/``false``."""
+
+    name = "olmo3"
+    TAG, END = "<function_calls>", "</function_calls>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        pos = after_tag(text, _skip(text, 0), (self.TAG,), final)
+        if pos is None or (pos >= len(text) and not final):
+            return ParseResult("")
+        if pos == _skip(text, 0):  # no tag: text (as vLLM streams it)
+            return ParseResult(text)
+        scan = _Scan(text, pos, close="<")
+        end = scan.end if scan.end >= 0 else len(text)
+        if scan.bad or (final and (scan.pending or not self._only_end_after(text, end))):
+            return ParseResult(text)
+        calls = [_call(text[a:b], json_names=True) for a, b in scan.spans]
+        if None in calls or (final and not calls):
+            return ParseResult(text)
+        if scan.pending:
+            calls.append(ParsedToolCall(scan.partial, None))
+        return ParseResult("", calls)
+
+
+PYTHONIC_PARSERS = {"pythonic": PythonicParser, "llama4_pythonic": Llama4PythonicParser, "olmo3": Olmo3Parser}

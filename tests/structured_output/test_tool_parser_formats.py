@@ -1,0 +1,209 @@
+"""vLLM's other tool-call formats (qwen3_coder, glm45, pythonic, deepseek, kimi_k2, granite,
+xlam, ...) on model-shaped outputs (the shapes of vLLM's own test cases): whole, streamed
+prefix by prefix (the deltas reassemble to the whole response), typed by the request's tool
+schema, refused when not a call, and fast on adversarial input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_tool_parsers import _100kb, _calls, _stream
+
+from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
+from tessellm.entrypoints.openai.tools import ToolCallView
+
+W = {"city": "Dallas", "state": "TX", "unit": "fahrenheit"}
+WJ = json.dumps(W)
+DS = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>")
+QWEN_CALL = ("<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n"
+             "<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n"
+             "</tool_call>")
+KIMI = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
+        "<|tool_calls_section_end|>")
+
+# (parser name, model output, expected content, expected [(name, arguments)])
+RECORDED = [
+    ("qwen3_coder", QWEN_CALL, "", [("get_current_weather", W)]),
+    ("qwen3_coder", "Sure! Let me check the weather for you." + QWEN_CALL + "\n" + QWEN_CALL,
+     "Sure! Let me check the weather for you.", [("get_current_weather", W)] * 2),
+    ("qwen3_xml", "<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n</function>", "",
+     [("get_current_weather", {"city": "Dallas"})]),  # no <tool_call> tags (vLLM's fallback)
+    ("qwen3_coder", "<tool_call>\n<function=get_time>\n</function>\n</tool_call>", "", [("get_time", {})]),
+    ("qwen3_coder", "I would call <function but will not.", "I would call <function but will not.", []),
+    ("seed_oss", "<seed:think>ok</seed:think>" + QWEN_CALL.replace("tool_call>", "seed:tool_call>"),
+     "<seed:think>ok</seed:think>", [("get_current_weather", W)]),
+    ("minimax_m2", 'Checking.<minimax:tool_call>\n<invoke name="get_current_weather">\n<parameter name="city">'
+                   'Dallas</parameter>\n<parameter name="state">TX</parameter>\n<parameter name="unit">fahrenheit'
+                   '</parameter>\n</invoke>\n<invoke name="get_time"></invoke>\n</minimax:tool_call>', "Checking.",
+     [("get_current_weather", W), ("get_time", {})]),
+    ("minimax_m2", "<invoke name=\"f\"></invoke>", "<invoke name=\"f\"></invoke>", []),  # outside the block: text
+    ("longcat", 'Hi<longcat_tool_call>{"name": "get_current_weather", "arguments": ' + WJ + "}</longcat_tool_call>",
+     "Hi", [("get_current_weather", W)]),
+    ("glm45", "Let me check.<tool_call>get_current_weather\n<arg_key>city</arg_key>\n<arg_value>Dallas</arg_value>\n"
+              "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "Let me check.",
+     [("get_current_weather", {"city": "Dallas", "days": 3})]),
+    ("glm47", "<tool_call>get_current_weather<arg_key>city</arg_key><arg_value>Dallas</arg_value></tool_call>"
+              "<tool_call>get_time</tool_call>", "", [("get_current_weather", {"city": "Dallas"}), ("get_time", {})]),
+    ("pythonic", "[get_weather(city='San Francisco', metric='celsius')]", "",
+     [("get_weather", {"city": "San Francisco", "metric": "celsius"})]),
+    ("pythonic", "[register_user(name='John Doe', age=37, address={'city': 'San Francisco', 'state': 'CA'}, "
+                 "role=None, passed_test=True, aliases=['John', 'Johnny']), get_weather()]", "",
+     [("register_user", {"name": "John Doe", "age": 37, "address": {"city": "San Francisco", "state": "CA"},
+                         "role": None, "passed_test": True, "aliases": ["John", "Johnny"]}), ("get_weather", {})]),
+    ("pythonic", r"[get_weather(city='Martha\'s Vineyard', metric='\"cool units\")')]", "",
+     [("get_weather", {"city": "Martha's Vineyard", "metric": '"cool units")'})]),
+    ("pythonic", "How can I help you today?", "How can I help you today?", []),
+    ("llama4_pythonic", "<|python_start|>[get_weather(city='Paris', n=-2, t=(1, 2.5))]<|python_end|>", "",
+     [("get_weather", {"city": "Paris", "n": -2, "t": [1, 2.5]})]),
+    ("olmo3", "<function_calls>get_weather(city='Paris', days=null, ok=true)\nget_time()</function_calls>", "",
+     [("get_weather", {"city": "Paris", "days": None, "ok": True}), ("get_time", {})]),
+    ("olmo3", "get_time()", "get_time()", []),  # no tag: text
+    ("granite-20b-fc", 'Sure <function_call> {"name": "get_current_weather", "arguments": ' + WJ + "}\n"
+     '<function_call> {"name": "get_time", "arguments": {}}', "Sure ", [("get_current_weather", W), ("get_time", {})]),
+    ("deepseek_v3", "Checking." + DS[0] + DS[1] + "function" + DS[2] + "get_current_weather\n```json\n" + WJ + "\n```"
+     + DS[3] + "\n" + DS[1] + "function" + DS[2] + "get_time\n```json\n{}\n```" + DS[3] + DS[4], "Checking.",
+     [("get_current_weather", W), ("get_time", {})]),
+    ("deepseek_v31", DS[0] + DS[1] + "get_current_weather" + DS[2] + WJ + DS[3] + DS[1] + "get_time" + DS[2] + "{}"
+     + DS[3] + DS[4], "", [("get_current_weather", W), ("get_time", {})]),
+    ("kimi_k2", "Let me check." + KIMI[0] + KIMI[1] + "functions.get_current_weather:0" + KIMI[2] + WJ + KIMI[3]
+     + KIMI[1] + " functions.get_time:1 " + KIMI[2] + "{}" + KIMI[3] + KIMI[4], "Let me check.",
+     [("get_current_weather", W), ("get_time", {})]),
+    ("granite", '<|tool_call|>[{"name": "get_current_weather", "arguments": ' + WJ + "}]", "",
+     [("get_current_weather", W)]),
+    ("granite", '<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": [1]}}]', "",
+     [("a", {}), ("b", {"x": [1]})]),
+    ("xlam", '[{"name": "get_current_weather", "arguments": ' + WJ + "}]", "", [("get_current_weather", W)]),
+    ("xlam", 'I will check.\n```json\n[{"name": "get_current_weather", "arguments": ' + WJ + "}]\n```",
+     "I will check.\n", [("get_current_weather", W)]),
+    ("xlam", '[TOOL_CALLS][{"name": "a", "arguments": {}}]', "", [("a", {})]),
+    ("xlam", "Use ```print(1)``` here.", "Use ```print(1)``` here.", []),
+    ("phi4_mini_json", 'functools[{"name": "get_current_weather", "arguments": ' + WJ + "}]", "",
+     [("get_current_weather", W)]),
+    ("internlm", 'Sure.<|action_start|><|plugin|>\n{"name": "get_current_weather", "parameters": ' + WJ
+     + "}<|action_end|>", "Sure.", [("get_current_weather", W)]),
+    ("jamba", '<tool_calls>[{"name": "get_current_weather", "arguments": ' + WJ + "}]</tool_calls>", "",
+     [("get_current_weather", W)]),
+    ("hunyuan_a13b", 'Ok <tool_calls>[{"name": "a", "arguments": {"x": 1}}]</tool_calls>', "Ok ", [("a", {"x": 1})]),
+    ("minimax", 'Ok<tool_calls>\n{"name": "get_current_weather", "arguments": ' + WJ
+     + '}\n{"name": "get_time", "arguments": {}}\n</tool_calls>', "Ok", [("get_current_weather", W), ("get_time", {})]),
+]
+
+
+@pytest.mark.parametrize("name,text,content,calls", RECORDED)
+def test_whole_output(name, text, content, calls):
+    got_content, got_calls = ToolCallView(get_tool_parser(name)).final(text)
+    assert _calls(got_calls) == calls
+    assert (got_content or "") == content
+
+
+@pytest.mark.parametrize("step", [1, 3, 17])
+@pytest.mark.parametrize("name,text,content,calls", RECORDED)
+def test_streams_reassemble_to_the_whole_output(name, text, content, calls, step):
+    got_content, got_calls = _stream(get_tool_parser(name), text, step)
+    assert got_content == content
+    assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls
+
+
+def test_every_parser_in_vllms_names_is_here():
+    assert {"qwen3_coder", "qwen3_xml", "pythonic", "llama4_pythonic", "deepseek_v3", "deepseek_v31", "kimi_k2",
+            "glm45", "granite", "xlam", "phi4_mini_json", "internlm", "jamba", "hunyuan_a13b", "minimax",
+            "llama4_json", "seed_oss", "minimax_m2", "longcat", "olmo3", "granite-20b-fc"} <= set(TOOL_PARSERS)
+
+
+def _request(properties: dict) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": properties}}}])
+
+
+def test_qwen3_coder_types_parameters_by_the_tool_schema():
+    req = _request({"i": {"type": "integer"}, "x": {"type": "number"}, "b": {"type": "boolean"},
+                    "s": {"type": "string"}, "o": {"type": "object"}, "a": {"type": "array"},
+                    "n": {"anyOf": [{"type": "integer"}, {"type": "null"}]}, "t": {"type": ["integer", "null"]},
+                    "bad": {"type": "integer"}, "nil": {"type": "string"}})
+    params = {"i": "42", "x": "3.14", "b": "true", "s": "007", "o": '{"k": "v"}', "a": "['p', 1]", "n": "5",
+              "t": "6", "bad": "many", "nil": "null", "other": "12"}
+    text = "<tool_call>\n<function=f>\n" + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params.items()) \
+        + "</function>\n</tool_call>"
+    _, calls = ToolCallView(get_tool_parser("qwen3_coder", request=req)).final(text)
+    assert json.loads(calls[0].function.arguments) == {
+        "i": 42, "x": 3.14, "b": True, "s": "007", "o": {"k": "v"}, "a": ["p", 1], "n": 5, "t": 6, "bad": "many",
+        "nil": None, "other": "12"}  # not in the schema: the text as written
+
+
+def test_glm45_keeps_string_parameters_as_written():
+    req = _request({"code": {"type": "string"}})
+    text = "<tool_call>f\n<arg_key>code</arg_key>\n<arg_value>123</arg_value>\n<arg_key>n</arg_key>\n" \
+           "<arg_value>123</arg_value>\n</tool_call>"
+    _, calls = ToolCallView(get_tool_parser("glm45", request=req)).final(text)
+    assert json.loads(calls[0].function.arguments) == {"code": "123", "n": 123}
+
+
+def test_streaming_names_a_call_before_its_arguments_are_complete():
+    view = ToolCallView(get_tool_parser("qwen3_coder"))
+    content, pieces = view.delta("Sure.<tool_call>\n<function=get_current_weather>\n<parameter=ci", final=False)
+    assert content == "Sure." and pieces[0].function.name == "get_current_weather"
+    assert pieces[0].function.arguments == ""
+    assert view.delta("Sure.<tool_call>\n<funct", final=False)[0] == ""
+    view = ToolCallView(get_tool_parser("pythonic"))
+    _, pieces = view.delta("[get_weather(city='Par", final=False)
+    assert pieces[0].function.name == "get_weather"
+
+
+def test_kimi_k2_keeps_the_models_call_ids():
+    text = KIMI[0] + KIMI[1] + "functions.get_time:0" + KIMI[2] + "{}" + KIMI[3] + KIMI[4]
+    _, calls = ToolCallView(get_tool_parser("kimi_k2")).final(text)
+    _, streamed = _stream(get_tool_parser("kimi_k2"), text, 5)
+    assert calls[0].id == streamed[0]["id"] == "functions.get_time:0"
+
+
+@pytest.mark.parametrize("text", [
+    "[f(x=__import__('os').system('echo hi'))]",  # code, not a literal: never run
+    "[f(x=open('/etc/passwd'))]", "[f(1, 2)]", "[f(**{'a': 1})]", "[os.system('x')]", "[f(x=1e999)]",
+    "[f(x=b'z')]", "[f(x={1, 2})]", "[f(x=1)] and then some text", "[1, 2, 3]", "[]",
+])
+def test_pythonic_takes_literal_arguments_only(text):
+    content, calls = ToolCallView(get_tool_parser("pythonic")).final(text)
+    assert calls == [] and content == text
+
+
+@pytest.mark.parametrize("name,text", [
+    ("qwen3_coder", "<tool_call>\n<function=>\n</function>"),
+    ("glm45", "<tool_call>f\n<arg_key>a</arg_key>\n</tool_call>"),
+    ("deepseek_v31", DS[0] + DS[1] + "f" + DS[2] + "{not json}" + DS[3]),
+    ("kimi_k2", KIMI[0] + KIMI[1] + "functions.f" + KIMI[2] + "{}" + KIMI[3]),
+    ("granite", '[{"name": "f", "arguments": 3}]'),
+    ("jamba", "<tool_calls>[oops]</tool_calls>"),
+])
+def test_a_malformed_call_is_content(name, text):
+    content, calls = ToolCallView(get_tool_parser(name)).final(text)
+    assert calls == [] and content == text
+
+
+ADVERSARIAL = [
+    _100kb("<tool_call>", "<function="), _100kb("<tool_call><function=f>", "<parameter="),
+    _100kb("<tool_call><function=f><parameter=a>", "</parameter>x"), _100kb("", "<tool_call>f<arg_key>"),
+    _100kb("[", "f("), _100kb("[f(x=", "["), _100kb("[f(x='", "\\'"), _100kb("<|python_start|>[", "a(),"),
+    _100kb(DS[0], DS[1]), _100kb(DS[0] + DS[1] + "f" + DS[2], "{"), _100kb(KIMI[0], KIMI[1] + "a:0" + KIMI[2]),
+    _100kb("<tool_calls>", '[{"name": "f", "arguments": {"a": '), _100kb("```json\n[", '{"name": "'),
+    _100kb("", "functools"), _100kb("<|action_start|><|plugin|>", "{"),
+    _100kb("<function_calls>", "f()\n"), _100kb("<function_calls>", "f(x=["), _100kb("", "<function_call>{}"),
+    _100kb("<minimax:tool_call>", '<invoke name="'), _100kb("<minimax:tool_call><invoke name=f>", "<parameter name="),
+]
+NEW = sorted({c.name: c for n, c in TOOL_PARSERS.items()
+              if n not in ("hermes", "qwen", "llama3_json", "llama4_json", "mistral", "openai")}.values(),
+             key=lambda c: c.name)
+
+
+@pytest.mark.parametrize("parser_cls", NEW, ids=lambda c: c.name)
+def test_adversarial_100kb_parses_fast(parser_cls):
+    for text in ADVERSARIAL:
+        for final in (False, True):
+            best = float("inf")
+            for _ in range(3):  # the best of three: the shared CI machine may preempt one run
+                t0 = time.perf_counter()
+                parser_cls().parse(text, final)
+                best = min(best, time.perf_counter() - t0)
+            assert best < 0.05, f"{parser_cls.name} on {text[:40]!r}...: {best * 1e3:.1f} ms"
