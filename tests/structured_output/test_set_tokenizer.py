@@ -214,3 +214,40 @@ def test_core_tokenizer_unknown_after_a_call_the_cores_may_still_act_on(tmp_path
 
     assert cores.ask(other) is not None  # sent, then the caller is cancelled: never settled
     assert cores.ask(own) == [str(tmp_path / "own")]
+
+
+async def _overlapping_scenario(args: dict, named):
+    """Three set_tokenizer calls, the second still in flight (its core loading the model's
+    tokenizer) when the first returns and the third is made: the third, the last, wins in the
+    front end and in the core alike."""
+    import asyncio
+
+    from tessellm.config import EngineArgs
+    from tessellm.entrypoints.async_llm import AsyncLLM
+
+    engine = AsyncLLM(EngineArgs(**args))
+    try:
+        engine.start()
+        own = engine.tokenizer
+        first = asyncio.ensure_future(engine.set_tokenizer(named))
+        second = asyncio.ensure_future(engine.set_tokenizer(own))
+        await first
+        await engine.set_tokenizer(named)
+        await second
+        assert engine.tokenizer is named
+        out = None
+        async for out in engine.generate("the cat sat", _constrained(), request_id="after"):
+            pass
+        text = out.outputs[0].text
+        assert re.fullmatch(REGEX, text), text  # the core's grammar is named's vocabulary too
+    finally:
+        await engine.shutdown()
+
+
+def test_async_llm_set_tokenizer_calls_take_turns(tiny_llm_args, tmp_path):
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    _other_vocabulary().save_pretrained(tmp_path / "other")
+    asyncio.run(_overlapping_scenario(tiny_llm_args, AutoTokenizer.from_pretrained(tmp_path / "other")))
