@@ -67,6 +67,7 @@ class CoreTokenizer:
     def __init__(self, tokenizer, hint: str = ""):
         self.held = tokenizer  # None when a core may hold another vocabulary than any we know
         self.hint = hint  # the refusal's last words: another way out on this kind of engine
+        self._before = None  # ``held`` before the call in flight: theirs again if every core kept it
 
     def ask(self, tokenizer) -> Optional[list]:
         from tessellm.structured_output.compiler import same_vocabulary
@@ -74,7 +75,12 @@ class CoreTokenizer:
         if self.held is not None and same_vocabulary(self.held, tokenizer):
             return None
         name, digest = tokenizer_name(tokenizer), vocabulary_digest(tokenizer)
-        return [name] if name is not None and digest is not None else None
+        if name is None or digest is None:
+            return None
+        # unknown until ``settle``: a call never settled (the caller cancelled, a core died)
+        # may still be carried out by the cores
+        self._before, self.held = self.held, None
+        return [name]
 
     def settle(self, tokenizer, answers: Optional[list[dict]], core_names: list[str]) -> Optional[str]:
         """``answers``: each core's to ``ask``'s call, in core order (None: not asked)."""
@@ -85,8 +91,8 @@ class CoreTokenizer:
                 return None
             return self._refusal("it has no name (name_or_path) to load it by: save it (save_pretrained(DIR)) "
                                  "and set AutoTokenizer.from_pretrained(DIR)")
-        if any("result" in a for a in answers):
-            self.held = None  # the cores hold what they loaded, maybe not ``tokenizer``
+        if all(a.get("kept") for a in answers):  # every core refused it and kept its own
+            self.held = self._before
         errors = [f"{name}: {a['error']}" for name, a in zip(core_names, answers) if "error" in a]
         if not errors and all(a["result"] == vocabulary_digest(tokenizer) for a in answers):
             self.held = tokenizer
@@ -109,6 +115,7 @@ def set_core_tokenizer(core, name: str) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - a bad name is the caller's refusal, not a dead core
         why = (str(exc).strip().splitlines() or [""])[0]
-        return {"error": f"the tokenizer {name!r} could not be loaded: {type(exc).__name__}: {why}"}
+        return {"error": f"the tokenizer {name!r} could not be loaded: {type(exc).__name__}: {why}",
+                "kept": True}  # its tokenizer unchanged (CoreTokenizer.settle)
     core.structured.set_tokenizer(tokenizer)
     return {"result": vocabulary_digest(tokenizer)}

@@ -155,6 +155,7 @@ class AsyncLLM:
         self.inputs = InputProcessor(self.info, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self._core_tokenizer = CoreTokenizer(self.tokenizer)  # what the cores compile grammars against
+        self._set_tokenizer_turn = asyncio.Lock()  # set_tokenizer calls one at a time, in call order
         self.streams: dict[str, RequestStream] = {}
         self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
@@ -227,18 +228,21 @@ class AsyncLLM:
         its vocabulary. The cores (other processes) load it by name and answer its vocabulary's
         digest; where it has no name, or a core cannot load it or loads another vocabulary,
         constrained requests are refused at the edge, naming why, until a tokenizer the cores
-        hold is set again (``tessellm.core.core_tokenizer``). Requests in flight keep theirs."""
-        use_front_tokenizer(self, tokenizer)
-        self._max_token_chars = None  # check_text_fits: the new vocabulary's longest token
-        call, answers = self._core_tokenizer.ask(tokenizer), None
-        if call is not None:
-            try:
-                answers = await self.call_all("set_tokenizer", _SET_TOKENIZER_TIMEOUT_S, call)
-            except asyncio.TimeoutError:
-                late = {"error": f"no answer to 'set_tokenizer' within {_SET_TOKENIZER_TIMEOUT_S:.0f}s"}
-                answers = [late] * self.cores.size
-        names = [self.cores.name(i) for i in range(self.cores.size)]
-        self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, names)
+        hold is set again (``tessellm.core.core_tokenizer``). Requests in flight keep theirs.
+        Calls that overlap take turns (else one that finds its vocabulary held while an earlier
+        call is still loading another in the cores would leave front end and cores apart)."""
+        async with self._set_tokenizer_turn:
+            use_front_tokenizer(self, tokenizer)
+            self._max_token_chars = None  # check_text_fits: the new vocabulary's longest token
+            call, answers = self._core_tokenizer.ask(tokenizer), None
+            if call is not None:
+                try:
+                    answers = await self.call_all("set_tokenizer", _SET_TOKENIZER_TIMEOUT_S, call)
+                except asyncio.TimeoutError:
+                    late = {"error": f"no answer to 'set_tokenizer' within {_SET_TOKENIZER_TIMEOUT_S:.0f}s"}
+                    answers = [late] * self.cores.size
+            names = [self.cores.name(i) for i in range(self.cores.size)]
+            self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, names)
 
     def max_token_chars(self) -> int:
         """An upper bound of characters per token: the longest vocabulary entry, x4 for

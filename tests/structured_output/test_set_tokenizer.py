@@ -174,3 +174,80 @@ def test_async_llm_set_tokenizer(tiny_llm_args, tmp_path):
     unnamed = _other_vocabulary()  # built in memory: no name_or_path
     unnamed.add_tokens(["<added-in-memory>"])  # not the vocabulary the core holds
     asyncio.run(_async_scenario(tiny_llm_args, named, unnamed))
+
+
+def _named(path, special: list[str]):
+    """A tiny tokenizer saved to ``path`` and loaded back: it has a name the cores load it by."""
+    from transformers import AutoTokenizer
+
+    from tests.tiny_tokenizer import bpe_tokenizer
+
+    corpus = ["pack my box with five dozen liquor jugs", "the cat sat on the mat"]
+    bpe_tokenizer(corpus * 20, special, 300, eos_token=special[-1]).save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_core_tokenizer_unknown_after_a_call_the_cores_may_still_act_on(tmp_path):
+    """``CoreTokenizer`` keeps what the cores hold only where they said: a core that could not
+    load the tokenizer kept its own (a later set_tokenizer of that one asks nothing), but a core
+    that did not answer in time (it may load it later) or a call abandoned half-way (the caller
+    cancelled) leaves the cores' vocabulary unknown, so setting the old tokenizer again asks the
+    cores rather than letting constrained requests through against the other vocabulary."""
+    from tessellm.core.core_tokenizer import CoreTokenizer, set_core_tokenizer, vocabulary_digest
+
+    own, other = _named(tmp_path / "own", ["<s>", "</s>"]), _named(tmp_path / "other", ["<pad>", "<s>", "</s>"])
+    assert vocabulary_digest(own) != vocabulary_digest(other)
+    cores = CoreTokenizer(own)
+    assert cores.ask(own) is None  # they hold it
+
+    gone = _named(tmp_path / "gone", ["<pad>", "<s>", "</s>"])
+    gone.name_or_path = str(tmp_path / "missing")
+    answer = set_core_tokenizer(None, *cores.ask(gone))  # the core's own answer: it kept its tokenizer
+    assert "could not be loaded" in cores.settle(gone, [answer], ["engine core"])
+    assert cores.ask(own) is None  # still the model's at the core
+
+    late = {"error": "no answer to 'set_tokenizer' within 120s"}  # the front end's, on a timeout
+    assert cores.ask(other) == [str(tmp_path / "other")]
+    assert "within 120s" in cores.settle(other, [late], ["engine core"])
+    assert cores.ask(own) == [str(tmp_path / "own")]  # the core may hold other's by now: asked
+    assert cores.settle(own, [{"result": vocabulary_digest(own)}], ["engine core"]) is None
+
+    assert cores.ask(other) is not None  # sent, then the caller is cancelled: never settled
+    assert cores.ask(own) == [str(tmp_path / "own")]
+
+
+async def _overlapping_scenario(args: dict, named):
+    """Three set_tokenizer calls, the second still in flight (its core loading the model's
+    tokenizer) when the first returns and the third is made: the third, the last, wins in the
+    front end and in the core alike."""
+    import asyncio
+
+    from tessellm.config import EngineArgs
+    from tessellm.entrypoints.async_llm import AsyncLLM
+
+    engine = AsyncLLM(EngineArgs(**args))
+    try:
+        engine.start()
+        own = engine.tokenizer
+        first = asyncio.ensure_future(engine.set_tokenizer(named))
+        second = asyncio.ensure_future(engine.set_tokenizer(own))
+        await first
+        await engine.set_tokenizer(named)
+        await second
+        assert engine.tokenizer is named
+        out = None
+        async for out in engine.generate("the cat sat", _constrained(), request_id="after"):
+            pass
+        text = out.outputs[0].text
+        assert re.fullmatch(REGEX, text), text  # the core's grammar is named's vocabulary too
+    finally:
+        await engine.shutdown()
+
+
+def test_async_llm_set_tokenizer_calls_take_turns(tiny_llm_args, tmp_path):
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    _other_vocabulary().save_pretrained(tmp_path / "other")
+    asyncio.run(_overlapping_scenario(tiny_llm_args, AutoTokenizer.from_pretrained(tmp_path / "other")))
