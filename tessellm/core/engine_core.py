@@ -226,7 +226,7 @@ class EngineCore(EngineSleep, EngineProfile):
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
-            self.info.reasoning_parser)
+            self.info.reasoning_parser, getattr(args, "reasoning_parser_plugin", None))
         upload = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "mask_upload", None)
         if upload is not None and upload.pinned:  # fill masks straight into the runner's pinned buffers
             self.structured.host_buffer = upload.host_buffer

@@ -19,6 +19,7 @@ undecided output that starts a multi-token ``<think>`` is held to that marker's 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 from tessellm.reasoning.parsers import ANSWER, REASONING, UNDECIDED
@@ -128,3 +129,45 @@ def _allow(bitmask, row: int, token_id: int) -> None:
     word, bit = divmod(token_id, 32)
     value = int(bitmask[row, word]) | (1 << bit)
     bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value
+
+
+class PluginGate(ReasoningGate):
+    """The gate for a ``--reasoning-parser-plugin`` parser, as vLLM drives one: the prompt's ids
+    decide where the output starts (``is_reasoning_end(prompt)``: the template closed the
+    block), then ``is_reasoning_end_streaming(prompt and output ids, [new id])`` after each
+    accepted token. The parser's own cost is per call; the ids are a view, never copied."""
+
+    def __init__(self, grammar, parser, prompt_token_ids: Sequence[int]):
+        self.parser = parser
+        self.prompt = list(prompt_token_ids)
+        super().__init__(grammar, (), (), ANSWER if parser.is_reasoning_end(self.prompt) else REASONING)
+
+    def _ends_reasoning(self) -> bool:
+        return bool(self.parser.is_reasoning_end_streaming(_Joined(self.prompt, self.tokens), self.tokens[-1:]))
+
+
+class _Joined(Sequence):
+    """``a + b`` without the copy (a parser scans it from the end, or tests membership)."""
+
+    def __init__(self, a: list, b: list):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
+
+    def __iter__(self):
+        yield from self.a
+        yield from self.b
+
+    def __reversed__(self):
+        yield from reversed(self.b)
+        yield from reversed(self.a)
