@@ -29,7 +29,7 @@ JSON = {"response_format": {"type": "json_schema", "json_schema": {"name": "a", 
 def _served(tmp_path, parser: str, *flags: str, **model):
     """A server of ``parser`` on a thinking model made with ``model``; stopped at once after
     (each holds ~2 GB)."""
-    path = make_thinking_model(str(tmp_path / "m"), **model)
+    path = make_thinking_model(str(tmp_path / parser), **model)
     srv = start_server([path, "--served-model-name", "m", "--reasoning-parser", parser, *flags])
     try:
         yield srv
@@ -71,7 +71,8 @@ def test_opening_required_mistral_special_tokens(tmp_path):
 
 def test_thinking_switch_deepseek_v3(tmp_path):
     """deepseek_v3: R1's rule with chat_template_kwargs thinking (or enable_thinking) on, all
-    answer without; the engine core, which sees only the prompt, lets the output tell."""
+    answer without (the engine core, which sees only the prompt, reads the switch off the
+    template's markers there: docs/reasoning.md)."""
     with _served(tmp_path, "deepseek_v3") as srv:
         on = {"chat_template_kwargs": {"thinking": True}}
         assert _split(srv, "[bare]", **on) == (" I recall", ANSWER)
@@ -79,7 +80,9 @@ def test_thinking_switch_deepseek_v3(tmp_path):
         assert _split(srv, "[bare]") == (None, " I recall</think>" + ANSWER)
         assert _split(srv, "[think]") == (None, "<think>" + THINKING + "</think>" + ANSWER)
         _json_after_thinking(srv, "[think]", THINKING, **on)
-        _json_after_thinking(srv, "[json]", None)  # thinking off: constrained from the first token
+        # Thinking off, the prompt closing the block (as DeepSeek-V3.1's template does): the
+        # engine core constrains from the first token.
+        _json_after_thinking(srv, "[json]", None, chat_template_kwargs={"enable_thinking": False})
 
 
 def test_text_markers_with_two_spellings_granite(tmp_path):
