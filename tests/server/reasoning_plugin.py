@@ -36,10 +36,10 @@ class ThinkTagsParser(ReasoningParser):
 
     def extract_reasoning_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
                                     current_token_ids, delta_token_ids):
-        if list(delta_token_ids) in ([self.start_id], [self.end_id]):
-            return None
         if self.start_id not in current_token_ids:
             return DeltaMessage(content=delta_text)
+        if list(delta_token_ids) in ([self.start_id], [self.end_id]):
+            return None
         if self.end_id in previous_token_ids:
             return DeltaMessage(content=delta_text)
         if self.end_id in delta_token_ids:
