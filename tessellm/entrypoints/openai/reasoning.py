@@ -4,8 +4,10 @@ name ``reasoning_content``), the answer in ``content``.
 Per request a ``ReasoningPlan``: the markers bound to the tokenizer, where the output starts
 (from the rendered prompt: ``chat_template_kwargs: {"enable_thinking": false}`` closes the think
 block there, so the output is all answer), and whether the client wants the reasoning
-(``include_reasoning: false`` drops it; usage still counts its tokens). Each choice has its own
-``ReasoningSplit``; tool calls are parsed from the answer only, so a ``<tool_call>`` written
+(``include_reasoning: false`` drops it; usage still counts its tokens). A parser with a
+``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
+choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
+class that is not a plain start/end pair); tool calls are parsed from the answer only, so a ``<tool_call>`` written
 while thinking is not a call.
 """
 
