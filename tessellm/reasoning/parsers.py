@@ -8,8 +8,9 @@
   output that does not open with ``<think>`` is all answer (Qwen3 with ``enable_thinking:
   false``, whose template closes an empty think block in the prompt).
 - the others vLLM has (``deepseek_v3``, ``ernie45``, ``glm45``, ``granite``, ``hunyuan_a13b``,
-  ``mistral``, ``seed_oss``, ...; the table below, docs/reasoning.md) are one of those two rules
-  with their own markers, spellings, answer envelope or ``chat_template_kwargs`` switch.
+  ``kimi_k2``, ``mistral``, ``seed_oss``, ...; the table below, docs/reasoning.md) are one of
+  those two rules with their own markers, spellings, answer envelope or ``chat_template_kwargs``
+  switch.
 - ``openai_gptoss``: gpt-oss's harmony format (``harmony.py``): the output is messages on
   channels, the analysis channel is reasoning, the final channel the answer, and messages to
   ``functions.NAME`` are tool calls. Chosen by itself for a gpt-oss checkpoint
@@ -48,6 +49,7 @@ class ReasoningParser:
     harmony: bool = False  # the output is harmony messages: the server parses it as such
     start_alts: tuple[str, ...] = ()  # other spellings of ``start`` (granite: "Here's ...")
     end_alts: tuple[str, ...] = ()
+    end_kept: tuple[str, ...] = ()  # end the thinking but open the answer (Kimi K2's tool calls)
     # The answer's own envelope: ``answer_open`` dropped where the answer opens with it (after
     # newlines; ERNIE's "<response>"), the answer cut at ``answer_close`` (Hunyuan's "\n</answer>").
     answer_open: str = ""
@@ -64,7 +66,7 @@ class ReasoningParser:
 
     @property
     def ends(self) -> tuple[str, ...]:
-        return (self.end, *self.end_alts)
+        return (self.end, *self.end_alts, *self.end_kept)
 
     def thinking(self, template_kwargs: Optional[dict]) -> Optional[bool]:
         """Whether the request turned thinking on; None: this parser does not ask."""
@@ -105,6 +107,8 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("ernie45", implicit_start=True, answer_open="<response>", answer_close="</response>"),
     ReasoningParser("glm45", implicit_start=False),
     ReasoningParser("granite", implicit_start=False, **_GRANITE),
+    ReasoningParser("kimi_k2", implicit_start=True, thinking_kwargs=("thinking",), thinking_default=True,
+                    end_kept=("<|tool_calls_section_begin|>",)),
     ReasoningParser("hunyuan_a13b", implicit_start=False, start="<think>\n", end="\n</think>\n<answer>\n",
                     answer_close="\n</answer>"),
     ReasoningParser("minimax_m2", implicit_start=True),
@@ -175,7 +179,8 @@ class ThinkMarkers:
     def end_id(self) -> Optional[int]:
         """The end marker's id when it is one token and has no other spelling (then the split
         needs it among the ids)."""
-        return self.end_ids[0] if len(self.end_ids) == 1 and not self.parser.end_alts else None
+        one = len(self.end_ids) == 1 and not (self.parser.end_alts or self.parser.end_kept)
+        return self.end_ids[0] if one else None
 
     def initial_phase(self, tokenizer, prompt_token_ids, thinking: Optional[bool] = None) -> str:
         tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)

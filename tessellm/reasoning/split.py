@@ -131,5 +131,6 @@ class ReasoningSplit:
             self._ids_seen = len(token_ids)
         at = self._end.find(body) if end_id is None or self._has_end_id else None
         if at is not None:
-            return body[:at], body[at + len(self._end.found):]
+            kept = self._end.found in self.parser.end_kept  # a tool-call section opens the answer
+            return body[:at], body[at if kept else at + len(self._end.found):]
         return self._end.held(body, final), ""

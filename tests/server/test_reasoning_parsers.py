@@ -42,6 +42,10 @@ CASES = [  # parser, phase, output, (reasoning, answer)
      ("Add them.", "It is 4.")),
     ("hunyuan_a13b", UNDECIDED, "<think>\n\n</think>\n<answer>\nIt is 4.\n</answer>", ("", "It is 4.")),
     ("hunyuan_a13b", UNDECIDED, "<answer>\nIt is 4.\n</answer>", (None, "<answer>\nIt is 4.")),
+    ("kimi_k2", REASONING, "<think>Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("kimi_k2", REASONING, "Call it.<|tool_calls_section_begin|><|tool_call_begin|>",
+     ("Call it.", "<|tool_calls_section_begin|><|tool_call_begin|>")),
+    ("kimi_k2", REASONING, "Call it.<|tool_calls_sec", ("Call it.<|tool_calls_sec", "")),
     ("minimax_m2", REASONING, "Add them.</think>\n\nIt is 4.", ("Add them.", "\n\nIt is 4.")),
     ("minimax_m2_append_think", REASONING, "Add them.</think>\n\nIt is 4.",
      (None, "<think>Add them.</think>\n\nIt is 4.")),
@@ -85,6 +89,9 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
     assert v3.thinking(None) is False and v3.thinking({"thinking": True}) is True
     assert v3.thinking({"enable_thinking": True}) is True and holo2.thinking({}) is True
     assert holo2.thinking({"thinking": False}) is False
+    kimi = get_reasoning_parser("kimi_k2")
+    assert kimi.thinking({}) is True and kimi.thinking({"thinking": False}) is False
+    assert kimi.thinking({"enable_thinking": False}) is True  # Kimi reads ``thinking`` only
     assert get_reasoning_parser("seed_oss").thinking({"thinking": True}) is None  # not its switch
     # DeepSeek-V3.1's template: "<｜Assistant｜><think>" thinking, "<｜Assistant｜></think>" not.
     assert v3.initial_phase("<｜Assistant｜><think>", True) == REASONING
@@ -103,6 +110,6 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
 
 
 def test_every_vllm_name_is_known():
-    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "minimax_m2",
+    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2", "minimax_m2",
             "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
             "step3"} == set(REASONING_PARSERS)
