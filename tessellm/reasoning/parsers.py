@@ -166,14 +166,16 @@ class ThinkMarkers:
     start_ids: tuple[int, ...]
     end_ids: tuple[int, ...]
     keep_special_tokens: bool  # a marker is a special token: decode with skip_special_tokens off
+    other_end_ids: tuple[tuple[int, ...], ...] = ()  # the end's other spellings (``end_alts``, ``end_kept``)
 
     @classmethod
     def from_tokenizer(cls, parser: ReasoningParser, tokenizer) -> "ThinkMarkers":
-        start = tuple(tokenizer.encode(parser.start, add_special_tokens=False))
-        end = tuple(tokenizer.encode(parser.end, add_special_tokens=False))
-        hidden = any(tokenizer.decode(list(ids), skip_special_tokens=True) != text
-                     for ids, text in ((start, parser.start), (end, parser.end)))
-        return cls(parser, start, end, hidden)
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+        hidden = any(tokenizer.decode(list(ids(text)), skip_special_tokens=True) != text
+                     for text in (*parser.starts, *parser.ends))
+        return cls(parser, ids(parser.start), ids(parser.end), hidden, tuple(ids(e) for e in parser.ends[1:]))
 
     @property
     def end_id(self) -> Optional[int]:

@@ -110,7 +110,7 @@ class StructuredOutputManager:
         if not isinstance(markers, ThinkMarkers):  # a plugin's parser: its is_reasoning_end decides
             return PluginGate(grammar, markers.instance(self._tokenizer), prompt_token_ids)
         phase = markers.initial_phase(self._tokenizer, prompt_token_ids)
-        return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase)
+        return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase, markers.other_end_ids)
 
     def _reasoning_markers(self):
         """The parser's ``ThinkMarkers``, or a plugin's ``PluginParser`` (no markers known)."""

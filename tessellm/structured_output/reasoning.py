@@ -13,7 +13,8 @@ output token: to the reasoning (the grammar neither advances nor masks) or to th
 Invariant: where the answer starts is a function of the accepted output tokens alone (the first
 complete end marker), kept as ``answer_from``; rolling back tokens (speculative drafts) moves it
 back exactly, and a preempted request keeps its tokens and so its place: nothing is replayed.
-A multi-token marker is matched on its token ids as ``ThinkMarkers`` encodes it; a qwen3-style
+A multi-token marker is matched on its token ids as ``ThinkMarkers`` encodes it (any of the
+end's spellings ends the thinking); a qwen3-style
 undecided output that starts a multi-token ``<think>`` is held to that marker's next token.
 """
 
@@ -26,10 +27,12 @@ from tessellm.reasoning.parsers import ANSWER, REASONING, UNDECIDED
 
 
 class ReasoningGate:
-    def __init__(self, grammar, start_ids: tuple[int, ...], end_ids: tuple[int, ...], phase: str):
+    def __init__(self, grammar, start_ids: tuple[int, ...], end_ids: tuple[int, ...], phase: str,
+                 other_end_ids: tuple[tuple[int, ...], ...] = ()):
         self.inner = grammar
         self.start_ids = start_ids
         self.end_ids = end_ids
+        self.ends = (end_ids, *other_end_ids)  # any of them ends the thinking (granite's spellings)
         self.phase = phase
         self.tokens: list[int] = []  # accepted output tokens
         self.answer_from: Optional[int] = 0 if phase == ANSWER else None  # index of the answer's first
@@ -119,9 +122,9 @@ class ReasoningGate:
         return None
 
     def _ends_reasoning(self) -> bool:
-        m = len(self.end_ids)
         first = len(self.start_ids) if self.phase == UNDECIDED else 0  # the end is after the opening
-        return len(self.tokens) - first >= m and tuple(self.tokens[-m:]) == self.end_ids
+        return any(len(self.tokens) - first >= len(end) and tuple(self.tokens[-len(end):]) == end
+                   for end in self.ends if end)
 
 
 def _allow(bitmask, row: int, token_id: int) -> None:
