@@ -395,7 +395,8 @@ class EngineCore(EngineSleep, EngineProfile):
             validate_request(self.logits_processor_classes, req.sampling_params)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs,
-                                                          req.prompt_token_ids)
+                                                          req.prompt_token_ids,
+                                                          req.sampling_params.reasoning_phase)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

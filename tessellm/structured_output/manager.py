@@ -100,16 +100,17 @@ class StructuredOutputManager:
             self._pool = None  # the next constrained request builds one on ``tokenizer``
         self._tokenizer = tokenizer
 
-    def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=()):
+    def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=(), reasoning_phase=None):
         """Start (or share) the compile for a new request; returns its matcher-to-be (behind a
-        ``ReasoningGate`` with a reasoning parser: the prompt says where the output starts)."""
+        ``ReasoningGate`` with a reasoning parser: ``reasoning_phase``, the server's reading of
+        the prompt and the request's switch, says where the output starts; None: the prompt)."""
         grammar = RequestGrammar(self.pool.submit(params))
         if self.reasoning_parser is None:
             return grammar
         markers = self._reasoning_markers()
         if not isinstance(markers, ThinkMarkers):  # a plugin's parser: its is_reasoning_end decides
             return PluginGate(grammar, markers.instance(self._tokenizer), prompt_token_ids)
-        phase = markers.initial_phase(self._tokenizer, prompt_token_ids)
+        phase = reasoning_phase or markers.initial_phase(self._tokenizer, prompt_token_ids)
         return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase, markers.other_end_ids)
 
     def _reasoning_markers(self):

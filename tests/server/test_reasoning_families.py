@@ -71,8 +71,7 @@ def test_opening_required_mistral_special_tokens(tmp_path):
 
 def test_thinking_switch_deepseek_v3(tmp_path):
     """deepseek_v3: R1's rule with chat_template_kwargs thinking (or enable_thinking) on, all
-    answer without (the engine core, which sees only the prompt, reads the switch off the
-    template's markers there: docs/reasoning.md)."""
+    answer without; structured output follows the same switch."""
     with _served(tmp_path, "deepseek_v3") as srv:
         on = {"chat_template_kwargs": {"thinking": True}}
         assert _split(srv, "[bare]", **on) == (" I recall", ANSWER)
@@ -80,9 +79,10 @@ def test_thinking_switch_deepseek_v3(tmp_path):
         assert _split(srv, "[bare]") == (None, " I recall</think>" + ANSWER)
         assert _split(srv, "[think]") == (None, "<think>" + THINKING + "</think>" + ANSWER)
         _json_after_thinking(srv, "[think]", THINKING, **on)
-        # Thinking off, the prompt closing the block (as DeepSeek-V3.1's template does): the
-        # engine core constrains from the first token.
-        _json_after_thinking(srv, "[json]", None, chat_template_kwargs={"enable_thinking": False})
+        # Thinking off: the engine core constrains from the first token, as the server splits
+        # (the server tells it where the output starts; this template's prompt does not).
+        _json_after_thinking(srv, "[json]", None)
+        _json_after_thinking(srv, "[think]", None)  # the grammar, not the model's <think>, comes first
 
 
 def test_text_markers_with_two_spellings_granite(tmp_path):

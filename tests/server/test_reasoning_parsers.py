@@ -113,3 +113,11 @@ def test_every_vllm_name_is_known():
     assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2", "minimax_m2",
             "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
             "step3"} == set(REASONING_PARSERS)
+
+
+def test_the_phase_the_server_sends_the_engine_core_is_checked():
+    from tessellm.sampling_params import SamplingParams
+
+    assert SamplingParams(reasoning_phase=ANSWER).reasoning_phase == "answer"
+    with pytest.raises(ValueError, match="reasoning_phase must be reasoning, answer or undecided"):
+        SamplingParams(reasoning_phase="maybe")

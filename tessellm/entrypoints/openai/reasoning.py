@@ -54,9 +54,12 @@ class ReasoningPlan:
                    getattr(engine.args, "reasoning_parser_plugin", None), req)
 
     def adjust(self, params) -> None:
-        """Markers that are special tokens must stay in the text to be found there."""
-        if self.plugin is None and self.markers.keep_special_tokens:
-            params.skip_special_tokens = False
+        """Markers that are special tokens must stay in the text to be found there; the engine
+        core's grammar gate starts where this split does (``reasoning_phase``)."""
+        if self.plugin is None:
+            params.reasoning_phase = self.phase
+            if self.markers.keep_special_tokens:
+                params.skip_special_tokens = False
 
     def split(self):
         """A fresh split for one choice: ``split(text, token_ids, final) -> (reasoning, answer)``."""
