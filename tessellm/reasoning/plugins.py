@@ -14,6 +14,8 @@ A vLLM plugin runs with its import lines changed::
         def extract_reasoning_streaming(self, previous_text, current_text, delta_text,
                                         previous_token_ids, current_token_ids, delta_token_ids): ...
 
+``ChatCompletionRequest`` (the ``request`` the methods get; vLLM's
+``vllm.entrypoints.openai.protocol`` name) can be imported from here too, for type hints.
 vLLM's older method names (``extract_reasoning_content``, ``extract_reasoning_content_streaming``,
 with or without a trailing ``request``) work too. ``BaseThinkingReasoningParser`` (vLLM's
 ``basic_parsers``) needs only ``start_token`` and ``end_token``: such a class, its extraction
@@ -34,6 +36,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 _NAMES = "_tessellm_reasoning_parser_names"  # the attribute register_module sets on a class
+
+
+def __getattr__(name: str):
+    """``ChatCompletionRequest``, imported only when a plugin asks for it (the server's protocol)."""
+    if name == "ChatCompletionRequest":
+        from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+
+        return ChatCompletionRequest
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass

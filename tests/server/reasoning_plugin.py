@@ -5,8 +5,8 @@ from ``vllm.reasoning`` / ``vllm.entrypoints.openai.protocol`` to ``tessellm.rea
 hold-back); ``seed_tags`` is a ``BaseThinkingReasoningParser`` that names its markers only.
 """
 
-from tessellm.reasoning.plugins import (BaseThinkingReasoningParser, DeltaMessage, ReasoningParser,
-                                        ReasoningParserManager)
+from tessellm.reasoning.plugins import (BaseThinkingReasoningParser, ChatCompletionRequest, DeltaMessage,
+                                        ReasoningParser, ReasoningParserManager)
 
 
 @ReasoningParserManager.register_module(["think_tags", "think_tags_too"])
@@ -28,7 +28,7 @@ class ThinkTagsParser(ReasoningParser):
     def extract_content_ids(self, input_ids):
         return input_ids[input_ids.index(self.end_id) + 1:] if self.end_id in input_ids[:-1] else []
 
-    def extract_reasoning(self, model_output, request):
+    def extract_reasoning(self, model_output: str, request: ChatCompletionRequest):
         if not model_output.startswith("<think>") or "</think>" not in model_output:
             return None, model_output
         reasoning, _, content = model_output[len("<think>"):].partition("</think>")

@@ -110,8 +110,8 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
 
 
 def test_every_vllm_name_is_known():
-    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2", "minimax_m2",
-            "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
+    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
+            "minimax_m2", "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
             "step3"} == set(REASONING_PARSERS)
 
 
