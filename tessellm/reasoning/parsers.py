@@ -59,6 +59,7 @@ class ReasoningParser:
     thinking_kwargs: tuple[str, ...] = ()
     thinking_default: bool = False  # thinking on when the request names none of them
     inline: bool = False  # the thinking stays in ``content``, ``start`` put back before it
+    trim_newline: bool = False  # one "\n" right before and one right after the end marker dropped
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -117,6 +118,7 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("olmo3", implicit_start=True),
     ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>"),
     ReasoningParser("step3", implicit_start=True),
+    ReasoningParser("step3p5", implicit_start=True, trim_newline=True),
 )}
 HARMONY_MODEL_TYPES = ("gpt_oss",)  # checkpoints whose chat format is harmony
 

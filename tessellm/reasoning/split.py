@@ -12,7 +12,8 @@ held back from both; each returned string only grows, so a stream sends their ne
 ``<think>`` and ``</think>`` stand for any of the parser's spellings of its markers (granite's
 "Here is my thought process:" or "Here's ..."). The answer may have an envelope of its own
 (``AnswerEnvelope``: ERNIE's ``<response>`` ... ``</response>``). A parser with ``inline``
-keeps the thinking in the answer, its start marker put back (``minimax_m2_append_think``).
+keeps the thinking in the answer, its start marker put back (``minimax_m2_append_think``);
+one with ``trim_newline`` drops a newline just before and just after the end marker (step3p5).
 
 When the end marker is one token, the split also needs that token among the output's ids, as
 the engine core's grammar gate does (the same characters spelled from other tokens are text).
@@ -130,7 +131,10 @@ class ReasoningSplit:
             self._has_end_id = end_id in token_ids[self._ids_seen:]
             self._ids_seen = len(token_ids)
         at = self._end.find(body) if end_id is None or self._has_end_id else None
+        trim = self.parser.trim_newline
         if at is not None:
             kept = self._end.found in self.parser.end_kept  # a tool-call section opens the answer
-            return body[:at], body[at if kept else at + len(self._end.found):]
-        return self._end.held(body, final), ""
+            reasoning, answer = body[:at], body[at if kept else at + len(self._end.found):]
+            return (reasoning.removesuffix("\n"), answer.removeprefix("\n")) if trim else (reasoning, answer)
+        held = self._end.held(body, final)
+        return (held.removesuffix("\n") if trim and not final else held), ""

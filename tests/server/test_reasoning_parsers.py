@@ -56,6 +56,9 @@ CASES = [  # parser, phase, output, (reasoning, answer)
     ("seed_oss", REASONING, "<seed:think>Add them.</seed:think>It is 4.", ("Add them.", "It is 4.")),
     ("seed_oss", REASONING, "Add them. Still</seed:thi", ("Add them. Still</seed:thi", "")),
     ("step3", REASONING, "Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("step3p5", REASONING, "<think>Add them.\n\n</think>\n\nIt is 4.", ("Add them.\n", "\nIt is 4.")),
+    ("step3p5", REASONING, "Add them.</think>It is 4.\n", ("Add them.", "It is 4.\n")),
+    ("step3p5", REASONING, "Add them.\nStill\n", ("Add them.\nStill\n", "")),
 ]
 
 
@@ -112,7 +115,7 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
 def test_every_vllm_name_is_known():
     assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
             "minimax_m2", "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
-            "step3"} == set(REASONING_PARSERS)
+            "step3", "step3p5"} == set(REASONING_PARSERS)
 
 
 def test_the_phase_the_server_sends_the_engine_core_is_checked():
