@@ -30,7 +30,7 @@ on the markers' token ids (``ThinkMarkers``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 REASONING = "reasoning"  # the output starts inside the reasoning
@@ -106,7 +106,7 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_v3", **_DEEPSEEK_V3),  # DeepSeek-V3.1: R1's rule with thinking on
     ReasoningParser("holo2", **_DEEPSEEK_V3, thinking_default=True),
     ReasoningParser("ernie45", implicit_start=True, answer_open="<response>", answer_close="</response>"),
-    ReasoningParser("glm45", implicit_start=False),
+    ReasoningParser("glm45", **_DEEPSEEK_V3, thinking_default=True),  # vLLM's holo2 rule for it
     ReasoningParser("granite", implicit_start=False, **_GRANITE),
     ReasoningParser("kimi_k2", implicit_start=True, thinking_kwargs=("thinking",), thinking_default=True,
                     end_kept=("<|tool_calls_section_begin|>",)),
@@ -120,6 +120,9 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("step3", implicit_start=True),
     ReasoningParser("step3p5", implicit_start=True, trim_newline=True),
 )}
+# vLLM's second names for a parser: GLM-4.7's, Xiaomi MiMo's
+REASONING_PARSERS.update({alias: replace(REASONING_PARSERS[name], name=alias)
+                          for alias, name in (("glm47", "glm45"), ("mimo", "qwen3"))})
 HARMONY_MODEL_TYPES = ("gpt_oss",)  # checkpoints whose chat format is harmony
 
 

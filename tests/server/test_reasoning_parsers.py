@@ -30,8 +30,9 @@ CASES = [  # parser, phase, output, (reasoning, answer)
      ("Add them.\n", "\nIt is 4.\n")),
     ("ernie45", REASONING, "Add them.\n</think>\nIt is 4.", ("Add them.\n", "\nIt is 4.")),
     ("ernie45", REASONING, "Add them. <resp", ("Add them. <resp", "")),
-    ("glm45", UNDECIDED, "<think>Add them.</think>It is 4.", ("Add them.", "It is 4.")),
-    ("glm45", UNDECIDED, "It is 4.", (None, "It is 4.")),
+    ("glm45", REASONING, "<think>Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("glm47", ANSWER, "It is 4.", (None, "It is 4.")),
+    ("mimo", UNDECIDED, "It is 4.", (None, "It is 4.")),
     ("granite", UNDECIDED, "Here is my thought process:\nAdd them.\nHere is my response:\nIt is 4.",
      ("\nAdd them.\n", "\nIt is 4.")),
     ("granite", UNDECIDED, "Here's my thought process: Add. Here's my response: 4", (" Add. ", " 4")),
@@ -92,6 +93,9 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
     assert v3.thinking(None) is False and v3.thinking({"thinking": True}) is True
     assert v3.thinking({"enable_thinking": True}) is True and holo2.thinking({}) is True
     assert holo2.thinking({"thinking": False}) is False
+    glm = get_reasoning_parser("glm45")
+    assert glm.thinking({"enable_thinking": False}) is False and glm.thinking(None) is True
+    assert get_reasoning_parser("glm47").initial_phase("<|assistant|>", False) == ANSWER
     kimi = get_reasoning_parser("kimi_k2")
     assert kimi.thinking({}) is True and kimi.thinking({"thinking": False}) is False
     assert kimi.thinking({"enable_thinking": False}) is True  # Kimi reads ``thinking`` only
@@ -113,7 +117,7 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
 
 
 def test_every_vllm_name_is_known():
-    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
+    assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "glm47", "mimo", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
             "minimax_m2", "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
             "step3", "step3p5"} == set(REASONING_PARSERS)
 
