@@ -144,6 +144,9 @@ class EngineArgs:
     # Reasoning models (tessellm/reasoning/): deepseek_r1 or qwen3 splits the thinking out of the
     # answer at the server, and structured output constrains only the answer; None: off.
     reasoning_parser: Optional[str] = None
+    # A Python file registering vLLM-style reasoning parsers (tessellm/reasoning/plugins.py),
+    # loaded in the server and the engine core; its names join --reasoning-parser's.
+    reasoning_parser_plugin: Optional[str] = None
     # Embedding models (tessellm.pooling, docs/pooling.md): "generate", "pooling", or "auto"
     # (a bare *Model architecture pools); task="embed" and convert="embed" are vLLM's older
     # spellings of runner="pooling"; convert="classify" serves a *ForCausalLM as a classifier.
@@ -267,7 +270,7 @@ class EngineArgs:
         self._validate_kv_transfer()
         from tessellm.reasoning.parsers import check_reasoning_parser
 
-        check_reasoning_parser(self.reasoning_parser)
+        check_reasoning_parser(self.reasoning_parser, self.reasoning_parser_plugin)
         from tessellm.pooling.config import check_runner_args, parse_pooler_override
 
         check_runner_args(self.runner, self.task, self.convert)

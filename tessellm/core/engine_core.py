@@ -227,7 +227,7 @@ class EngineCore(EngineSleep, EngineProfile):
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
-            self.info.reasoning_parser)
+            self.info.reasoning_parser, getattr(args, "reasoning_parser_plugin", None))
         upload = getattr(getattr(getattr(self.executor, "worker", None), "runner", None), "mask_upload", None)
         if upload is not None and upload.pinned:  # fill masks straight into the runner's pinned buffers
             self.structured.host_buffer = upload.host_buffer
@@ -396,7 +396,8 @@ class EngineCore(EngineSleep, EngineProfile):
             validate_request(self.logits_processor_classes, req.sampling_params)
         if req.sampling_params.structured_outputs is not None:
             request.grammar = self.structured.grammar_for(req.sampling_params.structured_outputs,
-                                                          req.prompt_token_ids)
+                                                          req.prompt_token_ids,
+                                                          req.sampling_params.reasoning_phase)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

@@ -78,6 +78,11 @@ class SamplingParams:
     # to the engine core with the request (Request.sampling_params.extra_args); read by custom
     # logits processors (docs/logits_processors.md), nothing else of tessellm's
     extra_args: Optional[dict] = None
+    # Set by the server's reasoning parser (tessellm/reasoning/): where the output starts,
+    # "reasoning", "answer" or "undecided", as it read the prompt and the request's
+    # chat_template_kwargs; the engine core's grammar gate starts there. None: the engine core
+    # reads it off the prompt itself (offline LLM.generate).
+    reasoning_phase: Optional[str] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
@@ -93,6 +98,8 @@ class SamplingParams:
                and self.output_kind in tuple(RequestOutputKind), "output_kind must be a RequestOutputKind "
                f"(tessellm.sampling_params: CUMULATIVE, DELTA or FINAL_ONLY), got {self.output_kind!r}.")
         self.output_kind = RequestOutputKind(self.output_kind)
+        _check(self.reasoning_phase in (None, "reasoning", "answer", "undecided"),
+               f"reasoning_phase must be reasoning, answer or undecided, got {self.reasoning_phase!r}.")
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
         if self.guided_decoding is not None:  # vLLM's older name (GuidedDecodingParams)

@@ -120,8 +120,12 @@ HELP = {
     "allowed_media_domains": "hosts that http(s) image URLs may name, e.g. 'example.com,cdn.example.org' "
                              "(default: any; docs/multimodal.md)",
     "reasoning_parser": "split a thinking model's reasoning from its answer (reasoning_content) and "
-                        "apply structured output to the answer only: deepseek_r1, qwen3 or openai_gptoss (gpt-oss's "
-                        "harmony channels; the default for a gpt-oss model) (docs/reasoning.md)",
+                        "apply structured output to the answer only: " + ", ".join(sorted(REASONING_PARSERS)) +
+                        " (openai_gptoss: gpt-oss's harmony channels, the default for a gpt-oss model), or a "
+                        "name --reasoning-parser-plugin registers (docs/reasoning.md)",
+    "reasoning_parser_plugin": "a Python file registering reasoning parsers written to vLLM's interface "
+                               "(@ReasoningParserManager.register_module(\"NAME\"), imported from "
+                               "tessellm.reasoning.plugins); name one with --reasoning-parser NAME",
     "runner": "auto, generate or pooling (embedding models, /v1/embeddings; *ForSequenceClassification: "
               "/classify, /score, /rerank; auto: a bare *Model or a classifier pools, others generate; "
               "docs/pooling.md)",
@@ -163,7 +167,6 @@ SHORT = {"tensor_parallel_size": "-tp", "pipeline_parallel_size": "-pp", "data_p
 CHOICES = {"distributed_executor_backend": ["uni", "mp", "ray"], "data_parallel_balance": ["load", "tokens"],
            "metrics_names": ["tessellm", "vllm", "both"],
            "decode_overlap_steps": ["mixed", "decode", "all"], "scheduling_policy": ["fcfs", "priority"],
-           "reasoning_parser": sorted(REASONING_PARSERS),
            "runner": ["auto", "generate", "pooling"], "convert": ["auto", "none", "embed", "classify"]}
 
 

@@ -7,6 +7,10 @@
 - ``qwen3``: reasoning only inside ``<think>`` ... ``</think>`` that opens the output; an
   output that does not open with ``<think>`` is all answer (Qwen3 with ``enable_thinking:
   false``, whose template closes an empty think block in the prompt).
+- the others vLLM has (``deepseek_v3``, ``ernie45``, ``glm45``, ``granite``, ``hunyuan_a13b``,
+  ``kimi_k2``, ``mistral``, ``seed_oss``, ...; the table below, docs/reasoning.md) are one of
+  those two rules with their own markers, spellings, answer envelope or ``chat_template_kwargs``
+  switch.
 - ``openai_gptoss``: gpt-oss's harmony format (``harmony.py``): the output is messages on
   channels, the analysis channel is reasoning, the final channel the answer, and messages to
   ``functions.NAME`` are tool calls. Chosen by itself for a gpt-oss checkpoint
@@ -17,6 +21,8 @@ The prompt decides where the output starts (``initial_phase``): a template that 
 inside an open think block starts the output in reasoning, one that closes an (empty) block
 last starts it in the answer; otherwise the parser's own rule above applies.
 
+A ``--reasoning-parser-plugin`` file registers vLLM-style parser classes (``plugins.py``).
+
 The server splits the text with ``split.ReasoningSplit``; the engine core starts a request's
 structured-output grammar only once its reasoning ended (``structured_output/reasoning.py``),
 on the markers' token ids (``ThinkMarkers``).
@@ -24,7 +30,7 @@ on the markers' token ids (``ThinkMarkers``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 REASONING = "reasoning"  # the output starts inside the reasoning
@@ -34,29 +40,89 @@ UNDECIDED = "undecided"  # reasoning only if the output opens with the start mar
 
 @dataclass(frozen=True)
 class ReasoningParser:
+    """One model family's markers and rules (the table below; docs/reasoning.md)."""
+
     name: str
     implicit_start: bool  # the output is reasoning from its first token, with or without ``start``
     start: str = "<think>"
     end: str = "</think>"
     harmony: bool = False  # the output is harmony messages: the server parses it as such
+    start_alts: tuple[str, ...] = ()  # other spellings of ``start`` (granite: "Here's ...")
+    end_alts: tuple[str, ...] = ()
+    end_kept: tuple[str, ...] = ()  # end the thinking but open the answer (Kimi K2's tool calls)
+    # The answer's own envelope: ``answer_open`` dropped where the answer opens with it (after
+    # newlines; ERNIE's "<response>"), the answer cut at ``answer_close`` (Hunyuan's "\n</answer>").
+    answer_open: str = ""
+    answer_close: str = ""
+    # chat_template_kwargs that turn thinking on (DeepSeek-V3.1's ``thinking``); off, the output
+    # is all answer. Empty: the parser does not read them.
+    thinking_kwargs: tuple[str, ...] = ()
+    thinking_default: bool = False  # thinking on when the request names none of them
+    inline: bool = False  # the thinking stays in ``content``, ``start`` put back before it
+    trim_newline: bool = False  # one "\n" right before and one right after the end marker dropped
 
-    def initial_phase(self, prompt_tail: str) -> str:
-        """Where the output starts, from the end of the prompt's text (special tokens kept)."""
-        opened, closed = prompt_tail.rfind(self.start), prompt_tail.rfind(self.end)
+    @property
+    def starts(self) -> tuple[str, ...]:
+        return (self.start, *self.start_alts)
+
+    @property
+    def ends(self) -> tuple[str, ...]:
+        return (self.end, *self.end_alts, *self.end_kept)
+
+    def thinking(self, template_kwargs: Optional[dict]) -> Optional[bool]:
+        """Whether the request turned thinking on; None: this parser does not ask."""
+        if not self.thinking_kwargs:
+            return None
+        given = [bool(template_kwargs[k]) for k in self.thinking_kwargs if k in (template_kwargs or {})]
+        return any(given) if given else self.thinking_default
+
+    def initial_phase(self, prompt_tail: str, thinking: Optional[bool] = None) -> str:
+        """Where the output starts, from the end of the prompt's text (special tokens kept)
+        and, for a parser with ``thinking_kwargs``, the request's switch (None: not known,
+        as in the engine core, which sees the prompt only)."""
+        if thinking is False:
+            return ANSWER
+        opened = max(prompt_tail.rfind(s) for s in self.starts)
+        closed, end = max((prompt_tail.rfind(e), e) for e in self.ends)
         if opened > closed:
             return REASONING  # the template opened the block ("...<think>\n")
-        if closed >= 0 and not prompt_tail[closed + len(self.end):].strip():
+        if closed >= 0 and not prompt_tail[closed + len(end):].strip():
             return ANSWER  # the template closed it ("<think>\n\n</think>\n\n")
+        if self.thinking_kwargs and thinking is None:
+            return UNDECIDED  # the engine core does not know the switch: the output tells
         return REASONING if self.implicit_start else UNDECIDED
 
 
-REASONING_PARSERS: dict[str, ReasoningParser] = {
-    "deepseek_r1": ReasoningParser("deepseek_r1", implicit_start=True),
-    "qwen3": ReasoningParser("qwen3", implicit_start=False),
-    "openai_gptoss": ReasoningParser("openai_gptoss", implicit_start=True,
-                                     start="<|channel|>analysis<|message|>",
-                                     end="<|channel|>final<|message|>", harmony=True),
-}
+_GRANITE = dict(start="Here is my thought process:", start_alts=("Here's my thought process:",),
+                end="Here is my response:", end_alts=("Here's my response:",))
+_DEEPSEEK_V3 = dict(implicit_start=True, thinking_kwargs=("thinking", "enable_thinking"))
+
+REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
+    ReasoningParser("deepseek_r1", implicit_start=True),
+    ReasoningParser("qwen3", implicit_start=False),
+    ReasoningParser("openai_gptoss", implicit_start=True, start="<|channel|>analysis<|message|>",
+                    end="<|channel|>final<|message|>", harmony=True),
+    # vLLM's other parsers, under its names
+    ReasoningParser("deepseek_v3", **_DEEPSEEK_V3),  # DeepSeek-V3.1: R1's rule with thinking on
+    ReasoningParser("holo2", **_DEEPSEEK_V3, thinking_default=True),
+    ReasoningParser("ernie45", implicit_start=True, answer_open="<response>", answer_close="</response>"),
+    ReasoningParser("glm45", **_DEEPSEEK_V3, thinking_default=True),  # vLLM's holo2 rule for it
+    ReasoningParser("granite", implicit_start=False, **_GRANITE),
+    ReasoningParser("kimi_k2", implicit_start=True, thinking_kwargs=("thinking",), thinking_default=True,
+                    end_kept=("<|tool_calls_section_begin|>",)),
+    ReasoningParser("hunyuan_a13b", implicit_start=False, start="<think>\n", end="\n</think>\n<answer>\n",
+                    answer_close="\n</answer>"),
+    ReasoningParser("minimax_m2", implicit_start=True),
+    ReasoningParser("minimax_m2_append_think", implicit_start=True, inline=True),
+    ReasoningParser("mistral", implicit_start=False, start="[THINK]", end="[/THINK]"),
+    ReasoningParser("olmo3", implicit_start=True),
+    ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>"),
+    ReasoningParser("step3", implicit_start=True),
+    ReasoningParser("step3p5", implicit_start=True, trim_newline=True),
+)}
+# vLLM's second names for a parser: GLM-4.7's, Xiaomi MiMo's
+REASONING_PARSERS.update({alias: replace(REASONING_PARSERS[name], name=alias)
+                          for alias, name in (("glm47", "glm45"), ("mimo", "qwen3"))})
 HARMONY_MODEL_TYPES = ("gpt_oss",)  # checkpoints whose chat format is harmony
 
 
@@ -69,14 +135,28 @@ def resolve_reasoning_parser(name: Optional[str], hf_config) -> Optional[str]:
     return "openai_gptoss" if getattr(text_config, "model_type", None) in HARMONY_MODEL_TYPES else None
 
 
-def check_reasoning_parser(name: Optional[str]) -> None:
-    if name is not None and name not in REASONING_PARSERS:
+def check_reasoning_parser(name: Optional[str], plugin: Optional[str] = None) -> None:
+    """Refuse an unknown name (naming the known ones); ``plugin``: a ``--reasoning-parser-plugin``
+    file, loaded here, whose parsers count as known."""
+    from tessellm.reasoning.plugins import load_plugin
+
+    known = {**REASONING_PARSERS, **(load_plugin(plugin) if plugin else {})}
+    if name is not None and name not in known:
         raise ValueError(f"Unknown reasoning parser {name!r}; choose one of "
-                         f"{', '.join(sorted(REASONING_PARSERS))}.")
+                         f"{', '.join(sorted(known))}" + ("" if plugin else
+                         " (or register your own with --reasoning-parser-plugin FILE)") + ".")
 
 
-def get_reasoning_parser(name: str) -> ReasoningParser:
-    check_reasoning_parser(name)
+def get_reasoning_parser(name: str, plugin: Optional[str] = None):
+    """The ``ReasoningParser`` for ``name``, or a ``plugins.PluginParser`` for a name the
+    ``plugin`` file registers (a plugin's name wins over a built-in one, as in vLLM)."""
+    check_reasoning_parser(name, plugin)
+    if plugin:
+        from tessellm.reasoning.plugins import PluginParser, load_plugin
+
+        found = load_plugin(plugin).get(name)
+        if found is not None:
+            return PluginParser(name, found)
     return REASONING_PARSERS[name]
 
 
@@ -91,20 +171,24 @@ class ThinkMarkers:
     start_ids: tuple[int, ...]
     end_ids: tuple[int, ...]
     keep_special_tokens: bool  # a marker is a special token: decode with skip_special_tokens off
+    other_end_ids: tuple[tuple[int, ...], ...] = ()  # the end's other spellings (``end_alts``, ``end_kept``)
 
     @classmethod
     def from_tokenizer(cls, parser: ReasoningParser, tokenizer) -> "ThinkMarkers":
-        start = tuple(tokenizer.encode(parser.start, add_special_tokens=False))
-        end = tuple(tokenizer.encode(parser.end, add_special_tokens=False))
-        hidden = any(tokenizer.decode(list(ids), skip_special_tokens=True) != text
-                     for ids, text in ((start, parser.start), (end, parser.end)))
-        return cls(parser, start, end, hidden)
+        def ids(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+        hidden = any(tokenizer.decode(list(ids(text)), skip_special_tokens=True) != text
+                     for text in (*parser.starts, *parser.ends))
+        return cls(parser, ids(parser.start), ids(parser.end), hidden, tuple(ids(e) for e in parser.ends[1:]))
 
     @property
     def end_id(self) -> Optional[int]:
-        """The end marker's id when it is one token (then the split needs it among the ids)."""
-        return self.end_ids[0] if len(self.end_ids) == 1 else None
+        """The end marker's id when it is one token and has no other spelling (then the split
+        needs it among the ids)."""
+        one = len(self.end_ids) == 1 and not (self.parser.end_alts or self.parser.end_kept)
+        return self.end_ids[0] if one else None
 
-    def initial_phase(self, tokenizer, prompt_token_ids) -> str:
+    def initial_phase(self, tokenizer, prompt_token_ids, thinking: Optional[bool] = None) -> str:
         tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
-        return self.parser.initial_phase(tail)
+        return self.parser.initial_phase(tail, thinking)

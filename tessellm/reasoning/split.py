@@ -9,16 +9,81 @@ held back from both; each returned string only grows, so a stream sends their ne
     phase UNDECIDED   <think> reasoning </think> answer  |  answer   (opens with <think> or not)
     phase ANSWER      answer
 
+``<think>`` and ``</think>`` stand for any of the parser's spellings of its markers (granite's
+"Here is my thought process:" or "Here's ..."). The answer may have an envelope of its own
+(``AnswerEnvelope``: ERNIE's ``<response>`` ... ``</response>``). A parser with ``inline``
+keeps the thinking in the answer, its start marker put back (``minimax_m2_append_think``);
+one with ``trim_newline`` drops a newline just before and just after the end marker (step3p5).
+
 When the end marker is one token, the split also needs that token among the output's ids, as
 the engine core's grammar gate does (the same characters spelled from other tokens are text).
+
+Linear: each call searches only the text no earlier call searched (the marker's length back).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from tessellm.reasoning.holdback import hold_back
+from tessellm.reasoning.holdback import held_back
 from tessellm.reasoning.parsers import ANSWER, UNDECIDED, ThinkMarkers
+
+
+def _opening(text: str, markers: Sequence[str]) -> Optional[str]:
+    return next((m for m in markers if text.startswith(m)), None)
+
+
+def _may_open(text: str, markers: Sequence[str]) -> bool:
+    return any(m.startswith(text) for m in markers)
+
+
+class _Finder:
+    """The first of ``markers`` in a growing text, searching each character about once."""
+
+    def __init__(self, markers: Sequence[str]):
+        self.markers = tuple(markers)
+        self.reset()
+
+    def reset(self) -> None:
+        self.at: Optional[int] = None  # where the first marker starts, once found
+        self.found = ""  # which one
+        self.searched = 0  # the text before this holds no complete marker
+
+    def find(self, text: str) -> Optional[int]:
+        if self.at is not None and len(text) < self.at + len(self.found) or len(text) < self.searched:
+            self.reset()  # not the text seen before: start over
+        if self.at is None:
+            hits = [(i, m) for m in self.markers for i in (text.find(m, self.searched),) if i >= 0]
+            if hits:
+                self.at, self.found = min(hits)
+            else:
+                self.searched = max(0, len(text) - max(map(len, self.markers)) + 1)
+        return self.at
+
+    def held(self, text: str, final: bool) -> str:
+        """``text`` less a trailing piece that could still become a marker (none once final)."""
+        return text if final else text[:len(text) - held_back(text, self.markers)]
+
+
+class AnswerEnvelope:
+    """The answer inside its own markers: ``open`` dropped where the answer opens with it
+    (after newlines), the answer cut at ``close``. Neither set: the answer as it is."""
+
+    def __init__(self, open_: str, close: str):
+        self.open = open_
+        self._close = _Finder((close,)) if close else None
+
+    def __call__(self, answer: str, final: bool) -> str:
+        if self.open:
+            body = answer.lstrip("\n")
+            if body.startswith(self.open):
+                answer = body[len(self.open):]
+            elif not final and _may_open(body, (self.open,)):
+                return ""
+        if self._close is None:
+            return answer
+        at = self._close.find(answer)
+        return answer[:at] if at is not None else self._close.held(answer, final)
 
 
 class ReasoningSplit:
@@ -27,47 +92,49 @@ class ReasoningSplit:
 
     def __init__(self, markers: ThinkMarkers, phase: str):
         self.markers = markers
+        self.parser = markers.parser
         self.phase = phase
-        self._reset()
-
-    def _reset(self) -> None:
-        self._end_at: Optional[int] = None  # where the end marker starts in the body, once found
-        self._search_from = 0  # the body before this holds no complete end marker
+        self._end = _Finder(self.parser.ends)
+        self._answer = AnswerEnvelope(self.parser.answer_open, self.parser.answer_close)
         self._ids_seen = 0
         self._has_end_id = False
 
     def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
         """``(reasoning, answer)``; reasoning None when the output has none."""
-        start = self.markers.parser.start
+        if self.parser.inline:  # the thinking is part of the answer, as the model wrote it
+            return None, text if self.phase == ANSWER else self.parser.start + text
+        reasoning, answer = self._split(text, token_ids, final)
+        return reasoning, self._answer(answer, final)
+
+    def _split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
+        starts = self.parser.starts
         if self.phase == ANSWER:
             return None, text
+        opened = _opening(text, starts)
         if self.phase == UNDECIDED:
-            if not text.startswith(start):
-                if not final and start.startswith(text):
+            if opened is None:
+                if not final and _may_open(text, starts):
                     return None, ""  # it may still open with the marker
                 return None, text
-            return self._reasoning(text[len(start):], token_ids, final)
-        if text.startswith(start):  # a model that repeats the marker the prompt opened
-            text = text[len(start):]
-        elif not final and start.startswith(text):
+            return self._reasoning(text[len(opened):], token_ids, final)
+        if opened is not None:  # a model that repeats the marker the prompt opened
+            text = text[len(opened):]
+        elif not final and _may_open(text, starts):
             return "", ""
         return self._reasoning(text, token_ids, final)
 
     def _reasoning(self, body: str, token_ids: Sequence[int], final: bool) -> tuple[str, str]:
-        end, end_id = self.markers.parser.end, self.markers.end_id
-        if len(body) < self._search_from or (self._end_at is not None and len(body) < self._end_at + len(end)):
-            self._reset()  # not the text seen before: start over
-        if self._end_at is None:
-            if end_id is not None and not self._has_end_id:
-                self._has_end_id = end_id in token_ids[self._ids_seen:]
-                self._ids_seen = len(token_ids)
-            if end_id is None or self._has_end_id:
-                at = body.find(end, self._search_from)
-                if at >= 0:
-                    self._end_at = at
-                else:
-                    self._search_from = max(0, len(body) - len(end) + 1)
-        if self._end_at is not None:
-            return body[:self._end_at], body[self._end_at + len(end):]
-        return (body if final else hold_back(body, end)), ""
-
+        end_id = self.markers.end_id
+        if end_id is not None and not self._has_end_id:
+            if len(token_ids) < self._ids_seen:
+                self._ids_seen = 0  # not the ids seen before
+            self._has_end_id = end_id in token_ids[self._ids_seen:]
+            self._ids_seen = len(token_ids)
+        at = self._end.find(body) if end_id is None or self._has_end_id else None
+        trim = self.parser.trim_newline
+        if at is not None:
+            kept = self._end.found in self.parser.end_kept  # a tool-call section opens the answer
+            reasoning, answer = body[:at], body[at if kept else at + len(self._end.found):]
+            return (reasoning.removesuffix("\n"), answer.removeprefix("\n")) if trim else (reasoning, answer)
+        held = self._end.held(body, final)
+        return (held.removesuffix("\n") if trim and not final else held), ""

@@ -42,24 +42,27 @@ import os
 import threading
 from typing import Callable, Optional
 
+from tessellm.reasoning.parsers import ThinkMarkers
 from tessellm.spec_decode.grammar import fill_draft_rows
 from tessellm.structured_output.compiler import GrammarCompilerPool, RequestGrammar, same_vocabulary
 from tessellm.structured_output.params import StructuredOutputsParams
-from tessellm.structured_output.reasoning import ReasoningGate
+from tessellm.structured_output.reasoning import PluginGate, ReasoningGate
 
 logger = logging.getLogger(__name__)
 
 
 class StructuredOutputManager:
     def __init__(self, load_tokenizer: Callable[[], object], vocab_size: int, stop_token_ids: list[int],
-                 reasoning_parser: Optional[str] = None):
+                 reasoning_parser: Optional[str] = None, reasoning_parser_plugin: Optional[str] = None):
         """``load_tokenizer`` is called on the first constrained request (never otherwise); it
         returns the model's HF tokenizer, an ``xgrammar.TokenizerInfo``, or None (no tokenizer:
         constrained requests are refused). ``reasoning_parser``: grammars start after the
-        model's reasoning (``reasoning.py``)."""
+        model's reasoning (``reasoning.py``), found by name among the built-in parsers and those the
+        ``reasoning_parser_plugin`` file registers."""
         self._load_tokenizer = load_tokenizer
         self._tokenizer = None
         self.reasoning_parser = reasoning_parser
+        self.reasoning_parser_plugin = reasoning_parser_plugin
         self._markers = None  # ThinkMarkers, bound on first use
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
@@ -97,24 +100,32 @@ class StructuredOutputManager:
             self._pool = None  # the next constrained request builds one on ``tokenizer``
         self._tokenizer = tokenizer
 
-    def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=()):
+    def grammar_for(self, params: StructuredOutputsParams, prompt_token_ids=(), reasoning_phase=None):
         """Start (or share) the compile for a new request; returns its matcher-to-be (behind a
-        ``ReasoningGate`` with a reasoning parser: the prompt says where the output starts)."""
+        ``ReasoningGate`` with a reasoning parser: ``reasoning_phase``, the server's reading of
+        the prompt and the request's switch, says where the output starts; None: the prompt)."""
         grammar = RequestGrammar(self.pool.submit(params))
         if self.reasoning_parser is None:
             return grammar
         markers = self._reasoning_markers()
-        phase = markers.initial_phase(self._tokenizer, prompt_token_ids)
-        return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase)
+        if not isinstance(markers, ThinkMarkers):  # a plugin's parser: its is_reasoning_end decides
+            return PluginGate(grammar, markers.instance(self._tokenizer), prompt_token_ids)
+        phase = reasoning_phase or markers.initial_phase(self._tokenizer, prompt_token_ids)
+        return ReasoningGate(grammar, markers.start_ids, markers.end_ids, phase, markers.other_end_ids)
 
     def _reasoning_markers(self):
+        """The parser's ``ThinkMarkers``, or a plugin's ``PluginParser`` (no markers known)."""
         if self._markers is None:
-            from tessellm.reasoning.parsers import ThinkMarkers, get_reasoning_parser
+            from tessellm.reasoning.parsers import get_reasoning_parser
+            from tessellm.reasoning.plugins import PluginParser
 
             if not hasattr(self._tokenizer, "encode"):
                 raise ValueError("A reasoning parser needs the model's tokenizer to find its think markers.")
-            self._markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(self.reasoning_parser),
-                                                        self._tokenizer)
+            parser = get_reasoning_parser(self.reasoning_parser, self.reasoning_parser_plugin)
+            if isinstance(parser, PluginParser):
+                parser = parser.house(self._tokenizer) or parser
+            self._markers = (parser if isinstance(parser, PluginParser)
+                             else ThinkMarkers.from_tokenizer(parser, self._tokenizer))
         return self._markers
 
     def fill_bitmask(self, sched, requests: dict, background: bool = False) -> Optional[concurrent.futures.Future]:

@@ -13,22 +13,26 @@ output token: to the reasoning (the grammar neither advances nor masks) or to th
 Invariant: where the answer starts is a function of the accepted output tokens alone (the first
 complete end marker), kept as ``answer_from``; rolling back tokens (speculative drafts) moves it
 back exactly, and a preempted request keeps its tokens and so its place: nothing is replayed.
-A multi-token marker is matched on its token ids as ``ThinkMarkers`` encodes it; a qwen3-style
+A multi-token marker is matched on its token ids as ``ThinkMarkers`` encodes it (any of the
+end's spellings ends the thinking); a qwen3-style
 undecided output that starts a multi-token ``<think>`` is held to that marker's next token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 from tessellm.reasoning.parsers import ANSWER, REASONING, UNDECIDED
 
 
 class ReasoningGate:
-    def __init__(self, grammar, start_ids: tuple[int, ...], end_ids: tuple[int, ...], phase: str):
+    def __init__(self, grammar, start_ids: tuple[int, ...], end_ids: tuple[int, ...], phase: str,
+                 other_end_ids: tuple[tuple[int, ...], ...] = ()):
         self.inner = grammar
         self.start_ids = start_ids
         self.end_ids = end_ids
+        self.ends = (end_ids, *other_end_ids)  # any of them ends the thinking (granite's spellings)
         self.phase = phase
         self.tokens: list[int] = []  # accepted output tokens
         self.answer_from: Optional[int] = 0 if phase == ANSWER else None  # index of the answer's first
@@ -118,9 +122,9 @@ class ReasoningGate:
         return None
 
     def _ends_reasoning(self) -> bool:
-        m = len(self.end_ids)
         first = len(self.start_ids) if self.phase == UNDECIDED else 0  # the end is after the opening
-        return len(self.tokens) - first >= m and tuple(self.tokens[-m:]) == self.end_ids
+        return any(len(self.tokens) - first >= len(end) and tuple(self.tokens[-len(end):]) == end
+                   for end in self.ends if end)
 
 
 def _allow(bitmask, row: int, token_id: int) -> None:
@@ -128,3 +132,45 @@ def _allow(bitmask, row: int, token_id: int) -> None:
     word, bit = divmod(token_id, 32)
     value = int(bitmask[row, word]) | (1 << bit)
     bitmask[row, word] = value - (1 << 32) if value >= 1 << 31 else value
+
+
+class PluginGate(ReasoningGate):
+    """The gate for a ``--reasoning-parser-plugin`` parser, as vLLM drives one: the prompt's ids
+    decide where the output starts (``is_reasoning_end(prompt)``: the template closed the
+    block), then ``is_reasoning_end_streaming(prompt and output ids, [new id])`` after each
+    accepted token. The parser's own cost is per call; the ids are a view, never copied."""
+
+    def __init__(self, grammar, parser, prompt_token_ids: Sequence[int]):
+        self.parser = parser
+        self.prompt = list(prompt_token_ids)
+        super().__init__(grammar, (), (), ANSWER if parser.is_reasoning_end(self.prompt) else REASONING)
+
+    def _ends_reasoning(self) -> bool:
+        return bool(self.parser.is_reasoning_end_streaming(_Joined(self.prompt, self.tokens), self.tokens[-1:]))
+
+
+class _Joined(Sequence):
+    """``a + b`` without the copy (a parser scans it from the end, or tests membership)."""
+
+    def __init__(self, a: list, b: list):
+        self.a, self.b = a, b
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.a[i] if i < len(self.a) else self.b[i - len(self.a)]
+
+    def __iter__(self):
+        yield from self.a
+        yield from self.b
+
+    def __reversed__(self):
+        yield from reversed(self.b)
+        yield from reversed(self.a)

@@ -4,7 +4,9 @@ greedy output is known token for token. ``CHAINS`` lists, per trigger (the promp
 tokenizer is byte-level without merges plus the chains' pieces as added tokens, so the think
 markers are single tokens, or, with ``split_markers``, two tokens each (``"<thi" "nk>"``,
 ``"</" "think>"``): then a marker reaches a stream in two deltas; or, with ``special_markers``,
-special tokens (which ``skip_special_tokens`` would hide).
+special tokens (which ``skip_special_tokens`` would hide). ``markers`` spells the think markers
+otherwise (``("[THINK]", "[/THINK]")`` for Mistral), and ``chains`` replaces ``CHAINS`` (other
+parsers' envelopes).
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ TEMPLATE = ("{% for m in messages %}{% if m.reasoning_content %}<think>{{ m.reas
             "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
 
 
-def _pieces(split_markers: bool, special_markers: bool) -> list[str]:
+def _spelled(chains: dict, markers: tuple[str, str]) -> dict:
+    """``chains`` with ``<think>`` and ``</think>`` spelled as ``markers``."""
+    spell = dict(zip(("<think>", "</think>"), markers))
+    return {t: [spell.get(tok, tok) for tok in chain] for t, chain in chains.items()}
+
+
+def _pieces(split_markers: bool, special_markers: bool, chains: dict, markers=("<think>", "</think>")) -> list[str]:
     pieces = []
-    for trigger, chain in CHAINS.items():
+    for trigger, chain in chains.items():
         for token in [trigger, *chain]:
-            if token in ("<think>", "</think>") and special_markers:
+            if token in markers and special_markers:
                 continue
             if token in ("<think>", "</think>") and split_markers:
                 pieces += ["<thi", "nk>"] if token == "<think>" else ["</", "think>"]
@@ -43,9 +51,9 @@ def _pieces(split_markers: bool, special_markers: bool) -> list[str]:
     return list(dict.fromkeys(pieces))
 
 
-def _chain_ids(tok, split_markers: bool) -> list[list[int]]:
+def _chain_ids(tok, split_markers: bool, chains: dict) -> list[list[int]]:
     out = []
-    for trigger, chain in CHAINS.items():
+    for trigger, chain in chains.items():
         ids = []
         for token in [trigger, *chain]:
             if token in ("<think>", "</think>") and split_markers:
@@ -56,17 +64,19 @@ def _chain_ids(tok, split_markers: bool) -> list[list[int]]:
     return out
 
 
-def make_thinking_model(path: str, split_markers: bool = False, special_markers: bool = False) -> str:
+def make_thinking_model(path: str, split_markers: bool = False, special_markers: bool = False,
+                        markers: tuple[str, str] = ("<think>", "</think>"), chains: dict = CHAINS) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.tiny_tokenizer import bpe_tokenizer
 
     tok = bpe_tokenizer(["abc"], ["<pad>", "<s>", "</s>"], 259, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    chains = _spelled(chains, markers)
     if special_markers:
-        tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
-    tok.add_tokens(_pieces(split_markers, special_markers))
-    tok.chat_template = TEMPLATE
+        tok.add_special_tokens({"additional_special_tokens": list(markers)})
+    tok.add_tokens(_pieces(split_markers, special_markers, chains, markers))
+    tok.chat_template = TEMPLATE.replace("<think>", markers[0]).replace("</think>", markers[1])
     vocab = -(-len(tok) // 8) * 8
     config = LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
@@ -74,7 +84,7 @@ def make_thinking_model(path: str, split_markers: bool = False, special_markers:
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).float()
     layer = model.model.layers[0]
-    make_bigram(model, successors(_chain_ids(tok, split_markers)),
+    make_bigram(model, successors(_chain_ids(tok, split_markers, chains)),
                 [layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight])
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)

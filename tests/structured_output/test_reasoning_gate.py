@@ -104,3 +104,15 @@ def test_step_mask_rows_for_drafts_that_cross_the_end_marker():
     rows = [[t for t in range(len(VOCAB)) if (int(sched.grammar_bitmask[r, 0]) >> t) & 1] for r in range(4)]
     assert rows == [list(range(len(VOCAB))), list(range(len(VOCAB))), [A], [B]]
     assert drafting.tokens == [] and drafting.answer_from is None  # the drafts were rolled back
+
+
+def test_any_spelling_of_the_end_starts_the_grammar():
+    """granite's "Here's my response:" as well as "Here is ...", Kimi K2's tool-call section as
+    well as </think>: each ends the thinking for the grammar as for the split."""
+    for end in ((X, D), (C,), (CLOSE,)):
+        g = gate(REASONING)
+        g = ReasoningGate(g.inner, (OPEN,), (CLOSE,), REASONING, ((X, D), (C,)))
+        for token in (A, *end):
+            assert not g.constrains_next and g.accept(token)
+        assert g.answer_from == 1 + len(end) and allowed(g) == [A]
+        assert g.accept(A) and allowed(g) == [B]

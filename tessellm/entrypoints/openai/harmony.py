@@ -25,7 +25,8 @@ TOOL_PARSER = "openai"  # --tool-call-parser's name for it (vLLM's)
 
 def harmony_on(engine, tool_call_parser: Optional[str]) -> bool:
     name = getattr(engine.info, "reasoning_parser", None)
-    return (name is not None and get_reasoning_parser(name).harmony) or tool_call_parser == TOOL_PARSER
+    plugin = getattr(getattr(engine, "args", None), "reasoning_parser_plugin", None)
+    return (name is not None and get_reasoning_parser(name, plugin).harmony) or tool_call_parser == TOOL_PARSER
 
 
 def stop_ids(tokenizer) -> list[int]:

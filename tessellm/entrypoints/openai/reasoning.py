@@ -4,8 +4,10 @@ name ``reasoning_content``), the answer in ``content``.
 Per request a ``ReasoningPlan``: the markers bound to the tokenizer, where the output starts
 (from the rendered prompt: ``chat_template_kwargs: {"enable_thinking": false}`` closes the think
 block there, so the output is all answer), and whether the client wants the reasoning
-(``include_reasoning: false`` drops it; usage still counts its tokens). Each choice has its own
-``ReasoningSplit``; tool calls are parsed from the answer only, so a ``<tool_call>`` written
+(``include_reasoning: false`` drops it; usage still counts its tokens). A parser with a
+``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
+choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
+class that is not a plain start/end pair); tool calls are parsed from the answer only, so a ``<tool_call>`` written
 while thinking is not a call.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from tessellm.reasoning import ReasoningSplit, ThinkMarkers, get_reasoning_parser
+from tessellm.reasoning.plugins import PluginParser, PluginSplit
 
 
 def reasoning_fields(reasoning: Optional[str], include: bool) -> dict:
@@ -25,24 +28,43 @@ def reasoning_fields(reasoning: Optional[str], include: bool) -> dict:
 
 
 class ReasoningPlan:
-    def __init__(self, name: str, tokenizer, prompt_token_ids: Sequence[int], include: bool):
-        self.markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(name), tokenizer)
-        self.phase = self.markers.initial_phase(tokenizer, prompt_token_ids)
+    def __init__(self, name: str, tokenizer, prompt_token_ids: Sequence[int], include: bool,
+                 template_kwargs: Optional[dict] = None, plugin: Optional[str] = None, request=None):
+        parser = get_reasoning_parser(name, plugin)
+        self.plugin: Optional[PluginParser] = None
+        if isinstance(parser, PluginParser):
+            house = parser.house(tokenizer)  # a plain start/end class runs as a built-in parser
+            if house is None:
+                self.plugin, self.tokenizer, self.template_kwargs = parser, tokenizer, template_kwargs
+            parser = house
+        self.request = request
         self.include = include
+        if parser is not None:
+            self.markers = ThinkMarkers.from_tokenizer(parser, tokenizer)
+            self.phase = self.markers.initial_phase(tokenizer, prompt_token_ids, parser.thinking(template_kwargs))
 
     @classmethod
-    def for_request(cls, engine, req, prompt_token_ids) -> Optional["ReasoningPlan"]:
+    def for_request(cls, engine, req, prompt_token_ids, template_kwargs=None) -> Optional["ReasoningPlan"]:
+        """``template_kwargs``: the request's chat_template_kwargs over the server's defaults
+        (DeepSeek-V3.1's ``thinking`` switches its parser)."""
         name = getattr(engine.args, "reasoning_parser", None)
         if name is None or engine.tokenizer is None:
             return None
-        return cls(name, engine.tokenizer, prompt_token_ids, req.include_reasoning)
+        return cls(name, engine.tokenizer, prompt_token_ids, req.include_reasoning, template_kwargs,
+                   getattr(engine.args, "reasoning_parser_plugin", None), req)
 
     def adjust(self, params) -> None:
-        """Markers that are special tokens must stay in the text to be found there."""
-        if self.markers.keep_special_tokens:
-            params.skip_special_tokens = False
+        """Markers that are special tokens must stay in the text to be found there; the engine
+        core's grammar gate starts where this split does (``reasoning_phase``)."""
+        if self.plugin is None:
+            params.reasoning_phase = self.phase
+            if self.markers.keep_special_tokens:
+                params.skip_special_tokens = False
 
-    def split(self) -> ReasoningSplit:
+    def split(self):
+        """A fresh split for one choice: ``split(text, token_ids, final) -> (reasoning, answer)``."""
+        if self.plugin is not None:
+            return PluginSplit(self.plugin.instance(self.tokenizer, self.template_kwargs), self.request)
         return ReasoningSplit(self.markers, self.phase)
 
     def fields(self, reasoning: Optional[str]) -> dict:

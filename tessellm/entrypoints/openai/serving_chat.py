@@ -119,7 +119,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     params = to_sampling_params(req, max_tokens, engine.info.vocab_size, structured, defaults)
     if plan.parser is not None and plan.parser.needs_special_tokens:
         params.skip_special_tokens = False  # the parser's markers are special tokens
-    reasoning = None if harmony else ReasoningPlan.for_request(engine, req, processed.prompt_token_ids)
+    reasoning = None if harmony else ReasoningPlan.for_request(engine, req, processed.prompt_token_ids,
+                                                                 template_kwargs)
     if reasoning is not None:
         reasoning.adjust(params)
     harmony_plan = None
