@@ -60,6 +60,7 @@ def test_implicit_start_seed_oss(tmp_path):
         _json_after_thinking(srv, "[json]", " Think: {not json")
 
 
+@pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
 def test_opening_required_mistral_special_tokens(tmp_path):
     """mistral (as glm45, qwen3): thinking only in a block that opens the output; its markers
     are special tokens, kept in the text for the request."""
@@ -85,6 +86,7 @@ def test_thinking_switch_deepseek_v3(tmp_path):
         _json_after_thinking(srv, "[think]", None)  # the grammar, not the model's <think>, comes first
 
 
+@pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
 def test_text_markers_with_two_spellings_granite(tmp_path):
     """granite: plain-text markers, "Here is" or "Here's"; no opening phrase: all answer."""
     markers = ("Here's my thought process:", "Here is my response:")
@@ -93,6 +95,7 @@ def test_text_markers_with_two_spellings_granite(tmp_path):
         assert _split(srv, "[bare]") == (None, " I recall" + markers[1] + ANSWER)
 
 
+@pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
 def test_answer_envelope_ernie45(tmp_path):
     """ernie45: the answer's own <response> ... </response> envelope is dropped."""
     chains = {"[think]": ["<think>", " Hmm.", "</think>", "<response>", " Four.", "</response>", "</s>"]}
@@ -100,6 +103,7 @@ def test_answer_envelope_ernie45(tmp_path):
         assert _split(srv, "[think]") == (" Hmm.", " Four.")
 
 
+@pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
 def test_thinking_kept_in_the_answer_minimax_m2_append_think(tmp_path):
     with _served(tmp_path, "minimax_m2_append_think") as srv:
         assert _split(srv, "[bare]") == (None, "<think> I recall</think>" + ANSWER)
