@@ -23,8 +23,11 @@ x's even and odd inputs in float32::
 
     acc[n] += sum_i  w(q_hi[n, i]) * x[2i] + w(q_lo[n, i]) * x[2i + 1]
 
-More x rows re-read the codes (from L2), so the GEMV stops at a few rows. Neither path has been
-run or timed on a GPU; ``GEMV_MAX_M`` is set from the bytes read, not measured.
+More x rows re-read the codes (from L2), so the GEMV stops at a few rows. ``GEMV_MAX_M`` is 0:
+the dequantize + cuBLAS path everywhere, measured faster on an H100 (session 28, us a call, L2
+flushed, Llama-8B shapes, 1 row: GEMV / dequant+cuBLAS / bf16 cuBLAS: qkv 51.4 / 45.2 / 24.6,
+o 41.0 / 29.6 / 18.4, gate_up 197.6 / 210.5 / 90.8, down 141.9 / 109.2 / 51.4; the GEMV read the
+codes at 0.23-0.33 TB/s, and 2-4x slower again at 2 and 4 rows).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import triton.language as tl
 from tessellm.quantization.bnb import Bnb4Weight
 
 BLOCK = 1024  # bytes a program (2048 weights)
-GEMV_MAX_M = 4  # rows up to which bnb4_mm reads the codes in the GEMV (not timed)
+GEMV_MAX_M = 0  # rows up to which bnb4_mm takes the GEMV: none (slower on an H100)
 GEMV_BLOCK_N, GEMV_BLOCK_K = 16, 256
 
 
