@@ -25,8 +25,7 @@ BS/2]`` tile of bytes (``BKB * BS / 2`` contiguous bytes a row a step)::
     byte   [BLOCK_N, BKB, BS/2]   one load, 16-byte vectors along the block
     s      [BLOCK_N, BKB, 1]      the block's absmax: one load a block, broadcast
     w_hi = code[byte >> 4] * s,  w_lo = code[byte & 15] * s     (the table through L1)
-    x_hi, x_lo [1, BKB, BS/2]     x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1]: one contiguous
-                                  [.., BS/2, 2] load split in registers
+    x_hi, x_lo [1, BKB, BS/2]     x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1] (from L1)
     acc_r += w_hi * x_hi + w_lo * x_lo                          per row r, in float32
 
 reduced once at the end (``common._gemv_rows_epilogue``). The weights are not rounded to x's
@@ -114,14 +113,15 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
     kb_hi = tl.minimum(kb_lo + span, KB)
     blk = tl.arange(0, BKB)[None, :, None]
     i = tl.arange(0, HB)[None, None, :]
-    pair = tl.arange(0, 2)[None, None, None, :]
     acc0 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     q_row = q_ptr + row * (K // 2) + i
     s_row = absmax_ptr + row * KB
-    x_off = (blk * BS + 2 * i)[:, :, :, None] + pair  # [1, BKB, HB, 2]: inputs 2i, 2i + 1
+    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next; loaded 2-D and expanded, so
+    # Triton lays x out as the codes (a 3-D load got its own layout, converted every step)
+    x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
     for kb0 in range(kb_lo, kb_hi, BKB):
         kb = kb0 + blk
         if EVEN_K:
@@ -151,15 +151,18 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
 @triton.jit
 def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.constexpr,
                    EVEN_K: tl.constexpr):
-    """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: the row's
-    ``BKB * BS`` inputs in one contiguous load, split into the even (high nibble) and odd."""
+    """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: its even
+    (high nibble) and odd inputs, two ``[1, BKB, BS/2]`` loads from ``xr`` (the even ones'
+    addresses; a load rather than a split of one ``[.., 2]`` tile, which Triton laid out apart
+    from the codes and converted through shared memory every step)."""
     if EVEN_K:
-        xv = tl.load(xr)
+        x_hi = tl.load(xr).to(tl.float32)
+        x_lo = tl.load(xr + 1).to(tl.float32)
     else:
-        blk = tl.arange(0, BKB)[None, :, None, None]
-        xv = tl.load(xr, mask=kb0 + blk < kb_hi, other=0.0)
-    x_hi, x_lo = tl.split(xv.to(tl.float32))
-    return acc + w_hi * x_hi + w_lo * x_lo
+        ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
+        x_hi = tl.load(xr, mask=ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(xr + 1, mask=ok, other=0.0).to(tl.float32)
+    return acc + w_hi * x_hi[None, :, :] + w_lo * x_lo[None, :, :]
 
 
 def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
