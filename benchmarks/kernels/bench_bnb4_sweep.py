@@ -13,7 +13,8 @@ its correctness check, the largest error over the largest output against x @ the
 weight in float32 (``BAD`` above 1e-2: never picked). Then the best per (shape, rows), and
 what the numbers imply: ``GEMV_CONFIGS`` (per row count the variant of least total time over
 the four shapes, ready to paste into ``bnb4.py``) and ``GEMV_MAX_M`` (the most rows at which
-the GEMV, with those configs, beats dequantize + cuBLAS on every shape).
+the GEMV, with those configs, beats dequantize + cuBLAS on every shape; 8 rows with the 4-row
+entry, as ``bnb4_gemv`` launches them).
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ def summarize(results: list[dict], base: dict) -> None:
                 totals[r["variant"]][1] += r["us"]
                 totals[r["variant"]][2] += 1
         whole = [t for t in totals.values() if t[2] == len(SHAPES)]
+        if m > bnb4.GEMV_ROWS:  # launches of GEMV_ROWS rows: the table's last entry
+            whole = [t for t in whole if t[0] == table.get(bnb4.GEMV_ROWS)]
         if whole:
             cfg, total, _ = min(whole, key=lambda t: t[1])
             chosen[m] = {r["shape"]: r["us"] for r in good
