@@ -27,14 +27,14 @@ def main() -> None:
                  stride_om="i32", stride_split="i32", SPLIT_K="i32")
     seen = set()
     for v in variants(wide=False):
-        key = (v["BLOCK_N"], v["BKB"], v["num_warps"], v["num_stages"])
+        key = (v["BLOCK_N"], v["BKB"], v["num_warps"], v["num_stages"], v["X_TILE"])
         if key in seen:
             continue
         seen.add(key)
         for rows in (1, 4):
-            compile_report(f"{name(v)[:-4]} rows={rows}", bnb4._bnb4_gemv_kernel, types,
-                           dict(BS=64, HAS_BIAS=False, ROWS=rows, BLOCK_N=v["BLOCK_N"],
-                                BKB=v["BKB"], EVEN_K=True),
+            compile_report(f"{name(v).rsplit('-', 1)[0]} rows={rows}", bnb4._bnb4_gemv_kernel,
+                           types, dict(BS=64, HAS_BIAS=False, ROWS=rows, BLOCK_N=v["BLOCK_N"],
+                                       BKB=v["BKB"], EVEN_K=True, X_TILE=v["X_TILE"]),
                            warps=v["num_warps"], stages=v["num_stages"])
 
 

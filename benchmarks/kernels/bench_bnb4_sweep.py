@@ -7,7 +7,8 @@ on an H100 (a compile per variant and row count).
     python3 benchmarks/kernels/bench_bnb4_sweep.py [--no-flush] [--wide] [--json PATH]
 
 Each variant (``BLOCK_N`` output rows a program, ``BKB`` blocks of 64 a step, i.e. ``BKB * 32``
-bytes a row a step, ``num_warps``, ``num_stages``, the most K splits) prints one line: us a
+bytes a row a step, ``num_warps``, ``num_stages``, x loaded as whole tiles ``xt`` or 2-D and
+converted ``x2`` (``X_TILE``), the most K splits) prints one line: us a
 call, TB/s of codes + absmax (0.5 + 4/64 bytes a weight, read once), the split it took, and
 its correctness check, the largest error over the largest output against x @ the dequantized
 weight in float32 (``BAD`` above 1e-2: never picked). Then the best per (shape, rows), and
@@ -44,25 +45,25 @@ BAD = 1e-2
 
 def variants(wide: bool) -> list[dict]:
     """The launch shapes tried: each row's float32 accumulator tile at most 32 registers a
-    thread (``BLOCK_N * BKB * 32 <= 1024 * num_warps``), 256 to 1024 bytes a row a step. By
-    default 3 stages, 4 warps (8 where the tile needs them), at most 1 or 16 K splits (about
-    20 variants, ~45 compiles: the two-minute run); ``wide``: 1-4 stages, 4 and 8 warps, 1, 4
-    or 16 splits (~300 variants: many minutes)."""
+    thread (``BLOCK_N * BKB * 32 <= 1024 * num_warps``), 256 to 1024 bytes a row a step, x
+    loaded both ways (``X_TILE``). By default 3 stages, 4 warps (8 where the tile needs them),
+    at most 1 or 16 K splits (44 variants, ~90 compiles: about two minutes); ``wide``: 1-4
+    stages, 4 and 8 warps, 1, 4 or 16 splits (~600 variants: many minutes)."""
     out = []
-    for bn, bkb, warps, stages, split in itertools.product(
+    for bn, bkb, warps, stages, split, x_tile in itertools.product(
             (1, 2, 4, 8, 16), (8, 16, 32), (4, 8), (1, 2, 3, 4) if wide else (3,),
-            (1, 4, 16) if wide else (1, 16)):
+            (1, 4, 16) if wide else (1, 16), (True, False)):
         fits = bn * bkb * 32 <= 1024 * warps
         if not fits or (not wide and (bn == 1 or (warps == 8 and bn * bkb * 32 <= 4096))):
             continue
         out.append(dict(BLOCK_N=bn, BKB=bkb, num_warps=warps, num_stages=stages,
-                        max_split=split))
+                        max_split=split, X_TILE=x_tile))
     return out
 
 
 def name(v: dict) -> str:
     return (f"n{v['BLOCK_N']}-b{v['BKB']}-w{v['num_warps']}-s{v['num_stages']}"
-            f"-k{v['max_split']}")
+            f"-{'xt' if v['X_TILE'] else 'x2'}-k{v['max_split']}")
 
 
 def main() -> None:
@@ -95,14 +96,14 @@ def main() -> None:
                     err = ((got.float() - want).abs().max() / want.abs().max()).item()
                     us = gtime(lambda: bnb4.bnb4_gemv(x, w, config=v), reps, flush)
                 except Exception as e:  # a launch shape this GPU refuses (resources)
-                    print(f"  {name(v):24} failed: {type(e).__name__}: {str(e)[:80]}")
+                    print(f"  {name(v):27} failed: {type(e).__name__}: {str(e)[:80]}")
                     continue
                 split = bnb4.gemv_config(min(m, bnb4.GEMV_ROWS), n, k, w.blocksize, False,
                                          bnb4._num_sms(0), v)["SPLIT_K"]
                 row = dict(shape=shape, rows=m, variant=name(v), config=v, us=us, split=split,
                            tbs=code_bytes / us / 1e6, err=err)
                 results.append(row)
-                print(f"  {name(v):24} {us:8.1f} {row['tbs']:6.2f} split {split:2d} "
+                print(f"  {name(v):27} {us:8.1f} {row['tbs']:6.2f} split {split:2d} "
                       f"err {err:.1e}{' BAD' if err > BAD else ''}", flush=True)
     summarize(results, base)
     print(f"sweep took {time.time() - t0:.0f} s")
@@ -116,13 +117,13 @@ def main() -> None:
 def summarize(results: list[dict], base: dict) -> None:
     """The best per (shape, rows); the table and the switch the numbers imply."""
     good = [r for r in results if r["err"] <= BAD]
-    print(f"\n{'shape':8} {'rows':>4} {'best':>24} {'us':>7} {'TB/s':>5} {'deq':>7} "
+    print(f"\n{'shape':8} {'rows':>4} {'best':>27} {'us':>7} {'TB/s':>5} {'deq':>7} "
           f"{'bf16':>7} {'err':>8}")
     for (shape, m), b in base.items():
         mine = [r for r in good if r["shape"] == shape and r["rows"] == m]
         if mine:
             r = min(mine, key=lambda r: r["us"])
-            print(f"{shape:8} {m:4d} {r['variant']:>24} {r['us']:7.1f} {r['tbs']:5.2f} "
+            print(f"{shape:8} {m:4d} {r['variant']:>27} {r['us']:7.1f} {r['tbs']:5.2f} "
                   f"{b['deq']:7.1f} {b['bf16']:7.1f} {r['err']:8.1e}")
     table, chosen = {}, {}
     for m in ROWS:

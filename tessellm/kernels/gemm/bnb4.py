@@ -25,7 +25,7 @@ BS/2]`` tile of bytes (``BKB * BS / 2`` contiguous bytes a row a step)::
     byte   [BLOCK_N, BKB, BS/2]   one load, 16-byte vectors along the block
     s      [BLOCK_N, BKB, 1]      the block's absmax: one load a block, broadcast
     w_hi = code[byte >> 4] * s,  w_lo = code[byte & 15] * s     (the table through L1)
-    x_hi, x_lo [1, BKB, BS/2]     x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1] (from L1)
+    x_hi, x_lo                    x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1] (from L1)
     acc_r += w_hi * x_hi + w_lo * x_lo                          per row r, in float32
 
 reduced once at the end (``common._gemv_rows_epilogue``). The weights are not rounded to x's
@@ -59,16 +59,17 @@ BLOCK = 1024  # bytes a program (2048 weights)
 GEMV_MAX_M = 0  # rows up to which bnb4_mm takes the GEMV: none until the new one is timed
 GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
 # Launch shapes of the GEMV by rows (the smallest key >= M): output rows a program, blocks of
-# BS a step, warps, pipeline stages, and the most K splits (split while the grid has under
-# PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps). Not swept.
+# BS a step, warps, pipeline stages, the most K splits (split while the grid has under
+# PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
+# is loaded (``_bnb4_row_step``). Not swept yet: bench_bnb4_sweep.py prints the table to set.
 GEMV_CONFIGS = {
-    1: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8),
-    2: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8),
-    4: dict(BLOCK_N=4, BKB=8, num_warps=4, num_stages=3, max_split=8),
+    1: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+    2: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+    4: dict(BLOCK_N=4, BKB=8, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
 }
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
-_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2)
+_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True)
 
 
 @triton.jit
@@ -100,7 +101,8 @@ def bnb4_dequantize(w: Bnb4Weight, dtype: torch.dtype) -> torch.Tensor:
 def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K,
                       stride_xm, stride_om, stride_split, SPLIT_K,
                       BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr,
+                      X_TILE: tl.constexpr):
     """Grid ``(N / BLOCK_N, SPLIT_K)``; ``ROWS`` x rows (1..4); K % BS == 0. EVEN_K: every
     program's block range is whole ``BKB`` steps inside K (no K mask)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -119,8 +121,7 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
     acc3 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     q_row = q_ptr + row * (K // 2) + i
     s_row = absmax_ptr + row * KB
-    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next; loaded 2-D and expanded, so
-    # Triton lays x out as the codes (a 3-D load got its own layout, converted every step)
+    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
     x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
     for kb0 in range(kb_lo, kb_hi, BKB):
         kb = kb0 + blk
@@ -133,16 +134,16 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
         w_hi = tl.load(code_ptr + (byte >> 4)) * s
         w_lo = tl.load(code_ptr + (byte & 15)) * s
         xr = x_ptr + kb0 * BS + x_off
-        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K)
+        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE)
         if ROWS > 1:
             acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K)
+                                  EVEN_K, X_TILE)
         if ROWS > 2:
             acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K)
+                                  EVEN_K, X_TILE)
         if ROWS > 3:
             acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K)
+                                  EVEN_K, X_TILE)
     _gemv_rows_epilogue(tl.sum(acc0, axis=2), tl.sum(acc1, axis=2), tl.sum(acc2, axis=2),
                         tl.sum(acc3, axis=2), out_ptr, bias_ptr, rn, N, stride_om, stride_split,
                         pid_k, HAS_BIAS, ROWS, AXIS=1)
@@ -150,19 +151,29 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
 
 @triton.jit
 def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.constexpr,
-                   EVEN_K: tl.constexpr):
+                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr):
     """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: its even
-    (high nibble) and odd inputs, two ``[1, BKB, BS/2]`` loads from ``xr`` (the even ones'
-    addresses; a load rather than a split of one ``[.., 2]`` tile, which Triton laid out apart
-    from the codes and converted through shared memory every step)."""
+    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses).
+    X_TILE: loaded as whole ``[BLOCK_N, BKB, BS/2]`` tiles (the pointers broadcast along N), so
+    Triton lays them out as the codes (scalar loads, L1 hits, no conversion); else loaded
+    ``[BKB, BS/2]`` and expanded (fewer loads; Triton converts them to the codes' layout
+    through shared memory every step). A ``[.., 2]`` tile split in two made Triton convert
+    the weight tiles instead."""
+    if X_TILE:
+        xr = tl.broadcast_to(xr[None, :, :], w_hi.shape)
+        ok = kb0 + tl.arange(0, BKB)[None, :, None] < kb_hi
+    else:
+        ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
     if EVEN_K:
         x_hi = tl.load(xr).to(tl.float32)
         x_lo = tl.load(xr + 1).to(tl.float32)
     else:
-        ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
         x_hi = tl.load(xr, mask=ok, other=0.0).to(tl.float32)
         x_lo = tl.load(xr + 1, mask=ok, other=0.0).to(tl.float32)
-    return acc + w_hi * x_hi[None, :, :] + w_lo * x_lo[None, :, :]
+    if not X_TILE:
+        x_hi = x_hi[None, :, :]
+        x_lo = x_lo[None, :, :]
+    return acc + w_hi * x_hi + w_lo * x_lo
 
 
 def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
