@@ -175,6 +175,24 @@ def test_bnb4_gemv_rows_read_the_codes_once(n, k, blocksize, with_bias, dtype, x
         assert (err <= tol).all(), (rows, (err / tol).max().item())
 
 
+@gpu_when_present
+def test_bnb4_mm_takes_the_gemv_up_to_its_rows(monkeypatch):
+    """With ``GEMV_MAX_M`` set (the sweep's figure), ``bnb4_mm`` gives the GEMV's product up
+    to that many rows, the dequantization path's above and for K not whole blocks."""
+    from tessellm.kernels.gemm import bnb4
+
+    monkeypatch.setattr(bnb4, "GEMV_MAX_M", 2)
+    g = torch.Generator().manual_seed(5)
+    w = quantize_bnb4(torch.randn(6, 256, generator=g), "nf4").to(DEVICE)
+    odd = quantize_bnb4(torch.randn(6, 200, generator=g), "nf4", 128).to(DEVICE)
+    x = torch.randn(3, 256, generator=g).to(DEVICE)
+    x_odd = torch.randn(1, 200, generator=g).to(DEVICE)
+    assert torch.equal(bnb4.bnb4_mm(x[:2], w), bnb4.bnb4_gemv(x[:2], w))
+    deq = torch.nn.functional.linear
+    assert torch.equal(bnb4.bnb4_mm(x, w), deq(x, bnb4.bnb4_dequantize(w, x.dtype)))
+    assert torch.equal(bnb4.bnb4_mm(x_odd, odd), deq(x_odd, bnb4.bnb4_dequantize(odd, x.dtype)))
+
+
 def test_bnb4_gemv_needs_whole_blocks_a_row():
     """K not a multiple of the block size: the GEMV refuses, naming the fix; ``bnb4_mm``
     dequantizes such a weight whatever the rows."""
