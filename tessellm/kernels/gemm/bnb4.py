@@ -22,7 +22,7 @@ program takes ``BLOCK_N`` output rows and walks its K range (``SPLIT_K`` ranges;
 planes summed after, ``common._split_sum``) in steps of ``BKB`` blocks, a ``[BLOCK_N, BKB,
 BS/2]`` tile of bytes (``BKB * BS / 2`` contiguous bytes a row a step)::
 
-    byte   [BLOCK_N, BKB, BS/2]   one load, 16-byte vectors along the block
+    byte   [BLOCK_N, BKB, BS/2]   one load, 8-byte vectors (a row's K/2 bytes: 8-aligned)
     s      [BLOCK_N, BKB, 1]      the block's absmax: one load a block, broadcast
     w_hi = code[byte >> 4] * s,  w_lo = code[byte & 15] * s     (the table through L1)
     x_hi, x_lo                    x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1] (from L1)
@@ -32,7 +32,11 @@ reduced once at the end (``common._gemv_rows_epilogue``). The weights are not ro
 dtype one by one as the dequantized matrix is: the result is the reference's to float32
 reassociation (float32 x) or to the weights' rounding (16-bit x). Launch shapes: one table,
 ``GEMV_CONFIGS`` (``benchmarks/kernels/bench_bnb4_sweep.py`` prints the one its numbers
-imply).
+imply). sm90 compile without a GPU (``bench_bnb4_aot.py``, Triton 3.9): the default entries
+take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop. Per
+byte a thread issues two table loads (L1 hits) besides its share of the vector load and of
+x: the load/store unit, not DRAM, may bound it (a 256-entry table of byte -> both weights,
+one 8-byte load a byte, kept with the weight, would halve that: not done).
 
 ``GEMV_MAX_M`` is 0: the dequantize + cuBLAS path everywhere. The first GEMV (a program a row
 of x and 16 output rows, 128 bytes a row a step, absmax gathered a value) was measured slower
