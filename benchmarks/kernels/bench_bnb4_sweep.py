@@ -4,7 +4,7 @@ and 8 rows (8: two launches of 4), against dequantize + cuBLAS and bf16 cuBLAS, 
 timed with the L2 flushed before each call (gpu_timing.gtime). One process, about two minutes
 on an H100 (a compile per variant and row count).
 
-    python3 benchmarks/kernels/bench_bnb4_sweep.py [--no-flush] [--wide] [--json PATH]
+    python3 benchmarks/kernels/bench_bnb4_sweep.py [--no-flush] [--wide] [--only -xt-] [--json PATH]
 
 Each variant (``BLOCK_N`` output rows a program, ``BKB`` blocks of 64 a step, i.e. ``BKB * 32``
 bytes a row a step, ``num_warps``, ``num_stages``, x loaded as whole tiles ``xt`` or 2-D and
@@ -70,11 +70,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-flush", action="store_true")
     ap.add_argument("--wide", action="store_true", help="more warps, stages, splits (slow)")
+    ap.add_argument("--only", default="", help="variants whose name holds this, e.g. -xt-")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     flush, reps = not args.no_flush, 10
     torch.manual_seed(0)
-    vs = variants(args.wide)
+    vs = [v for v in variants(args.wide) if args.only in name(v)]
     t0 = time.time()
     print(f"{len(vs)} variants; us a call; TB/s of codes + absmax; err vs x @ dequant (f32)")
     results, base = [], {}
@@ -89,7 +90,7 @@ def main() -> None:
                 bf16=gtime(lambda: F.linear(x, wd), reps, flush),
                 deq=gtime(lambda: F.linear(x, bnb4.bnb4_dequantize(w, x.dtype)), reps, flush))
             print(f"{shape} rows {m}: bf16 {base[shape, m]['bf16']:.1f}  dequant+cuBLAS "
-                  f"{base[shape, m]['deq']:.1f}", flush=True)
+                  f"{base[shape, m]['deq']:.1f}  ({time.time() - t0:.0f} s in)", flush=True)
             for v in vs:
                 try:
                     got = bnb4.bnb4_gemv(x, w, config=v)
