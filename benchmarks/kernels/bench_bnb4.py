@@ -64,8 +64,9 @@ def main() -> None:
             want = x.float() @ wref.t()
             err = ((ops.bnb4_mm(x, w).float() - want).abs().max() / want.abs().max()).item()
             path = "gemv" if m <= bnb4.GEMV_MAX_M else "deq"
+            tbs = code_bytes / t_gemv / 1e6 if t_gemv else 0.0
             row = dict(layer=name, rows=m, bf16_us=t_bf16, bnb4_us=t_path, path=path,
-                       gemv_us=t_gemv, deq_us=t_deq, gemv_tbs=code_bytes / t_gemv / 1e6 if t_gemv else 0.0, err=err)
+                       gemv_us=t_gemv, deq_us=t_deq, gemv_tbs=tbs, err=err)
             results.append(row)
             print(f"{name:8} {m:5d} {t_bf16:8.1f} {t_path:8.1f} {path:>5} {t_gemv:8.1f} "
                   f"{t_deq:8.1f} {row['gemv_tbs']:6.2f} {err:8.1e}", flush=True)
