@@ -6,7 +6,8 @@ rows, CUDA-graph timed with the L2 flushed before each call (gpu_timing.gtime).
 
 Columns (us a call): ``bf16`` F.linear on the dense weight; ``bnb4`` TritonQuantOps.bnb4_mm as
 it is (``path``: gemv up to ``bnb4.GEMV_MAX_M`` rows, else dequantize + cuBLAS); then the GEMV
-and dequantize + cuBLAS at every row count, to place ``GEMV_MAX_M``. ``TB/s``: the codes and
+(up to 16 rows; ``bench_bnb4_sweep.py`` sweeps its launch shapes) and dequantize + cuBLAS at
+every row count, to place ``GEMV_MAX_M``. ``TB/s``: the codes and
 absmaxes (0.5 + 4/64 bytes a weight) read once, over the GEMV's time. ``err``: the path's
 largest error over the largest output, against x @ the dequantized weight in float32. The
 weights are quantized here with ``bnb.quantize_bnb4`` (NF4, blocks of 64: the format the hub's
@@ -57,13 +58,15 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t_bf16 = gtime(lambda: F.linear(x, wd), flush=flush)
             t_path = gtime(lambda: ops.bnb4_mm(x, w), flush=flush)
-            t_gemv = gtime(lambda: bnb4.bnb4_gemv(x, w), flush=flush)
+            # the GEMV launches once a GEMV_ROWS rows: timed up to 16 rows (0 above)
+            t_gemv = gtime(lambda: bnb4.bnb4_gemv(x, w), flush=flush) if m <= 16 else 0.0
             t_deq = gtime(lambda: F.linear(x, bnb4.bnb4_dequantize(w, x.dtype)), flush=flush)
             want = x.float() @ wref.t()
             err = ((ops.bnb4_mm(x, w).float() - want).abs().max() / want.abs().max()).item()
             path = "gemv" if m <= bnb4.GEMV_MAX_M else "deq"
+            tbs = code_bytes / t_gemv / 1e6 if t_gemv else 0.0
             row = dict(layer=name, rows=m, bf16_us=t_bf16, bnb4_us=t_path, path=path,
-                       gemv_us=t_gemv, deq_us=t_deq, gemv_tbs=code_bytes / t_gemv / 1e6, err=err)
+                       gemv_us=t_gemv, deq_us=t_deq, gemv_tbs=tbs, err=err)
             results.append(row)
             print(f"{name:8} {m:5d} {t_bf16:8.1f} {t_path:8.1f} {path:>5} {t_gemv:8.1f} "
                   f"{t_deq:8.1f} {row['gemv_tbs']:6.2f} {err:8.1e}", flush=True)

@@ -142,6 +142,68 @@ def test_triton_dequantize_equals_the_reference(n, k, blocksize, dtype):
                                    atol=tol)
 
 
+@pytest.mark.parametrize("n,k,blocksize", [(5, 320, 64), (3, 512, 64), (9, 512, 128)])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_tile", [True, False])
+@gpu_when_present
+def test_bnb4_gemv_rows_read_the_codes_once(n, k, blocksize, with_bias, dtype, x_tile):
+    """The decode GEMV at 1, 3, 4 rows (one launch: every row's accumulator against each code
+    tile) and 6 (two launches), K of several steps (the interpreter's 2 blocks a step: 320
+    leaves a short last step, 512 splits K in two), against x @ the float32-dequantized weight
+    in float64, x loaded either way (``X_TILE``; the interpreter's launch shape, on a GPU too).
+    The GEMV sums ``code * absmax * x`` in float32 in its own order, so float32 is
+    held to reassociation: 1e-5 of ``|x| @ |w|`` an output; 16-bit x adds the output's
+    rounding (a bf16 step, 2^-7 of it: the interpreter truncates its cast; the weights are not
+    rounded one by one, as the dequantized matrix's are)."""
+    from tessellm.kernels.gemm import bnb4
+
+    g = torch.Generator().manual_seed(n * k + with_bias)
+    w = quantize_bnb4(torch.randn(n, k, generator=g), "nf4", blocksize)
+    x = torch.randn(6, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    wf = w.dequantize(torch.float32).double()
+    want = x.double() @ wf.t() + (bias.double() if with_bias else 0)
+    size = x.double().abs() @ wf.abs().t()
+    wd = w.to(DEVICE)
+    for rows in (1, 3, 4, 6):
+        got = bnb4.bnb4_gemv(x[:rows].to(DEVICE), wd, None if bias is None else bias.to(DEVICE),
+                             config=dict(bnb4._INTERPRETED_CONFIG, X_TILE=x_tile))
+        assert got.dtype == dtype and got.shape == (rows, n)
+        err = (got.cpu().double() - want[:rows]).abs()
+        tol = 1e-5 * size[:rows] + (2 ** -7 * want[:rows].abs() if dtype != torch.float32 else 0)
+        assert (err <= tol).all(), (rows, (err / tol).max().item())
+
+
+@gpu_when_present
+def test_bnb4_mm_takes_the_gemv_up_to_its_rows(monkeypatch):
+    """With ``GEMV_MAX_M`` set (the sweep's figure), ``bnb4_mm`` gives the GEMV's product up
+    to that many rows, the dequantization path's above and for K not whole blocks."""
+    from tessellm.kernels.gemm import bnb4
+
+    monkeypatch.setattr(bnb4, "GEMV_MAX_M", 2)
+    g = torch.Generator().manual_seed(5)
+    w = quantize_bnb4(torch.randn(6, 256, generator=g), "nf4").to(DEVICE)
+    odd = quantize_bnb4(torch.randn(6, 200, generator=g), "nf4", 128).to(DEVICE)
+    x = torch.randn(3, 256, generator=g).to(DEVICE)
+    x_odd = torch.randn(1, 200, generator=g).to(DEVICE)
+    assert torch.equal(bnb4.bnb4_mm(x[:2], w), bnb4.bnb4_gemv(x[:2], w))
+    deq = torch.nn.functional.linear
+    assert torch.equal(bnb4.bnb4_mm(x, w), deq(x, bnb4.bnb4_dequantize(w, x.dtype)))
+    assert torch.equal(bnb4.bnb4_mm(x_odd, odd), deq(x_odd, bnb4.bnb4_dequantize(odd, x.dtype)))
+
+
+def test_bnb4_gemv_needs_whole_blocks_a_row():
+    """K not a multiple of the block size: the GEMV refuses, naming the fix; ``bnb4_mm``
+    dequantizes such a weight whatever the rows."""
+    from tessellm.kernels.gemm import bnb4
+
+    w = quantize_bnb4(torch.randn(7, 200), "nf4", 128)
+    with pytest.raises(ValueError, match="multiple of the block size 128; use bnb4_mm"):
+        bnb4.bnb4_gemv(torch.randn(1, 200), w)
+    assert not bnb4.gemv_fits(w)
+
+
 # -- models --------------------------------------------------------------------------------
 
 

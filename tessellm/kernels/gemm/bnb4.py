@@ -15,30 +15,65 @@ dense weight a product (~4.5 bytes a weight in 16 bits), the dense weight never 
 arithmetic then one rounding to x's dtype: the reference ``TorchQuantOps.bnb4_mm``'s
 dequantization bit for bit.
 
-Up to ``GEMV_MAX_M`` rows (decode) ``_bnb4_gemv_kernel`` reads the codes once instead (~0.56
-bytes a weight): a program takes ``BLOCK_N`` output rows of one x row and walks K, each byte's
-two weights widened through the table, scaled by their block's absmax (the two share it: the
-block size is even), rounded to x's dtype (the weights the cuBLAS path multiplies) and met with
-x's even and odd inputs in float32::
+Up to ``GEMV_MAX_M`` rows (decode) ``_bnb4_gemv_kernel`` reads the codes once for up to
+``GEMV_ROWS`` x rows a launch (more rows: a launch per ``GEMV_ROWS``). K % BS == 0 (every
+checkpoint's layer; else the dequantization path), so row n's absmax are ``n * K/BS + kb``. A
+program takes ``BLOCK_N`` output rows and walks its K range (``SPLIT_K`` ranges; float32
+planes summed after, ``common._split_sum``) in steps of ``BKB`` blocks, a ``[BLOCK_N, BKB,
+BS/2]`` tile of bytes (``BKB * BS / 2`` contiguous bytes a row a step)::
 
-    acc[n] += sum_i  w(q_hi[n, i]) * x[2i] + w(q_lo[n, i]) * x[2i + 1]
+    byte   [BLOCK_N, BKB, BS/2]   one load, 8-byte vectors (a row's K/2 bytes: 8-aligned)
+    s      [BLOCK_N, BKB, 1]      the block's absmax: one load a block, broadcast
+    w_hi = code[byte >> 4] * s,  w_lo = code[byte & 15] * s     (the table through L1)
+    x_hi, x_lo                    x[r, kb*BS + 2i], x[r, kb*BS + 2i + 1] (from L1)
+    acc_r += w_hi * x_hi + w_lo * x_lo                          per row r, in float32
 
-More x rows re-read the codes (from L2), so the GEMV stops at a few rows. Neither path has been
-run or timed on a GPU; ``GEMV_MAX_M`` is set from the bytes read, not measured.
+reduced once at the end (``common._gemv_rows_epilogue``). The weights are not rounded to x's
+dtype one by one as the dequantized matrix is: the result is the reference's to float32
+reassociation (float32 x) or to the weights' rounding (16-bit x). Launch shapes: one table,
+``GEMV_CONFIGS`` (``benchmarks/kernels/bench_bnb4_sweep.py`` prints the one its numbers
+imply). sm90 compile without a GPU (``bench_bnb4_aot.py``, Triton 3.9): the default entries
+take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop. Per
+byte a thread issues two table loads (L1 hits) besides its share of the vector load and of
+x: the load/store unit, not DRAM, may bound it (a 256-entry table of byte -> both weights,
+one 8-byte load a byte, kept with the weight, would halve that: not done).
+
+``GEMV_MAX_M`` is 0: the dequantize + cuBLAS path everywhere. The first GEMV (a program a row
+of x and 16 output rows, 128 bytes a row a step, absmax gathered a value) was measured slower
+on an H100 (session 28, us a call, L2 flushed, Llama-8B shapes, 1 row: GEMV / dequant+cuBLAS /
+bf16 cuBLAS: qkv 51.4 / 45.2 / 24.6, o 41.0 / 29.6 / 18.4, gate_up 197.6 / 210.5 / 90.8, down
+141.9 / 109.2 / 51.4; the codes read at 0.23-0.33 TB/s, 2-4x slower again at 2 and 4 rows).
+The kernel here has not been timed yet; the sweep sets ``GEMV_MAX_M`` and ``GEMV_CONFIGS``.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _num_sms,
+                                          _split_out, _split_stride, _split_sum)
 from tessellm.quantization.bnb import Bnb4Weight
 
 BLOCK = 1024  # bytes a program (2048 weights)
-GEMV_MAX_M = 4  # rows up to which bnb4_mm reads the codes in the GEMV (not timed)
-GEMV_BLOCK_N, GEMV_BLOCK_K = 16, 256
+GEMV_MAX_M = 0  # rows up to which bnb4_mm takes the GEMV: none until the new one is timed
+GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
+# Launch shapes of the GEMV by rows (the smallest key >= M): output rows a program, blocks of
+# BS a step, warps, pipeline stages, the most K splits (split while the grid has under
+# PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
+# is loaded (``_bnb4_row_step``). Not swept yet: bench_bnb4_sweep.py prints the table to set.
+GEMV_CONFIGS = {
+    1: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+    2: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+    4: dict(BLOCK_N=4, BKB=8, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+}
+PROGRAMS_PER_SM = 4
+MIN_STEPS = 2
+_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True)
 
 
 @triton.jit
@@ -67,48 +102,145 @@ def bnb4_dequantize(w: Bnb4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K, stride_xm,
-                      stride_om, BS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1)
-    n_ok = rn < N
-    row = rn[:, None].to(tl.int64)
-    half_k = K // 2
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte of the row: inputs 2b, 2b + 1
-        b_ok = b < half_k
-        ok = n_ok[:, None] & b_ok[None, :]
-        byte = tl.load(q_ptr + row * half_k + b[None, :], mask=ok, other=0).to(tl.int32)
-        scale = tl.load(absmax_ptr + (row * K + 2 * b[None, :]) // BS, mask=ok, other=0.0)
-        w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(x_ptr.dtype.element_ty)
-        w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(x_ptr.dtype.element_ty)
-        x_hi = tl.load(x_ptr + m * stride_xm + 2 * b, mask=b_ok, other=0.0).to(tl.float32)
-        x_lo = tl.load(x_ptr + m * stride_xm + 2 * b + 1, mask=b_ok, other=0.0).to(tl.float32)
-        acc += tl.sum(w_hi.to(tl.float32) * x_hi[None, :] + w_lo.to(tl.float32) * x_lo[None, :],
-                      axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K,
+                      stride_xm, stride_om, stride_split, SPLIT_K,
+                      BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr,
+                      X_TILE: tl.constexpr):
+    """Grid ``(N / BLOCK_N, SPLIT_K)``; ``ROWS`` x rows (1..4); K % BS == 0. EVEN_K: every
+    program's block range is whole ``BKB`` steps inside K (no K mask)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None]  # past N: row N-1, not stored
+    HB: tl.constexpr = BS // 2
+    KB = K // BS
+    span = tl.cdiv(tl.cdiv(KB, BKB), SPLIT_K) * BKB
+    kb_lo = pid_k * span
+    kb_hi = tl.minimum(kb_lo + span, KB)
+    blk = tl.arange(0, BKB)[None, :, None]
+    i = tl.arange(0, HB)[None, None, :]
+    acc0 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
+    q_row = q_ptr + row * (K // 2) + i
+    s_row = absmax_ptr + row * KB
+    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
+    x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
+    for kb0 in range(kb_lo, kb_hi, BKB):
+        kb = kb0 + blk
+        if EVEN_K:
+            byte = tl.load(q_row + kb * HB).to(tl.int32)
+            s = tl.load(s_row + kb)
+        else:
+            byte = tl.load(q_row + kb * HB, mask=kb < kb_hi, other=0).to(tl.int32)
+            s = tl.load(s_row + kb, mask=kb < kb_hi, other=0.0)
+        w_hi = tl.load(code_ptr + (byte >> 4)) * s
+        w_lo = tl.load(code_ptr + (byte & 15)) * s
+        xr = x_ptr + kb0 * BS + x_off
+        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE)
+        if ROWS > 1:
+            acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + stride_xm, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE)
+        if ROWS > 2:
+            acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * stride_xm, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE)
+        if ROWS > 3:
+            acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * stride_xm, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE)
+    _gemv_rows_epilogue(tl.sum(acc0, axis=2), tl.sum(acc1, axis=2), tl.sum(acc2, axis=2),
+                        tl.sum(acc3, axis=2), out_ptr, bias_ptr, rn, N, stride_om, stride_split,
+                        pid_k, HAS_BIAS, ROWS, AXIS=1)
 
 
-def bnb4_gemv(x: torch.Tensor, w: Bnb4Weight, bias=None) -> torch.Tensor:
-    """``x [M, K] @ dequant(w).T (+ bias)`` reading the codes once per x row (decode)."""
+@triton.jit
+def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.constexpr,
+                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr):
+    """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: its even
+    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses).
+    X_TILE: loaded as whole ``[BLOCK_N, BKB, BS/2]`` tiles (the pointers broadcast along N), so
+    Triton lays them out as the codes (scalar loads, L1 hits, no conversion); else loaded
+    ``[BKB, BS/2]`` and expanded (fewer loads; Triton converts them to the codes' layout
+    through shared memory every step). A ``[.., 2]`` tile split in two made Triton convert
+    the weight tiles instead."""
+    if X_TILE:
+        xr = tl.broadcast_to(xr[None, :, :], w_hi.shape)
+        ok = kb0 + tl.arange(0, BKB)[None, :, None] < kb_hi
+    else:
+        ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
+    if EVEN_K:
+        x_hi = tl.load(xr).to(tl.float32)
+        x_lo = tl.load(xr + 1).to(tl.float32)
+    else:
+        x_hi = tl.load(xr, mask=ok, other=0.0).to(tl.float32)
+        x_lo = tl.load(xr + 1, mask=ok, other=0.0).to(tl.float32)
+    if not X_TILE:
+        x_hi = x_hi[None, :, :]
+        x_lo = x_lo[None, :, :]
+    return acc + w_hi * x_hi + w_lo * x_lo
+
+
+def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
+                num_sms: int = 132, config: Optional[dict] = None) -> dict:
+    """The launch of ``m`` (<= ``GEMV_ROWS``) rows: ``config`` (the sweep's) or
+    ``GEMV_CONFIGS``' entry, the steps cut to K, K split in powers of two while the grid has
+    under ``PROGRAMS_PER_SM`` programs a multiprocessor and each split keeps ``MIN_STEPS``
+    steps (by shape alone: graph-capture safe)."""
+    if config is None:
+        config = (_INTERPRETED_CONFIG if interpreted else
+                  GEMV_CONFIGS[min(r for r in GEMV_CONFIGS if r >= min(m, max(GEMV_CONFIGS)))])
+    c = dict(config)
+    max_split = c.pop("max_split")
+    kb = k // blocksize
+    c["BKB"] = min(c["BKB"], triton.next_power_of_2(kb))
+    tiles_n = triton.cdiv(n, c["BLOCK_N"])
+    steps = triton.cdiv(kb, c["BKB"])
+    split = 1
+    while (split * 2 <= max_split and tiles_n * split * 2 <= PROGRAMS_PER_SM * num_sms
+           and steps // (split * 2) >= MIN_STEPS):
+        split *= 2
+    c["SPLIT_K"] = split
+    c["EVEN_K"] = kb % c["BKB"] == 0 and steps % split == 0
+    c["grid"] = (tiles_n, split)
+    return c
+
+
+def gemv_fits(w: Bnb4Weight) -> bool:
+    """Whether the GEMV takes ``w``: whole blocks a row (every checkpoint layer's K)."""
+    return w.in_features % w.blocksize == 0 and w.blocksize % 2 == 0
+
+
+def bnb4_gemv(x: torch.Tensor, w: Bnb4Weight, bias=None, config: Optional[dict] = None
+              ) -> torch.Tensor:
+    """``x [M, K] @ dequant(w).T (+ bias)`` reading the codes once a ``GEMV_ROWS`` x rows
+    (decode). ``config``: a ``GEMV_CONFIGS`` entry to launch instead (the sweep)."""
+    if not gemv_fits(w):
+        raise ValueError(f"the bnb4 GEMV needs whole blocks a row: K={w.in_features} is not a "
+                         f"multiple of the block size {w.blocksize}; use bnb4_mm (it "
+                         "dequantizes such weights)")
     x = x.contiguous()
     m, k = x.shape
     n = w.out_features
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    _bnb4_gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N), m)](
-        x, w.qweight, w.absmax, w.code, bias if bias is not None else out, out, n, k,
-        x.stride(0), out.stride(0), BS=w.blocksize, HAS_BIAS=bias is not None,
-        BLOCK_N=GEMV_BLOCK_N, BLOCK_K=GEMV_BLOCK_K)
-    return out
+    interp = _interpreted(x)
+    outs = []
+    for r0 in range(0, m, GEMV_ROWS):
+        xr = x[r0:r0 + GEMV_ROWS]
+        rows = xr.shape[0]
+        t = gemv_config(rows, n, k, w.blocksize, interp,
+                        1 if interp else _num_sms(x.device.index or 0), config)
+        grid = t.pop("grid")
+        out = _split_out(x, rows, n, t["SPLIT_K"])
+        _bnb4_gemv_kernel[grid](
+            xr, w.qweight, w.absmax, w.code, bias if bias is not None else x, out, n, k,
+            xr.stride(0), out.stride(-2), _split_stride(out), BS=w.blocksize,
+            HAS_BIAS=bias is not None, ROWS=rows, **t)
+        outs.append(_split_sum(out, x.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def bnb4_mm(x: torch.Tensor, w: Bnb4Weight, bias=None) -> torch.Tensor:
     """``x [M, K] @ dequant(w).T (+ bias)`` in x's dtype: the GEMV up to ``GEMV_MAX_M`` rows,
     else the dequantization kernel, then ``F.linear``."""
-    if 0 < x.shape[0] <= GEMV_MAX_M:
+    if 0 < x.shape[0] <= GEMV_MAX_M and gemv_fits(w):
         return bnb4_gemv(x, w, bias)
     return F.linear(x, bnb4_dequantize(w, x.dtype), bias)

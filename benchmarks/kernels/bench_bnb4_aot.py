@@ -1,0 +1,42 @@
+"""Compile the bitsandbytes 4-bit decode GEMV (``gemm/bnb4.py``) for sm90 without a GPU and print
+shared memory, layout conversions and ptxas' registers and spills per launch shape
+(``aot_moe_int4.compile_report``): the default sweep's variants of ``bench_bnb4_sweep.py`` at
+1 and 4 rows, bf16 x, NF4 blocks of 64, K whole steps. A variant that spills is not worth its
+GPU time.
+
+    python3 benchmarks/kernels/bench_bnb4_aot.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aot_moe_int4 import compile_report  # noqa: E402
+from bench_bnb4_sweep import name, variants  # noqa: E402
+
+from tessellm.kernels.gemm import bnb4  # noqa: E402
+
+
+def main() -> None:
+    types = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
+                 bias_ptr="*bf16", out_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
+                 stride_om="i32", stride_split="i32", SPLIT_K="i32")
+    seen = set()
+    for v in variants(wide=False):
+        key = (v["BLOCK_N"], v["BKB"], v["num_warps"], v["num_stages"], v["X_TILE"])
+        if key in seen:
+            continue
+        seen.add(key)
+        for rows in (1, 4):
+            compile_report(f"{name(v).rsplit('-', 1)[0]} rows={rows}", bnb4._bnb4_gemv_kernel,
+                           types, dict(BS=64, HAS_BIAS=False, ROWS=rows, BLOCK_N=v["BLOCK_N"],
+                                       BKB=v["BKB"], EVEN_K=True, X_TILE=v["X_TILE"]),
+                           warps=v["num_warps"], stages=v["num_stages"])
+
+
+if __name__ == "__main__":
+    main()
