@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Session 28, call 2 (one GPU, <= 9 min): the bitsandbytes 4-bit decode GEMV swept
 # (bench_bnb4_sweep.py: prints GEMV_CONFIGS / GEMV_MAX_M to set in kernels/gemm/bnb4.py), the
-# bnb gpu tests with the new GEMV forced on at up to 4 rows (TESSELLM_BNB4_GEMV_MAX_M unused:
-# the test sets the constant itself), bench_bnb4.py as the engine runs it, and the ZmqPeer io
-# parts of deadmount_device.sh (needs the bitsandbytes wheel in .whl-bnb/, carried).
+# bnb gpu tests (the GEMV kernel tests call it directly, at 1-6 rows), bench_bnb4.py as the
+# engine runs it, and the ZmqPeer io parts of deadmount_device.sh (needs the bitsandbytes wheel in .whl-bnb/, carried).
 source benchmarks/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-bnb/*.whl
 unset TRITON_INTERPRET; export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
