@@ -363,6 +363,24 @@ def test_bad_configs_refused(qc, match):
         parse_checkpoint_config({"quant_method": "bitsandbytes", **qc})
 
 
+@pytest.mark.parametrize("text", [
+    '[1, 2]', '"nf4"', '{"quant_type": "nf4", "blocksize": null, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64.5, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 1e400, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": 5}', '{"quant_type": "nf4", "blocksize": 64, "shape": "ab"}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": ["4", "64"]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [-4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [4, 64], "nested_blocksize": 0}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [4, 64], "nested_offset": "x"}',
+])
+def test_malformed_quant_state_refused(text):
+    """A quant_state that is not bitsandbytes' JSON object of integers: one ValueError naming
+    the layer (not an AttributeError / TypeError from reading it, nor a later division by 0)."""
+    raw = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^layers\.0\.q_proj\.weight\.quant_state "):
+        quant_state(raw, "layers.0.q_proj")
+
+
 def test_checkpoint_not_matching_the_config_refused(checkpoints, tmp_path):
     """A quant_state whose shape is not the layer's: one sentence naming the layer."""
     from safetensors.torch import load_file, save_file
