@@ -381,6 +381,28 @@ def test_malformed_quant_state_refused(text):
         quant_state(raw, "layers.0.q_proj")
 
 
+def _stored_4bit(absmax=None, quant_map=None, blocksize=64):
+    """One 4-bit weight [4, 64] as a checkpoint stores it, its pieces replaced where given."""
+    w = quantize_bnb4(torch.randn(4, 64))
+    state = {"quant_type": "nf4", "blocksize": blocksize, "shape": [4, 64]}
+    return [("l.weight", w.qweight.reshape(-1, 1)), ("l.weight.absmax", w.absmax if absmax is None else absmax),
+            ("l.weight.quant_map", w.code if quant_map is None else quant_map),
+            ("l.weight.quant_state.bitsandbytes__nf4", torch.tensor(list(json.dumps(state).encode()),
+                                                                    dtype=torch.uint8))]
+
+
+@pytest.mark.parametrize("pieces", [dict(absmax=torch.ones(3)), dict(quant_map=torch.ones(15)),
+                                    dict(blocksize=128)], ids=["absmax", "quant_map", "blocksize"])
+def test_state_not_matching_the_codes_refused(pieces):
+    """absmaxes or a code table that do not fit the quant_state's shape and blocksize: one
+    ValueError naming the weight (was a bare AssertionError)."""
+    from tessellm.quantization.bnb_stored import stored_weights
+
+    assert [name for name, _ in stored_weights(_stored_4bit())] == ["l.weight"]
+    with pytest.raises(ValueError, match=r"^l\.weight has \d+ absmax values and a quant_map of \d+ entries"):
+        list(stored_weights(_stored_4bit(**pieces)))
+
+
 def test_checkpoint_not_matching_the_config_refused(checkpoints, tmp_path):
     """A quant_state whose shape is not the layer's: one sentence naming the layer."""
     from safetensors.torch import load_file, save_file
