@@ -145,8 +145,15 @@ def widen_absmax(pieces: dict, state: dict, where: str) -> torch.Tensor:
                          f"checkpoint lacks {', '.join(missing) or 'nested_blocksize'} for it; "
                          "is it complete?")
     a = absmax.reshape(-1).long()
-    block = torch.arange(a.numel(), device=a.device) // int(state["nested_blocksize"])
-    nested = pieces["nested_quant_map"].float()[a] * pieces["nested_absmax"].float()[block]
+    nested_blocks = -(-a.numel() // state["nested_blocksize"])
+    nested_absmax, nested_code = pieces["nested_absmax"].reshape(-1), pieces["nested_quant_map"].reshape(-1)
+    if nested_absmax.numel() != nested_blocks or nested_code.numel() != 256:
+        raise ValueError(f"{where}.weight has {nested_absmax.numel()} nested_absmax values and a "
+                         f"nested_quant_map of {nested_code.numel()} entries, but its {a.numel()} "
+                         f"8-bit absmaxes in blocks of {state['nested_blocksize']} need "
+                         f"{nested_blocks} and 256; is the checkpoint complete?")
+    block = torch.arange(a.numel(), device=a.device) // state["nested_blocksize"]
+    nested = nested_code.float()[a] * nested_absmax.float()[block]
     return nested + float(state.get("nested_offset", 0.0))
 
 

@@ -403,6 +403,19 @@ def test_state_not_matching_the_codes_refused(pieces):
         list(stored_weights(_stored_4bit(**pieces)))
 
 
+@pytest.mark.parametrize("nested_absmax,nested_code", [(2, 256), (3, 100)])
+def test_nested_state_not_matching_the_absmaxes_refused(nested_absmax, nested_code):
+    """Double quantization: 600 8-bit absmaxes in blocks of 256 need 3 nested absmaxes and a
+    256-entry table; fewer is one ValueError naming the weight (was an IndexError)."""
+    state = {"nested_blocksize": 256, "nested_offset": 0.0}
+    absmax = torch.randint(0, 256, (600,), dtype=torch.uint8)
+    assert widen_absmax({"absmax": absmax, "nested_absmax": torch.ones(3), "nested_quant_map": torch.ones(256)},
+                        state, "l").shape == (600,)
+    with pytest.raises(ValueError, match=r"^l\.weight has \d+ nested_absmax values"):
+        widen_absmax({"absmax": absmax, "nested_absmax": torch.ones(nested_absmax),
+                      "nested_quant_map": torch.ones(nested_code)}, state, "l")
+
+
 def test_checkpoint_not_matching_the_config_refused(checkpoints, tmp_path):
     """A quant_state whose shape is not the layer's: one sentence naming the layer."""
     from safetensors.torch import load_file, save_file
