@@ -207,3 +207,44 @@ def test_adversarial_100kb_parses_fast(parser_cls):
                 parser_cls().parse(text, final)
                 best = min(best, time.perf_counter() - t0)
             assert best < 0.05, f"{parser_cls.name} on {text[:40]!r}...: {best * 1e3:.1f} ms"
+
+
+PYTHONIC_STREAMS = [
+    ("pythonic", "[f(a='x\\'y', b=[1, (2, 3)]), g(c={'k': \"v)\"})]"),
+    ("llama4_pythonic", "<|python_start|>[f(a=1), g()]<|python_end|>"),
+    ("olmo3", "<function_calls>f(a='q\\\\', b=null)\ng(c=true)</function_calls>"),
+    ("olmo3", "<function_calls>f(a=1)</function_calls>[f("),  # text after the block
+    ("pythonic", "[f(a=1)] and more"),  # not a call list once final
+]
+
+
+@pytest.mark.parametrize("name,text", PYTHONIC_STREAMS)
+def test_pythonic_stream_resumes_the_scan_as_a_fresh_parse_reads_it(name, text):
+    """A parser fed growing prefixes (it resumes its scan where the previous one stopped) reads
+    each prefix, partial or final, as a new parser reading only that prefix does."""
+    streamed = get_tool_parser(name)
+    for n in range(1, len(text) + 1):
+        for final in (False, True) if n == len(text) else (False,):
+            assert streamed.parse(text[:n], final) == get_tool_parser(name).parse(text[:n], final), text[:n]
+
+
+@pytest.mark.parametrize("name,text", [("pythonic", "[f(a='" + "x" * 20_000 + "'), g()]"),
+                                       ("olmo3", "<function_calls>f(a='" + "x" * 20_000 + "')\ng()</function_calls>")],
+                         ids=["pythonic", "olmo3"])
+def test_pythonic_stream_scans_each_character_about_once(name, text, monkeypatch):
+    """Streamed in 4-character deltas, the call list is scanned on from where the previous delta
+    stopped: about the text's length in all (it was scanned from its start every delta: 10 s of
+    the server's event loop for one 20 kB argument); the deltas reassemble to the calls."""
+    from tessellm.entrypoints.openai import tool_parsers_pythonic as pythonic
+
+    scanned, run = [], pythonic._Scan._run
+
+    def counting(self, text, i, *state):
+        scanned.append(len(text) - i)
+        return run(self, text, i, *state)
+
+    monkeypatch.setattr(pythonic._Scan, "_run", counting)
+    content, calls = _stream(get_tool_parser(name), text, 4)
+    assert content == "" and [c["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["arguments"]) == {"a": "x" * 20_000}
+    assert sum(scanned) < 2 * len(text)
