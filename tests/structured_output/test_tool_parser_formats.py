@@ -248,3 +248,17 @@ def test_pythonic_stream_scans_each_character_about_once(name, text, monkeypatch
     assert content == "" and [c["name"] for c in calls] == ["f", "g"]
     assert json.loads(calls[0]["arguments"]) == {"a": "x" * 20_000}
     assert sum(scanned) < 2 * len(text)
+
+
+@pytest.mark.parametrize("name,text", [("hermes", '<tool_call>{"name": "", "arguments": {"a": 1}}</tool_call>'),
+                                       ("granite", '[{"name": "", "arguments": {}}]'),
+                                       ("xlam", '[{"name": "", "arguments": {}}, {"name": "f", "arguments": {}}]')])
+def test_an_empty_name_is_never_streamed_as_a_call(name, text):
+    """A call object whose name is ``""`` is not a call (the whole output is content); while
+    streaming it is not announced as a call with an empty name either (it was, before the
+    object was complete)."""
+    view, names = ToolCallView(get_tool_parser(name)), []
+    for n in range(1, len(text) + 1):
+        names += [p.function.name for p in view.delta(text[:n], n == len(text))[1] if p.id is not None]
+    assert "" not in names
+    assert ToolCallView(get_tool_parser(name)).final(text) == (text, [])

@@ -127,7 +127,8 @@ def json_object_at(text: str, pos: int) -> Optional[str]:
 
 
 def partial_name(text: str) -> Optional[str]:
-    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed."""
+    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed
+    (None for ``""``: no call has an empty name, so none is announced while streaming)."""
     key = text.find('"name"')
     if key < 0:
         return None
@@ -138,7 +139,7 @@ def partial_name(text: str) -> Optional[str]:
     if i >= len(text) or text[i] != '"':
         return None
     value, end = decode_at(text, i)
-    return value if isinstance(value, str) and end > 0 else None
+    return value if isinstance(value, str) and value and end > 0 else None
 
 
 def skip_ws(text: str, pos: int) -> int:
