@@ -6,6 +6,7 @@ schema, refused when not a call, and fast on adversarial input."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -262,3 +263,23 @@ def test_an_empty_name_is_never_streamed_as_a_call(name, text):
         names += [p.function.name for p in view.delta(text[:n], n == len(text))[1] if p.id is not None]
     assert "" not in names
     assert ToolCallView(get_tool_parser(name)).final(text) == (text, [])
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": DEEP}}</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": DEEP}}]'),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": DEEP}'),
+    ("granite", '[{"name": "f", "arguments": {"a": DEEP}}]'),
+    ("glm45", "<tool_call>f\n<arg_key>a</arg_key><arg_value>DEEP</arg_value></tool_call>"),
+    ("qwen3_coder", "<tool_call><function=f><parameter=a>DEEP</parameter></function></tool_call>"),
+], ids=["hermes", "mistral", "mistral-args", "granite", "glm45", "qwen3_coder"])
+def test_arguments_nested_near_the_recursion_limit_are_a_call_or_content(name, shape):
+    """Arguments nested about as deep as the interpreter's recursion limit allows (every depth
+    up to it, wherever the caller's stack stands): JSON that decodes but cannot be encoded
+    again is not a call (the whole output content); a RecursionError never escapes (it did: a
+    500, or a broken stream)."""
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 200, limit + 5):
+        text = shape.replace("DEEP", "[" * depth + "]" * depth)
+        content, calls = ToolCallView(get_tool_parser(name)).final(text)
+        assert [c.function.name for c in calls] == ["f"] or (calls == [] and content == text)

@@ -104,7 +104,17 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
         return ParsedToolCall(obj["name"], args)
     if not isinstance(args, dict):
         return None
-    return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    text = arguments_json(args)
+    return ParsedToolCall(obj["name"], text) if text is not None else None
+
+
+def arguments_json(args: dict) -> Optional[str]:
+    """``args`` as JSON text; None where the encoder cannot write it (nested deeper than the
+    interpreter's recursion limit allows from the caller's stack: not a call, never a 500)."""
+    try:
+        return json.dumps(args, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        return None
 
 
 def decode_at(text: str, pos: int):
