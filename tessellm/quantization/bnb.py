@@ -23,6 +23,7 @@ nested absmaxes are widened to float32 at load (4 bytes a block instead of ~1: a
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -99,19 +100,37 @@ def dequantize_bnb4(qweight: torch.Tensor, absmax: torch.Tensor, code: torch.Ten
 
 def quant_state(raw: torch.Tensor, where: str) -> dict:
     """The JSON of a ``weight.quant_state.bitsandbytes__<type>`` tensor (uint8 bytes), checked:
-    a known ``quant_type``, a positive ``blocksize``, a 2-D ``shape``."""
+    a JSON object with a known ``quant_type``, an integer ``blocksize`` of at least 2, a
+    ``shape`` of two positive integers and, where given, a positive integer
+    ``nested_blocksize`` and a finite number ``nested_offset``."""
     try:
         state = json.loads(bytes(raw.to(torch.uint8).reshape(-1).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{where}.weight.quant_state is not the JSON bitsandbytes writes "
                          f"({exc}); is the checkpoint complete?") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}.weight.quant_state is {type(state).__name__} JSON, not the "
+                         "object bitsandbytes writes; is the checkpoint complete?")
     qtype = str(state.get("quant_type", "")).lower()
-    shape = list(state.get("shape") or [])
-    if qtype not in QUANT_TYPES or int(state.get("blocksize", 0)) < 2 or len(shape) != 2:
+    shape = state.get("shape")
+    if (qtype not in QUANT_TYPES or not _int_at_least(state.get("blocksize"), 2)
+            or not isinstance(shape, list) or len(shape) != 2 or not all(_int_at_least(s, 1) for s in shape)):
         raise ValueError(f"{where}.weight.quant_state says quant_type {state.get('quant_type')!r}"
-                         f", blocksize {state.get('blocksize')!r}, shape {shape}: tessellm "
-                         "serves bitsandbytes 4-bit linear weights (nf4 or fp4, 2-D).")
+                         f", blocksize {state.get('blocksize')!r}, shape {shape!r}: tessellm "
+                         "serves bitsandbytes 4-bit linear weights (nf4 or fp4, an integer "
+                         "blocksize, a 2-D shape of positive integers).")
+    offset = state.get("nested_offset", 0.0)
+    if ("nested_blocksize" in state and not _int_at_least(state["nested_blocksize"], 1)) or not (
+            isinstance(offset, (int, float)) and not isinstance(offset, bool) and math.isfinite(offset)):
+        raise ValueError(f"{where}.weight.quant_state says nested_blocksize "
+                         f"{state.get('nested_blocksize')!r}, nested_offset {offset!r}: bitsandbytes "
+                         "writes a positive integer and a number; is the checkpoint complete?")
     return state
+
+
+def _int_at_least(value, least: int) -> bool:
+    """``value`` is a JSON integer (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def widen_absmax(pieces: dict, state: dict, where: str) -> torch.Tensor:
@@ -126,8 +145,15 @@ def widen_absmax(pieces: dict, state: dict, where: str) -> torch.Tensor:
                          f"checkpoint lacks {', '.join(missing) or 'nested_blocksize'} for it; "
                          "is it complete?")
     a = absmax.reshape(-1).long()
-    block = torch.arange(a.numel(), device=a.device) // int(state["nested_blocksize"])
-    nested = pieces["nested_quant_map"].float()[a] * pieces["nested_absmax"].float()[block]
+    nested_blocks = -(-a.numel() // state["nested_blocksize"])
+    nested_absmax, nested_code = pieces["nested_absmax"].reshape(-1), pieces["nested_quant_map"].reshape(-1)
+    if nested_absmax.numel() != nested_blocks or nested_code.numel() != 256:
+        raise ValueError(f"{where}.weight has {nested_absmax.numel()} nested_absmax values and a "
+                         f"nested_quant_map of {nested_code.numel()} entries, but its {a.numel()} "
+                         f"8-bit absmaxes in blocks of {state['nested_blocksize']} need "
+                         f"{nested_blocks} and 256; is the checkpoint complete?")
+    block = torch.arange(a.numel(), device=a.device) // state["nested_blocksize"]
+    nested = nested_code.float()[a] * nested_absmax.float()[block]
     return nested + float(state.get("nested_offset", 0.0))
 
 

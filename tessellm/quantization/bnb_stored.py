@@ -199,8 +199,13 @@ def _complete(key: str, pieces: dict) -> Optional[PackedWeight]:
     if q.numel() * 2 != n * k or k % 2:
         raise ValueError(f"{key} holds {q.numel()} bytes of bnb 4-bit codes, but its quant_state "
                          f"says shape {[n, k]}; is the checkpoint complete?")
-    absmax = widen_absmax(pieces, state, where)
-    return Bnb4Weight(q.reshape(n, k // 2), absmax, pieces["quant_map"], int(state["blocksize"]))
+    absmax, blocksize = widen_absmax(pieces, state, where), state["blocksize"]
+    if absmax.numel() != -(-n * k // blocksize) or pieces["quant_map"].numel() != 16:
+        raise ValueError(f"{key} has {absmax.numel()} absmax values and a quant_map of "
+                         f"{pieces['quant_map'].numel()} entries, but its quant_state (shape "
+                         f"{[n, k]}, blocksize {blocksize}) needs {-(-n * k // blocksize)} and 16; "
+                         "is the checkpoint complete?")
+    return Bnb4Weight(q.reshape(n, k // 2), absmax, pieces["quant_map"], blocksize)
 
 
 def _check_format(name: str, fmt: torch.Tensor) -> None:

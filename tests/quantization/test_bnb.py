@@ -425,6 +425,59 @@ def test_bad_configs_refused(qc, match):
         parse_checkpoint_config({"quant_method": "bitsandbytes", **qc})
 
 
+@pytest.mark.parametrize("text", [
+    '[1, 2]', '"nf4"', '{"quant_type": "nf4", "blocksize": null, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64.5, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 1e400, "shape": [4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": 5}', '{"quant_type": "nf4", "blocksize": 64, "shape": "ab"}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": ["4", "64"]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [-4, 64]}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [4, 64], "nested_blocksize": 0}',
+    '{"quant_type": "nf4", "blocksize": 64, "shape": [4, 64], "nested_offset": "x"}',
+])
+def test_malformed_quant_state_refused(text):
+    """A quant_state that is not bitsandbytes' JSON object of integers: one ValueError naming
+    the layer (not an AttributeError / TypeError from reading it, nor a later division by 0)."""
+    raw = torch.tensor(list(text.encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^layers\.0\.q_proj\.weight\.quant_state "):
+        quant_state(raw, "layers.0.q_proj")
+
+
+def _stored_4bit(absmax=None, quant_map=None, blocksize=64):
+    """One 4-bit weight [4, 64] as a checkpoint stores it, its pieces replaced where given."""
+    w = quantize_bnb4(torch.randn(4, 64))
+    state = {"quant_type": "nf4", "blocksize": blocksize, "shape": [4, 64]}
+    return [("l.weight", w.qweight.reshape(-1, 1)), ("l.weight.absmax", w.absmax if absmax is None else absmax),
+            ("l.weight.quant_map", w.code if quant_map is None else quant_map),
+            ("l.weight.quant_state.bitsandbytes__nf4", torch.tensor(list(json.dumps(state).encode()),
+                                                                    dtype=torch.uint8))]
+
+
+@pytest.mark.parametrize("pieces", [dict(absmax=torch.ones(3)), dict(quant_map=torch.ones(15)),
+                                    dict(blocksize=128)], ids=["absmax", "quant_map", "blocksize"])
+def test_state_not_matching_the_codes_refused(pieces):
+    """absmaxes or a code table that do not fit the quant_state's shape and blocksize: one
+    ValueError naming the weight (was a bare AssertionError)."""
+    from tessellm.quantization.bnb_stored import stored_weights
+
+    assert [name for name, _ in stored_weights(_stored_4bit())] == ["l.weight"]
+    with pytest.raises(ValueError, match=r"^l\.weight has \d+ absmax values and a quant_map of \d+ entries"):
+        list(stored_weights(_stored_4bit(**pieces)))
+
+
+@pytest.mark.parametrize("nested_absmax,nested_code", [(2, 256), (3, 100)])
+def test_nested_state_not_matching_the_absmaxes_refused(nested_absmax, nested_code):
+    """Double quantization: 600 8-bit absmaxes in blocks of 256 need 3 nested absmaxes and a
+    256-entry table; fewer is one ValueError naming the weight (was an IndexError)."""
+    state = {"nested_blocksize": 256, "nested_offset": 0.0}
+    absmax = torch.randint(0, 256, (600,), dtype=torch.uint8)
+    assert widen_absmax({"absmax": absmax, "nested_absmax": torch.ones(3), "nested_quant_map": torch.ones(256)},
+                        state, "l").shape == (600,)
+    with pytest.raises(ValueError, match=r"^l\.weight has \d+ nested_absmax values"):
+        widen_absmax({"absmax": absmax, "nested_absmax": torch.ones(nested_absmax),
+                      "nested_quant_map": torch.ones(nested_code)}, state, "l")
+
+
 def test_checkpoint_not_matching_the_config_refused(checkpoints, tmp_path):
     """A quant_state whose shape is not the layer's: one sentence naming the layer."""
     from safetensors.torch import load_file, save_file

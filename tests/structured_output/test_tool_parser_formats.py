@@ -6,6 +6,7 @@ schema, refused when not a call, and fast on adversarial input."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -207,3 +208,78 @@ def test_adversarial_100kb_parses_fast(parser_cls):
                 parser_cls().parse(text, final)
                 best = min(best, time.perf_counter() - t0)
             assert best < 0.05, f"{parser_cls.name} on {text[:40]!r}...: {best * 1e3:.1f} ms"
+
+
+PYTHONIC_STREAMS = [
+    ("pythonic", "[f(a='x\\'y', b=[1, (2, 3)]), g(c={'k': \"v)\"})]"),
+    ("llama4_pythonic", "<|python_start|>[f(a=1), g()]<|python_end|>"),
+    ("olmo3", "<function_calls>f(a='q\\\\', b=null)\ng(c=true)</function_calls>"),
+    ("olmo3", "<function_calls>f(a=1)</function_calls>[f("),  # text after the block
+    ("pythonic", "[f(a=1)] and more"),  # not a call list once final
+]
+
+
+@pytest.mark.parametrize("name,text", PYTHONIC_STREAMS)
+def test_pythonic_stream_resumes_the_scan_as_a_fresh_parse_reads_it(name, text):
+    """A parser fed growing prefixes (it resumes its scan where the previous one stopped) reads
+    each prefix, partial or final, as a new parser reading only that prefix does."""
+    streamed = get_tool_parser(name)
+    for n in range(1, len(text) + 1):
+        for final in (False, True) if n == len(text) else (False,):
+            assert streamed.parse(text[:n], final) == get_tool_parser(name).parse(text[:n], final), text[:n]
+
+
+@pytest.mark.parametrize("name,text", [("pythonic", "[f(a='" + "x" * 20_000 + "'), g()]"),
+                                       ("olmo3", "<function_calls>f(a='" + "x" * 20_000 + "')\ng()</function_calls>")],
+                         ids=["pythonic", "olmo3"])
+def test_pythonic_stream_scans_each_character_about_once(name, text, monkeypatch):
+    """Streamed in 4-character deltas, the call list is scanned on from where the previous delta
+    stopped: about the text's length in all (it was scanned from its start every delta: 10 s of
+    the server's event loop for one 20 kB argument); the deltas reassemble to the calls."""
+    from tessellm.entrypoints.openai import tool_parsers_pythonic as pythonic
+
+    scanned, run = [], pythonic._Scan._run
+
+    def counting(self, text, i, *state):
+        scanned.append(len(text) - i)
+        return run(self, text, i, *state)
+
+    monkeypatch.setattr(pythonic._Scan, "_run", counting)
+    content, calls = _stream(get_tool_parser(name), text, 4)
+    assert content == "" and [c["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["arguments"]) == {"a": "x" * 20_000}
+    assert sum(scanned) < 2 * len(text)
+
+
+@pytest.mark.parametrize("name,text", [("hermes", '<tool_call>{"name": "", "arguments": {"a": 1}}</tool_call>'),
+                                       ("granite", '[{"name": "", "arguments": {}}]'),
+                                       ("xlam", '[{"name": "", "arguments": {}}, {"name": "f", "arguments": {}}]')])
+def test_an_empty_name_is_never_streamed_as_a_call(name, text):
+    """A call object whose name is ``""`` is not a call (the whole output is content); while
+    streaming it is not announced as a call with an empty name either (it was, before the
+    object was complete)."""
+    view, names = ToolCallView(get_tool_parser(name)), []
+    for n in range(1, len(text) + 1):
+        names += [p.function.name for p in view.delta(text[:n], n == len(text))[1] if p.id is not None]
+    assert "" not in names
+    assert ToolCallView(get_tool_parser(name)).final(text) == (text, [])
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": DEEP}}</tool_call>'),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": DEEP}}]'),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": DEEP}'),
+    ("granite", '[{"name": "f", "arguments": {"a": DEEP}}]'),
+    ("glm45", "<tool_call>f\n<arg_key>a</arg_key><arg_value>DEEP</arg_value></tool_call>"),
+    ("qwen3_coder", "<tool_call><function=f><parameter=a>DEEP</parameter></function></tool_call>"),
+], ids=["hermes", "mistral", "mistral-args", "granite", "glm45", "qwen3_coder"])
+def test_arguments_nested_near_the_recursion_limit_are_a_call_or_content(name, shape):
+    """Arguments nested about as deep as the interpreter's recursion limit allows (every depth
+    up to it, wherever the caller's stack stands): JSON that decodes but cannot be encoded
+    again is not a call (the whole output content); a RecursionError never escapes (it did: a
+    500, or a broken stream)."""
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 200, limit + 5):
+        text = shape.replace("DEEP", "[" * depth + "]" * depth)
+        content, calls = ToolCallView(get_tool_parser(name)).final(text)
+        assert [c.function.name for c in calls] == ["f"] or (calls == [] and content == text)

@@ -25,12 +25,11 @@ This module is also the import line of a vLLM plugin: ``ToolParser``, ``ToolPars
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
-                                                           ToolParser, call_from_object, call_sequence,
+                                                           ToolParser, arguments_json, call_from_object, call_sequence,
                                                            decode_at, partial_name, skip_ws)
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
@@ -132,9 +131,10 @@ class MistralParser(ToolParser):
                 return None if final else calls + [ParsedToolCall(None, None)]
             name = text[pos:args].strip()
             value, end = decode_at(text, skip_ws(text, args + len(self.ARGS)))
-            if end < 0 or not isinstance(value, dict) or not name:
+            arguments = arguments_json(value) if end >= 0 and isinstance(value, dict) else None
+            if arguments is None or not name:
                 return None if final else calls + [ParsedToolCall(name or None, None)]
-            calls.append(ParsedToolCall(name, json.dumps(value, ensure_ascii=False)))
+            calls.append(ParsedToolCall(name, arguments))
             if len(calls) > MAX_CALLS:
                 return None
             pos = skip_ws(text, end)

@@ -104,7 +104,17 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
         return ParsedToolCall(obj["name"], args)
     if not isinstance(args, dict):
         return None
-    return ParsedToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    text = arguments_json(args)
+    return ParsedToolCall(obj["name"], text) if text is not None else None
+
+
+def arguments_json(args: dict) -> Optional[str]:
+    """``args`` as JSON text; None where the encoder cannot write it (nested deeper than the
+    interpreter's recursion limit allows from the caller's stack: not a call, never a 500)."""
+    try:
+        return json.dumps(args, ensure_ascii=False)
+    except (RecursionError, ValueError):
+        return None
 
 
 def decode_at(text: str, pos: int):
@@ -127,7 +137,8 @@ def json_object_at(text: str, pos: int) -> Optional[str]:
 
 
 def partial_name(text: str) -> Optional[str]:
-    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed."""
+    """The value of ``"name": "..."`` in an incomplete JSON object, once its string closed
+    (None for ``""``: no call has an empty name, so none is announced while streaming)."""
     key = text.find('"name"')
     if key < 0:
         return None
@@ -138,7 +149,7 @@ def partial_name(text: str) -> Optional[str]:
     if i >= len(text) or text[i] != '"':
         return None
     value, end = decode_at(text, i)
-    return value if isinstance(value, str) and end > 0 else None
+    return value if isinstance(value, str) and value and end > 0 else None
 
 
 def skip_ws(text: str, pos: int) -> int:

@@ -12,7 +12,9 @@ such a list is content.
 
 One linear scan splits the list into its calls (brackets and string literals tracked), so each
 call is parsed once it is complete; while streaming, the call being written has its name as
-soon as its ``(`` is generated.
+soon as its ``(`` is generated. The scan is a per-character Python loop, so a stream resumes
+it where the previous, shorter text stopped (``_Scan.extend``) and parses each complete call
+once: a streamed output costs about what one whole parse does, not a scan per delta.
 """
 
 from __future__ import annotations
@@ -65,10 +67,33 @@ class _Scan:
         self.bad = False  # not a list of calls
         self.pending = False  # the text ends inside a call (or its name)
         self.close = close
-        self._run(text, pos)
+        self.pos = pos
+        self.text = ""  # the text scanned so far
+        self._state = (pos, 0, "", -1)  # where the scan stopped: index, depth, quote, call start
+        self._calls: list[Optional[ParsedToolCall]] = []  # the first spans, parsed
+        self.extend(text)
 
-    def _run(self, text: str, i: int) -> None:
-        depth, quote, start = 0, "", -1  # depth inside the current call
+    def resumes(self, text: str, pos: int, close: str) -> bool:
+        """Whether ``text`` (from ``pos``, up to ``close``) extends the text scanned so far."""
+        return self.pos == pos and self.close == close and text.startswith(self.text)
+
+    def extend(self, text: str) -> "_Scan":
+        """Scan on through ``text``, which extends the text scanned so far."""
+        self.text = text
+        if self.end < 0 and not self.bad:
+            self._run(text, *self._state)
+        return self
+
+    def calls(self, json_names: bool = False) -> list[Optional[ParsedToolCall]]:
+        """The complete calls (None for one that is not a literal-only call), each parsed once."""
+        for a, b in self.spans[len(self._calls):]:
+            self._calls.append(_call(self.text[a:b], json_names))
+        return self._calls
+
+    def _run(self, text: str, i: int, depth: int, quote: str, start: int) -> None:
+        """From ``text[i]`` on; ``depth`` of brackets inside the current call, the open
+        ``quote``, the current call's ``start`` (-1: between calls)."""
+        self.pending = False
         while i < len(text):
             c = text[i]
             if quote:
@@ -102,6 +127,7 @@ class _Scan:
                         self.bad = True
                         return
             i += 1
+        self._state = (i, depth, quote, start)
         self.pending = start >= 0
 
 
@@ -109,6 +135,24 @@ class PythonicParser(ToolParser):
     name = "pythonic"
     START: tuple[str, ...] = ()  # tags the list may come after
     END = ""  # a tag the list may be followed by
+    SCANS_KEPT = 8  # recent scans resumed (one per streamed choice of the request)
+
+    def __init__(self, tokenizer=None, tools=None):
+        super().__init__(tokenizer, tools)
+        self._scans: list[_Scan] = []  # the latest first
+
+    def _scan(self, text: str, pos: int, close: str = "]") -> _Scan:
+        """The scan of ``text``: a kept one resumed where ``text`` extends its text, else new."""
+        scans = self._scans
+        for scan in scans:
+            if scan.resumes(text, pos, close):
+                scans.remove(scan)
+                break
+        else:
+            scan = _Scan(text, pos, close)
+        scans.insert(0, scan.extend(text))
+        del scans[self.SCANS_KEPT:]
+        return scan
 
     def parse(self, text: str, final: bool) -> ParseResult:
         pos = after_tag(text, _skip(text, 0), self.START, final)
@@ -116,10 +160,10 @@ class PythonicParser(ToolParser):
             return ParseResult("")  # nothing yet, or a tag being generated
         if pos >= len(text) or text[pos] != "[":
             return ParseResult(text)
-        scan = _Scan(text, pos + 1)
+        scan = self._scan(text, pos + 1)
         if scan.bad or (final and (scan.end < 0 or not self._only_end_after(text, scan.end))):
             return ParseResult(text)
-        calls = [_call(text[a:b]) for a, b in scan.spans]
+        calls = list(scan.calls())
         if None in calls:
             return ParseResult(text)
         if not final and scan.end < 0:
@@ -157,11 +201,11 @@ class Olmo3Parser(PythonicParser):
             return ParseResult("")
         if pos == _skip(text, 0):  # no tag: text (as vLLM streams it)
             return ParseResult(text)
-        scan = _Scan(text, pos, close="<")
+        scan = self._scan(text, pos, close="<")
         end = scan.end if scan.end >= 0 else len(text)
         if scan.bad or (final and (scan.pending or not self._only_end_after(text, end))):
             return ParseResult(text)
-        calls = [_call(text[a:b], json_names=True) for a, b in scan.spans]
+        calls = list(scan.calls(json_names=True))
         if None in calls or (final and not calls):
             return ParseResult(text)
         if scan.pending:

@@ -37,11 +37,10 @@ parse is linear in the text.
 
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           loose_literal, schema_type, typed_value)
+                                                           arguments_json, loose_literal, schema_type, typed_value)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -74,9 +73,10 @@ class Qwen3CoderParser(ToolParser):
             if end < 0 and not final:  # still being written: its name once known
                 calls.append(ParsedToolCall(name or None, None))
                 break
-            if not name:
-                return ParseResult(text)  # final: a call without a name is not a call
-            calls.append(ParsedToolCall(name, self._arguments(text, gt + 1, body_end, name)))
+            arguments = self._arguments(text, gt + 1, body_end, name) if name else None
+            if arguments is None:
+                return ParseResult(text)  # no name, or arguments too deep to write: not a call
+            calls.append(ParsedToolCall(name, arguments))
             if len(calls) > MAX_CALLS:
                 return ParseResult(text if final else "")
             if end < 0:
@@ -86,8 +86,8 @@ class Qwen3CoderParser(ToolParser):
             return ParseResult(text if final else text[:start])
         return ParseResult(text[:start], calls)
 
-    def _arguments(self, text: str, lo: int, hi: int, function: str) -> str:
-        """The parameters in ``text[lo:hi]`` as a JSON object."""
+    def _arguments(self, text: str, lo: int, hi: int, function: str) -> Optional[str]:
+        """The parameters in ``text[lo:hi]`` as a JSON object (None: too deep to write)."""
         schemas, args = self.parameter_schemas(function), {}
         p = text.find(self.PARAM, lo, hi)
         while p >= 0:
@@ -100,7 +100,7 @@ class Qwen3CoderParser(ToolParser):
                 key = _unquote(text[p + len(self.PARAM):gt])
                 args[key] = typed_value(value, schemas.get(key))
             p = nxt
-        return json.dumps(args, ensure_ascii=False)
+        return arguments_json(args)
 
     @staticmethod
     def value(text: str) -> str:
@@ -181,7 +181,7 @@ class Glm45Parser(ToolParser):
             is_string = key in schemas and schema_type(schemas[key]) == "string"
             args[key] = value if is_string else loose_literal(value)
             pos = v_end + len(self.VALUE_END)
-        return json.dumps(args, ensure_ascii=False) if not body[pos:].strip() else None
+        return arguments_json(args) if not body[pos:].strip() else None
 
 
 XML_PARSERS = {"qwen3_coder": Qwen3CoderParser, "qwen3_xml": Qwen3CoderParser, "seed_oss": SeedOssParser,
