@@ -38,12 +38,16 @@ byte a thread issues two table loads (L1 hits) besides its share of the vector l
 x: the load/store unit, not DRAM, may bound it (a 256-entry table of byte -> both weights,
 one 8-byte load a byte, kept with the weight, would halve that: not done).
 
-``GEMV_MAX_M`` is 0: the dequantize + cuBLAS path everywhere. The first GEMV (a program a row
-of x and 16 output rows, 128 bytes a row a step, absmax gathered a value) was measured slower
-on an H100 (session 28, us a call, L2 flushed, Llama-8B shapes, 1 row: GEMV / dequant+cuBLAS /
-bf16 cuBLAS: qkv 51.4 / 45.2 / 24.6, o 41.0 / 29.6 / 18.4, gate_up 197.6 / 210.5 / 90.8, down
-141.9 / 109.2 / 51.4; the codes read at 0.23-0.33 TB/s, 2-4x slower again at 2 and 4 rows).
-The kernel here has not been timed yet; the sweep sets ``GEMV_MAX_M`` and ``GEMV_CONFIGS``.
+``GEMV_MAX_M`` is 2, ``GEMV_CONFIGS`` as ``bench_bnb4_sweep.py`` chose them on an H100
+(session 28, us a call, L2 flushed, Llama-8B shapes; GEMV / dequant+cuBLAS / bf16 cuBLAS):
+1 row qkv 17.1 / 45.1 / 24.7, o 16.0 / 29.6 / 18.3, gate_up 67.8 / 210.8 / 91.5 (the codes
+at 0.6-1.0 TB/s); 2 rows qkv 31.5 / 46.1, o 18.3 / 29.1, gate_up 102.4 / 211.3; at 4 rows the
+two paths tie (qkv 53.7 / 45.6, gate_up 182.2 / 211.0), so the dequantize path from 3 rows.
+The first GEMV (a program a row of x and 16 output rows, 128 bytes a row a step, absmax
+gathered a value) read at 0.23-0.33 TB/s, slower than dequantizing. At B1 (Llama-8B shapes,
+engine, graphs) bnb 4-bit decodes at 5.28 ms a token against bf16's 5.26 on that H100: the
+GEMV's ~0.9 TB/s of 4.5-bit weights matches cuBLAS's bf16 rate; to be faster it must read at
+~2 TB/s or more (the 256-entry table above is the next step).
 """
 
 from __future__ import annotations
@@ -60,16 +64,16 @@ from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _nu
 from tessellm.quantization.bnb import Bnb4Weight
 
 BLOCK = 1024  # bytes a program (2048 weights)
-GEMV_MAX_M = 0  # rows up to which bnb4_mm takes the GEMV: none until the new one is timed
+GEMV_MAX_M = 2  # rows up to which bnb4_mm takes the GEMV (H100 sweep, session 28)
 GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
 # Launch shapes of the GEMV by rows (the smallest key >= M): output rows a program, blocks of
 # BS a step, warps, pipeline stages, the most K splits (split while the grid has under
 # PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
 # is loaded (``_bnb4_row_step``). Not swept yet: bench_bnb4_sweep.py prints the table to set.
 GEMV_CONFIGS = {
-    1: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
-    2: dict(BLOCK_N=4, BKB=16, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
-    4: dict(BLOCK_N=4, BKB=8, num_warps=4, num_stages=3, max_split=8, X_TILE=True),
+    1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False),
+    2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False),
+    4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True),
 }
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2

@@ -158,8 +158,8 @@ class TritonQuantOps:
     def bnb4_mm(self, x, w, bias=None):
         """bitsandbytes 4-bit (``quantization/bnb.py``, ``gemm/bnb4.py``): up to
         ``bnb4.GEMV_MAX_M`` rows a GEMV reading the codes once, else the Triton dequantization
-        (``code[q] * absmax`` a flat block) into x's dtype, then cuBLAS (``GEMV_MAX_M`` 0 until
-        the new GEMV is timed: docs/quantization.md has the H100 figures)."""
+        (``code[q] * absmax`` a flat block) into x's dtype, then cuBLAS (docs/quantization.md
+        has the H100 figures)."""
         return bnb4_mm(x, w, bias)
 
     def fp8_mm_silu_and_mul(self, x, w: Fp8Weight, bias=None):
