@@ -1,3 +1,7 @@
+"""Which quantization method a model's layers got, and the device memory allocated, for
+Llama-3.1-8B shapes with dummy weights: ``python3 benchmarks/bnb_probe.py bitsandbytes`` (one
+GPU; session 28 used it to confirm that ``bench latency --quantization bitsandbytes`` with
+``--load-format dummy`` serves the bnb 4-bit layers)."""
 import time, torch, sys
 from tessellm import LLM, SamplingParams
 llm = LLM("benchmarks/model-configs/llama-3.1-8b", load_format="dummy", quantization=sys.argv[1] if len(sys.argv) > 1 else None,
