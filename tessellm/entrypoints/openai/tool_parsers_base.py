@@ -158,6 +158,24 @@ def skip_ws(text: str, pos: int) -> int:
     return pos
 
 
+def take_call(text: str, pos: int, final: bool, calls: list[ParsedToolCall]):
+    """The JSON call object at ``pos`` appended to ``calls``: its end; None while streaming an
+    unfinished one (appended as a call whose name is known so far: stop there); or the whole
+    parse's result where it ends here (final and not a call: the text is content; more than
+    ``MAX_CALLS`` calls)."""
+    value, end = decode_at(text, pos)
+    call = call_from_object(value) if end > 0 else None
+    if call is None:
+        if final:
+            return ParseResult(text)
+        calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+        return None
+    calls.append(call)
+    if len(calls) > MAX_CALLS:
+        return ParseResult(text if final else "")
+    return end
+
+
 def call_sequence(text: str, pos: int, final: bool, sep: str,
                   stop: Optional[str] = None) -> ParseResult:
     """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
@@ -165,16 +183,11 @@ def call_sequence(text: str, pos: int, final: bool, sep: str,
     once final, anything that is not a call makes the whole text content again."""
     calls = []
     while pos < len(text) and text[pos] != stop:
-        value, end = decode_at(text, pos)
-        call = call_from_object(value) if end > 0 else None
-        if call is None:
-            if final:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+        end = take_call(text, pos, final, calls)
+        if isinstance(end, ParseResult):
+            return end
+        if end is None:
             break
-        calls.append(call)
-        if len(calls) > MAX_CALLS:
-            return ParseResult(text if final else "")
         pos = skip_ws(text, end)
         if pos < len(text) and text[pos] == sep:
             pos = skip_ws(text, pos + 1)

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           after_tag, call_from_object, call_sequence, decode_at,
-                                                           partial_name, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (ParseResult, ToolParser, after_tag, call_sequence,
+                                                           skip_ws, take_call)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -134,17 +133,11 @@ class Granite20bFcParser(ToolParser):
             return ParseResult(text if final else text[:len(text) - held_back(text, (self.TAG,))])
         calls, pos = [], start
         while text.startswith(self.TAG, pos):
-            pos = skip_ws(text, pos + len(self.TAG))
-            value, end = decode_at(text, pos)
-            call = call_from_object(value) if end > 0 else None
-            if call is None:
-                if final:
-                    return ParseResult(text)
-                calls.append(ParsedToolCall(partial_name(text[pos:]), None))
+            end = take_call(text, skip_ws(text, pos + len(self.TAG)), final, calls)
+            if isinstance(end, ParseResult):
+                return end
+            if end is None:
                 break
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
             pos = skip_ws(text, end)
         return ParseResult(text[:start], calls)
 
