@@ -289,7 +289,7 @@ def _assert_dequantized_products(target, method, layer, dense: torch.Tensor, g, 
     for rows in (1, 9):
         x = torch.randn(rows, dense.shape[1], generator=g)
         out = method.apply(layer, x.to(target.device))
-        want = x @ dense.t()
+        want = x @ dense.cpu().t()  # (a weight loaded onto the device may take its state along)
         assert out.shape == want.shape and out.dtype == torch.float32
         rel = ((out.cpu() - want).norm() / want.norm()).item()
         assert rel < bound, f"rows {rows}: relative error {rel:.2e} against the dequantized weight"
