@@ -33,8 +33,10 @@ def main(argv=None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C while a command starts (imports; serve: the engine's start,
+        from tessellm.entrypoints.interrupt import ctrl_c_handled
+
         print("tessellm: interrupted.", file=sys.stderr)  # its core stopped on the way out)
-        return 130  # as a shell reports a Ctrl-C (128 + SIGINT)
+        return ctrl_c_handled()  # 130, as a shell reports a Ctrl-C
 
 
 def _main(argv=None) -> int:

@@ -21,10 +21,10 @@ from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
                                            engine_args_from)
 from tessellm.entrypoints.vllm_args import add_vllm_server_arguments, check_parsed_vllm_args, parsed_vllm_args
+from tessellm.entrypoints.interrupt import CTRL_C_EXIT, ctrl_c_handled
 
 logger = logging.getLogger("tessellm.serve")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # a Hugging Face repo id: org/name
-_CTRL_C = 130  # the exit status of a program a Ctrl-C ended (128 + SIGINT), as a shell reports it
 
 
 # -- arguments -----------------------------------------------------------------------------
@@ -268,13 +268,13 @@ def _serve(args: argparse.Namespace, log_config: Optional[dict]) -> int:
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # a second Ctrl-C, re-raised by uvicorn once it stopped
-        return _CTRL_C
+        return ctrl_c_handled()
     finally:
         if not engine.is_dead:
             engine.close()
         _close_listener(sock, getattr(args, "uds", None))
     # Ctrl-C ends as one does (130), after the same drain and shutdown as SIGTERM's (0).
-    return _CTRL_C if app.state.lifecycle.stopped_by == signal.SIGINT else 0
+    return CTRL_C_EXIT if app.state.lifecycle.stopped_by == signal.SIGINT else 0
 
 
 def _run_ray_serve(args: argparse.Namespace) -> int:
@@ -511,7 +511,7 @@ def _stream_to_terminal(engine) -> int:
     except KeyboardInterrupt:
         engine.abort_request("generate")
         print()
-        return _CTRL_C
+        return ctrl_c_handled()
     elapsed = time.perf_counter() - t0
     print()
     print(f"[{num_tokens} tokens in {elapsed:.1f}s, {num_tokens / max(elapsed, 1e-9):.1f} tok/s]",
@@ -524,7 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C while it starts (imports; serve: the engine's start)
         print("tessellm: interrupted.", file=sys.stderr)
-        return _CTRL_C
+        return ctrl_c_handled()
 
 
 def _main(argv: Optional[list[str]]) -> int:
