@@ -30,7 +30,7 @@ def test_a_plugin_registers_its_names_and_wins_the_lookup():
     house = get_reasoning_parser("seed_tags", PLUGIN).house(Tokenizer())
     assert (house.start, house.end, house.implicit_start) == ("<seed:think>", "</seed:think>", True)
     assert get_reasoning_parser("qwen3", PLUGIN).name == "qwen3"  # built-ins stay
-    with pytest.raises(ValueError, match="'think_tags'; choose one of deepseek_r1.*--reasoning-parser-plugin"):
+    with pytest.raises(ValueError, match="'think_tags'; choose one of cohere_command3.*--reasoning-parser-plugin"):
         get_reasoning_parser("think_tags")  # without the file, unknown
 
 
