@@ -7,10 +7,10 @@
 - ``qwen3``: reasoning only inside ``<think>`` ... ``</think>`` that opens the output; an
   output that does not open with ``<think>`` is all answer (Qwen3 with ``enable_thinking:
   false``, whose template closes an empty think block in the prompt).
-- the others vLLM has (``deepseek_v3``, ``ernie45``, ``glm45``, ``granite``, ``hunyuan_a13b``,
-  ``kimi_k2``, ``mistral``, ``seed_oss``, ...; the table below, docs/reasoning.md) are one of
-  those two rules with their own markers, spellings, answer envelope or ``chat_template_kwargs``
-  switch.
+- the others vLLM has (``deepseek_v3``, ``ernie45``, ``gemma4``, ``glm45``, ``granite``,
+  ``hunyuan_a13b``, ``kimi_k2``, ``mistral``, ``seed_oss``, ...; the table below,
+  docs/reasoning.md) are one of those two rules with their own markers, spellings, answer
+  envelope, reasoning label or ``chat_template_kwargs`` switch.
 - ``openai_gptoss``: gpt-oss's harmony format (``harmony.py``): the output is messages on
   channels, the analysis channel is reasoning, the final channel the answer, and messages to
   ``functions.NAME`` are tool calls. Chosen by itself for a gpt-oss checkpoint
@@ -58,8 +58,10 @@ class ReasoningParser:
     # is all answer. Empty: the parser does not read them.
     thinking_kwargs: tuple[str, ...] = ()
     thinking_default: bool = False  # thinking on when the request names none of them
+    thinking_off: tuple[str, ...] = ()  # a string value of them that turns thinking off (Hunyuan's "no_think")
     inline: bool = False  # the thinking stays in ``content``, ``start`` put back before it
     trim_newline: bool = False  # one "\n" right before and one right after the end marker dropped
+    reasoning_label: str = ""  # dropped where the reasoning opens with it (Gemma 4's "thought\n")
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -73,8 +75,11 @@ class ReasoningParser:
         """Whether the request turned thinking on; None: this parser does not ask."""
         if not self.thinking_kwargs:
             return None
-        given = [bool(template_kwargs[k]) for k in self.thinking_kwargs if k in (template_kwargs or {})]
+        given = [self._turns_on(template_kwargs[k]) for k in self.thinking_kwargs if k in (template_kwargs or {})]
         return any(given) if given else self.thinking_default
+
+    def _turns_on(self, value) -> bool:
+        return bool(value) and not (isinstance(value, str) and value in self.thinking_off)
 
     def initial_phase(self, prompt_tail: str, thinking: Optional[bool] = None) -> str:
         """Where the output starts, from the end of the prompt's text (special tokens kept)
@@ -96,6 +101,9 @@ class ReasoningParser:
 _GRANITE = dict(start="Here is my thought process:", start_alts=("Here's my thought process:",),
                 end="Here is my response:", end_alts=("Here's my response:",))
 _DEEPSEEK_V3 = dict(implicit_start=True, thinking_kwargs=("thinking", "enable_thinking"))
+_HUNYUAN = dict(implicit_start=True, thinking_kwargs=("reasoning_effort",), thinking_off=("no_think",))
+_COHERE = dict(implicit_start=False, start="<|START_THINKING|>", end="<|END_THINKING|>",
+               answer_open="<|START_RESPONSE|>", answer_close="<|END_RESPONSE|>")
 
 REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_r1", implicit_start=True),
@@ -119,6 +127,20 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>"),
     ReasoningParser("step3", implicit_start=True),
     ReasoningParser("step3p5", implicit_start=True, trim_newline=True),
+    ReasoningParser("cohere_command3", **_COHERE),
+    ReasoningParser("cohere_command4", **_COHERE),
+    ReasoningParser("deepseek_v4", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<｜DSML｜tool_calls>",)),
+    ReasoningParser("gemma4", implicit_start=False, start="<|channel>", end="<channel|>",
+                    end_kept=("<|tool_call>",), reasoning_label="thought\n"),
+    ReasoningParser("hy_v3", **_HUNYUAN),  # thinking only with a reasoning_effort other than no_think
+    ReasoningParser("hy_v4", **_HUNYUAN, thinking_default=True),  # its template's default effort: high
+    ReasoningParser("kimi_k3", implicit_start=False, start="<|open|>think<|sep|>", end="<|close|>think<|sep|>",
+                    thinking_kwargs=("thinking", "enable_thinking"), thinking_default=True),
+    ReasoningParser("ling3", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<tool_call>",)),
+    ReasoningParser("minimax_m3", implicit_start=False, start="<mm:think>", end="</mm:think>"),
+    ReasoningParser("nemotron_v3", implicit_start=True, thinking_kwargs=("enable_thinking",),
+                    thinking_default=True, end_kept=("<tool_call>",)),
+    ReasoningParser("poolside_v1", **_DEEPSEEK_V3),  # deepseek_v3's rule (Laguna)
 )}
 # vLLM's second names for a parser: GLM-4.7's, Xiaomi MiMo's
 REASONING_PARSERS.update({alias: replace(REASONING_PARSERS[name], name=alias)

@@ -9,6 +9,7 @@ A vLLM plugin runs with its import lines changed::
     @ReasoningParserManager.register_module("my_parser")
     class MyParser(ReasoningParser):
         def is_reasoning_end(self, input_ids): ...             # structured output's gate
+        def is_reasoning_end_streaming(self, input_ids, delta_ids): ...  # its per-step check
         def extract_content_ids(self, input_ids): ...
         def extract_reasoning(self, model_output, request): ...          # -> (reasoning, content)
         def extract_reasoning_streaming(self, previous_text, current_text, delta_text,
@@ -82,6 +83,10 @@ class ReasoningParser:
         raise NotImplementedError(f"{type(self).__name__} does not implement is_reasoning_end")
 
     def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids) -> bool:
+        """Whether the reasoning ended with ``delta_ids`` (the step's new ids, the last of
+        ``input_ids``). Asked once per step while the thinking runs: override it with a check
+        of the delta (as ``BaseThinkingReasoningParser`` does) to make a step cost the delta;
+        this default, vLLM's, asks ``is_reasoning_end`` about all the ids every step."""
         return self.is_reasoning_end(input_ids)
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
@@ -134,6 +139,11 @@ class BaseThinkingReasoningParser(ReasoningParser):
             if token in (self.start_token_id, self.end_token_id):
                 return token == self.end_token_id
         return False
+
+    def is_reasoning_end_streaming(self, input_ids: Sequence[int], delta_ids) -> bool:
+        """vLLM's: the step's new ids hold the end token (the gate asks only while the thinking
+        runs, so each step costs its delta, not the whole output)."""
+        return self.end_token_id in delta_ids
 
     def extract_content_ids(self, input_ids: list[int]) -> list[int]:
         if self.end_token_id not in input_ids[:-1]:
@@ -222,7 +232,7 @@ class PluginParser:
         if not issubclass(self.cls, BaseThinkingReasoningParser):
             return None
         own = ("extract_reasoning", "extract_reasoning_content", "extract_reasoning_streaming",
-               "extract_reasoning_content_streaming", "is_reasoning_end")
+               "extract_reasoning_content_streaming", "is_reasoning_end", "is_reasoning_end_streaming")
         if any(getattr(self.cls, m) is not getattr(BaseThinkingReasoningParser, m) for m in own):
             return None
         from tessellm.reasoning.parsers import ReasoningParser as House

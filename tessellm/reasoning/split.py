@@ -13,7 +13,9 @@ held back from both; each returned string only grows, so a stream sends their ne
 "Here is my thought process:" or "Here's ..."). The answer may have an envelope of its own
 (``AnswerEnvelope``: ERNIE's ``<response>`` ... ``</response>``). A parser with ``inline``
 keeps the thinking in the answer, its start marker put back (``minimax_m2_append_think``);
-one with ``trim_newline`` drops a newline just before and just after the end marker (step3p5).
+one with ``trim_newline`` drops a newline just before and just after the end marker (step3p5);
+one with a ``reasoning_label`` drops it where the reasoning opens with it (Gemma 4's
+``<|channel>thought\n`` ...: a reasoning that may still become the label is held back).
 
 When the end marker is one token, the split also needs that token among the output's ids, as
 the engine core's grammar gate does (the same characters spelled from other tokens are text).
@@ -35,6 +37,13 @@ def _opening(text: str, markers: Sequence[str]) -> Optional[str]:
 
 def _may_open(text: str, markers: Sequence[str]) -> bool:
     return any(m.startswith(text) for m in markers)
+
+
+def _unlabelled(reasoning: str, label: str, complete: bool) -> str:
+    """``reasoning`` without its opening ``label``; "" while it may still become the label."""
+    if reasoning.startswith(label):
+        return reasoning[len(label):]
+    return "" if not complete and label.startswith(reasoning) else reasoning
 
 
 class _Finder:
@@ -104,6 +113,9 @@ class ReasoningSplit:
         if self.parser.inline:  # the thinking is part of the answer, as the model wrote it
             return None, text if self.phase == ANSWER else self.parser.start + text
         reasoning, answer = self._split(text, token_ids, final)
+        label = self.parser.reasoning_label
+        if label and reasoning:
+            reasoning = _unlabelled(reasoning, label, final or self._end.at is not None)
         return reasoning, self._answer(answer, final)
 
     def _split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:

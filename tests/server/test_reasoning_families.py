@@ -109,6 +109,21 @@ def test_thinking_kept_in_the_answer_minimax_m2_append_think(tmp_path):
         assert _split(srv, "[bare]") == (None, "<think> I recall</think>" + ANSWER)
 
 
+@pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
+def test_reasoning_label_gemma4(tmp_path):
+    """gemma4: special-token channel markers, the channel's "thought\\n" label dropped from the
+    reasoning; an output that does not open the channel is all answer. Under a json_schema its
+    first token may be the grammar's or the channel's opening: this model takes the opening
+    (its best allowed token), thinks, and answers in JSON after the channel closes."""
+    chains = {"[think]": ["<think>", "thought\n", " Hmm.", "</think>", " Four.", "</s>"],
+              "[json]": [" Think:", " {not json", "</s>"]}
+    with _served(tmp_path, "gemma4", markers=("<|channel>", "<channel|>"), special_markers=True,
+                 chains=chains) as srv:
+        assert _split(srv, "[think]") == (" Hmm.", " Four.")
+        assert _split(srv, "[json]") == (None, " Think: {not json")
+        _json_after_thinking(srv, "[json]", " Hmm.")
+
+
 def test_plugin_parser(tmp_path):
     """--reasoning-parser-plugin: a vLLM-style class (its streaming method per delta) and a
     BaseThinkingReasoningParser (run as a built-in parser); structured output through the

@@ -60,6 +60,36 @@ CASES = [  # parser, phase, output, (reasoning, answer)
     ("step3p5", REASONING, "<think>Add them.\n\n</think>\n\nIt is 4.", ("Add them.\n", "\nIt is 4.")),
     ("step3p5", REASONING, "Add them.</think>It is 4.\n", ("Add them.", "It is 4.\n")),
     ("step3p5", REASONING, "Add them.\nStill\n", ("Add them.\nStill\n", "")),
+    # session 29's: vLLM's parsers added since
+    ("cohere_command3", UNDECIDED, "<|START_THINKING|>Add them.<|END_THINKING|>\n<|START_RESPONSE|>It is 4."
+     "<|END_RESPONSE|>", ("Add them.", "It is 4.")),
+    ("cohere_command4", UNDECIDED, "<|START_THINKING|>Call foo.<|END_THINKING|><|START_ACTION|>\n[{}]\n"
+     "<|END_ACTION|>", ("Call foo.", "<|START_ACTION|>\n[{}]\n<|END_ACTION|>")),
+    ("cohere_command4", UNDECIDED, "<|START_RESPONSE|>It is 4.<|END_RESPONSE|>", (None, "It is 4.")),
+    ("deepseek_v4", REASONING, "Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("deepseek_v4", REASONING, 'Call it.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">',
+     ("Call it.\n\n", '<｜DSML｜tool_calls>\n<｜DSML｜invoke name="f">')),
+    ("gemma4", UNDECIDED, "<|channel>thought\nAdd them.<channel|>It is 4.", ("Add them.", "It is 4.")),
+    ("gemma4", UNDECIDED, "<|channel>thought\n<channel|>It is 4.", ("", "It is 4.")),
+    ("gemma4", UNDECIDED, "<|channel>thought\nCall it.<|tool_call>call:f{}<tool_call|>",
+     ("Call it.", "<|tool_call>call:f{}<tool_call|>")),
+    ("gemma4", UNDECIDED, "<|channel>though", ("though", "")),  # cut off inside the label: kept
+    ("gemma4", UNDECIDED, "<|channel>thinking hard", ("thinking hard", "")),  # no label
+    ("gemma4", UNDECIDED, "It is 4.", (None, "It is 4.")),
+    ("hy_v3", REASONING, "Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("hy_v3", ANSWER, "It is 4.", (None, "It is 4.")),
+    ("hy_v4", REASONING, "<think>Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("kimi_k3", UNDECIDED, "<|open|>think<|sep|>Add them.<|close|>think<|sep|><|open|>response<|sep|>4",
+     ("Add them.", "<|open|>response<|sep|>4")),
+    ("kimi_k3", REASONING, "Add them.<|close|>think<|sep|>4", ("Add them.", "4")),
+    ("kimi_k3", UNDECIDED, "<|open|>response<|sep|>4", (None, "<|open|>response<|sep|>4")),
+    ("ling3", REASONING, "Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("ling3", REASONING, "Call it.<tool_call>f", ("Call it.", "<tool_call>f")),
+    ("minimax_m3", UNDECIDED, "<mm:think>Add them.</mm:think>It is 4.", ("Add them.", "It is 4.")),
+    ("minimax_m3", UNDECIDED, "It is 4.", (None, "It is 4.")),
+    ("nemotron_v3", REASONING, "Add them.</think>It is 4.", ("Add them.", "It is 4.")),
+    ("nemotron_v3", REASONING, "Call it.<tool_call>", ("Call it.", "<tool_call>")),
+    ("poolside_v1", REASONING, "<think>Add them.</think>4", ("Add them.", "4")),
 ]
 
 
@@ -116,10 +146,42 @@ def test_prompt_and_thinking_switch_decide_where_the_output_starts():
     assert get_reasoning_parser("glm45").initial_phase("<|assistant|><think></think>\n") == ANSWER
 
 
+def test_the_switches_of_the_parsers_added_since():
+    hy_v3, hy_v4 = get_reasoning_parser("hy_v3"), get_reasoning_parser("hy_v4")
+    assert hy_v3.thinking(None) is False and hy_v3.thinking({"reasoning_effort": "high"}) is True
+    assert hy_v3.thinking({"reasoning_effort": "no_think"}) is False
+    assert hy_v4.thinking({}) is True and hy_v4.thinking({"reasoning_effort": "no_think"}) is False
+    for name in ("deepseek_v4", "kimi_k3", "ling3"):
+        parser = get_reasoning_parser(name)
+        assert parser.thinking({}) is True, name
+        assert parser.thinking({"thinking": False}) is parser.thinking({"enable_thinking": False}) is False, name
+    nemotron = get_reasoning_parser("nemotron_v3")
+    assert nemotron.thinking(None) is True and nemotron.thinking({"enable_thinking": False}) is False
+    assert nemotron.initial_phase("<|im_start|>assistant\n", False) == ANSWER
+    assert get_reasoning_parser("poolside_v1").thinking(None) is False
+    # Kimi K3's template opens the think channel as the generation prefix: the output starts inside it
+    assert get_reasoning_parser("kimi_k3").initial_phase("<|open|>assistant<|sep|><|open|>think<|sep|>",
+                                                         True) == REASONING
+    assert get_reasoning_parser("gemma4").initial_phase("<|turn>model\n") == UNDECIDED
+    assert get_reasoning_parser("minimax_m3").initial_phase("]~b]ai\n<mm:think>") == REASONING
+
+
+def test_a_label_is_held_until_it_is_told_apart():
+    """Gemma 4's "thought\n": each streamed reasoning is a prefix of the whole one."""
+    markers = ThinkMarkers.from_tokenizer(get_reasoning_parser("gemma4"), CharTokenizer())
+    split = ReasoningSplit(markers, UNDECIDED)
+    seen = [split.split(text, [], final=False)[0] for text in
+            ("<|channel>", "<|channel>tho", "<|channel>thought\n", "<|channel>thought\nA", "<|channel>thx")]
+    assert seen == ["", "", "", "A", "thx"]  # the last: another output (the split starts over)
+
+
 def test_every_vllm_name_is_known():
+    """vLLM's ReasoningParserManager names (vllm/frontend/processing/reasoning/__init__.py, late
+    2026), less those left out (docs/reasoning.md: inkling, muse_glimmer)."""
     assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "glm47", "mimo", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
             "minimax_m2", "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
-            "step3", "step3p5"} == set(REASONING_PARSERS)
+            "step3", "step3p5", "cohere_command3", "cohere_command4", "deepseek_v4", "gemma4", "hy_v3", "hy_v4",
+            "kimi_k3", "ling3", "minimax_m3", "nemotron_v3", "poolside_v1"} == set(REASONING_PARSERS)
 
 
 def test_the_phase_the_server_sends_the_engine_core_is_checked():

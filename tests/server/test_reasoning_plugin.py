@@ -30,7 +30,7 @@ def test_a_plugin_registers_its_names_and_wins_the_lookup():
     house = get_reasoning_parser("seed_tags", PLUGIN).house(Tokenizer())
     assert (house.start, house.end, house.implicit_start) == ("<seed:think>", "</seed:think>", True)
     assert get_reasoning_parser("qwen3", PLUGIN).name == "qwen3"  # built-ins stay
-    with pytest.raises(ValueError, match="'think_tags'; choose one of deepseek_r1.*--reasoning-parser-plugin"):
+    with pytest.raises(ValueError, match="'think_tags'; choose one of cohere_command3.*--reasoning-parser-plugin"):
         get_reasoning_parser("think_tags")  # without the file, unknown
 
 
@@ -96,3 +96,44 @@ def test_the_gate_follows_the_plugins_is_reasoning_end():
     assert grammar.fed == [] and gate.answer_from is None and not gate.constrains_next
     closed = PluginGate(_Grammar(), cls(Tokenizer()), prompt_token_ids=[5, 1, 2])  # the prompt closed it
     assert closed.constrains_next and closed.accept(20) and closed.inner.fed == [20]
+
+
+COUNTING_PLUGIN = '''
+from tessellm.reasoning.plugins import BaseThinkingReasoningParser, ReasoningParserManager
+
+
+@ReasoningParserManager.register_module("counted")
+class Counted(BaseThinkingReasoningParser):
+    """Its own split (so not the house's) and vLLM's end checks, counting the ids they are shown."""
+
+    start_token, end_token = "<think>", "</think>"
+    shown = 0
+
+    def extract_reasoning(self, model_output, request):
+        return model_output, None
+
+    def is_reasoning_end(self, input_ids):
+        self.shown += len(input_ids)
+        return super().is_reasoning_end(input_ids)
+
+    def is_reasoning_end_streaming(self, input_ids, delta_ids):
+        self.shown += len(delta_ids)
+        return super().is_reasoning_end_streaming(input_ids, delta_ids)
+'''
+
+
+def test_the_gate_shows_a_plugin_each_step_once(tmp_path):
+    """A long thinking costs the plugin the prompt once and then one id a step (vLLM's
+    ``is_reasoning_end_streaming`` of ``BaseThinkingReasoningParser``), not the whole output
+    every step (2k steps showed it 2.2M ids before)."""
+    path = tmp_path / "counting_plugin.py"
+    path.write_text(COUNTING_PLUGIN)
+    parser = get_reasoning_parser("counted", str(path))
+    assert parser.house(Tokenizer()) is None  # its own extraction: the plugin's gate
+    instance = parser.instance(Tokenizer())
+    prompt, steps = [5] * 100 + [1], 2_000
+    gate = PluginGate(_Grammar(), instance, prompt_token_ids=prompt)
+    for _ in range(steps):
+        assert gate.accept(10) and gate.answer_from is None
+    assert gate.accept(2) and gate.answer_from == steps + 1
+    assert instance.shown == len(prompt) + steps + 1

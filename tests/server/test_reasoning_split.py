@@ -86,7 +86,7 @@ def test_prompt_decides_where_the_output_starts():
 
 
 def test_unknown_parser_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"Unknown reasoning parser 'nope'; choose one of deepseek_r1, "
-                       r"deepseek_v3, ernie45, .*, qwen3, seed_oss, step3, step3p5 \(or register your own with "
+    with pytest.raises(ValueError, match=r"Unknown reasoning parser 'nope'; choose one of cohere_command3, "
+                       r"cohere_command4, deepseek_r1, .*, qwen3, seed_oss, step3, step3p5 \(or register your own with "
                        r"--reasoning-parser-plugin FILE\)"):
         get_reasoning_parser("nope")

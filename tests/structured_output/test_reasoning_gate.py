@@ -116,3 +116,48 @@ def test_any_spelling_of_the_end_starts_the_grammar():
             assert not g.constrains_next and g.accept(token)
         assert g.answer_from == 1 + len(end) and allowed(g) == [A]
         assert g.accept(A) and allowed(g) == [B]
+
+
+class _MarkerTokenizer:
+    """This vocabulary with a parser's markers as its tokens: start <think>, end </think>, a
+    kept end (a tool-call opener) x."""
+
+    def __init__(self, parser):
+        self.ids = {parser.start: OPEN, parser.end: CLOSE, **{kept: X for kept in parser.end_kept}}
+
+    def encode(self, text, add_special_tokens=False):
+        return [self.ids[text]]
+
+    def decode(self, ids, skip_special_tokens=False):
+        names = {i: text for text, i in self.ids.items()}
+        return "".join("" if skip_special_tokens else names[i] for i in ids)
+
+
+@pytest.mark.parametrize("name,prompt_tail,template_kwargs,tokens,answer_from", [
+    ("gemma4", "<|turn>model\n", None, (OPEN, C, CLOSE), 3),  # thinks: <|channel> ... <channel|>
+    ("gemma4", "<|turn>model\n", None, (OPEN, C, X), 3),  # a tool call ends the thinking
+    ("gemma4", "<|turn>model\n", None, (), 0),  # answers at once
+    ("deepseek_v4", "<｜Assistant｜>", {}, (C, CLOSE), 2),  # thinking on by default
+    ("deepseek_v4", "<｜Assistant｜>", {"thinking": False}, (), 0),
+    ("hy_v3", "<|hy_Assistant|>", {}, (), 0),  # no reasoning_effort: no_think
+    ("hy_v3", "<|hy_Assistant|>", {"reasoning_effort": "high"}, (C, CLOSE), 2),
+    ("ling3", "<role>ASSISTANT</role>", {}, (C, X), 2),
+    ("nemotron_v3", "<|im_start|>assistant\n", {"enable_thinking": False}, (), 0),
+    ("nemotron_v3", "<|im_start|>assistant\n", {}, (C, CLOSE), 2),
+    ("minimax_m3", "]~b]ai\n", None, (OPEN, C, CLOSE), 3),
+])
+def test_the_grammar_starts_where_each_added_parser_ends_the_thinking(name, prompt_tail, template_kwargs,
+                                                                      tokens, answer_from):
+    """The phase the server sends (``reasoning_phase``: the prompt and the request's switch),
+    then the parser's end markers as the gate's token ids: the grammar ("ab") from the token
+    after the thinking."""
+    from tessellm.reasoning.parsers import ThinkMarkers, get_reasoning_parser
+
+    parser = get_reasoning_parser(name)
+    markers = ThinkMarkers.from_tokenizer(parser, _MarkerTokenizer(parser))
+    phase = parser.initial_phase(prompt_tail, parser.thinking(template_kwargs))
+    g = gate(phase, start=markers.start_ids, end=markers.end_ids)
+    g = ReasoningGate(g.inner, markers.start_ids, markers.end_ids, phase, markers.other_end_ids)
+    for token in tokens:
+        assert g.answer_from is None and g.accept(token)
+    assert A in allowed(g) and g.accept(A) and g.answer_from == answer_from and allowed(g) == [B]
