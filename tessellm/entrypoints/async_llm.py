@@ -229,8 +229,9 @@ class AsyncLLM:
         digest; where it has no name, or a core cannot load it or loads another vocabulary,
         constrained requests are refused at the edge, naming why, until a tokenizer the cores
         hold is set again (``tessellm.core.core_tokenizer``), and while the cores load it
-        (``_load_core_tokenizer``). Requests in flight keep theirs. Calls that overlap take turns (else one that finds its vocabulary held while an earlier
-        call is still loading another in the cores would leave front end and cores apart)."""
+        (``_load_core_tokenizer``). Requests in flight keep theirs. Calls that overlap take
+        turns (else one that finds its vocabulary held while an earlier call is still loading
+        another in the cores would leave front end and cores apart)."""
         async with self._set_tokenizer_turn:
             use_front_tokenizer(self, tokenizer)
             self._max_token_chars = None  # check_text_fits: the new vocabulary's longest token

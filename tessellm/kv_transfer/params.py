@@ -104,7 +104,8 @@ def check_producer(params: Optional[dict], allowed) -> None:
     raise ValueError(f"kv_transfer_params names the KV producer {where}, which this engine does "
                      f"not fetch from (its producers: {listed}). List it in the consumer's "
                      "--kv-transfer-config kv_connector_extra_config.allowed_producers (\"host\" "
-                     "or \"host:port\", an IPv6 address in brackets; [\"*\"]: any producer a request names, only behind a "
+                     "or \"host:port\", an IPv6 address in brackets; [\"*\"]: any producer a "
+                     "request names, only behind a "
                      "trusted proxy), or send the request without do_remote_prefill.")
 
 

@@ -2,8 +2,8 @@
 raises while a request sampled at a poisoned temperature is in the step) at the routes whose
 requests carry no ``vllm_xargs``: /v1/responses and beam search (``use_beam_search``). Not
 streamed, the client gets vLLM's HTTP 500 error object; streamed, /v1/responses ends with vLLM's
-``error`` event then OpenAI's ``response.failed`` (status "failed" with an error; stored, so GET answers it), beam search
-with the error object then ``[DONE]``. The next request is served."""
+``error`` event then OpenAI's ``response.failed`` (status "failed" with an error; stored, so
+GET answers it), beam search with the error object then ``[DONE]``. The next request is served."""
 
 from __future__ import annotations
 
