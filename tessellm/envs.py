@@ -57,6 +57,15 @@ def server_dev_mode() -> bool:
     return ours if ours is not None else _switch("VLLM_SERVER_DEV_MODE") is True
 
 
+def compute_nans_in_logits() -> bool:
+    """TESSELLM_COMPUTE_NANS_IN_LOGITS (else vLLM's VLLM_COMPUTE_NANS_IN_LOGITS): "1" has the
+    sampler count each request's NaN logits every step, and /metrics (``LLM.get_metrics()``)
+    count the requests that had any: ``corrupted_requests`` (vLLM's ``vllm:corrupted_requests``).
+    Off by default: a pass over the step's logits that nothing else needs."""
+    ours = _switch("TESSELLM_COMPUTE_NANS_IN_LOGITS")
+    return ours if ours is not None else _switch("VLLM_COMPUTE_NANS_IN_LOGITS") is True
+
+
 def torch_profiler_dir() -> Optional[str]:
     """TESSELLM_TORCH_PROFILER_DIR, else vLLM's VLLM_TORCH_PROFILER_DIR: where
     ``LLM.stop_profile()`` writes each rank's Chrome trace; unset: no trace files."""

@@ -21,6 +21,19 @@ import hashlib
 import json
 from typing import Optional
 
+from tessellm.core.scheduler_config import RequestParamError
+
+# While the cores load a new tokenizer, the front end already tokenizes with it but a grammar
+# compiled now would be the old vocabulary's: constrained requests are refused (503, retry).
+LOADING_REFUSAL = ("structured_outputs: the engine is loading a new tokenizer (set_tokenizer) and cannot "
+                   "constrain output to its vocabulary yet; retry in a moment (requests without "
+                   "structured outputs are served meanwhile).")
+
+
+class TokenizerLoadingError(RequestParamError):
+    """A constrained request added while ``set_tokenizer`` waits for the cores: a temporary
+    refusal (the server answers 503, code "tokenizer_loading"), not bad input."""
+
 
 def tokenizer_name(tokenizer) -> Optional[str]:
     """The name another process can load ``tokenizer`` by, or None (one built in memory)."""

@@ -42,3 +42,6 @@ class EngineCoreOutput:
     # With its finish: what its KV connector handed back (a producer's kv_transfer_params for
     # the decode engine: RequestOutput.kv_transfer_params); None otherwise.
     kv_transfer_params: Optional[dict] = None
+    # NaN logits in this step's rows of the request (TESSELLM_COMPUTE_NANS_IN_LOGITS; vLLM's
+    # name): the front end marks the request corrupted (metrics' corrupted_requests).
+    num_nans_in_logits: int = 0

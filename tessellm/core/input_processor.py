@@ -43,6 +43,9 @@ class InputProcessor:
         # Set when the engine cannot constrain to this tokenizer's vocabulary (set_tokenizer on a
         # data-parallel engine): every constrained request is refused with it.
         self.structured_refusal: Optional[str] = None
+        # True while the cores load a tokenizer set_tokenizer gave (AsyncLLM): constrained
+        # requests are refused for a moment (TokenizerLoadingError).
+        self.structured_loading = False
 
     def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
         """A str, token ids, or a dict (vLLM's TextPrompt / TokensPrompt: ``prompt`` or
@@ -141,6 +144,10 @@ class InputProcessor:
     def _check_structured(self, structured) -> None:
         """Refuse a malformed schema / grammar / regex here, before anything is queued (the
         core compiles it later, off its step loop). Recently accepted specs are remembered."""
+        if self.structured_loading:
+            from tessellm.core.core_tokenizer import LOADING_REFUSAL, TokenizerLoadingError
+
+            raise TokenizerLoadingError(LOADING_REFUSAL, "structured_outputs")
         if self.structured_refusal is not None:
             raise RequestParamError(self.structured_refusal, "structured_outputs")
         key = structured.cache_key()

@@ -63,7 +63,7 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
                  max_model_len: int = 2048, graph_runner=None, pp: Optional[PipelineStage] = None,
                  dtype: torch.dtype = torch.float32, logits_ops=None, spec=None,
                  verify_graph_factory=None, lora=None, pooler=None, decode_overlap=None,
-                 max_num_seqs: int = 256):
+                 max_num_seqs: int = 256, compute_nans: bool = False):
         self.model = model
         self.pp = pp or PipelineStage()
         self.dtype = dtype  # of activations (hidden states sent between stages)
@@ -84,7 +84,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
         # apply_token_bitmask for structured output (the backend's, else the reference's), and the
         # sampler's argmax where the backend has its own (optional in LogitsOps).
         self.logits_ops = (None if self.host_sampling else logits_ops) or ReferenceLogitsOps()
-        self.sampler = Sampler(sample_device, seed, getattr(self.logits_ops, "argmax", None))
+        # compute_nans: NaN logits counted per request (TESSELLM_COMPUTE_NANS_IN_LOGITS)
+        self.sampler = Sampler(sample_device, seed, getattr(self.logits_ops, "argmax", None), compute_nans)
         self.mask_upload = MaskUpload(sample_device)
         self._deferred: Optional[DeferredSample] = None  # a step waiting for its grammar mask
         self.max_model_len = max_model_len

@@ -39,8 +39,11 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
     every draft is accepted (``accept``; benchmark mode of replay)."""
     result, out, start = handle.sampled, handle.out, handle.sample_start
     lp = _host_logprobs(result)
+    nans = result.num_nans.tolist() if result.num_nans is not None else None
     for i, state in enumerate(handle.states):
         first, end = start[i], start[i + 1]
+        if nans is not None and any(nans[first:end]):
+            out.num_nans_in_logits[state.request_id] = sum(nans[first:end])
         if end - first == 1:
             accepted = [tokens[first]]
         else:

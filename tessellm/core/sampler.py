@@ -89,6 +89,9 @@ class SamplerOutput:
     full_ids: Optional[torch.Tensor] = None
     full_logprobs: Optional[torch.Tensor] = None
     full_rows: Optional[list[int]] = None
+    # int64 [B]: NaN logits per row (the model's, or a custom processor's), with compute_nans
+    # (TESSELLM_COMPUTE_NANS_IN_LOGITS); None when not counted.
+    num_nans: Optional[torch.Tensor] = None
 
 
 def seed_for_position(seed: int, position: int) -> int:
@@ -101,8 +104,9 @@ def torch_argmax(x: torch.Tensor, divisor: Optional[torch.Tensor] = None) -> tor
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0, argmax=None):
+    def __init__(self, device: torch.device, seed: int = 0, argmax=None, compute_nans: bool = False):
         self.device = device
+        self.compute_nans = compute_nans  # count NaN logits per row (SamplerOutput.num_nans)
         self.argmax = argmax or torch_argmax  # the backend's LogitsOps.argmax when it has one
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -115,7 +119,10 @@ class Sampler:
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         if batch.all_greedy and batch.max_num_logprobs is None and not _has_edits(batch):
-            return SamplerOutput(self.argmax(logits))  # exact in any float dtype; no copies
+            out = SamplerOutput(self.argmax(logits))  # exact in any float dtype; no copies
+            if self.compute_nans:
+                out.num_nans = count_nans(logits)
+            return out
         raw = logits.float()
         logits = self._edit_logits(raw, batch)
         if batch.all_greedy:
@@ -123,6 +130,8 @@ class Sampler:
         else:
             tokens = self._sample(logits, batch)
         out = SamplerOutput(tokens)
+        if self.compute_nans:
+            out.num_nans = count_nans(raw, logits)
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
@@ -164,6 +173,8 @@ class Sampler:
         tokens = rejection_sample(self.target_probs(raw, batch), draft_ids, draft_probs,
                                   has_draft_probs, self.generator, batch.seeds)
         out = SamplerOutput(tokens)
+        if self.compute_nans:
+            out.num_nans = count_nans(raw, self._edit_logits(raw, batch))
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
@@ -286,6 +297,16 @@ class Sampler:
         if len(outside):
             ahead[outside] = (logprobs[outside] > chosen[outside]).sum(dim=-1)
         return ahead
+
+
+def count_nans(raw: torch.Tensor, edited: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [B]: NaN entries per row of the model's logits (``raw``) or of the logits the row
+    samples from (``edited``: the built-in edits and the custom processors that change the
+    argmax applied), whichever holds them; vLLM's ``num_nans_in_logits``. On the device: no sync."""
+    nans = raw.isnan()
+    if edited is not None and edited is not raw:
+        nans = nans | edited.isnan()
+    return nans.sum(dim=-1)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

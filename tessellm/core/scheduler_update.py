@@ -118,6 +118,7 @@ class SchedulerUpdate:
                                 result.prompt_logprobs.get(rid),
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
                                 kv_transfer_params=req.kv_transfer_params_out,
+                                num_nans_in_logits=result.num_nans_in_logits.get(rid, 0),
                                 **(_schedule_times(req) if first else {}))
 
     def _failed(self, req: Request, error: str) -> EngineCoreOutput:

@@ -197,6 +197,9 @@ class ModelRunnerOutput:
     # apply: every request of that step): request id -> the error. They finish with reason
     # "error", the error as their stop_reason; the engine goes on (docs/logits_processors.md).
     failed: dict[str, str] = field(default_factory=dict)
+    # TESSELLM_COMPUTE_NANS_IN_LOGITS: request id -> NaN logits in its rows of the step (vLLM's
+    # num_nans_in_logits); absent: none, or not counted.
+    num_nans_in_logits: dict[str, int] = field(default_factory=dict)
 
 
 # -- field-by-name encoding helpers (the codecs: tessellm.distributed.codec, engine_process) --

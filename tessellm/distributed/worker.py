@@ -99,7 +99,8 @@ class Worker:
                                       registry, self.backend, graphs, self.dtype),
                                   lora=lora, pooler=_pooler(pooling, model),
                                   decode_overlap=overlap_settings(args),
-                                  max_num_seqs=args.max_num_seqs)
+                                  max_num_seqs=args.max_num_seqs,
+                                  compute_nans=envs.compute_nans_in_logits())
         self._runner_inputs(model, spec)
         if pooling is None and self.pp.is_last:  # the rank samples: its custom logits processors
             self.runner.logitsprocs = _logits_processors(args, source, self.max_model_len, self.dtype,

@@ -228,21 +228,38 @@ class AsyncLLM:
         its vocabulary. The cores (other processes) load it by name and answer its vocabulary's
         digest; where it has no name, or a core cannot load it or loads another vocabulary,
         constrained requests are refused at the edge, naming why, until a tokenizer the cores
-        hold is set again (``tessellm.core.core_tokenizer``). Requests in flight keep theirs.
-        Calls that overlap take turns (else one that finds its vocabulary held while an earlier
-        call is still loading another in the cores would leave front end and cores apart)."""
+        hold is set again (``tessellm.core.core_tokenizer``), and while the cores load it
+        (``_load_core_tokenizer``). Requests in flight keep theirs. Calls that overlap take
+        turns (else one that finds its vocabulary held while an earlier call is still loading
+        another in the cores would leave front end and cores apart)."""
         async with self._set_tokenizer_turn:
             use_front_tokenizer(self, tokenizer)
             self._max_token_chars = None  # check_text_fits: the new vocabulary's longest token
-            call, answers = self._core_tokenizer.ask(tokenizer), None
-            if call is not None:
-                try:
-                    answers = await self.call_all("set_tokenizer", _SET_TOKENIZER_TIMEOUT_S, call)
-                except asyncio.TimeoutError:
-                    late = {"error": f"no answer to 'set_tokenizer' within {_SET_TOKENIZER_TIMEOUT_S:.0f}s"}
-                    answers = [late] * self.cores.size
-            names = [self.cores.name(i) for i in range(self.cores.size)]
-            self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, names)
+            call = self._core_tokenizer.ask(tokenizer)
+            answers = None if call is None else await self._load_core_tokenizer(tokenizer, call)
+            self.inputs.structured_refusal = self._core_tokenizer.settle(tokenizer, answers, self._core_names())
+
+    def _core_names(self) -> list[str]:
+        return [self.cores.name(i) for i in range(self.cores.size)]
+
+    async def _load_core_tokenizer(self, tokenizer, call: list) -> list[dict]:
+        """Each core's answer to ``set_tokenizer``. Meanwhile the front end tokenizes with the
+        new tokenizer while the cores may still compile grammars against the old one, so
+        constrained requests are refused (TokenizerLoadingError, 503: retry) rather than held:
+        ``add_request`` is synchronous, and a hold could last the whole timeout. A call
+        cancelled half-way leaves them refused, naming it, until set_tokenizer is called again."""
+        self.inputs.structured_loading = True
+        try:
+            return await self.call_all("set_tokenizer", _SET_TOKENIZER_TIMEOUT_S, call)
+        except asyncio.TimeoutError:
+            return [{"error": f"no answer to 'set_tokenizer' within {_SET_TOKENIZER_TIMEOUT_S:.0f}s"}] * self.cores.size
+        except asyncio.CancelledError:
+            cancelled = {"error": "the set_tokenizer call was cancelled before it answered"}
+            self.inputs.structured_refusal = self._core_tokenizer.settle(
+                tokenizer, [cancelled] * self.cores.size, self._core_names())
+            raise
+        finally:
+            self.inputs.structured_loading = False
 
     def max_token_chars(self) -> int:
         """An upper bound of characters per token: the longest vocabulary entry, x4 for

@@ -94,6 +94,7 @@ class BeamSearch:
         self.completed: list[BeamSearchSequence] = []
         self.failed: Optional[BeamSearchSequence] = None  # the engine failed one of its steps
         self.cache_salt: Optional[str] = None  # the prompt's (vLLM's cache_salt), for every step
+        self.priority = 0  # the request's (vLLM's priority), for every step
 
     def live(self) -> list[list[int]]:
         """The token lists to extend this step (none when done)."""
@@ -180,10 +181,15 @@ def step_logprobs(out) -> Union[None, dict[int, Logprob], StepFailed]:
     return logprobs[0] if logprobs else None
 
 
-def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> list[BeamSearchOutput]:
-    """``LLM.beam_search``: every step one ``LLM.generate`` over all prompts' live beams."""
+def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None,
+                priority: Optional[list[int]] = None) -> list[BeamSearchOutput]:
+    """``LLM.beam_search``: every step one ``LLM.generate`` over all prompts' live beams, each
+    at its prompt's ``priority`` (one per prompt; None: 0)."""
     if isinstance(prompts, (str, dict)):
         prompts = [prompts]
+    if priority is not None and len(priority) != len(prompts):
+        raise ValueError(f"beam_search(priority=...) has {len(priority)} values for {len(prompts)} "
+                         "prompts; give one priority per prompt.")
     engine = llm.engine
     tokenizer, info = engine.tokenizer, engine.info
     processed = [engine.inputs.process_prompt(p) for p in prompts]
@@ -193,8 +199,8 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
         raise ValueError("beam_search extends prompts by token ids; it does not take prompt_embeds. "
                          "Use generate.")
     searches = [BeamSearch(p.prompt_token_ids, params, info.eos_token_ids, info.max_model_len) for p in processed]
-    for search, p in zip(searches, processed):
-        search.cache_salt = p.cache_salt
+    for search, p, prio in zip(searches, processed, priority or [0] * len(processed)):
+        search.cache_salt, search.priority = p.cache_salt, prio
     sampling = step_params(params, info.vocab_size)
     steps = drive(searches)
     try:
@@ -202,7 +208,8 @@ def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None) -> li
         while True:
             beams = [{"prompt_token_ids": t, **({"cache_salt": s.cache_salt} if s.cache_salt else {})}
                      for s, t in batch]
-            outs = llm.generate(beams, sampling, use_tqdm=False, lora_request=lora_request)
+            outs = llm.generate(beams, sampling, use_tqdm=False, lora_request=lora_request,
+                                priority=[s.priority for s, _ in batch] if priority is not None else None)
             batch = steps.send([step_logprobs(o) for o in outs])
     except StopIteration:
         pass

@@ -195,14 +195,15 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def beam_search(self, prompts, params, lora_request=None) -> list:
+    def beam_search(self, prompts, params, lora_request=None, *, priority: Optional[list[int]] = None) -> list:
         """vLLM's ``LLM.beam_search``: per prompt a ``BeamSearchOutput`` whose ``sequences``
         (best first, at most ``params.beam_width``) hold ``tokens`` (prompt + output), ``text``
         and ``cum_logprob``. ``params``: ``tessellm.entrypoints.beam_search.BeamSearchParams``;
-        the algorithm and how it differs from HF's: that module's docstring."""
+        the algorithm and how it differs from HF's: that module's docstring. ``priority``: as
+        ``generate``'s, one per prompt, for every step's requests of its search."""
         from tessellm.entrypoints.beam_search import run_offline
 
-        return run_offline(self, prompts, params, lora_request)
+        return run_offline(self, prompts, params, lora_request, priority)
 
     def chat(self, messages, sampling_params=None, use_tqdm: Union[bool, Callable] = True, lora_request=None,
              chat_template: Optional[str] = None, chat_template_content_format: str = "auto",

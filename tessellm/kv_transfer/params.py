@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from tessellm.kv_transfer.address import host_key, join_host_port
+
 # The keys tessellm reads, and what each may hold (others are accepted and ignored: a proxy
 # may pass on keys of another connector's).
 _BOOLS = ("do_remote_decode", "do_remote_prefill")
@@ -38,9 +40,8 @@ def check_kv_transfer_params(params: dict) -> None:
                          "producer) or the decode half (do_remote_prefill: the producer's "
                          "response params, sent to the consumer), not both.")
     host, port = params.get("remote_host"), params.get("remote_port")
-    if host is not None and (not isinstance(host, str) or not host or any(c.isspace() for c in host)):
-        raise ValueError("kv_transfer_params.remote_host must be the producer's host name or "
-                         f"address (as its response gave it), got {host!r}.")
+    if host is not None:  # a host name, IPv4, or IPv6 bare or in brackets (address.py)
+        host_key(host, "kv_transfer_params.remote_host (the producer's, as its response gave it)")
     if port is not None and (not _is_int(port) or not 0 < port < 65536):
         raise ValueError("kv_transfer_params.remote_port must be the producer's KV port, an "
                          f"integer 1-65535 (as its response gave it), got {port!r}.")
@@ -69,13 +70,18 @@ def remote_decode(params: Optional[dict]) -> bool:
 
 def remote_producer(params: Optional[dict]) -> Optional[str]:
     """``"host:port"`` of the producer a decode request names (``do_remote_prefill`` with
-    ``remote_host`` and ``remote_port``: its rank 0's KV port), or None (none named)."""
+    ``remote_host`` and ``remote_port``: its rank 0's KV port), or None (none named, or a host
+    the edge would have refused). The host lower-case, an IPv6 one in brackets
+    (``[fe80::1]:14579``; ``address.py``), as ``allowed_producers`` entries are compared."""
     if not params or not params.get("do_remote_prefill"):
         return None
     host, port = params.get("remote_host"), params.get("remote_port")
     if host is None or port is None:
         return None
-    return f"{host}:{port}"
+    try:
+        return join_host_port(host_key(host, "remote_host"), port)
+    except ValueError:
+        return None
 
 
 ANY_PRODUCER = "*"  # an allowed_producers entry: a request may name any producer
@@ -83,7 +89,8 @@ ANY_PRODUCER = "*"  # an allowed_producers entry: a request may name any produce
 
 def producer_allowed(where: str, allowed) -> bool:
     """Whether a consumer may fetch from ``where`` (``"host:port"``, ``remote_producer``'s):
-    ``allowed`` None (any), or ``where`` or its host among the entries."""
+    ``allowed`` None (any), or ``where`` or its host among the entries (``address.producer_key``'s
+    forms: host names case-blind, ``[v6]`` or ``[v6]:port``)."""
     return allowed is None or where in allowed or where.rpartition(":")[0] in allowed
 
 
@@ -97,7 +104,8 @@ def check_producer(params: Optional[dict], allowed) -> None:
     raise ValueError(f"kv_transfer_params names the KV producer {where}, which this engine does "
                      f"not fetch from (its producers: {listed}). List it in the consumer's "
                      "--kv-transfer-config kv_connector_extra_config.allowed_producers (\"host\" "
-                     "or \"host:port\"; [\"*\"]: any producer a request names, only behind a "
+                     "or \"host:port\", an IPv6 address in brackets; [\"*\"]: any producer a "
+                     "request names, only behind a "
                      "trusted proxy), or send the request without do_remote_prefill.")
 
 

@@ -64,6 +64,7 @@ from typing import Optional
 import numpy as np
 
 from tessellm.kv_transfer import shared_storage_format as fmt
+from tessellm.kv_transfer.address import host_key, join_host_port, producer_key, split_host_port
 from tessellm.kv_transfer.peer_backoff import PeerBackoff
 from tessellm.kv_transfer.params import (ANY_PRODUCER, decode_params, producer_allowed, remote_decode,
                                          remote_producer)
@@ -345,13 +346,14 @@ class BlockServer:
         self.store, self.namespace = store, namespace.encode()
         self.sock = zmq_context.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IPV6, 1)  # an IPv6 kv_bind (an IPv4 one works as before)
+        self.address = join_host_port(bind, port)
         try:
-            self.sock.bind(f"tcp://{bind}:{port}")
+            self.sock.bind(f"tcp://{self.address}")
         except zmq.ZMQError as exc:
             self.sock.close()
-            raise ValueError(f"ZmqPeerConnector cannot listen on {bind}:{port} ({exc}); give "
+            raise ValueError(f"ZmqPeerConnector cannot listen on {self.address} ({exc}); give "
                              "another kv_port (rank r listens on kv_port + r) or kv_bind.") from None
-        self.address = f"{bind}:{port}"
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, name="tessellm-kv-serve", daemon=True)
         self.thread.start()
@@ -450,6 +452,7 @@ class _Clients:
             self._drop(oldest, socks[oldest])
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, 1)  # a producer at an IPv6 address ("[v6]:port")
         try:
             sock.connect(f"tcp://{address}")
         except zmq.ZMQError as exc:
@@ -528,11 +531,11 @@ class _Clients:
 
 
 def _host_port(address) -> Optional[tuple]:
-    """``"host:port"`` as ``(host, port)``, or None: not of that form."""
-    host, _, port = address.rpartition(":") if isinstance(address, str) else ("", "", "")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """``"host:port"`` (``"[v6]:port"``) as ``(host, port)``, or None: not of that form."""
+    try:
+        return split_host_port(address, "address")
+    except ValueError:
         return None
-    return host, int(port)
 
 
 def _reachable_host(bind: str) -> str:
@@ -578,16 +581,20 @@ class ZmqPeerConnector(SharedStorageConnector):
                              f"for the producer, in seconds; got {timeout!r}.")
         self.peer = None  # the default producer (kv_peer); requests may name others
         if self.config.is_consumer and peer is not None:
-            self.peer = _host_port(peer)
-            if self.peer is None:
-                raise ValueError(f"ZmqPeerConnector's kv_peer is the default producer's "
-                                 "'host:port' (its kv_host or kv_bind address and kv_port), e.g. "
-                                 f"'10.0.0.5:{_DEFAULT_PORT}'; got {peer!r}. Leave it out to fetch "
-                                 "only from the producers requests name (kv_transfer_params).")
+            try:
+                self.peer = split_host_port(peer, "kv_peer")
+            except ValueError as exc:
+                raise ValueError(f"ZmqPeerConnector's kv_peer is the default producer's 'host:port' "
+                                 "(its kv_host or kv_bind address and kv_port), e.g. "
+                                 f"'10.0.0.5:{_DEFAULT_PORT}'. {exc} Leave it out to fetch only from "
+                                 "the producers requests name (kv_transfer_params).") from None
+        bind = host_key(bind, "ZmqPeerConnector's kv_bind (the address it listens on)")
         host = extra.get("kv_host")
         if host is not None and (not isinstance(host, str) or not host or host in _WILDCARDS):
             raise ValueError(f"ZmqPeerConnector's kv_host is the address consumers reach this "
                              f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got {host!r}.")
+        if host is not None:
+            host = host_key(host, "ZmqPeerConnector's kv_host (handed back as remote_host)")
         self.host = host or _reachable_host(bind)
         allowed = extra.get("allowed_producers")
         if allowed is not None and (not isinstance(allowed, list) or not all(
@@ -598,9 +605,10 @@ class ZmqPeerConnector(SharedStorageConnector):
                              f"['10.0.0.5', '10.0.0.6:{_DEFAULT_PORT}'], or ['*'] for any (only "
                              f"behind a trusted proxy); leave it out for kv_peer alone; got {allowed!r}.")
         # Whom requests may name (docs/kv_transfer.md, "Whom a consumer asks"): None, any;
-        # else these entries and kv_peer (unset: kv_peer alone)
+        # else these entries and kv_peer (unset: kv_peer alone), as address.producer_key has them
         self.allowed = None if allowed is not None and ANY_PRODUCER in allowed else frozenset(
-            (allowed or []) + ([f"{self.peer[0]}:{self.peer[1]}"] if self.peer else []))
+            [producer_key(a, "ZmqPeerConnector's allowed_producers") for a in allowed or []]
+            + ([join_host_port(*self.peer)] if self.peer else []))
         self._refused: set = set()  # the producers told refused in the log (a few at most)
         self.engine_id = uuid.uuid4().hex  # handed back as remote_engine_id (messages only)
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
@@ -618,13 +626,13 @@ class ZmqPeerConnector(SharedStorageConnector):
         return f"{key}.r{rank}"
 
     def store_name(self) -> str:
-        return f"the peer {self.peer[0]}:{self.peer[1]}" if self.peer else "no peer"
+        return f"the peer {join_host_port(*self.peer)}" if self.peer else "no peer"
 
     def _rank_address(self, rank: int, where: Optional[str] = None) -> Optional[str]:
         """``host:port`` of the producer's rank (``where``: a producer a request named, its
         rank 0's ``host:port``; None: kv_peer), or None: no producer."""
         peer = _host_port(where) if where is not None else self.peer
-        return None if peer is None else f"{peer[0]}:{peer[1] + rank}"
+        return None if peer is None else join_host_port(peer[0], peer[1] + rank)
 
     def allowed_producers(self) -> Optional[list]:
         if not self.config.is_consumer or self.allowed is None:
@@ -694,7 +702,7 @@ class ZmqPeerConnector(SharedStorageConnector):
         """The probe of a peer marked down by a lookup timeout (``StoreHealth``): a "has" of
         no keys to every producer rank (not the ranks' own back-off), answered in 1 s."""
         for rank in range(self.context.world_size):
-            address = f"{self.peer[0]}:{self.peer[1] + rank}" if self.peer else None
+            address = join_host_port(self.peer[0], self.peer[1] + rank) if self.peer else None
             reply = None if address is None else self._zmq.request(
                 address, [b"has", self.context.namespace.encode()], _LOOKUP_TIMEOUT_S)
             if reply is None or reply[0] != b"ok":

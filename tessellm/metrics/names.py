@@ -47,7 +47,7 @@ METRICS_NAMES = ("tessellm", "vllm", "both")
 # spec_decode/metrics.py, the offloading connector's metrics).
 VLLM_FAMILIES = frozenset({
     "num_requests_running", "num_requests_waiting", "num_requests_waiting_by_reason",
-    "kv_cache_usage_perc", "num_preemptions",
+    "kv_cache_usage_perc", "num_preemptions", "corrupted_requests",
     "prefix_cache_queries", "prefix_cache_hits", "external_prefix_cache_queries",
     "external_prefix_cache_hits", "kv_offload_total_bytes", "kv_offload_cpu_cache_usage_perc",
     "prompt_tokens", "prompt_tokens_by_source", "prompt_tokens_cached", "prompt_tokens_recomputed",
@@ -170,4 +170,5 @@ def engine_metrics_options(args, info) -> dict:
     names = resolve_metrics_names(args.metrics_names)
     return {"names": names, "data_parallel_size": args.data_parallel_size,
             "kv_cache_metrics": args.kv_cache_metrics,
+            "corrupted_requests": envs.compute_nans_in_logits(),  # the sampler counts NaN logits
             "cache_config": cache_config_labels(args, info) if names != "tessellm" else None}

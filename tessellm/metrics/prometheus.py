@@ -75,20 +75,23 @@ class EngineMetrics(RequestMetrics):
     (``tessellm.metrics.names``); ``data_parallel_size``: the engine cores the stats come from
     (> 1: no ``engine`` label on vLLM's names of whole-engine series); ``cache_config``
     (block_size, num_gpu_blocks, ...): the labels of ``vllm:cache_config_info``;
-    ``kv_cache_metrics``: the KV block residency histograms (``--kv-cache-metrics``). A histogram's
+    ``kv_cache_metrics``: the KV block residency histograms (``--kv-cache-metrics``);
+    ``corrupted_requests``: the count of requests with NaN logits (TESSELLM_COMPUTE_NANS_IN_LOGITS
+    on, where the sampler counts them). A histogram's
     ``vllm:`` name has vLLM's bucket bounds (``tessellm.metrics.vllm_buckets``), its
     ``tessellm:`` name tessellm's.
     """
 
     def __init__(self, model_name: str, registry: CollectorRegistry, max_model_len: int = 8192,
                  num_engines: int = 1, names: str = "tessellm", data_parallel_size: int = 1,
-                 cache_config: Optional[dict] = None, kv_cache_metrics: bool = False):
+                 cache_config: Optional[dict] = None, kv_cache_metrics: bool = False,
+                 corrupted_requests: bool = False):
         self.model_name = model_name
         self.registry = registry
         self.view = NamedView(registry, names, max(num_engines, data_parallel_size), cache_config)
         self._vllm_buckets = vllm_buckets(max_model_len)
         self._add_core_metrics()
-        self._add_request_metrics(one_two_five_buckets(max_model_len))
+        self._add_request_metrics(one_two_five_buckets(max_model_len), corrupted_requests)
         self.residency = self._residency_metrics() if kv_cache_metrics else None
         if num_engines > 1:
             self._add_engine_metrics(num_engines)

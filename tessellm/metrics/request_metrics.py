@@ -55,8 +55,12 @@ class RequestMetrics:
         return Histogram(PREFIX + name, doc, ["model_name"], registry=self.view.twins,
                          buckets=buckets).labels(model_name=self.model_name)
 
-    def _add_request_metrics(self, token_buckets: tuple[float, ...]) -> None:
-        """What the front end measures from the outputs (``IterationStats``)."""
+    def _add_request_metrics(self, token_buckets: tuple[float, ...], corrupted_requests: bool = False) -> None:
+        """What the front end measures from the outputs (``IterationStats``); ``corrupted_requests``:
+        the counter of requests with NaN logits, only where they are counted (vLLM's, under
+        VLLM_COMPUTE_NANS_IN_LOGITS: ``tessellm.envs.compute_nans_in_logits``)."""
+        self.corrupted = self._child(Counter, "corrupted_requests_total", "Requests whose logits held "
+                                     "a NaN in some step (counted when they finish).") if corrupted_requests else None
         self.prompt_tokens = self._child(Counter, "prompt_tokens_total", "Prompt tokens of requests "
                                          "that produced their first token (cached ones included).")
         self.generation_tokens = self._child(Counter, "generation_tokens_total",
@@ -138,6 +142,8 @@ class RequestMetrics:
 
     def _observe_finished(self, fin: FinishedRequest) -> None:
         self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()
+        if fin.is_corrupted and self.corrupted is not None:  # once per request, when it ends (vLLM's)
+            self.corrupted.inc()
         if fin.by_client:  # the client left: its latency says nothing of the engine (vLLM: not observed)
             return
         self.e2e.observe(fin.e2e_latency)

@@ -96,7 +96,8 @@ class RequestStateStats:
     first_token_ts: float = 0.0  # core, monotonic: the core's outputs carrying its first token
     last_token_ts: float = 0.0  # core, monotonic: those carrying its newest token
     first_token_latency: float = 0.0  # seconds, arrival to its first token at the front end (TTFT)
-    is_corrupted: bool = False  # vLLM's NaN-in-logits flag: tessellm does not check, always False
+    # vLLM's: some step's logits held a NaN (counted only with TESSELLM_COMPUTE_NANS_IN_LOGITS)
+    is_corrupted: bool = False
     # tessellm's (wall clock, time.time())
     num_prompt_tokens: int = 0
     first_scheduled_time: Optional[float] = None  # from the core: when it left the queue
@@ -110,6 +111,8 @@ class RequestStateStats:
             self.queued_ts = out.queued_ts
         if out.scheduled_ts is not None and not self.scheduled_ts:
             self.scheduled_ts = out.scheduled_ts
+        if out.num_nans_in_logits:
+            self.is_corrupted = True
         if num_new_tokens:
             self.first_token_ts = self.first_token_ts or core_ts
             self.last_token_ts = core_ts
@@ -149,6 +152,7 @@ class FinishedRequest:
     # The client aborted it in the front end (went away, ``abort_request``): counted in
     # request_success{abort} only. An abort the core reports (it refused the request) is False.
     by_client: bool = False
+    is_corrupted: bool = False  # its logits held a NaN in some step (RequestStateStats.is_corrupted)
 
 
 def _phase_times(times: "RequestStateStats") -> dict:
@@ -253,7 +257,7 @@ class IterationStats:
                                              times.num_prompt_tokens, times.num_generation_tokens,
                                              max_tokens_param=max_tokens,
                                              num_cached_tokens=num_cached_tokens, by_client=by_client,
-                                             **_phase_times(times)))
+                                             is_corrupted=times.is_corrupted, **_phase_times(times)))
 
     def observe_request_finished(self, n: int, num_generation_tokens: list[int]) -> None:
         """A request's last sample finished (through the core: not aborted by the client):

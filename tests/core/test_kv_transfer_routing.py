@@ -380,3 +380,69 @@ def test_a_routed_producer_that_dies_mid_transfer_is_a_recompute_and_leaves_noth
         finally:
             consumer.shutdown()
             waiting.shutdown()
+
+
+def _ipv6_loopback() -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback (::1)")
+
+
+def test_addresses_ipv6_in_brackets_and_host_names_case_blind():
+    """``host:port`` splits at the last colon only outside brackets: ``[v6]:port`` reads, a
+    bare IPv6 address with a port is refused as ambiguous (one error naming the fix);
+    allowed_producers entries and a request's producer compare host names case-blind and
+    IPv6 addresses in their short form."""
+    from tessellm.kv_transfer import (KVConnectorContext, KVConnectorRole, make_connector,
+                                      parse_kv_transfer_config)
+    from tessellm.kv_transfer.address import split_host_port
+    from tessellm.kv_transfer.params import check_producer, remote_producer
+
+    assert split_host_port("[FE80:0::1]:14579", "kv_peer") == ("fe80::1", 14579)
+    assert split_host_port("Node-A:14579", "kv_peer") == ("node-a", 14579)
+    for bad in ("fe80::1:14579", "::1"):
+        with pytest.raises(ValueError, match=r"kv_peer '.*' is ambiguous: .*in brackets, '\[ADDRESS\]:PORT'"):
+            split_host_port(bad, "kv_peer")
+    with pytest.raises(ValueError, match=r"remote_host .*IPv6 address bare or in brackets"):
+        SamplingParams(kv_transfer_params={"do_remote_prefill": True, "remote_host": "[not-v6]", "remote_port": 1})
+
+    def consumer(**extra):
+        kv = parse_kv_transfer_config(_peer("kv_consumer", **extra))
+        return make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+
+    for extra in ({"kv_peer": "::1:14579"}, {"allowed_producers": ["fe80::1"]}):
+        with pytest.raises(ValueError, match="is ambiguous: a bare IPv6 address"):
+            consumer(**extra)
+    conn = consumer(allowed_producers=["Node-A", "[FE80::1]:14579", "[::1]"], kv_peer="[::1]:7")
+    try:
+        assert conn.allowed_producers() == ["[::1]", "[::1]:7", "[fe80::1]:14579", "node-a"]
+        allowed = conn.allowed_producers()
+        for host, port in (("NODE-A", 9), ("fe80:0:0::1", 14579), ("[::1]", 5), ("::1", 6)):
+            where = remote_producer({"do_remote_prefill": True, "remote_host": host, "remote_port": port})
+            check_producer({"do_remote_prefill": True, "remote_host": host, "remote_port": port}, allowed)
+            assert conn._rank_address(1, where) == where[:where.rindex(":") + 1] + str(port + 1)
+        with pytest.raises(ValueError, match=r"names the KV producer \[fe80::1\]:1, which"):
+            check_producer({"do_remote_prefill": True, "remote_host": "fe80::1", "remote_port": 1}, allowed)
+    finally:
+        conn.shutdown()
+
+
+def test_a_producer_on_ipv6_loopback_serves_its_consumer(tiny_model_dir):
+    """A producer listening on ``::1`` (kv_bind) hands back remote_host ``::1``; a consumer
+    allowed ``[::1]`` connects to ``[::1]:port`` (ZeroMQ with IPv6 on) and loads the prompt's
+    blocks: a plain engine's greedy tokens, 40 tokens cached."""
+    _ipv6_loopback()
+    model = tiny_model_dir("llama")
+    prompt = _prompts(1, seed=5)[0]
+    want = _plain(model, [prompt])[0]
+    port = _free_port()
+    with _llm(model, _peer("kv_producer", kv_port=port, kv_bind="::1")) as producer, \
+            _llm(model, _peer("kv_consumer", timeout_s=5.0, allowed_producers=["[::1]"])) as consumer:
+        params = _greedy(producer, prompt, 1, PREFILL).kv_transfer_params
+        assert (params["remote_host"], params["remote_port"]) == ("::1", port)
+        out = _greedy(consumer, prompt, params=params)
+        assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want, 40)

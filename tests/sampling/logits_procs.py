@@ -161,3 +161,15 @@ class FlatteningProcessor(_FlaggedRows):
         for row in self.rows:
             logits[row] /= 100.0
         return logits
+
+
+class NanProcessor(_FlaggedRows):
+    """A broken processor: the rows of a request with extra_args {"nan": true} get a NaN logit
+    (token 0's), as a model with an overflow would give them."""
+
+    FLAG = "nan"
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        for row in self.rows:
+            logits[row, 0] = float("nan")
+        return logits

@@ -196,3 +196,79 @@ def test_a_failed_step_ends_its_search_with_error(tiny):
                                  BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True))[0]
         assert [len(s.tokens) for s in served.sequences] == [len(PROMPTS[0]) + 4] * 2
         assert all(s.finish_reason is None for s in served.sequences)
+
+
+def test_offline_beam_search_takes_a_priority_per_prompt(tiny):
+    """``LLM.beam_search(priority=...)``, as ``generate``'s: one per prompt, for every step of its
+    search; a first-come-first-served engine refuses a non-zero one naming the flag (it reaches
+    the engine: not dropped to 0), a priority engine gives the same beams as without."""
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with LLM(tiny, **ENGINE) as llm:
+        with pytest.raises(ValueError, match=r"priority is 2, .*scheduling_policy='priority'"):
+            llm.beam_search(prompts, params, priority=[0, 2])
+        with pytest.raises(ValueError, match="1 values for 2 prompts; give one priority per prompt"):
+            llm.beam_search(prompts, params, priority=[1])
+        want = [[s.tokens for s in o.sequences] for o in llm.beam_search(prompts, params)]
+    with LLM(tiny, **ENGINE, scheduling_policy="priority") as llm:
+        got = llm.beam_search(prompts, params, priority=[3, -2])
+    assert [[s.tokens for s in o.sequences] for o in got] == want
+
+
+class _Connected:
+    """The HTTP request's side the search reads: the client never leaves."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+async def _served_first(tiny: str) -> list[str]:
+    """A priority engine of one sequence at a time, busy with a long request: a plain request
+    (priority 0), then the server's beam search at priority -5, queue behind it; which ends
+    first once the slot frees."""
+    import asyncio
+
+    from tessellm import SamplingParams
+    from tessellm.config import EngineArgs
+    from tessellm.core.input_processor import ProcessedPrompt
+    from tessellm.entrypoints.async_llm import AsyncLLM
+    from tessellm.entrypoints.openai.beam_search import beam_search
+
+    engine = AsyncLLM(EngineArgs(model=tiny, **ENGINE, scheduling_policy="priority", max_num_seqs=1,
+                                 enforce_eager=True))
+    order: list[str] = []
+
+    async def run(tag: str, prompt: list, max_tokens: int) -> None:
+        async for _ in engine.generate({"prompt_token_ids": prompt}, SamplingParams(
+                max_tokens=max_tokens, temperature=0, ignore_eos=True), request_id=tag):
+            if tag == "long" and not started.is_set():
+                started.set()
+        order.append(tag)
+
+    async def beams() -> None:
+        await beam_search(engine, [ProcessedPrompt(None, PROMPTS[1])],
+                          [BeamSearchParams(beam_width=2, max_tokens=1, ignore_eos=True)], None, None,
+                          _Connected(), 1.0, priority=-5)
+        order.append("beam")
+
+    try:
+        engine.start()
+        started = asyncio.Event()
+        long = asyncio.ensure_future(run("long", PROMPTS[0], 400))
+        await started.wait()
+        plain = asyncio.ensure_future(run("plain", PROMPTS[1], 1))
+        await asyncio.sleep(0)  # the plain request is in the engine first
+        await asyncio.gather(beams(), plain, long)
+    finally:
+        await engine.shutdown()
+    return order
+
+
+def test_server_beam_search_runs_at_the_request_priority(tiny):
+    """The server's beam search (openai/beam_search.py) sends every step's beams at the
+    request's priority: behind a running request, its step at -5 is served before a plain
+    request at 0 that came first (at priority 0, as before, it would wait its turn)."""
+    import asyncio
+
+    order = asyncio.run(_served_first(tiny))
+    assert order == ["long", "beam", "plain"], order

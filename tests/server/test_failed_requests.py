@@ -2,8 +2,8 @@
 raises while a request sampled at a poisoned temperature is in the step) at the routes whose
 requests carry no ``vllm_xargs``: /v1/responses and beam search (``use_beam_search``). Not
 streamed, the client gets vLLM's HTTP 500 error object; streamed, /v1/responses ends with vLLM's
-``error`` event then OpenAI's ``response.failed`` (status "failed" with an error), beam search
-with the error object then ``[DONE]``. The next request is served."""
+``error`` event then OpenAI's ``response.failed`` (status "failed" with an error; stored, so
+GET answers it), beam search with the error object then ``[DONE]``. The next request is served."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ BEAM_ROUTES = [("/v1/completions", {"prompt": "Hi"}),
 
 @pytest.fixture(scope="module")
 def http(server_factory):
-    srv = server_factory(["--logits-processors", "tests.sampling.failing_procs:PoisonedTemperatureProcessor"])
+    srv = server_factory(["--logits-processors", "tests.sampling.failing_procs:PoisonedTemperatureProcessor",
+                          "--responses-store-size", "8"])
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=300) as client:
         yield client
 
@@ -63,6 +64,9 @@ def test_responses_failed_stream_ends_with_error_then_response_failed(http):
     assert (error.code, error.message) == ("500", "Internal server error")
     assert failed.response.status == "failed" and failed.response.id == events[0]["response"]["id"]
     assert (failed.response.error.code, failed.response.error.message) == ("server_error", "Internal server error")
+    stored = http.get(f"/v1/responses/{failed.response.id}")  # kept (store defaults to true), as OpenAI
+    assert stored.status_code == 200, stored.text
+    assert stored.json() == events[3]["response"]
     _served(http)
 
 

@@ -141,7 +141,7 @@ async def _async_scenario(args: dict, named, unnamed):
             await engine.set_tokenizer(big)
         assert engine.tokenizer is own  # refused: nothing changed
 
-        await engine.set_tokenizer(named)
+        await _refused_while_the_core_loads(engine, named)
         out = await run("named", _constrained())
         assert out.prompt_token_ids == named.encode("the cat sat")  # tokenized with it
         text = out.outputs[0].text
@@ -158,6 +158,43 @@ async def _async_scenario(args: dict, named, unnamed):
         assert re.fullmatch(REGEX, out.outputs[0].text) and out.prompt_token_ids == own.encode("the cat sat")
     finally:
         await engine.shutdown()
+
+
+async def _loading(engine, tokenizer):
+    """``set_tokenizer(tokenizer)`` started, awaiting the core's answer."""
+    import asyncio
+
+    call = asyncio.ensure_future(engine.set_tokenizer(tokenizer))
+    for _ in range(1000):
+        if engine.inputs.structured_loading:
+            return call
+        await asyncio.sleep(0)
+    raise AssertionError("set_tokenizer never asked the core")
+
+
+async def _refused_while_the_core_loads(engine, named):
+    """While the core loads ``named`` the front end already tokenizes with it: a constrained
+    request is refused (the server's 503, retry), a plain one served; a call cancelled half-way
+    leaves constrained requests refused, naming it, until set_tokenizer settles again."""
+    from tessellm.core.core_tokenizer import TokenizerLoadingError
+    from tessellm.entrypoints.openai.serving import engine_error
+
+    cancelled = await _loading(engine, named)
+    cancelled.cancel()
+    with pytest.raises(BaseException):
+        await cancelled
+    with pytest.raises(ValueError, match="cancelled before it answered"):
+        engine.add_request("after-cancel", "the cat sat", _constrained())
+
+    call = await _loading(engine, named)
+    with pytest.raises(TokenizerLoadingError, match="loading a new tokenizer") as refused:
+        engine.add_request("during", "the cat sat", _constrained())
+    error = engine_error(refused.value)
+    assert (error.status, error.param, error.code) == (503, "structured_outputs", "tokenizer_loading")
+    engine.add_request("plain-during", "the cat sat", SamplingParams(max_tokens=2))
+    engine.abort("plain-during")
+    await call
+    assert not engine.inputs.structured_loading and engine.inputs.structured_refusal is None
 
 
 def test_async_llm_set_tokenizer(tiny_llm_args, tmp_path):

@@ -53,9 +53,12 @@ def beam_params(req, max_tokens: int, defaults: dict, structured) -> BeamSearchP
 
 
 async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamSearchParams], lora,
-                      cache_salt: Optional[str], http_request, heartbeat: float) -> list[RequestOutput]:
+                      cache_salt: Optional[str], http_request, heartbeat: float,
+                      priority: int = 0) -> list[RequestOutput]:
     """One RequestOutput per prompt whose ``outputs`` are its best beams (``index`` = rank);
-    every step's beams go to the engine together, and a client that leaves aborts them."""
+    every step's beams go to the engine together, at the request's ``priority`` (vLLM's field,
+    checked against the scheduling policy by ``sampling.check_limits``), and a client that
+    leaves aborts them."""
     _check_prompts(prompts)
     info = engine.info
     searches = [BeamSearch(p.prompt_token_ids, bp, info.eos_token_ids, info.max_model_len)
@@ -66,7 +69,7 @@ async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamS
         batch, step = next(steps), 0
         while True:
             sub = submit(engine, f"{base}-{step}", [ProcessedPrompt(None, t) for _, t in batch],
-                         [sampling] * len(batch), lora, cache_salt)
+                         [sampling] * len(batch), lora, cache_salt, priority)
             outs = await collect(engine, sub, http_request, heartbeat)
             batch, step = steps.send([step_logprobs(o) for o in outs]), step + 1
     except StopIteration:
@@ -76,13 +79,13 @@ async def beam_search(engine, prompts: list[ProcessedPrompt], params: list[BeamS
 
 def beam_search_stream(engine, prompts: list[ProcessedPrompt], params: list[BeamSearchParams], lora,
                        cache_salt: Optional[str], http_request, heartbeat: float,
-                       renderer: ChunkRenderer, stream_options):
+                       renderer: ChunkRenderer, stream_options, priority: int = 0):
     """``stream: true``: the search runs as a task from now; the stream sends a keep-alive every
     ``heartbeat`` seconds until it ends, then its beams through ``renderer``. A client that
     leaves cancels the task, which aborts the step in flight."""
     _check_prompts(prompts)  # a 400 before the stream starts
     task = asyncio.ensure_future(beam_search(engine, prompts, params, lora, cache_salt, http_request,
-                                             heartbeat))
+                                             heartbeat, priority))
     return sse_stream(_when_done(task, heartbeat), renderer, stream_options, task.cancel)
 
 

@@ -27,6 +27,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from tessellm.core.core_tokenizer import TokenizerLoadingError
 from tessellm.core.engine_process import EngineDeadError
 from tessellm.core.input_processor import ProcessedPrompt, check_cache_salt
 from tessellm.core.outputs import Logprob, RequestOutput
@@ -87,6 +88,8 @@ def engine_error(exc: BaseException) -> OpenAIError:
         return exc
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), 503, None, "engine_dead")
+    if isinstance(exc, TokenizerLoadingError):  # set_tokenizer in flight: retry in a moment
+        return OpenAIError(str(exc), 503, exc.param, "tokenizer_loading")
     if isinstance(exc, ValueError):
         return bad_request(str(exc), getattr(exc, "param", None))  # RequestParamError names it
     logger.exception("Request failed", exc_info=exc)

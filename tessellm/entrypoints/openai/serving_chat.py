@@ -53,9 +53,10 @@ async def create_chat_completion(engine: AsyncLLM, config: ServerConfig, body, h
         beams = [beam_params(req, job.max_tokens, engine.info.default_sampling, job.structured)]
         if req.stream:
             return beam_search_stream(engine, [processed], beams, lora, req.cache_salt, http_request,
-                                      config.sse_keepalive_s, _ChatChunks(view), req.stream_options)
+                                      config.sse_keepalive_s, _ChatChunks(view), req.stream_options,
+                                      req.priority)
         outputs = await beam_search(engine, [processed], beams, lora, req.cache_salt, http_request,
-                                    config.sse_keepalive_s)
+                                    config.sse_keepalive_s, req.priority)
         return view.response(outputs[0])
     sub = submit(engine, job.request_id, [processed], [job.params], lora, req.cache_salt, req.priority)
     if req.stream:

@@ -67,9 +67,9 @@ async def create_completion(engine: AsyncLLM, config: ServerConfig, body, http_r
         if req.stream:
             return beam_search_stream(engine, processed, beams, lora, req.cache_salt, http_request,
                                       config.sse_keepalive_s, _CompletionChunks(view, len(prompts)),
-                                      req.stream_options)
+                                      req.stream_options, req.priority)
         return view.response(await beam_search(engine, processed, beams, lora, req.cache_salt, http_request,
-                                               config.sse_keepalive_s))
+                                               config.sse_keepalive_s, req.priority))
     sub = submit(engine, request_id, processed, params, lora, req.cache_salt, req.priority)
     if req.stream:
         return sse_response(engine, sub, _CompletionChunks(view, len(prompts)), config.sse_keepalive_s,

@@ -15,7 +15,8 @@ A stream is server-sent events, ``event: <type>`` then ``data: <json>``, each wi
 ``sequence_number``: response.created, response.in_progress, the items' events (items.py),
 then response.completed (or response.incomplete). An error mid-stream (a request the engine
 failed, finish reason "error", among them) is vLLM's ``error`` event, then OpenAI's
-``response.failed`` (status "failed", ``error`` {code, message}, the items so far) as the last.
+``response.failed`` (status "failed", ``error`` {code, message}, the items so far) as the last;
+that failed response is stored as a finished one is (``GET /v1/responses/{id}`` answers it).
 No ``[DONE]`` (OpenAI sends none here). Not streamed, a failed request is vLLM's HTTP 500.
 """
 
@@ -188,7 +189,8 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
         err = engine_error(exc)
         code = str(err.code) if err.code is not None else None  # the event's code is a string
         yield sse({"type": "error", "code": code, "message": err.message, "param": err.param})
-        yield sse({"type": "response.failed", "response": result.failed(builder, err).model_dump()})
+        failed = result.keep(result.failed(builder, err))  # GET /v1/responses/{id} answers it, as OpenAI
+        yield sse({"type": "response.failed", "response": failed.model_dump()})
     finally:
         sub.abort(engine)  # never awaits: safe while being cancelled
 

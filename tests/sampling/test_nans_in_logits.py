@@ -1,0 +1,69 @@
+"""vLLM's ``VLLM_COMPUTE_NANS_IN_LOGITS`` (tessellm's TESSELLM_COMPUTE_NANS_IN_LOGITS, vLLM's
+name accepted): the sampler counts each row's NaN logits, only when asked, and /metrics
+(``LLM.get_metrics()``) counts the requests that had any when they finish, as vLLM's
+``vllm:corrupted_requests{model_name, engine}``. NaN logits are forced through a custom logits
+processor on a tiny model (tests.sampling.logits_procs.NanProcessor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams, envs
+from tessellm.core.sampler import Sampler, SamplingBatch
+
+ENGINE = dict(device="cpu", dtype="float32", seed=0, block_size=4, num_kv_blocks=64, disable_log_stats=False,
+              logits_processors=["tests.sampling.logits_procs:NanProcessor"])
+
+
+def _greedy(**extra_args) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, extra_args=extra_args or None)
+
+
+def test_the_switch_and_its_vllm_alias(monkeypatch):
+    for name in ("TESSELLM_COMPUTE_NANS_IN_LOGITS", "VLLM_COMPUTE_NANS_IN_LOGITS"):
+        monkeypatch.delenv(name, raising=False)
+    assert envs.compute_nans_in_logits() is False
+    monkeypatch.setenv("VLLM_COMPUTE_NANS_IN_LOGITS", "1")
+    assert envs.compute_nans_in_logits() is True
+    monkeypatch.setenv("TESSELLM_COMPUTE_NANS_IN_LOGITS", "0")  # ours wins
+    assert envs.compute_nans_in_logits() is False
+    monkeypatch.setenv("TESSELLM_COMPUTE_NANS_IN_LOGITS", "maybe")
+    with pytest.raises(ValueError, match="TESSELLM_COMPUTE_NANS_IN_LOGITS='maybe' is not understood"):
+        envs.compute_nans_in_logits()
+
+
+def test_the_sampler_counts_nans_per_row_only_when_on():
+    logits = torch.randn(3, 16)
+    logits[1, 2] = logits[1, 7] = float("nan")
+    batch = SamplingBatch(temperature=None, all_greedy=True, top_p=None, top_k=None, min_p=None)
+    assert Sampler(torch.device("cpu"))(logits, batch).num_nans is None  # off: nothing counted
+    assert Sampler(torch.device("cpu"), compute_nans=True)(logits, batch).num_nans.tolist() == [0, 2, 0]
+    banned = SamplingBatch(temperature=None, all_greedy=True, top_p=None, top_k=None, min_p=None,
+                           banned=[(1, [2, 7])])  # edited away, still the model's NaNs
+    assert Sampler(torch.device("cpu"), compute_nans=True)(logits, banned).num_nans.tolist() == [0, 2, 0]
+
+
+def _corrupted(llm) -> list:
+    return [m for m in llm.get_metrics() if m.name.endswith("corrupted_requests")]
+
+
+def test_corrupted_requests_counted_in_metrics(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("TESSELLM_COMPUTE_NANS_IN_LOGITS", "1")
+    prompts = [{"prompt_token_ids": [5, 9, 11]}, {"prompt_token_ids": [7, 3]}, {"prompt_token_ids": [4, 4, 8]}]
+    with LLM(tiny_model_dir("llama"), metrics_names="vllm", **ENGINE) as llm:
+        outs = llm.generate(prompts, [_greedy(nan=True), _greedy(), _greedy()], use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 3 for o in outs)  # the engine served every request
+        (metric,) = _corrupted(llm)
+        assert (metric.name, metric.value) == ("vllm:corrupted_requests", 1)
+        assert set(metric.labels) == {"model_name", "engine"}
+        llm.generate(prompts[1:], _greedy(), use_tqdm=False)
+        assert _corrupted(llm)[0].value == 1  # clean requests add nothing
+
+
+def test_no_series_when_off(tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TESSELLM_COMPUTE_NANS_IN_LOGITS", raising=False)
+    monkeypatch.delenv("VLLM_COMPUTE_NANS_IN_LOGITS", raising=False)
+    with LLM(tiny_model_dir("llama"), metrics_names="vllm", **ENGINE) as llm:
+        llm.generate([{"prompt_token_ids": [5, 9, 11]}], _greedy(nan=True), use_tqdm=False)
+        assert _corrupted(llm) == [] and llm.engine.core.runner.sampler.compute_nans is False
