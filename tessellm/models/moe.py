@@ -30,6 +30,7 @@ from tessellm.layers.moe_int4 import INT4_KINDS, experts_excluded
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
+from tessellm.quantization.bnb_stored import dense_form
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
                      r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales"
@@ -121,7 +122,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
                     if self._owns(stacked.group(1)):
                         self._load_stacked(modules, *stacked.groups(), tensor, filled, loaded)
                 elif match is None:
-                    yield name, tensor
+                    yield name, dense_form(tensor)  # a bnb-quantized router: float
                 elif self._owns(match.group(1)):
                     prefix, expert, part, attr = match.groups()
                     params = modules[prefix].load_expert(int(expert), part, tensor, attr)

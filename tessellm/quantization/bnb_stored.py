@@ -101,6 +101,15 @@ class StoredBnb:
                                                .contiguous(), absmax.reshape(-1), seg.code, bs))
 
 
+def dense_form(tensor):
+    """A ``StoredBnb`` reaching a dense parameter (an MoE router, which bitsandbytes quantizes
+    as it does every linear while tessellm keeps routers float): its dequantized float32
+    weight; anything else as it is."""
+    if not isinstance(tensor, StoredBnb):
+        return tensor
+    return tensor.seg.dequantize(torch.float32)
+
+
 def inputs(seg: PackedWeight) -> int:
     """K of a bnb segment (4-bit codes are two a byte), an 8-bit one or a dense one."""
     if isinstance(seg, Bnb4Weight):
@@ -209,6 +218,10 @@ def _complete(key: str, pieces: dict) -> Optional[PackedWeight]:
 
 
 def _check_format(name: str, fmt: torch.Tensor) -> None:
+    if fmt.numel() != 1:
+        raise ValueError(f"{name} holds {fmt.numel()} values where bitsandbytes writes one (the "
+                         "8-bit layout, 0 for row-major); is the checkpoint complete? Save the "
+                         "model again with a recent bitsandbytes.")
     value = int(fmt.reshape(-1)[0])
     if value not in BNB8_FORMATS:
         raise ValueError(f"{name} is {value}, a GPU-specific bitsandbytes 8-bit layout; tessellm "

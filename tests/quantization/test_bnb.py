@@ -253,16 +253,6 @@ def test_fused_cut_inside_a_block_refused():
     assert not hasattr(whole, "qtype")  # probes for other formats stay False
 
 
-def test_moe_refused():
-    """tessellm keeps MoE experts in fp8 or int4 only: a bnb MoE checkpoint is refused in one
-    sentence (vLLM serves bnb experts; not here yet)."""
-    from tessellm.backends.spec import QuantSpec
-    from tessellm.layers.moe_fp8 import expert_quant
-
-    with pytest.raises(ValueError, match="MoE models quantized with 'bitsandbytes' are not"):
-        expert_quant(QuantSpec("bitsandbytes", {"prequantized": True, "format": "bnb4"}))
-
-
 @pytest.mark.interpreted
 def test_bnb4_checkpoint_on_the_cuda_kernels(checkpoints):
     """The cuda backend's Triton dequantization (interpreted on host tensors without a GPU)
