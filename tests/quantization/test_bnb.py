@@ -455,6 +455,21 @@ def test_state_not_matching_the_codes_refused(pieces):
         list(stored_weights(_stored_4bit(**pieces)))
 
 
+@pytest.mark.parametrize("fmt", [torch.zeros(0, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8)],
+                         ids=["empty", "two"])
+def test_bnb8_weight_format_not_one_value_refused(fmt):
+    """An 8-bit weight's ``weight_format`` holds the layout's one number; an empty (or longer)
+    one is a ValueError naming the tensor and the fix (was an IndexError)."""
+    from tessellm.quantization.bnb_stored import stored_weights
+
+    pieces = [("l.weight", torch.ones(4, 8, dtype=torch.int8)), ("l.SCB", torch.ones(4))]
+    row_major = ("l.weight_format", torch.zeros(1, dtype=torch.uint8))
+    assert [n for n, _ in stored_weights(pieces + [row_major])] == ["l.weight"]
+    with pytest.raises(ValueError, match=r"^l\.weight_format holds \d+ values where bitsandbytes "
+                                         "writes one .* Save the model again"):
+        list(stored_weights(pieces + [("l.weight_format", fmt)]))
+
+
 @pytest.mark.parametrize("nested_absmax,nested_code", [(2, 256), (3, 100)])
 def test_nested_state_not_matching_the_absmaxes_refused(nested_absmax, nested_code):
     """Double quantization: 600 8-bit absmaxes in blocks of 256 need 3 nested absmaxes and a
