@@ -20,7 +20,8 @@ MAX_NEW = 6
 
 
 def _configs():
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
@@ -34,6 +35,15 @@ def _configs():
         "qwen2-moe": Qwen2MoeConfig(**dict(common, hidden_size=128), intermediate_size=256,
                                     moe_intermediate_size=128, num_experts=4,
                                     shared_expert_intermediate_size=128),
+        "olmoe": OlmoeConfig(**common, intermediate_size=64, num_experts=4),
+        # layer 0 dense, layer 1 MoE with a shared expert; MLA's projections 4-bit too
+        "deepseek-v3": DeepseekV3Config(**dict(common, num_key_value_heads=4),
+                                        intermediate_size=128, moe_intermediate_size=64,
+                                        n_routed_experts=8, n_shared_experts=1,
+                                        first_k_dense_replace=1, kv_lora_rank=64,
+                                        q_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                        v_head_dim=16, n_group=4, topk_group=2,
+                                        routed_scaling_factor=2.5),
     }
 
 
@@ -72,7 +82,8 @@ def _experts(model) -> list[FusedMoE]:
 
 @pytest.mark.parametrize("arch, quant_type, double_quant",
                          [("mixtral", "nf4", True), ("qwen3-moe", "fp4", False),
-                          ("qwen2-moe", "nf4", False)])
+                          ("qwen2-moe", "nf4", False), ("olmoe", "nf4", True),
+                          ("deepseek-v3", "nf4", True)])
 def test_bnb_moe_serves_the_dequantized_model(checkpoints, arch, quant_type, double_quant):
     """Greedy float32 tokens of the bnb checkpoint (experts dequantized per routed expert) are
     HF transformers' on the dequantized checkpoint."""
