@@ -191,3 +191,15 @@ def test_bnb_moe_refusals(checkpoints):
     with pytest.raises(ValueError, match="expert 1 w1 is stored unquantized"):
         moe.load_expert(1, "w1", torch.randn(64, 64))
     assert moe_bnb.BLOCKSIZE == 64
+
+
+@pytest.mark.slow  # ~1 min interpreted
+@pytest.mark.interpreted
+def test_bnb_moe_on_the_cuda_backend_kernels(checkpoints):
+    """The cuda backend (Triton, interpreted on host tensors without a GPU): the routed experts
+    dequantized, then its fused MoE kernel: HF's greedy tokens on the dequantized checkpoint."""
+    from tests.conftest import hf_greedy
+
+    _, bnb_dir, deq_dir = checkpoints("mixtral")
+    want = hf_greedy(deq_dir, PROMPTS[:1], 3)
+    assert generate(bnb_dir, PROMPTS[:1], 3, device="cuda", emulate=True) == want
