@@ -111,9 +111,11 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
                              "with quantization='bitsandbytes'.")
         return tensor.seg
     if moe.quant.prequantized:
-        raise ValueError(f"{where} is stored unquantized in a bitsandbytes checkpoint whose "
-                         "experts are 4-bit elsewhere; a layer's experts must be all 4-bit: "
-                         "load the dense checkpoint with quantization='bitsandbytes' instead.")
+        raise ValueError(f"{where} is stored unquantized in a bitsandbytes 4-bit checkpoint "
+                         "whose quantization_config does not leave this layer's experts float "
+                         "(llm_int8_skip_modules); a layer's experts must be all 4-bit or all "
+                         "float: list them there, or load the dense checkpoint with "
+                         "quantization='bitsandbytes'.")
     from tessellm.quantization.bnb_method import quantize_on_load
 
     return quantize_on_load(materialize(tensor).float())

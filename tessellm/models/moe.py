@@ -45,7 +45,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
     moe_prefix = ".mlp."  # where a layer's experts sit in the checkpoint's names
     # False where the checkpoint stores experts as stacked 3-D parameters (Granite's), which
-    # AWQ / GPTQ tools leave float: an int4 checkpoint's experts load float then
+    # AWQ / GPTQ tools and bitsandbytes leave float: such a checkpoint's experts load float then
     int4_experts = True
 
     def __init__(self, config, ctx: ModelContext):
@@ -76,11 +76,12 @@ class _MoeForCausalLM(LlamaForCausalLM):
         return False
 
     def layer_expert_quant(self, config, ctx: ModelContext, index: int):
-        """``expert_quant`` for layer ``index``'s experts: None where an int4 checkpoint leaves
-        them float (``moe_int4.experts_excluded``, or a family whose experts no int4 tool
-        quantizes: ``int4_experts`` False)."""
+        """``expert_quant`` for layer ``index``'s experts: None where an int4 or bitsandbytes
+        checkpoint leaves them float (``moe_int4.experts_excluded``, or a family whose experts
+        no int4 tool or bnb quantizes: ``int4_experts`` False)."""
         quant = self.expert_quant
-        if quant is None or quant.kind not in INT4_KINDS:
+        if quant is None or not (quant.kind in INT4_KINDS
+                                 or quant.kind == "bnb4" and quant.prequantized):
             return quant
         if not self.int4_experts:
             return None

@@ -49,7 +49,7 @@ def _configs():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """``make(arch, quant_type, double_quant, float_routers)``: ``(dense, bnb, dequantized)`` dirs (the bitsandbytes package,
+    """``make(arch, quant_type, double_quant, skip)``: ``(dense, bnb, dequantized)`` dirs (the bitsandbytes package,
     the ``[test]`` extra; skipped without it)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
@@ -58,19 +58,18 @@ def checkpoints(tmp_path_factory):
 
     root, made = tmp_path_factory.mktemp("bnb-moe"), {}
 
-    def make(arch: str, quant_type: str = "nf4", double_quant: bool = True,
-             float_routers: bool = False):
-        key = (arch, quant_type, double_quant, float_routers)
+    def make(arch: str, quant_type: str = "nf4", double_quant: bool = True, skip: tuple = ()):
+        key = (arch, quant_type, double_quant, skip)
         if key not in made:
             dense = root / f"{arch}-dense"
             if not dense.exists():
                 torch.manual_seed(5)
                 model = AutoModelForCausalLM.from_config(_configs()[arch], dtype=torch.float32)
                 model.save_pretrained(str(dense))
-            tag = "-".join(map(str, key))
+            tag = "-".join(map(str, key[:3] + skip))
             made[key] = (str(dense),) + write_bnb_linears(
                 str(dense), str(root / f"{tag}-bnb"), str(root / f"{tag}-deq"), quant_type,
-                double_quant, float_routers)
+                double_quant, skip)
         return made[key]
 
     return make
@@ -90,6 +89,18 @@ def test_bnb_moe_serves_the_dequantized_model(checkpoints, arch, quant_type, dou
     from tests.conftest import hf_greedy
 
     _, bnb_dir, deq_dir = checkpoints(arch, quant_type, double_quant)
+    assert generate(bnb_dir, PROMPTS, MAX_NEW) == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
+def test_experts_the_checkpoint_skips_stay_float(checkpoints):
+    """``llm_int8_skip_modules`` naming one layer's experts (and the routers): that layer's
+    experts load float beside the other layer's 4-bit ones, HF's tokens on the dequantized
+    checkpoint."""
+    from tests.conftest import hf_greedy
+
+    _, bnb_dir, deq_dir = checkpoints("qwen3-moe", skip=("gate", "model.layers.1.mlp.experts"))
+    kinds = [None if m.quant is None else m.quant.kind for m in _experts(build(bnb_dir))]
+    assert kinds == ["bnb4", None]
     assert generate(bnb_dir, PROMPTS, MAX_NEW) == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
 
 
@@ -147,11 +158,21 @@ def test_routed_experts_only_dequantized():
         torch.testing.assert_close(moe(x, logits), want, rtol=0, atol=1e-6)
 
 
+def test_dummy_weights_quantize_the_experts(checkpoints):
+    """load_format="dummy" on a bnb checkpoint: random experts in the layer's 4-bit type (their
+    dequantized values within the uniform range)."""
+    from tessellm.layers import moe_bnb
+
+    moe = _experts(build(checkpoints("mixtral")[1], load_format="dummy"))[0]
+    w = moe_bnb.dequantize(moe.w2, moe.w2_absmax, moe.code, torch.arange(4), torch.float32)
+    assert w.shape == (4, 64, 64) and 0.015 < w.abs().max() <= 0.02
+
+
 def test_bnb_moe_quantized_on_load(checkpoints):
     """``quantization="bitsandbytes"`` on the dense checkpoint: each expert projection NF4 with
     double quantization as bitsandbytes makes it (the codes of the bnb checkpoint of the same
     settings, its router left float as on load), and that checkpoint's tokens."""
-    dense_dir, bnb_dir, _ = checkpoints("mixtral", float_routers=True)
+    dense_dir, bnb_dir, _ = checkpoints("mixtral", skip=("gate",))
     on_load, stored = _experts(build(dense_dir, quantization="bitsandbytes")), _experts(build(bnb_dir))
     for a, b in zip(on_load, stored):
         assert torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
@@ -188,7 +209,7 @@ def test_bnb_moe_refusals(checkpoints):
     with pytest.raises(ValueError, match=r"intermediate size \(32 at tensor_parallel_size=2\)"):
         FusedMoE(4, 64, 64, 2, ops=None, quant=quant, tp=TensorParallel(rank=0, size=2))
     moe = FusedMoE(4, 64, 64, 2, ops=None, quant=quant)
-    with pytest.raises(ValueError, match="expert 1 w1 is stored unquantized"):
+    with pytest.raises(ValueError, match="expert 1 w1 is stored unquantized.*llm_int8_skip_"):
         moe.load_expert(1, "w1", torch.randn(64, 64))
     assert moe_bnb.BLOCKSIZE == 64
 
