@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tessellm.layers.moe import FusedMoE
+from tests.gpu_set import ON_GPU
 from tests.quantization.block_fp8_checkpoint import build, generate
 
 PROMPTS = [[5, 17, 42, 99, 3, 120], list(range(40, 60))]
@@ -224,3 +225,16 @@ def test_bnb_moe_on_the_cuda_backend_kernels(checkpoints):
     _, bnb_dir, deq_dir = checkpoints("mixtral")
     want = hf_greedy(deq_dir, PROMPTS[:1], 3)
     assert generate(bnb_dir, PROMPTS[:1], 3, device="cuda", emulate=True) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_bnb_moe_on_a_gpu(checkpoints):
+    """On a real GPU (the lead's device run): the cuda backend in float32 serves the Mixtral
+    and Qwen3-MoE bnb checkpoints with HF's greedy tokens on the dequantized checkpoint."""
+    from tests.conftest import hf_greedy
+
+    for arch, quant_type in (("mixtral", "nf4"), ("qwen3-moe", "fp4")):
+        _, bnb_dir, deq_dir = checkpoints(arch, quant_type)
+        assert generate(bnb_dir, PROMPTS, MAX_NEW, device="cuda") == hf_greedy(deq_dir, PROMPTS,
+                                                                              MAX_NEW)
