@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from tessellm.backends.reference.moe import local_expert_ids, route
+from tessellm.backends.reference.moe import local_expert_ids
 from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize

@@ -50,8 +50,8 @@ def _configs():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """``make(arch, quant_type, double_quant, skip)``: ``(dense, bnb, dequantized)`` dirs (the bitsandbytes package,
-    the ``[test]`` extra; skipped without it)."""
+    """``make(arch, quant_type, double_quant, skip)``: ``(dense, bnb, dequantized)`` dirs
+    (the bitsandbytes package, the ``[test]`` extra; skipped without it)."""
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
@@ -130,33 +130,48 @@ def test_bnb_experts_stay_packed(checkpoints):
                    for p in moe.parameters())
 
 
-def test_routed_experts_only_dequantized():
-    """A step dequantizes its routed experts (padded to min(E, T*k), no host sync) and the
-    product equals the reference loop on the dense experts."""
-    from tessellm.backends.reference.moe import fused_moe_reference
+def _bnb_moe(dense13, dense2, **kw) -> FusedMoE:
+    """A ``FusedMoE`` of bnb 4-bit experts quantized from ``dense13`` / ``dense2`` (its local
+    ones: ``kw`` may ask for expert parallelism); the dense tensors become their dequantized
+    values in place."""
     from tessellm.layers.moe_fp8 import ExpertQuant
     from tessellm.quantization.bnb import quantize_bnb4
 
-    torch.manual_seed(0)
-    moe = FusedMoE(8, 64, 64, 2, ops=None, quant=ExpertQuant("bnb4", group_size=64))
-    dense13, dense2 = torch.randn(8, 128, 64) * 0.1, torch.randn(8, 64, 64) * 0.1
+    moe = FusedMoE(8, 64, 64, 2, ops=None, quant=ExpertQuant("bnb4", group_size=64), **kw)
     for e in range(8):
-        for name, w in (("w13", dense13[e]), ("w2", dense2[e])):
-            seg = quantize_bnb4(w)
-            getattr(moe, name).data[e] = seg.qweight
-            getattr(moe, f"{name}_absmax").data[e] = seg.absmax.view(w.shape[0], -1)
-            (dense13 if name == "w13" else dense2)[e] = seg.dequantize()
-    x, logits = torch.randn(1, 64), torch.randn(1, 8)
-    from tessellm.backends.reference.moe import route
+        for name, dense in (("w13", dense13), ("w2", dense2)):
+            seg = quantize_bnb4(dense[e])
+            dense[e] = seg.dequantize()
+            if e in moe.expert_ids:
+                row = e - moe.expert_ids.start
+                getattr(moe, name).data[row] = seg.qweight
+                getattr(moe, f"{name}_absmax").data[row] = seg.absmax.view(dense.shape[1], -1)
+    return moe
+
+
+def test_routed_experts_only_dequantized():
+    """A step dequantizes its routed experts (padded to min(E, T*k), no host sync) and the
+    product equals the reference loop on the dense experts; under expert parallelism a rank's
+    output is the reference's over its own experts."""
+    from tessellm.backends.reference.moe import fused_moe_reference, route
+    from tessellm.distributed.parallel_state import TensorParallel
     from tessellm.layers import moe_bnb
 
-    weights, ids = route(logits, 2)
+    torch.manual_seed(0)
+    dense13, dense2 = torch.randn(8, 128, 64) * 0.1, torch.randn(8, 64, 64) * 0.1
+    moe = _bnb_moe(dense13, dense2)
+    weights, ids = route(torch.randn(1, 8), 2)
     _, local, w13, _ = moe_bnb.dense_experts(moe, weights, ids, torch.float32)
     assert w13.shape[0] == 2 and torch.equal(w13[local[0]], dense13[ids[0]])
+    rank1 = _bnb_moe(dense13.clone(), dense2.clone(), tp=TensorParallel(rank=1, size=2),
+                     expert_parallel=True)  # experts 4..7
     for tokens in (1, 3, 20):
         x, logits = torch.randn(tokens, 64), torch.randn(tokens, 8)
         want = fused_moe_reference(x, logits, dense13, dense2, 2)
         torch.testing.assert_close(moe(x, logits), want, rtol=0, atol=1e-6)
+        want = fused_moe_reference(x, logits, dense13[4:], dense2[4:], 2,
+                                   expert_map=rank1.expert_map)
+        torch.testing.assert_close(rank1(x, logits), want, rtol=0, atol=1e-6)
 
 
 def test_dummy_weights_quantize_the_experts(checkpoints):
@@ -174,7 +189,8 @@ def test_bnb_moe_quantized_on_load(checkpoints):
     double quantization as bitsandbytes makes it (the codes of the bnb checkpoint of the same
     settings, its router left float as on load), and that checkpoint's tokens."""
     dense_dir, bnb_dir, _ = checkpoints("mixtral", skip=("gate",))
-    on_load, stored = _experts(build(dense_dir, quantization="bitsandbytes")), _experts(build(bnb_dir))
+    on_load = _experts(build(dense_dir, quantization="bitsandbytes"))
+    stored = _experts(build(bnb_dir))
     for a, b in zip(on_load, stored):
         assert torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
         torch.testing.assert_close(a.w13_absmax, b.w13_absmax)
