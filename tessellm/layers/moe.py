@@ -25,6 +25,8 @@ attention stay sliced as above. Each rank reads only its experts' checkpoint ten
 fp8 experts (``quant``: ``moe_fp8.ExpertQuant``) keep e4m3 codes with a scale per row or per
 block (``moe_fp8.py``) and hand them to ``fused_moe`` / ``fused_experts``; block scales go with
 ``block_shape`` only to ops declaring ``fused_moe_block_fp8``, else the reference loop runs them.
+bitsandbytes 4-bit experts stay packed and are dequantized per routed expert each step, then run
+dense through ``fused_experts`` (``moe_bnb.py``).
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import torch
 import torch.nn as nn
 
 from tessellm.backends.reference.moe import (SILU, ExpertActivation, fused_experts_reference,
-                                             fused_moe_reference)
+                                             fused_moe_reference, route)
 from tessellm.distributed.parallel_state import TensorParallel
-from tessellm.layers import moe_fp8, moe_int4
+from tessellm.layers import moe_bnb, moe_fp8, moe_int4
 from tessellm.layers.linear import Linear, materialize
 
 # Checkpoint names of an expert's three projections -> (our tensor, shard in it).
@@ -162,6 +164,8 @@ class FusedMoE(nn.Module):
             moe_int4.allocate(self, quant, num_experts, hidden)
             moe_int4.expect(self)
             self._op_kwargs = {"int4": True}
+        elif quant.kind == "bnb4":  # dequantized per routed expert, then dense (moe_bnb.py)
+            moe_bnb.allocate(self, quant, num_experts, hidden)
         else:
             moe_fp8.allocate(self, quant, num_experts, hidden)
             if quant.kind == "fp8_block":
@@ -198,6 +202,9 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
+        if self.quant is not None and self.quant.kind == "bnb4":
+            weights, ids = route(router_logits, self.top_k, self.scoring, self.renormalize)
+            return self.forward_routed(hidden, weights, ids)
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
                          self.renormalize, *self._scales(), **self._kwargs())
 
@@ -205,6 +212,10 @@ class FusedMoE(nn.Module):
                        topk_ids: torch.Tensor) -> torch.Tensor:
         """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
         and global expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
+        if self.quant is not None and self.quant.kind == "bnb4":
+            weights, ids, w13, w2 = moe_bnb.dense_experts(self, topk_weights, topk_ids,
+                                                          hidden.dtype)
+            return self._experts(hidden, weights, ids, w13, w2)
         return self._experts(hidden, topk_weights, topk_ids, self.w13, self.w2, *self._scales(),
                              **self._kwargs())
 
@@ -230,6 +241,9 @@ class FusedMoE(nn.Module):
         if self.quant is not None and self.quant.kind in moe_int4.INT4_KINDS:
             return moe_int4.load(self, expert, name, shard, attr, materialize(tensor), start,
                                  f"expert {expert} {part}")
+        if self.quant is not None and self.quant.kind == "bnb4":
+            return moe_bnb.load(self, expert, name, shard, attr, tensor, start,
+                                f"expert {expert} {part}")
         if attr != "weight":
             if self.quant is None:
                 raise ValueError(f"Expert {expert} {part} has a {attr} in the checkpoint, but "

@@ -39,6 +39,10 @@ class ExpertQuant:
     fp8_dtype: torch.dtype = torch.float8_e4m3fn
     group_size: int = 0  # int4: inputs per group (-1 / 0: per channel)
     zero_offset: int = 0  # int4: added to stored zeros (1 for GPTQ v1 checkpoints)
+    # "bnb4" (layers/moe_bnb.py; group_size: the block size): the table, and whether the
+    # checkpoint holds the 4-bit experts (else float ones are quantized to NF4 on load)
+    bnb_type: str = "nf4"
+    prequantized: bool = True
 
 
 def expert_quant(spec) -> Optional[ExpertQuant]:
@@ -54,10 +58,27 @@ def expert_quant(spec) -> Optional[ExpertQuant]:
     if spec.scheme in ("awq", "gptq"):  # layers/moe_int4.py
         return ExpertQuant(spec.scheme, group_size=int(spec.config.get("group_size", 128)),
                            zero_offset=int(spec.config.get("zero_offset", 0)))
+    if spec.scheme == "bitsandbytes":
+        return _bnb_experts(spec)
     raise ValueError(f"MoE models quantized with {spec.scheme!r} are not supported: tessellm "
                      "keeps MoE experts in fp8 (per-tensor, per-channel or block-wise fp8 "
-                     "checkpoints, or quantization='fp8' / 'fp8_block' on a dense one) or int4 "
-                     "(AWQ / GPTQ checkpoints); load it with one of those or unquantized.")
+                     "checkpoints, or quantization='fp8' / 'fp8_block' on a dense one), int4 "
+                     "(AWQ / GPTQ checkpoints) or bitsandbytes 4-bit; load it with one of those "
+                     "or unquantized.")
+
+
+def _bnb_experts(spec) -> ExpertQuant:
+    """bitsandbytes 4-bit experts (``layers/moe_bnb.py``): a checkpoint's, or NF4 on load."""
+    from tessellm.layers.moe_bnb import BLOCKSIZE
+
+    if spec.config.get("format") == "bnb8":
+        raise ValueError("MoE models in bitsandbytes 8-bit are not supported: tessellm keeps "
+                         "bitsandbytes MoE experts in 4-bit; use a 4-bit checkpoint, or the "
+                         "dense one with quantization='bitsandbytes'.")
+    prequantized = bool(spec.config.get("prequantized", False))
+    ckpt = spec.config.get("checkpoint") or {}
+    qtype = str(ckpt.get("bnb_4bit_quant_type", "fp4")).lower() if prequantized else "nf4"
+    return ExpertQuant("bnb4", group_size=BLOCKSIZE, bnb_type=qtype, prequantized=prequantized)
 
 
 def allocate(moe, quant: ExpertQuant, num_experts: int, hidden: int) -> None:
@@ -155,6 +176,10 @@ def init_dummy(moe, generator: torch.Generator, scale: float) -> None:
         from tessellm.layers import moe_int4
 
         return moe_int4.init_dummy(moe, generator, scale)
+    if moe.quant.kind == "bnb4":
+        from tessellm.layers import moe_bnb
+
+        return moe_bnb.init_dummy(moe, generator, scale)
     for e in range(moe.w13.shape[0]):
         for name, shard in (("w13", 0), ("w13", 1), ("w2", None)):
             rows = getattr(moe, name).data[e, slice(None) if shard is None else

@@ -55,13 +55,15 @@ def group_of(quant, k: int) -> int:
 
 
 def experts_excluded(spec, names: list[str]) -> bool:
-    """Whether the checkpoint of ``spec`` (awq / gptq) leaves the expert projections named
+    """Whether the checkpoint of ``spec`` (awq / gptq, or bitsandbytes: its
+    ``llm_int8_skip_modules``) leaves the expert projections named
     ``names`` (full HF module names of one layer's experts) unquantized: every name matches
     an entry of ``modules_to_not_convert`` (a dotted component path, or a regex of the whole
     name) or a GPTQ ``dynamic`` "-:" rule. Some but not all: refused (one layer's experts are
     stored one way)."""
     ckpt = (spec.config.get("checkpoint") or {}) if spec is not None else {}
-    skip = [str(m) for m in (ckpt.get("modules_to_not_convert") or [])]
+    skip = [str(m) for m in (ckpt.get("modules_to_not_convert") or [])
+            + (ckpt.get("llm_int8_skip_modules") or [])]
     dynamic = ckpt.get("dynamic") or {}
     hits = [_skipped(name, skip, dynamic) for name in names]
     if any(hits) and not all(hits):

@@ -42,6 +42,7 @@ from tessellm.models.deepseek_mla import MLAttention
 from tessellm.models.llama import _strip_prefix
 from tessellm.models.moe import _MoeForCausalLM
 from tessellm.models.moe_routing import V2_METHODS, check_grouping, route_v2, route_v3
+from tessellm.quantization.bnb_stored import dense_form
 from tessellm.quantization.fp8_block import dequantized_stream
 from tessellm.quantization.int4 import dequantized_int4_stream
 
@@ -162,6 +163,8 @@ class DeepseekV2ForCausalLM(_MoeForCausalLM):
         if quant is not None and quant.kind in ("awq", "gptq"):  # MLA's projections made dense
             weights = dequantized_int4_stream(weights, quant.kind, quant.group_size,
                                               quant.zero_offset, _is_mla_weight)
+        elif quant is not None and quant.kind == "bnb4":  # MLA's projections made dense
+            weights = ((n, dense_form(t) if _is_mla_weight(n) else t) for n, t in weights)
         elif quant is not None:  # an fp8 checkpoint: MLA's projections made dense
             weights = dequantized_stream(weights, quant.block, _is_mla_weight)
 

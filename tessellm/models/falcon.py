@@ -34,7 +34,7 @@ from tessellm.layers.rotary import RotaryEmbedding
 from tessellm.models.checkpoint_rename import llama_form
 from tessellm.models.decoder import DecoderAttention, DecoderLayer
 from tessellm.models.dense_mlp import DenseMLP
-from tessellm.models.fused_qkv import split_per_head
+from tessellm.models.fused_qkv import rows_of_fused, split_per_head
 from tessellm.models.llama import LlamaForCausalLM
 from tessellm.models.parallel_block import ParallelBlockLayer
 
@@ -55,9 +55,12 @@ def split_query_key_value(config, tensor) -> tuple[torch.Tensor, ...]:
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     d = config.hidden_size // heads
     if config.new_decoder_architecture:
-        groups = materialize(tensor).unflatten(0, (kv, heads // kv + 2, d))
-        return (groups[:, :-2].flatten(0, 2), groups[:, -2].flatten(0, 1),
-                groups[:, -1].flatten(0, 1))
+        def cut(rows):
+            groups = rows.unflatten(0, (kv, heads // kv + 2, d))
+            return (groups[:, :-2].flatten(0, 2), groups[:, -2].flatten(0, 1),
+                    groups[:, -1].flatten(0, 1))
+
+        return rows_of_fused(tensor, cut)
     if config.multi_query:
         return materialize(tensor).split([heads * d, d, d], dim=0)
     return split_per_head(tensor, heads, d)

@@ -11,9 +11,19 @@ from __future__ import annotations
 import torch
 
 from tessellm.layers.linear import materialize
+from tessellm.quantization.bnb_stored import StoredBnb
 
 
 def split_per_head(tensor, heads: int, head_size: int) -> tuple[torch.Tensor, ...]:
     """``tensor``: ``[heads * 3 * head_size, ...]`` (a weight or a bias); returns q, k, v."""
-    per_head = materialize(tensor).unflatten(0, (heads, 3, head_size))
-    return tuple(per_head[:, i].flatten(0, 1) for i in range(3))
+    return rows_of_fused(tensor, lambda rows: tuple(
+        rows.unflatten(0, (heads, 3, head_size))[:, i].flatten(0, 1) for i in range(3)))
+
+
+def rows_of_fused(tensor, cut) -> tuple:
+    """``cut(rows)`` (views of ``rows`` by its first dimension: q, k, v) applied to ``tensor``;
+    a quantized weight that cannot be viewed (bitsandbytes, ``bnb_stored.StoredBnb``) takes
+    the rows ``cut`` picks from its row numbers instead."""
+    if isinstance(tensor, StoredBnb):
+        return tuple(tensor.take_rows(part) for part in cut(torch.arange(tensor.shape[0])))
+    return cut(materialize(tensor))

@@ -30,6 +30,7 @@ from tessellm.layers.moe_int4 import INT4_KINDS, experts_excluded
 from tessellm.models.layer_windows import window_by_layer_type, window_everywhere
 from tessellm.models.decoder import DecoderMLP
 from tessellm.models.llama import LlamaForCausalLM, _strip_prefix
+from tessellm.quantization.bnb_stored import dense_form
 
 _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+)\."
                      r"(weight|weight_scale|weight_scale_inv|input_scale|qweight|qzeros|scales"
@@ -44,7 +45,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
     shared_expert = False
     moe_prefix = ".mlp."  # where a layer's experts sit in the checkpoint's names
     # False where the checkpoint stores experts as stacked 3-D parameters (Granite's), which
-    # AWQ / GPTQ tools leave float: an int4 checkpoint's experts load float then
+    # AWQ / GPTQ tools and bitsandbytes leave float: such a checkpoint's experts load float then
     int4_experts = True
 
     def __init__(self, config, ctx: ModelContext):
@@ -75,11 +76,12 @@ class _MoeForCausalLM(LlamaForCausalLM):
         return False
 
     def layer_expert_quant(self, config, ctx: ModelContext, index: int):
-        """``expert_quant`` for layer ``index``'s experts: None where an int4 checkpoint leaves
-        them float (``moe_int4.experts_excluded``, or a family whose experts no int4 tool
-        quantizes: ``int4_experts`` False)."""
+        """``expert_quant`` for layer ``index``'s experts: None where an int4 or bitsandbytes
+        checkpoint leaves them float (``moe_int4.experts_excluded``, or a family whose experts
+        no int4 tool or bnb quantizes: ``int4_experts`` False)."""
         quant = self.expert_quant
-        if quant is None or quant.kind not in INT4_KINDS:
+        if quant is None or not (quant.kind in INT4_KINDS
+                                 or quant.kind == "bnb4" and quant.prequantized):
             return quant
         if not self.int4_experts:
             return None
@@ -121,7 +123,7 @@ class _MoeForCausalLM(LlamaForCausalLM):
                     if self._owns(stacked.group(1)):
                         self._load_stacked(modules, *stacked.groups(), tensor, filled, loaded)
                 elif match is None:
-                    yield name, tensor
+                    yield name, dense_form(tensor)  # a bnb-quantized router: float
                 elif self._owns(match.group(1)):
                     prefix, expert, part, attr = match.groups()
                     params = modules[prefix].load_expert(int(expert), part, tensor, attr)

@@ -77,21 +77,29 @@ class BnbMethod(QuantLinearMethod):
         return seg
 
     def _quantize_shard(self, layer, w, shard):
-        """NF4 with double quantization through the ``bitsandbytes`` package (vLLM's defaults),
-        loaded as the checkpoint it would have saved. Without the package: NotImplementedError
-        naming it (this method then loads bnb checkpoints only; the engine refuses
-        ``quantization="bitsandbytes"`` on a dense checkpoint before building)."""
+        """NF4 with double quantization (``quantize_on_load``), loaded as the checkpoint it
+        would have saved. Without the package: NotImplementedError naming it (this method then
+        loads bnb checkpoints only; the engine refuses ``quantization="bitsandbytes"`` on a
+        dense checkpoint before building)."""
         try:
-            functional = bitsandbytes_functional()
+            seg = quantize_on_load(w)
         except ValueError as exc:
             raise NotImplementedError(str(exc)) from None
-        q, state = functional.quantize_4bit(
-            w.float().contiguous(), blocksize=INFLIGHT["blocksize"],
-            quant_type=INFLIGHT["quant_type"], compress_statistics=INFLIGHT["double_quant"])
-        saved = [("w.weight", q)]
-        saved += [(f"w.weight.{k}", v) for k, v in state.as_dict(packed=True).items()]
-        for _, stored in stored_weights(saved):
-            self.load_weight(layer, "weight", stored, shard)
+        self.load_weight(layer, "weight", StoredBnb("weight", seg), shard)
+
+
+def quantize_on_load(w) -> Bnb4Weight:
+    """``w [N, K]`` in NF4 with double quantization through the ``bitsandbytes`` package
+    (vLLM's defaults, ``INFLIGHT``), as the checkpoint it would have saved reads back (absmaxes
+    widened to float32); a ValueError naming the install when the package is missing."""
+    functional = bitsandbytes_functional()
+    q, state = functional.quantize_4bit(
+        w.float().contiguous(), blocksize=INFLIGHT["blocksize"],
+        quant_type=INFLIGHT["quant_type"], compress_statistics=INFLIGHT["double_quant"])
+    saved = [("w.weight", q)]
+    saved += [(f"w.weight.{k}", v) for k, v in state.as_dict(packed=True).items()]
+    ((_, stored),) = list(stored_weights(saved))
+    return stored.seg
 
 
 def bitsandbytes_functional():

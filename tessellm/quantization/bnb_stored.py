@@ -70,9 +70,27 @@ class StoredBnb:
             raise self._unsupported(f"chunk({parts}, dim={dim})")
         return self.split_rows([self.shape[0] // parts] * parts)
 
+    def take_rows(self, index: torch.Tensor) -> "StoredBnb":
+        """Rows ``index`` in that order (GPT-NeoX's per-head ``query_key_value`` cut into q, k
+        and v: ``models/fused_qkv.rows_of_fused``). A 4-bit weight's rows must each be whole
+        blocks (``K`` a multiple of the block size: its codes and absmaxes move by rows), else
+        refused naming the weight."""
+        seg, index = self.seg, index.long()
+        if isinstance(seg, Int8Weight):
+            return StoredBnb(self.name, Int8Weight(seg.qweight[index], seg.scales[:, index],
+                                                   seg.group_size))
+        n, k, bs = seg.out_features, seg.in_features, seg.blocksize
+        if k % bs:
+            raise ValueError(f"{self.name} (bitsandbytes 4-bit, {k} inputs a row, blocks of {bs} "
+                             "flattened weights) is reordered by rows as this family's loader "
+                             "cuts it per head, which needs each row to be whole blocks; load "
+                             "the dense checkpoint (or with quantization='bitsandbytes').")
+        absmax = seg.absmax.view(n, k // bs)[index].reshape(-1)
+        return StoredBnb(self.name, Bnb4Weight(seg.qweight[index], absmax, seg.code, bs))
+
     def __getattr__(self, attr: str):
-        """Any other tensor operation a family's loader tries (e.g. GPT-NeoX's per-head
-        ``unflatten``): an AttributeError (``hasattr`` stays False) saying why."""
+        """Any other tensor operation a family's loader tries: an AttributeError (``hasattr``
+        stays False) saying why."""
         if attr.startswith("__") or attr in ("name", "seg"):
             raise AttributeError(attr)
         raise self._unsupported(attr)
@@ -99,6 +117,15 @@ class StoredBnb:
         absmax = seg.absmax.view(n, k // bs)[:, start // bs:(start + size) // bs]
         return StoredBnb(self.name, Bnb4Weight(seg.qweight[:, start // 2:(start + size) // 2]
                                                .contiguous(), absmax.reshape(-1), seg.code, bs))
+
+
+def dense_form(tensor):
+    """A ``StoredBnb`` reaching a dense parameter (an MoE router, which bitsandbytes quantizes
+    as it does every linear while tessellm keeps routers float): its dequantized float32
+    weight; anything else as it is."""
+    if not isinstance(tensor, StoredBnb):
+        return tensor
+    return tensor.seg.dequantize(torch.float32)
 
 
 def inputs(seg: PackedWeight) -> int:
@@ -209,6 +236,10 @@ def _complete(key: str, pieces: dict) -> Optional[PackedWeight]:
 
 
 def _check_format(name: str, fmt: torch.Tensor) -> None:
+    if fmt.numel() != 1:
+        raise ValueError(f"{name} holds {fmt.numel()} values where bitsandbytes writes one (the "
+                         "8-bit layout, 0 for row-major); is the checkpoint complete? Save the "
+                         "model again with a recent bitsandbytes.")
     value = int(fmt.reshape(-1)[0])
     if value not in BNB8_FORMATS:
         raise ValueError(f"{name} is {value}, a GPU-specific bitsandbytes 8-bit layout; tessellm "

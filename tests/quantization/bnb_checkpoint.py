@@ -84,3 +84,34 @@ def bnb_maker(root, config_of, seed: int):
         return made[key]
 
     return make
+
+
+def write_bnb_linears(dense_dir: str, bnb_dir: str, deq_dir: str, quant_type: str = "nf4",
+                      double_quant: bool = True, skip: tuple = ()) -> tuple[str, str]:
+    """As ``write_bnb``, each 2-D linear weight (every MoE expert projection and router too,
+    as transformers 4's bnb quantization of ``nn.Linear`` modules saves them; not embeddings,
+    ``lm_head`` or norms) quantized by ``bitsandbytes.functional.quantize_4bit`` on the CPU and
+    saved with its state under the checkpoint's names: for models whose experts transformers
+    5 keeps as 3-D parameters, which its bnb integration leaves unquantized. ``skip``: module
+    names (dotted components, as ``llm_int8_skip_modules``, where they are written) left float:
+    ``("gate",)`` the routers."""
+    import bitsandbytes.functional as F
+
+    state = load_file(os.path.join(dense_dir, "model.safetensors"))
+    out = {}
+    for name, t in state.items():
+        skipped = any(f".{m}." in f".{name}" for m in skip)
+        if t.dim() != 2 or skipped or "embed" in name or "lm_head" in name or "norm" in name:
+            out[name] = t
+            continue
+        q, qs = F.quantize_4bit(t.float().contiguous(), blocksize=64, quant_type=quant_type,
+                                compress_statistics=double_quant)
+        out[name] = q
+        out.update({f"{name}.{k}": v for k, v in qs.as_dict(packed=True).items()})
+    qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+          "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+          "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+          "llm_int8_skip_modules": list(skip) + ["lm_head"]}
+    write_checkpoint(bnb_dir, out, dense_dir, qc)
+    write_checkpoint(deq_dir, dequantized(os.path.join(bnb_dir, "model.safetensors")), dense_dir)
+    return bnb_dir, deq_dir

@@ -47,7 +47,7 @@ FORMS = [dict(bits=4, quant_type="nf4", double_quant=True),
 def checkpoints(tmp_path_factory):
     """Made by the bitsandbytes package (the ``[test]`` extra); skipped without it."""
     pytest.importorskip("bitsandbytes")
-    from transformers import LlamaConfig, Phi3Config
+    from transformers import GPTNeoXConfig, LlamaConfig, Phi3Config
 
     from tests.conftest import TINY_COMMON, _tiny_configs
     from tests.quantization.bnb_checkpoint import bnb_maker
@@ -56,6 +56,10 @@ def checkpoints(tmp_path_factory):
     more = {"phi3": lambda: Phi3Config(**TINY_COMMON, tie_word_embeddings=False, pad_token_id=0,
                                        eos_token_id=2, bos_token_id=1),
             # every rank's inputs whole blocks of 64 at T=2 (o_proj 128, down_proj 256)
+            # q/k/v fused per head in query_key_value (64 inputs a row: whole blocks)
+            "gpt-neox": lambda: GPTNeoXConfig(**{k: v for k, v in TINY_COMMON.items()
+                                                 if k != "num_key_value_heads"},
+                                              pad_token_id=0, bos_token_id=1, eos_token_id=2),
             "llama-wide": lambda: LlamaConfig(**dict(TINY_COMMON, hidden_size=128,
                                                      intermediate_size=256),
                                               tie_word_embeddings=False, initializer_range=0.1)}
@@ -231,6 +235,17 @@ def test_fused_stored_weights_are_cut_with_their_state(checkpoints, form):
     assert got == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
 
 
+@pytest.mark.parametrize("form", [FORMS[0], FORMS[-1]], ids=["nf4-dq", "8bit"])
+def test_per_head_fused_qkv_reordered_with_its_state(checkpoints, form):
+    """GPT-NeoX fuses q/k/v per head (``[q_h | k_h | v_h]`` rows) in ``query_key_value``; the
+    family gathers each part's rows, codes and absmaxes moving with them (each row whole
+    blocks): the dequantized model's tokens, as HF gives them."""
+    from tests.conftest import hf_greedy
+
+    bnb_dir, deq_dir = checkpoints("gpt-neox", **form)
+    assert generate(bnb_dir, PROMPTS, MAX_NEW) == hf_greedy(deq_dir, PROMPTS, MAX_NEW)
+
+
 def test_fused_cut_inside_a_block_refused():
     """A part starting inside a block of the flattened weight (3 rows of 40 inputs = 120
     weights, blocks of 64) cannot keep its absmaxes: refused naming the weight."""
@@ -246,21 +261,17 @@ def test_fused_cut_inside_a_block_refused():
     assert [p.shape[0] for p in whole.split([8, 8], dim=0)] == [8, 8]  # Falcon's form
     assert torch.equal(torch.cat([p.seg.dequantize() for p in whole.chunk(2)]),
                        whole.seg.dequantize())
-    # GPT-NeoX cuts q/k/v per head (unflatten): refused in one sentence
+    # other tensor operations: refused in one sentence
     with pytest.raises(AttributeError, match="w is a bitsandbytes-quantized weight, which this "
                                              "model family's loader cuts with unflatten"):
         whole.unflatten(0, (2, 8))
+    # GPT-NeoX's per-head q/k/v reorders rows: only rows of whole blocks (40 inputs are not)
+    with pytest.raises(ValueError, match=r"^w \(bitsandbytes 4-bit, 40 inputs a row.* per head"):
+        whole.take_rows(torch.arange(16).flip(0))
+    rows = StoredBnb("w", quantize_bnb4(torch.randn(6, 128)))
+    order = torch.tensor([4, 0, 5, 1])
+    assert torch.equal(rows.take_rows(order).seg.dequantize(), rows.seg.dequantize()[order])
     assert not hasattr(whole, "qtype")  # probes for other formats stay False
-
-
-def test_moe_refused():
-    """tessellm keeps MoE experts in fp8 or int4 only: a bnb MoE checkpoint is refused in one
-    sentence (vLLM serves bnb experts; not here yet)."""
-    from tessellm.backends.spec import QuantSpec
-    from tessellm.layers.moe_fp8 import expert_quant
-
-    with pytest.raises(ValueError, match="MoE models quantized with 'bitsandbytes' are not"):
-        expert_quant(QuantSpec("bitsandbytes", {"prequantized": True, "format": "bnb4"}))
 
 
 @pytest.mark.interpreted
@@ -463,6 +474,21 @@ def test_state_not_matching_the_codes_refused(pieces):
     assert [name for name, _ in stored_weights(_stored_4bit())] == ["l.weight"]
     with pytest.raises(ValueError, match=r"^l\.weight has \d+ absmax values and a quant_map of \d+ entries"):
         list(stored_weights(_stored_4bit(**pieces)))
+
+
+@pytest.mark.parametrize("fmt", [torch.zeros(0, dtype=torch.uint8), torch.zeros(2, dtype=torch.uint8)],
+                         ids=["empty", "two"])
+def test_bnb8_weight_format_not_one_value_refused(fmt):
+    """An 8-bit weight's ``weight_format`` holds the layout's one number; an empty (or longer)
+    one is a ValueError naming the tensor and the fix (was an IndexError)."""
+    from tessellm.quantization.bnb_stored import stored_weights
+
+    pieces = [("l.weight", torch.ones(4, 8, dtype=torch.int8)), ("l.SCB", torch.ones(4))]
+    row_major = ("l.weight_format", torch.zeros(1, dtype=torch.uint8))
+    assert [n for n, _ in stored_weights(pieces + [row_major])] == ["l.weight"]
+    with pytest.raises(ValueError, match=r"^l\.weight_format holds \d+ values where bitsandbytes "
+                                         "writes one .* Save the model again"):
+        list(stored_weights(pieces + [("l.weight_format", fmt)]))
 
 
 @pytest.mark.parametrize("nested_absmax,nested_code", [(2, 256), (3, 100)])
