@@ -52,6 +52,7 @@ GEMV's ~0.9 TB/s of 4.5-bit weights matches cuBLAS's bf16 rate; to be faster it 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -69,15 +70,26 @@ GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
 # Launch shapes of the GEMV by rows (the smallest key >= M): output rows a program, blocks of
 # BS a step, warps, pipeline stages, the most K splits (split while the grid has under
 # PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
-# is loaded (``_bnb4_row_step``). Not swept yet: bench_bnb4_sweep.py prints the table to set.
+# is loaded (``_bnb4_row_step``), the table lookup (``LUT``, ``_bnb4_weights``), x read as
+# 32-bit words (``X_WORDS``) and the codes' row stride passed for 16-byte loads (``WIDE_Q``).
+# bench_bnb4_sweep.py prints the table to set.
 GEMV_CONFIGS = {
-    1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False),
-    2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False),
-    4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True),
+    1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False, LUT=0,
+            X_WORDS=False, WIDE_Q=False),
+    2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False, LUT=0,
+            X_WORDS=False, WIDE_Q=False),
+    4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True, LUT=0,
+            X_WORDS=False, WIDE_Q=False),
 }
+# The GEMV's ways to look the codes up (``_bnb4_weights``): two loads of the 16-entry table,
+# tl.gather from registers, one 8-byte load of the 256-entry pair table.
+LUTS = {"t16": 0, "gather": 1, "pair": 2}
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
-_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True)
+_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True,
+                           LUT=0, X_WORDS=False, WIDE_Q=False)
+# pair_table's tables: id(code) -> (a weak reference to code, code's version, the table)
+_PAIRS: dict = {}
 
 
 @triton.jit
@@ -106,17 +118,23 @@ def bnb4_dequantize(w: Bnb4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K,
+def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K, stride_q,
                       stride_xm, stride_om, stride_split, SPLIT_K,
                       BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr,
-                      X_TILE: tl.constexpr):
+                      X_TILE: tl.constexpr, LUT: tl.constexpr, X_WORDS: tl.constexpr,
+                      WIDE_Q: tl.constexpr):
     """Grid ``(N / BLOCK_N, SPLIT_K)``; ``ROWS`` x rows (1..4); K % BS == 0. EVEN_K: every
-    program's block range is whole ``BKB`` steps inside K (no K mask)."""
+    program's block range is whole ``BKB`` steps inside K (no K mask). ``code_ptr``: the
+    16-entry table (LUT 0, 1) or ``pair_table``'s 256 pairs (LUT 2); ``stride_q``: the codes'
+    row stride in bytes (K/2), used where WIDE_Q (Triton then knows it 16-aligned when it is)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None]  # past N: row N-1, not stored
     HB: tl.constexpr = BS // 2
+    # x as 32-bit words of two inputs: 0 no (float32 x or X_WORDS off), 1 bf16, 2 fp16
+    WORDS: tl.constexpr = (0 if not X_WORDS or x_ptr.dtype.element_ty == tl.float32 else
+                           1 if x_ptr.dtype.element_ty == tl.bfloat16 else 2)
     KB = K // BS
     span = tl.cdiv(tl.cdiv(KB, BKB), SPLIT_K) * BKB
     kb_lo = pid_k * span
@@ -127,10 +145,19 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
     acc1 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
-    q_row = q_ptr + row * (K // 2) + i
+    q_row = q_ptr + row * (stride_q if WIDE_Q else K // 2) + i
     s_row = absmax_ptr + row * KB
-    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
-    x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
+    table = tl.zeros((BLOCK_N, BKB, 16), dtype=tl.float32)
+    if LUT == 1:  # the 16 codes in registers, for tl.gather
+        table += tl.load(code_ptr + tl.arange(0, 16))[None, None, :]
+    if WORDS:  # [BKB, HB] 32-bit words: inputs 2i (low half), 2i + 1 (high half)
+        x_base = x_ptr.to(tl.pointer_type(tl.int32))
+        x_off = tl.arange(0, BKB)[:, None] * HB + tl.arange(0, HB)[None, :]
+        x_step, x_row = HB, stride_xm // 2
+    else:  # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
+        x_base = x_ptr
+        x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
+        x_step, x_row = BS, stride_xm
     for kb0 in range(kb_lo, kb_hi, BKB):
         kb = kb0 + blk
         if EVEN_K:
@@ -139,29 +166,47 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
         else:
             byte = tl.load(q_row + kb * HB, mask=kb < kb_hi, other=0).to(tl.int32)
             s = tl.load(s_row + kb, mask=kb < kb_hi, other=0.0)
-        w_hi = tl.load(code_ptr + (byte >> 4)) * s
-        w_lo = tl.load(code_ptr + (byte & 15)) * s
-        xr = x_ptr + kb0 * BS + x_off
-        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE)
+        w_hi, w_lo = _bnb4_weights(code_ptr, table, byte, s, LUT)
+        xr = x_base + kb0 * x_step + x_off
+        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE, WORDS)
         if ROWS > 1:
-            acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + x_row, kb0, kb_hi, BS, BKB, EVEN_K,
+                                  X_TILE, WORDS)
         if ROWS > 2:
-            acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * x_row, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE, WORDS)
         if ROWS > 3:
-            acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * x_row, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE, WORDS)
     _gemv_rows_epilogue(tl.sum(acc0, axis=2), tl.sum(acc1, axis=2), tl.sum(acc2, axis=2),
                         tl.sum(acc3, axis=2), out_ptr, bias_ptr, rn, N, stride_om, stride_split,
                         pid_k, HAS_BIAS, ROWS, AXIS=1)
 
 
 @triton.jit
+def _bnb4_weights(code_ptr, table, byte, s, LUT: tl.constexpr):
+    """A step's weights ``code[byte >> 4] * s``, ``code[byte & 15] * s`` (float32): LUT 0 two
+    loads of the 16-entry table (through L1), 1 ``tl.gather`` from ``table`` (the codes in
+    registers, broadcast over the tile), 2 one 8-byte load of ``pair_table``'s entry ``byte``
+    (both float32 weights' bits: the first in the low word)."""
+    if LUT == 0:
+        return tl.load(code_ptr + (byte >> 4)) * s, tl.load(code_ptr + (byte & 15)) * s
+    elif LUT == 1:
+        return tl.gather(table, byte >> 4, axis=2) * s, tl.gather(table, byte & 15, axis=2) * s
+    else:
+        pair = tl.load(code_ptr + byte)
+        w_hi = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return w_hi * s, w_lo * s
+
+
+@triton.jit
 def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.constexpr,
-                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr):
+                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr, WORDS: tl.constexpr):
     """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: its even
-    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses).
+    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses, or
+    WORDS 1 / 2: the 32-bit words holding both, bf16 / fp16, the even input in the low half:
+    one vector load for both).
     X_TILE: loaded as whole ``[BLOCK_N, BKB, BS/2]`` tiles (the pointers broadcast along N), so
     Triton lays them out as the codes (scalar loads, L1 hits, no conversion); else loaded
     ``[BKB, BS/2]`` and expanded (fewer loads; Triton converts them to the codes' layout
@@ -172,7 +217,18 @@ def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.co
         ok = kb0 + tl.arange(0, BKB)[None, :, None] < kb_hi
     else:
         ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
-    if EVEN_K:
+    if WORDS:
+        if EVEN_K:
+            word = tl.load(xr)
+        else:
+            word = tl.load(xr, mask=ok, other=0)
+        if WORDS == 1:  # bf16: a float32's high half
+            x_hi = (word << 16).to(tl.float32, bitcast=True)
+            x_lo = (word & -65536).to(tl.float32, bitcast=True)
+        else:
+            x_hi = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x_lo = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif EVEN_K:
         x_hi = tl.load(xr).to(tl.float32)
         x_lo = tl.load(xr + 1).to(tl.float32)
     else:
@@ -182,6 +238,7 @@ def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.co
         x_hi = x_hi[None, :, :]
         x_lo = x_lo[None, :, :]
     return acc + w_hi * x_hi + w_lo * x_lo
+
 
 
 def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
@@ -209,6 +266,22 @@ def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
     return c
 
 
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]``: entry b holds ``code[b >> 4]`` (low word) and ``code[b & 15]`` (high
+    word) as float32 bits, the GEMV's LUT 2. Made once per table tensor and version (an
+    in-place load into ``code`` makes it anew), dropped with the tensor; outside graph capture
+    in the engine (its warm-up runs each shape eagerly first)."""
+    ref, version, pairs = _PAIRS.get(id(code), (None, None, None))
+    if ref is None or ref() is not code or version != code._version:
+        if ref is None or ref() is not code:
+            weakref.finalize(code, _PAIRS.pop, id(code), None)
+        b = torch.arange(256, device=code.device)
+        both = torch.stack([code[b >> 4], code[b & 15]], dim=1).float().contiguous()
+        pairs = both.view(torch.int64).reshape(256)
+        _PAIRS[id(code)] = (weakref.ref(code), code._version, pairs)
+    return pairs
+
+
 def gemv_fits(w: Bnb4Weight) -> bool:
     """Whether the GEMV takes ``w``: whole blocks a row (every checkpoint layer's K)."""
     return w.in_features % w.blocksize == 0 and w.blocksize % 2 == 0
@@ -233,10 +306,13 @@ def bnb4_gemv(x: torch.Tensor, w: Bnb4Weight, bias=None, config: Optional[dict] 
         t = gemv_config(rows, n, k, w.blocksize, interp,
                         1 if interp else _num_sms(x.device.index or 0), config)
         grid = t.pop("grid")
+        t["X_WORDS"] = t["X_WORDS"] and xr.data_ptr() % 4 == 0  # words: 4-byte aligned
         out = _split_out(x, rows, n, t["SPLIT_K"])
+        code = pair_table(w.code) if t["LUT"] == LUTS["pair"] else w.code
         _bnb4_gemv_kernel[grid](
-            xr, w.qweight, w.absmax, w.code, bias if bias is not None else x, out, n, k,
-            xr.stride(0), out.stride(-2), _split_stride(out), BS=w.blocksize,
+            xr, w.qweight, w.absmax, code, bias if bias is not None else x, out, n, k,
+            w.qweight.stride(0), xr.stride(0), out.stride(-2), _split_stride(out),
+            BS=w.blocksize,
             HAS_BIAS=bias is not None, ROWS=rows, **t)
         outs.append(_split_sum(out, x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
