@@ -187,29 +187,31 @@ def _nested_nf4(n: int, k: int, blocksize: int, g: torch.Generator) -> Bnb4Weigh
     return Bnb4Weight(w.qweight, absmax, w.code, blocksize)
 
 
-GEMV_KINDS = [dict(X_WORDS=False, WIDE_Q=False, X_TILE=True),
-              dict(X_WORDS=True, WIDE_Q=True, X_TILE=True),
-              dict(X_WORDS=True, WIDE_Q=False, X_TILE=False)]
+GEMV_KINDS = [dict(X_WORDS=False, WIDE_Q=False, X_TILE=True, SPLIT_LAST=False),
+              dict(X_WORDS=True, WIDE_Q=True, X_TILE=True, SPLIT_LAST=True),
+              dict(X_WORDS=True, WIDE_Q=False, X_TILE=False, SPLIT_LAST=False)]
 
 
 @pytest.mark.parametrize("lut", ["t16", "gather", "pair"])
 @pytest.mark.parametrize("kind", GEMV_KINDS, ids=lambda k: "-".join(
-    n for n, on in (("words", k["X_WORDS"]), ("q16", k["WIDE_Q"]), ("xt", k["X_TILE"])) if on))
+    n for n, on in (("words", k["X_WORDS"]), ("q16", k["WIDE_Q"]), ("xt", k["X_TILE"]),
+                    ("last", k["SPLIT_LAST"])) if on))
 @gpu_when_present
 def test_bnb4_gemv_variants_equal_the_reference(lut, kind):
     """Every way the GEMV looks codes up (``LUT``), reads x (as 32-bit words of two 16-bit
-    inputs or one by one; tiles or 2-D) and the codes (row stride passed for 16-byte loads)
-    gives x @ the float32-dequantized weight (float64 sums), within ``rows_read_the_codes_
-    once``'s tolerance: NF4 blocks of 64 with a short last step (5 blocks a row, 2 a step)
-    and a bias, bf16 x; FP4 blocks of 128, split K; double-quantized absmaxes, fp16 x;
-    float32 x (no words: read one by one)."""
+    inputs or one by one; tiles or 2-D) and the codes (row stride passed for 16-byte loads),
+    split K's planes added by torch or by each tile's last program (``SPLIT_LAST``), gives
+    x @ the float32-dequantized weight (float64 sums), within ``rows_read_the_codes_once``'s
+    tolerance: NF4 blocks of 64 with a short last step (5 blocks a row, 2 a step) and a bias,
+    bf16 x; FP4 blocks of 128, K split in two, twice (the tile counters left for the next
+    launch); double-quantized absmaxes, fp16 x; float32 x (no words: one by one)."""
     from tessellm.kernels.gemm import bnb4
 
     g = torch.Generator().manual_seed(7)
     config = dict(bnb4._INTERPRETED_CONFIG, LUT=bnb4.LUTS[lut], **kind)
     cases = [(quantize_bnb4(torch.randn(5, 320, generator=g), "nf4", 64), torch.bfloat16, 3,
               True),
-             (quantize_bnb4(torch.randn(3, 512, generator=g), "fp4", 128), torch.bfloat16, 2,
+             (quantize_bnb4(torch.randn(3, 1024, generator=g), "fp4", 128), torch.bfloat16, 2,
               False),
              (_nested_nf4(4, 384, 64, g), torch.float16, 2, False)]
     if kind["X_WORDS"] and kind["X_TILE"]:
@@ -221,9 +223,12 @@ def test_bnb4_gemv_variants_equal_the_reference(lut, kind):
         bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
         wf = w.dequantize(torch.float32).double()
         want = x.double() @ wf.t() + (bias.double() if with_bias else 0)
-        got = bnb4.bnb4_gemv(x.to(DEVICE), w.to(DEVICE),
-                             None if bias is None else bias.to(DEVICE), config=config)
+        w, args = w.to(DEVICE), (x.to(DEVICE), None if bias is None else bias.to(DEVICE))
+        got = bnb4.bnb4_gemv(args[0], w, args[1], config=config)
         assert got.dtype == dtype and got.shape == (rows, n)
+        if k == 1024:
+            assert bnb4.gemv_config(rows, n, k, 128, True, config=config)["SPLIT_K"] == 2
+            assert torch.equal(bnb4.bnb4_gemv(args[0], w, args[1], config=config), got)
         err = (got.cpu().double() - want).abs()
         tol = (1e-5 * (x.double().abs() @ wf.abs().t())
                + (2 ** -7 * want.abs() if dtype != torch.float32 else 0))

@@ -62,6 +62,7 @@ import triton.language as tl
 
 from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _num_sms,
                                           _split_out, _split_stride, _split_sum)
+from tessellm.kernels.gemm.split_last import split_last_args, split_last_combine, tile_counters
 from tessellm.quantization.bnb import Bnb4Weight
 
 BLOCK = 1024  # bytes a program (2048 weights)
@@ -71,15 +72,16 @@ GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
 # BS a step, warps, pipeline stages, the most K splits (split while the grid has under
 # PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
 # is loaded (``_bnb4_row_step``), the table lookup (``LUT``, ``_bnb4_weights``), x read as
-# 32-bit words (``X_WORDS``) and the codes' row stride passed for 16-byte loads (``WIDE_Q``).
+# 32-bit words (``X_WORDS``), the codes' row stride passed for 16-byte loads (``WIDE_Q``) and
+# split K's planes added by each tile's last program (``SPLIT_LAST``) rather than torch.
 # bench_bnb4_sweep.py prints the table to set.
 GEMV_CONFIGS = {
     1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False, LUT=0,
-            X_WORDS=False, WIDE_Q=False),
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
     2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False, LUT=0,
-            X_WORDS=False, WIDE_Q=False),
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
     4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True, LUT=0,
-            X_WORDS=False, WIDE_Q=False),
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
 }
 # The GEMV's ways to look the codes up (``_bnb4_weights``): two loads of the 16-entry table,
 # tl.gather from registers, one 8-byte load of the 256-entry pair table.
@@ -87,7 +89,7 @@ LUTS = {"t16": 0, "gather": 1, "pair": 2}
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
 _INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True,
-                           LUT=0, X_WORDS=False, WIDE_Q=False)
+                           LUT=0, X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False)
 # pair_table's tables: id(code) -> (a weak reference to code, code's version, the table)
 _PAIRS: dict = {}
 
@@ -118,16 +120,18 @@ def bnb4_dequantize(w: Bnb4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K, stride_q,
-                      stride_xm, stride_om, stride_split, SPLIT_K,
+def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, y_ptr,
+                      split_ctr_ptr, N, K, stride_q, stride_xm, stride_om, stride_split, SPLIT_K,
                       BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr,
                       X_TILE: tl.constexpr, LUT: tl.constexpr, X_WORDS: tl.constexpr,
-                      WIDE_Q: tl.constexpr):
+                      WIDE_Q: tl.constexpr, SPLIT_LAST: tl.constexpr):
     """Grid ``(N / BLOCK_N, SPLIT_K)``; ``ROWS`` x rows (1..4); K % BS == 0. EVEN_K: every
     program's block range is whole ``BKB`` steps inside K (no K mask). ``code_ptr``: the
     16-entry table (LUT 0, 1) or ``pair_table``'s 256 pairs (LUT 2); ``stride_q``: the codes'
-    row stride in bytes (K/2), used where WIDE_Q (Triton then knows it 16-aligned when it is)."""
+    row stride in bytes (K/2), used where WIDE_Q (Triton then knows it 16-aligned when it is).
+    SPLIT_LAST (> 0: SPLIT_K): each N tile's last program adds the planes into ``y_ptr``
+    (``split_last.split_last_combine``) instead of torch after the launch."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None]  # past N: row N-1, not stored
@@ -181,6 +185,9 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
     _gemv_rows_epilogue(tl.sum(acc0, axis=2), tl.sum(acc1, axis=2), tl.sum(acc2, axis=2),
                         tl.sum(acc3, axis=2), out_ptr, bias_ptr, rn, N, stride_om, stride_split,
                         pid_k, HAS_BIAS, ROWS, AXIS=1)
+    if SPLIT_LAST > 0:
+        split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, ROWS, N, stride_split,
+                           stride_om, stride_om, ROWS, SPLIT_LAST)
 
 
 @triton.jit
@@ -250,7 +257,8 @@ def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
     if config is None:
         config = (_INTERPRETED_CONFIG if interpreted else
                   GEMV_CONFIGS[min(r for r in GEMV_CONFIGS if r >= min(m, max(GEMV_CONFIGS)))])
-    c = dict(config)
+    c = dict(LUT=0, X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False)  # older tables' entries
+    c.update(config)
     max_split = c.pop("max_split")
     kb = k // blocksize
     c["BKB"] = min(c["BKB"], triton.next_power_of_2(kb))
@@ -308,13 +316,18 @@ def bnb4_gemv(x: torch.Tensor, w: Bnb4Weight, bias=None, config: Optional[dict] 
         grid = t.pop("grid")
         t["X_WORDS"] = t["X_WORDS"] and xr.data_ptr() % 4 == 0  # words: 4-byte aligned
         out = _split_out(x, rows, n, t["SPLIT_K"])
+        y, combine = None, split_last_args(None, None, 0, x)
+        if t.pop("SPLIT_LAST") and t["SPLIT_K"] > 1:  # planes added by each tile's last
+            y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+            combine = split_last_args(y, tile_counters(x.device, w.qweight.data_ptr(), grid[0]),
+                                      t["SPLIT_K"], x)
         code = pair_table(w.code) if t["LUT"] == LUTS["pair"] else w.code
         _bnb4_gemv_kernel[grid](
-            xr, w.qweight, w.absmax, code, bias if bias is not None else x, out, n, k,
-            w.qweight.stride(0), xr.stride(0), out.stride(-2), _split_stride(out),
-            BS=w.blocksize,
-            HAS_BIAS=bias is not None, ROWS=rows, **t)
-        outs.append(_split_sum(out, x.dtype))
+            xr, w.qweight, w.absmax, code, bias if bias is not None else x, out,
+            combine.pop("y_ptr"), combine.pop("split_ctr_ptr"), n, k, w.qweight.stride(0),
+            xr.stride(0), out.stride(-2), _split_stride(out), BS=w.blocksize,
+            HAS_BIAS=bias is not None, ROWS=rows, **combine, **t)
+        outs.append(y if y is not None else _split_sum(out, x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
