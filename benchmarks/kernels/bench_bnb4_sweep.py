@@ -8,7 +8,8 @@ minute on an H100 (a compile per variant and row count), two with ``--check``.
         [--no-flush] [--wide] [--only -pair] [--rows 1,2]
 
 Variants: the kinds (``KINDS``: the table lookup ``t16`` / ``pair`` / ``gather``, ``xw`` x read
-as 32-bit words, ``q16`` the codes' row stride passed for 16-byte loads) at each launch shape
+as 32-bit words, ``q16`` the codes' row stride passed for 16-byte loads, ``last`` split K's
+planes added by each tile's last program rather than torch) at each launch shape
 (``BLOCK_N`` output rows a program, ``BKB`` blocks of 64 a step, i.e. ``BKB * 32`` bytes a row
 a step, ``num_warps``, ``num_stages``, x loaded as whole tiles ``xt`` or 2-D and converted
 ``x2`` (``X_TILE``), the most K splits). ``--check`` first runs every variant against x @ the
@@ -45,10 +46,11 @@ from tessellm.quantization.bnb import quantize_bnb4  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 BAD = 1e-2
-# (LUT, X_WORDS, WIDE_Q) tried at every launch shape: the session-28 kernel, then x as words,
-# then 16-byte code loads, then the other two lookups with both (``bnb4._bnb4_weights``)
-KINDS = (("t16", False, False), ("t16", True, False), ("t16", True, True), ("pair", True, True),
-         ("gather", True, True))
+# (LUT, X_WORDS, WIDE_Q, SPLIT_LAST) tried at every launch shape: the session-28 kernel, then
+# x as words, then 16-byte code loads, then the other two lookups with both
+# (``bnb4._bnb4_weights``), then the t16 one with split K added in the launch
+KINDS = (("t16", False, False, False), ("t16", True, False, False), ("t16", True, True, False),
+         ("pair", True, True, False), ("gather", True, True, False), ("t16", True, True, True))
 # (BLOCK_N, BKB, num_warps): session 28's best launch shapes at 1 and 2 rows
 LAUNCHES = ((8, 8, 4), (16, 8, 4), (8, 16, 4), (16, 16, 8))
 # --check: shapes besides SHAPES with K tails (EVEN_K off: 17 or 9 blocks), blocks of 128
@@ -57,22 +59,25 @@ CHECK_SHAPES = ((300, 1088, 64), (96, 1152, 128), (6144, 4096, 128))
 
 def variants(wide: bool) -> list[dict]:
     """The variants tried: ``KINDS`` x ``LAUNCHES`` x x loaded both ways (``X_TILE``), 3
-    stages, at most 16 K splits (40; about 80 compiles at 1 and 2 rows). ``wide``: every
-    lookup with and without words and 16-byte loads at 1-16 output rows, 8-32 blocks a step,
+    stages, at most 16 K splits (48; about 100 compiles at 1 and 2 rows). ``wide``: every
+    lookup with and without words, 16-byte loads, the in-launch split sum at 1-16 output
+    rows, 8-32 blocks a step,
     4 and 8 warps, 2-4 stages, 1 or 16 splits (each row's float32 accumulator tile at most 32
-    registers a thread: ``BLOCK_N * BKB * 32 <= 1024 * num_warps``; ~3,700: hours)."""
+    registers a thread: ``BLOCK_N * BKB * 32 <= 1024 * num_warps``; ~7,500: hours)."""
     if not wide:
         return [dict(BLOCK_N=bn, BKB=bkb, num_warps=warps, num_stages=3, max_split=16,
-                     X_TILE=x_tile, LUT=bnb4.LUTS[lut], X_WORDS=xw, WIDE_Q=wq)
-                for (lut, xw, wq), (bn, bkb, warps), x_tile in itertools.product(
+                     X_TILE=x_tile, LUT=bnb4.LUTS[lut], X_WORDS=xw, WIDE_Q=wq,
+                     SPLIT_LAST=last)
+                for (lut, xw, wq, last), (bn, bkb, warps), x_tile in itertools.product(
                     KINDS, LAUNCHES, (True, False))]
     out = []
-    for bn, bkb, warps, stages, split, x_tile, lut, xw, wq in itertools.product(
+    for bn, bkb, warps, stages, split, x_tile, lut, xw, wq, last in itertools.product(
             (1, 2, 4, 8, 16), (8, 16, 32), (4, 8), (2, 3, 4), (1, 16), (True, False),
-            bnb4.LUTS.values(), (False, True), (False, True)):
+            bnb4.LUTS.values(), (False, True), (False, True), (False, True)):
         if bn * bkb * 32 <= 1024 * warps:
             out.append(dict(BLOCK_N=bn, BKB=bkb, num_warps=warps, num_stages=stages,
-                            max_split=split, X_TILE=x_tile, LUT=lut, X_WORDS=xw, WIDE_Q=wq))
+                            max_split=split, X_TILE=x_tile, LUT=lut, X_WORDS=xw, WIDE_Q=wq,
+                            SPLIT_LAST=last))
     return out
 
 
@@ -80,7 +85,8 @@ def name(v: dict) -> str:
     lut = {i: k for k, i in bnb4.LUTS.items()}[v["LUT"]]
     return (f"n{v['BLOCK_N']}-b{v['BKB']}-w{v['num_warps']}-s{v['num_stages']}"
             f"-{'xt' if v['X_TILE'] else 'x2'}-k{v['max_split']}-{lut}"
-            f"{'-xw' if v['X_WORDS'] else ''}{'-q16' if v['WIDE_Q'] else ''}")
+            f"{'-xw' if v['X_WORDS'] else ''}{'-q16' if v['WIDE_Q'] else ''}"
+            f"{'-last' if v['SPLIT_LAST'] else ''}")
 
 
 def kind(v: dict) -> str:
