@@ -33,10 +33,21 @@ dtype one by one as the dequantized matrix is: the result is the reference's to 
 reassociation (float32 x) or to the weights' rounding (16-bit x). Launch shapes: one table,
 ``GEMV_CONFIGS`` (``benchmarks/kernels/bench_bnb4_sweep.py`` prints the one its numbers
 imply). sm90 compile without a GPU (``bench_bnb4_aot.py``, Triton 3.9): the default entries
-take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop. Per
-byte a thread issues two table loads (L1 hits) besides its share of the vector load and of
-x: the load/store unit, not DRAM, may bound it (a 256-entry table of byte -> both weights,
-one 8-byte load a byte, kept with the weight, would halve that: not done).
+take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop.
+
+Variants (constexprs, a ``GEMV_CONFIGS`` entry's keys; ``bench_bnb4_sweep.py`` times them).
+What each does to a thread's loads a step, from the sm90 PTX of a 16 x 8-block tile at one row
+(32 code bytes a thread): ``LUT`` 0 (``t16``) two 4-byte loads of the 16-entry table a byte
+(64; one L1 line: one wavefront each); 2 (``pair``) one 8-byte load of ``pair_table``'s 256
+entries a byte (32, but a warp's 32 lookups fall on up to 16 lines); 1 (``gather``)
+``tl.gather`` from the codes held in registers (lowered to ~170 more warp shuffles and shared
+memory round trips). ``X_WORDS``: 16-bit x read as 32-bit words, both inputs of a byte in
+one (X_TILE: 8 16-byte loads for 64 2-byte ones). ``WIDE_Q``: the codes' row stride passed
+as an argument, which Triton specializes as 16-aligned, so the codes come in 16-byte
+vectors (2 loads for 4). ``SPLIT_LAST``: split K's planes added by each N tile's last
+program (``split_last.py``) instead of torch's sum and cast after the launch (two kernels).
+Which of them lifts the GEMV towards ~2 TB/s is the sweep's to say (the defaults stay the
+session-28 kernel until it has).
 
 ``GEMV_MAX_M`` is 2, ``GEMV_CONFIGS`` as ``bench_bnb4_sweep.py`` chose them on an H100
 (session 28, us a call, L2 flushed, Llama-8B shapes; GEMV / dequant+cuBLAS / bf16 cuBLAS):
@@ -47,7 +58,7 @@ The first GEMV (a program a row of x and 16 output rows, 128 bytes a row a step,
 gathered a value) read at 0.23-0.33 TB/s, slower than dequantizing. At B1 (Llama-8B shapes,
 engine, graphs) bnb 4-bit decodes at 5.28 ms a token against bf16's 5.26 on that H100: the
 GEMV's ~0.9 TB/s of 4.5-bit weights matches cuBLAS's bf16 rate; to be faster it must read at
-~2 TB/s or more (the 256-entry table above is the next step).
+~2 TB/s or more (the variants above).
 """
 
 from __future__ import annotations
