@@ -33,7 +33,7 @@ dtype one by one as the dequantized matrix is: the result is the reference's to 
 reassociation (float32 x) or to the weights' rounding (16-bit x). Launch shapes: one table,
 ``GEMV_CONFIGS`` (``benchmarks/kernels/bench_bnb4_sweep.py`` prints the one its numbers
 imply). sm90 compile without a GPU (``bench_bnb4_aot.py``, Triton 3.9): the default entries
-take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop.
+take 145 registers at 1 row (16 x 8 blocks, x converted) and 247 at 4 (x tiles), no spills.
 
 Variants (constexprs, a ``GEMV_CONFIGS`` entry's keys; ``bench_bnb4_sweep.py`` times them).
 What each does to a thread's loads a step, from the sm90 PTX of a 16 x 8-block tile at one row
