@@ -23,18 +23,23 @@ from tessellm.kernels.gemm import bnb4  # noqa: E402
 
 def main() -> None:
     types = dict(x_ptr="*bf16", q_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32",
-                 bias_ptr="*bf16", out_ptr="*bf16", N="i32", K="i32", stride_xm="i32",
-                 stride_om="i32", stride_split="i32", SPLIT_K="i32")
+                 bias_ptr="*bf16", out_ptr="*bf16", y_ptr="*bf16", split_ctr_ptr="*i32",
+                 N="i32", K="i32", stride_q="i32", stride_xm="i32", stride_om="i32",
+                 stride_split="i32", SPLIT_K="i32")
     seen = set()
     for v in variants(wide=False):
-        key = (v["BLOCK_N"], v["BKB"], v["num_warps"], v["num_stages"], v["X_TILE"])
+        key = (v["BLOCK_N"], v["BKB"], v["num_warps"], v["num_stages"], v["X_TILE"], v["LUT"],
+               v["X_WORDS"], v["WIDE_Q"], v["SPLIT_LAST"])
         if key in seen:
             continue
         seen.add(key)
         for rows in (1, 4):
-            compile_report(f"{name(v).rsplit('-', 1)[0]} rows={rows}", bnb4._bnb4_gemv_kernel,
-                           types, dict(BS=64, HAS_BIAS=False, ROWS=rows, BLOCK_N=v["BLOCK_N"],
-                                       BKB=v["BKB"], EVEN_K=True, X_TILE=v["X_TILE"]),
+            t = dict(types, code_ptr="*i64" if v["LUT"] == bnb4.LUTS["pair"] else "*fp32")
+            compile_report(f"{name(v)} rows={rows}", bnb4._bnb4_gemv_kernel, t,
+                           dict(BS=64, HAS_BIAS=False, ROWS=rows, BLOCK_N=v["BLOCK_N"],
+                                BKB=v["BKB"], EVEN_K=True, X_TILE=v["X_TILE"], LUT=v["LUT"],
+                                X_WORDS=v["X_WORDS"], WIDE_Q=v["WIDE_Q"],
+                                SPLIT_LAST=2 if v["SPLIT_LAST"] else 0),
                            warps=v["num_warps"], stages=v["num_stages"])
 
 

@@ -179,6 +179,97 @@ def test_bnb4_gemv_rows_read_the_codes_once(n, k, blocksize, with_bias, dtype, x
         assert (err <= tol).all(), (rows, (err / tol).max().item())
 
 
+def _nested_nf4(n: int, k: int, blocksize: int, g: torch.Generator) -> Bnb4Weight:
+    """A double-quantized weight as the loader widens it: 8-bit absmaxes through a 256-entry
+    table, a float32 absmax a block of 256 of them and an offset (``widen_absmax``)."""
+    w = quantize_bnb4(torch.randn(n, k, generator=g), "nf4", blocksize)
+    nb = w.absmax.numel()
+    pieces = {"absmax": torch.randint(0, 256, (nb,), generator=g, dtype=torch.uint8),
+              "nested_absmax": torch.rand(-(-nb // 256), generator=g) + 0.5,
+              "nested_quant_map": torch.linspace(-1, 1, 256)}
+    absmax = widen_absmax(pieces, {"nested_blocksize": 256, "nested_offset": 0.25}, "w")
+    return Bnb4Weight(w.qweight, absmax, w.code, blocksize)
+
+
+GEMV_KINDS = [dict(X_WORDS=False, WIDE_Q=False, X_TILE=True, SPLIT_LAST=False),
+              dict(X_WORDS=True, WIDE_Q=True, X_TILE=True, SPLIT_LAST=True),
+              dict(X_WORDS=True, WIDE_Q=False, X_TILE=False, SPLIT_LAST=False)]
+
+
+@pytest.mark.parametrize("lut", ["t16", "gather", "pair"])
+@pytest.mark.parametrize("kind", GEMV_KINDS, ids=lambda k: "-".join(
+    n for n, on in (("words", k["X_WORDS"]), ("q16", k["WIDE_Q"]), ("xt", k["X_TILE"]),
+                    ("last", k["SPLIT_LAST"])) if on))
+@gpu_when_present
+def test_bnb4_gemv_variants_equal_the_reference(lut, kind):
+    """Every way the GEMV looks codes up (``LUT``), reads x (as 32-bit words of two 16-bit
+    inputs or one by one; tiles or 2-D) and the codes (row stride passed for 16-byte loads),
+    split K's planes added by torch or by each tile's last program (``SPLIT_LAST``), gives
+    x @ the float32-dequantized weight (float64 sums), within ``rows_read_the_codes_once``'s
+    tolerance: NF4 blocks of 64 with a short last step (5 blocks a row, 2 a step) and a bias,
+    bf16 x; FP4 blocks of 128, K split in two, twice (the tile counters left for the next
+    launch); double-quantized absmaxes, fp16 x; float32 x (no words: one by one)."""
+    from tessellm.kernels.gemm import bnb4
+
+    g = torch.Generator().manual_seed(7)
+    config = dict(bnb4._INTERPRETED_CONFIG, LUT=bnb4.LUTS[lut], **kind)
+    cases = [(quantize_bnb4(torch.randn(5, 320, generator=g), "nf4", 64), torch.bfloat16, 3,
+              True),
+             (quantize_bnb4(torch.randn(3, 1024, generator=g), "fp4", 128), torch.bfloat16, 2,
+              False),
+             (_nested_nf4(4, 384, 64, g), torch.float16, 2, False)]
+    if kind["X_WORDS"] and kind["X_TILE"]:
+        cases.append((quantize_bnb4(torch.randn(3, 192, generator=g), "fp4", 64),
+                      torch.float32, 1, True))
+    for w, dtype, rows, with_bias in cases:
+        n, k = w.out_features, w.in_features
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+        wf = w.dequantize(torch.float32).double()
+        want = x.double() @ wf.t() + (bias.double() if with_bias else 0)
+        w, args = w.to(DEVICE), (x.to(DEVICE), None if bias is None else bias.to(DEVICE))
+        got = bnb4.bnb4_gemv(args[0], w, args[1], config=config)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        if k == 1024:
+            assert bnb4.gemv_config(rows, n, k, 128, True, config=config)["SPLIT_K"] == 2
+            assert torch.equal(bnb4.bnb4_gemv(args[0], w, args[1], config=config), got)
+        err = (got.cpu().double() - want).abs()
+        tol = (1e-5 * (x.double().abs() @ wf.abs().t())
+               + (2 ** -7 * want.abs() if dtype != torch.float32 else 0))
+        assert (err <= tol).all(), (w.blocksize, dtype, (err / tol).max().item())
+
+
+@gpu_when_present
+def test_bnb4_gemv_words_need_aligned_x():
+    """x that does not start on 4 bytes (a view one bf16 into its buffer) is read one input at
+    a time whatever the config says: the same product as an aligned copy's."""
+    from tessellm.kernels.gemm import bnb4
+
+    g = torch.Generator().manual_seed(8)
+    w = quantize_bnb4(torch.randn(3, 128, generator=g), "nf4").to(DEVICE)
+    buf = torch.randn(129, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = buf[1:].view(1, 128)
+    assert x.data_ptr() % 4 != 0
+    config = dict(bnb4._INTERPRETED_CONFIG, X_WORDS=True)
+    assert torch.equal(bnb4.bnb4_gemv(x, w, config=config),
+                       bnb4.bnb4_gemv(x.clone(), w, config=config))
+
+
+def test_bnb4_pair_table_follows_its_code():
+    """``pair_table``: entry b is ``code[b >> 4]``, ``code[b & 15]`` (float32 bits, low word
+    first), made once per table and again after an in-place change of it."""
+    from tessellm.kernels.gemm.bnb4 import pair_table
+
+    code = quantize_bnb4(torch.randn(2, 64), "fp4").code.clone()
+    pairs = pair_table(code)
+    assert pair_table(code) is pairs
+    b = torch.arange(256)
+    assert torch.equal(pairs.view(torch.float32).view(256, 2),
+                       torch.stack([code[b >> 4], code[b & 15]], dim=1))
+    code.mul_(2)
+    assert torch.equal(pair_table(code).view(torch.float32).view(256, 2)[:, 1], code[b & 15])
+
+
 @gpu_when_present
 def test_bnb4_mm_takes_the_gemv_up_to_its_rows(monkeypatch):
     """With ``GEMV_MAX_M`` set (the sweep's figure), ``bnb4_mm`` gives the GEMV's product up

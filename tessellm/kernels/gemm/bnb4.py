@@ -33,10 +33,21 @@ dtype one by one as the dequantized matrix is: the result is the reference's to 
 reassociation (float32 x) or to the weights' rounding (16-bit x). Launch shapes: one table,
 ``GEMV_CONFIGS`` (``benchmarks/kernels/bench_bnb4_sweep.py`` prints the one its numbers
 imply). sm90 compile without a GPU (``bench_bnb4_aot.py``, Triton 3.9): the default entries
-take 56 registers at 1 row and 72 at 4, no spills, no layout conversion in the loop. Per
-byte a thread issues two table loads (L1 hits) besides its share of the vector load and of
-x: the load/store unit, not DRAM, may bound it (a 256-entry table of byte -> both weights,
-one 8-byte load a byte, kept with the weight, would halve that: not done).
+take 145 registers at 1 row (16 x 8 blocks, x converted) and 247 at 4 (x tiles), no spills.
+
+Variants (constexprs, a ``GEMV_CONFIGS`` entry's keys; ``bench_bnb4_sweep.py`` times them).
+What each does to a thread's loads a step, from the sm90 PTX of a 16 x 8-block tile at one row
+(32 code bytes a thread): ``LUT`` 0 (``t16``) two 4-byte loads of the 16-entry table a byte
+(64; one L1 line: one wavefront each); 2 (``pair``) one 8-byte load of ``pair_table``'s 256
+entries a byte (32, but a warp's 32 lookups fall on up to 16 lines); 1 (``gather``)
+``tl.gather`` from the codes held in registers (lowered to ~170 more warp shuffles and shared
+memory round trips). ``X_WORDS``: 16-bit x read as 32-bit words, both inputs of a byte in
+one (X_TILE: 8 16-byte loads for 64 2-byte ones). ``WIDE_Q``: the codes' row stride passed
+as an argument, which Triton specializes as 16-aligned, so the codes come in 16-byte
+vectors (2 loads for 4). ``SPLIT_LAST``: split K's planes added by each N tile's last
+program (``split_last.py``) instead of torch's sum and cast after the launch (two kernels).
+Which of them lifts the GEMV towards ~2 TB/s is the sweep's to say (the defaults stay the
+session-28 kernel until it has).
 
 ``GEMV_MAX_M`` is 2, ``GEMV_CONFIGS`` as ``bench_bnb4_sweep.py`` chose them on an H100
 (session 28, us a call, L2 flushed, Llama-8B shapes; GEMV / dequant+cuBLAS / bf16 cuBLAS):
@@ -47,11 +58,12 @@ The first GEMV (a program a row of x and 16 output rows, 128 bytes a row a step,
 gathered a value) read at 0.23-0.33 TB/s, slower than dequantizing. At B1 (Llama-8B shapes,
 engine, graphs) bnb 4-bit decodes at 5.28 ms a token against bf16's 5.26 on that H100: the
 GEMV's ~0.9 TB/s of 4.5-bit weights matches cuBLAS's bf16 rate; to be faster it must read at
-~2 TB/s or more (the 256-entry table above is the next step).
+~2 TB/s or more (the variants above).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -61,6 +73,7 @@ import triton.language as tl
 
 from tessellm.kernels.gemm.common import (_gemv_rows_epilogue, _interpreted, _num_sms,
                                           _split_out, _split_stride, _split_sum)
+from tessellm.kernels.gemm.split_last import split_last_args, split_last_combine, tile_counters
 from tessellm.quantization.bnb import Bnb4Weight
 
 BLOCK = 1024  # bytes a program (2048 weights)
@@ -69,15 +82,27 @@ GEMV_ROWS = 4  # x rows a GEMV launch (one accumulator tile each)
 # Launch shapes of the GEMV by rows (the smallest key >= M): output rows a program, blocks of
 # BS a step, warps, pipeline stages, the most K splits (split while the grid has under
 # PROGRAMS_PER_SM programs a multiprocessor and each split keeps MIN_STEPS steps), and how x
-# is loaded (``_bnb4_row_step``). Not swept yet: bench_bnb4_sweep.py prints the table to set.
+# is loaded (``_bnb4_row_step``), the table lookup (``LUT``, ``_bnb4_weights``), x read as
+# 32-bit words (``X_WORDS``), the codes' row stride passed for 16-byte loads (``WIDE_Q``) and
+# split K's planes added by each tile's last program (``SPLIT_LAST``) rather than torch.
+# bench_bnb4_sweep.py prints the table to set.
 GEMV_CONFIGS = {
-    1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False),
-    2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False),
-    4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True),
+    1: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=16, X_TILE=False, LUT=0,
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
+    2: dict(BLOCK_N=8, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=False, LUT=0,
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
+    4: dict(BLOCK_N=16, BKB=8, num_warps=4, num_stages=3, max_split=1, X_TILE=True, LUT=0,
+            X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False),
 }
+# The GEMV's ways to look the codes up (``_bnb4_weights``): two loads of the 16-entry table,
+# tl.gather from registers, one 8-byte load of the 256-entry pair table.
+LUTS = {"t16": 0, "gather": 1, "pair": 2}
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
-_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True)
+_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True,
+                           LUT=0, X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False)
+# pair_table's tables: id(code) -> (a weak reference to code, code's version, the table)
+_PAIRS: dict = {}
 
 
 @triton.jit
@@ -106,17 +131,25 @@ def bnb4_dequantize(w: Bnb4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, K,
-                      stride_xm, stride_om, stride_split, SPLIT_K,
+def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, y_ptr,
+                      split_ctr_ptr, N, K, stride_q, stride_xm, stride_om, stride_split, SPLIT_K,
                       BS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BKB: tl.constexpr, EVEN_K: tl.constexpr,
-                      X_TILE: tl.constexpr):
+                      X_TILE: tl.constexpr, LUT: tl.constexpr, X_WORDS: tl.constexpr,
+                      WIDE_Q: tl.constexpr, SPLIT_LAST: tl.constexpr):
     """Grid ``(N / BLOCK_N, SPLIT_K)``; ``ROWS`` x rows (1..4); K % BS == 0. EVEN_K: every
-    program's block range is whole ``BKB`` steps inside K (no K mask)."""
+    program's block range is whole ``BKB`` steps inside K (no K mask). ``code_ptr``: the
+    16-entry table (LUT 0, 1) or ``pair_table``'s 256 pairs (LUT 2); ``stride_q``: the codes'
+    row stride in bytes (K/2), used where WIDE_Q (Triton then knows it 16-aligned when it is).
+    SPLIT_LAST (> 0: SPLIT_K): each N tile's last program adds the planes into ``y_ptr``
+    (``split_last.split_last_combine``) instead of torch after the launch."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None]  # past N: row N-1, not stored
     HB: tl.constexpr = BS // 2
+    # x as 32-bit words of two inputs: 0 no (float32 x or X_WORDS off), 1 bf16, 2 fp16
+    WORDS: tl.constexpr = (0 if not X_WORDS or x_ptr.dtype.element_ty == tl.float32 else
+                           1 if x_ptr.dtype.element_ty == tl.bfloat16 else 2)
     KB = K // BS
     span = tl.cdiv(tl.cdiv(KB, BKB), SPLIT_K) * BKB
     kb_lo = pid_k * span
@@ -127,10 +160,19 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
     acc1 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BKB, HB), dtype=tl.float32)
-    q_row = q_ptr + row * (K // 2) + i
+    q_row = q_ptr + row * (stride_q if WIDE_Q else K // 2) + i
     s_row = absmax_ptr + row * KB
-    # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
-    x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
+    table = tl.zeros((BLOCK_N, BKB, 16), dtype=tl.float32)
+    if LUT == 1:  # the 16 codes in registers, for tl.gather
+        table += tl.load(code_ptr + tl.arange(0, 16))[None, None, :]
+    if WORDS:  # [BKB, HB] 32-bit words: inputs 2i (low half), 2i + 1 (high half)
+        x_base = x_ptr.to(tl.pointer_type(tl.int32))
+        x_off = tl.arange(0, BKB)[:, None] * HB + tl.arange(0, HB)[None, :]
+        x_step, x_row = HB, stride_xm // 2
+    else:  # [BKB, HB]: input 2i (its byte's high nibble), 2i + 1 next (``_bnb4_row_step``)
+        x_base = x_ptr
+        x_off = tl.arange(0, BKB)[:, None] * BS + 2 * tl.arange(0, HB)[None, :]
+        x_step, x_row = BS, stride_xm
     for kb0 in range(kb_lo, kb_hi, BKB):
         kb = kb0 + blk
         if EVEN_K:
@@ -139,29 +181,50 @@ def _bnb4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, N, 
         else:
             byte = tl.load(q_row + kb * HB, mask=kb < kb_hi, other=0).to(tl.int32)
             s = tl.load(s_row + kb, mask=kb < kb_hi, other=0.0)
-        w_hi = tl.load(code_ptr + (byte >> 4)) * s
-        w_lo = tl.load(code_ptr + (byte & 15)) * s
-        xr = x_ptr + kb0 * BS + x_off
-        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE)
+        w_hi, w_lo = _bnb4_weights(code_ptr, table, byte, s, LUT)
+        xr = x_base + kb0 * x_step + x_off
+        acc0 = _bnb4_row_step(acc0, w_hi, w_lo, xr, kb0, kb_hi, BS, BKB, EVEN_K, X_TILE, WORDS)
         if ROWS > 1:
-            acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc1 = _bnb4_row_step(acc1, w_hi, w_lo, xr + x_row, kb0, kb_hi, BS, BKB, EVEN_K,
+                                  X_TILE, WORDS)
         if ROWS > 2:
-            acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc2 = _bnb4_row_step(acc2, w_hi, w_lo, xr + 2 * x_row, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE, WORDS)
         if ROWS > 3:
-            acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * stride_xm, kb0, kb_hi, BS, BKB,
-                                  EVEN_K, X_TILE)
+            acc3 = _bnb4_row_step(acc3, w_hi, w_lo, xr + 3 * x_row, kb0, kb_hi, BS, BKB,
+                                  EVEN_K, X_TILE, WORDS)
     _gemv_rows_epilogue(tl.sum(acc0, axis=2), tl.sum(acc1, axis=2), tl.sum(acc2, axis=2),
                         tl.sum(acc3, axis=2), out_ptr, bias_ptr, rn, N, stride_om, stride_split,
                         pid_k, HAS_BIAS, ROWS, AXIS=1)
+    if SPLIT_LAST > 0:
+        split_last_combine(out_ptr, y_ptr, split_ctr_ptr, pid_n, rn, ROWS, N, stride_split,
+                           stride_om, stride_om, ROWS, SPLIT_LAST)
+
+
+@triton.jit
+def _bnb4_weights(code_ptr, table, byte, s, LUT: tl.constexpr):
+    """A step's weights ``code[byte >> 4] * s``, ``code[byte & 15] * s`` (float32): LUT 0 two
+    loads of the 16-entry table (through L1), 1 ``tl.gather`` from ``table`` (the codes in
+    registers, broadcast over the tile), 2 one 8-byte load of ``pair_table``'s entry ``byte``
+    (both float32 weights' bits: the first in the low word)."""
+    if LUT == 0:
+        return tl.load(code_ptr + (byte >> 4)) * s, tl.load(code_ptr + (byte & 15)) * s
+    elif LUT == 1:
+        return tl.gather(table, byte >> 4, axis=2) * s, tl.gather(table, byte & 15, axis=2) * s
+    else:
+        pair = tl.load(code_ptr + byte)
+        w_hi = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        w_lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return w_hi * s, w_lo * s
 
 
 @triton.jit
 def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.constexpr,
-                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr):
+                   EVEN_K: tl.constexpr, X_TILE: tl.constexpr, WORDS: tl.constexpr):
     """acc ``[BLOCK_N, BKB, BS/2]`` += one x row's products with the step's weights: its even
-    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses).
+    (high nibble) and odd inputs from ``xr`` (``[BKB, BS/2]``, the even ones' addresses, or
+    WORDS 1 / 2: the 32-bit words holding both, bf16 / fp16, the even input in the low half:
+    one vector load for both).
     X_TILE: loaded as whole ``[BLOCK_N, BKB, BS/2]`` tiles (the pointers broadcast along N), so
     Triton lays them out as the codes (scalar loads, L1 hits, no conversion); else loaded
     ``[BKB, BS/2]`` and expanded (fewer loads; Triton converts them to the codes' layout
@@ -172,7 +235,18 @@ def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.co
         ok = kb0 + tl.arange(0, BKB)[None, :, None] < kb_hi
     else:
         ok = kb0 + tl.arange(0, BKB)[:, None] < kb_hi
-    if EVEN_K:
+    if WORDS:
+        if EVEN_K:
+            word = tl.load(xr)
+        else:
+            word = tl.load(xr, mask=ok, other=0)
+        if WORDS == 1:  # bf16: a float32's high half
+            x_hi = (word << 16).to(tl.float32, bitcast=True)
+            x_lo = (word & -65536).to(tl.float32, bitcast=True)
+        else:
+            x_hi = word.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            x_lo = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif EVEN_K:
         x_hi = tl.load(xr).to(tl.float32)
         x_lo = tl.load(xr + 1).to(tl.float32)
     else:
@@ -184,6 +258,7 @@ def _bnb4_row_step(acc, w_hi, w_lo, xr, kb0, kb_hi, BS: tl.constexpr, BKB: tl.co
     return acc + w_hi * x_hi + w_lo * x_lo
 
 
+
 def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
                 num_sms: int = 132, config: Optional[dict] = None) -> dict:
     """The launch of ``m`` (<= ``GEMV_ROWS``) rows: ``config`` (the sweep's) or
@@ -193,7 +268,8 @@ def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
     if config is None:
         config = (_INTERPRETED_CONFIG if interpreted else
                   GEMV_CONFIGS[min(r for r in GEMV_CONFIGS if r >= min(m, max(GEMV_CONFIGS)))])
-    c = dict(config)
+    c = dict(LUT=0, X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False)  # older tables' entries
+    c.update(config)
     max_split = c.pop("max_split")
     kb = k // blocksize
     c["BKB"] = min(c["BKB"], triton.next_power_of_2(kb))
@@ -207,6 +283,22 @@ def gemv_config(m: int, n: int, k: int, blocksize: int, interpreted: bool,
     c["EVEN_K"] = kb % c["BKB"] == 0 and steps % split == 0
     c["grid"] = (tiles_n, split)
     return c
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int64 ``[256]``: entry b holds ``code[b >> 4]`` (low word) and ``code[b & 15]`` (high
+    word) as float32 bits, the GEMV's LUT 2. Made once per table tensor and version (an
+    in-place load into ``code`` makes it anew), dropped with the tensor; outside graph capture
+    in the engine (its warm-up runs each shape eagerly first)."""
+    ref, version, pairs = _PAIRS.get(id(code), (None, None, None))
+    if ref is None or ref() is not code or version != code._version:
+        if ref is None or ref() is not code:
+            weakref.finalize(code, _PAIRS.pop, id(code), None)
+        b = torch.arange(256, device=code.device)
+        both = torch.stack([code[b >> 4], code[b & 15]], dim=1).float().contiguous()
+        pairs = both.view(torch.int64).reshape(256)
+        _PAIRS[id(code)] = (weakref.ref(code), code._version, pairs)
+    return pairs
 
 
 def gemv_fits(w: Bnb4Weight) -> bool:
@@ -233,12 +325,20 @@ def bnb4_gemv(x: torch.Tensor, w: Bnb4Weight, bias=None, config: Optional[dict] 
         t = gemv_config(rows, n, k, w.blocksize, interp,
                         1 if interp else _num_sms(x.device.index or 0), config)
         grid = t.pop("grid")
+        t["X_WORDS"] = t["X_WORDS"] and xr.data_ptr() % 4 == 0  # words: 4-byte aligned
         out = _split_out(x, rows, n, t["SPLIT_K"])
+        y, combine = None, split_last_args(None, None, 0, x)
+        if t.pop("SPLIT_LAST") and t["SPLIT_K"] > 1:  # planes added by each tile's last
+            y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+            combine = split_last_args(y, tile_counters(x.device, w.qweight.data_ptr(), grid[0]),
+                                      t["SPLIT_K"], x)
+        code = pair_table(w.code) if t["LUT"] == LUTS["pair"] else w.code
         _bnb4_gemv_kernel[grid](
-            xr, w.qweight, w.absmax, w.code, bias if bias is not None else x, out, n, k,
+            xr, w.qweight, w.absmax, code, bias if bias is not None else x, out,
+            combine.pop("y_ptr"), combine.pop("split_ctr_ptr"), n, k, w.qweight.stride(0),
             xr.stride(0), out.stride(-2), _split_stride(out), BS=w.blocksize,
-            HAS_BIAS=bias is not None, ROWS=rows, **t)
-        outs.append(_split_sum(out, x.dtype))
+            HAS_BIAS=bias is not None, ROWS=rows, **combine, **t)
+        outs.append(y if y is not None else _split_sum(out, x.dtype))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
