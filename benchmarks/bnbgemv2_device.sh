@@ -5,6 +5,7 @@
 # L2 flushed (bench_bnb4_sweep.py --check: prints GEMV_CONFIGS / GEMV_MAX_M to set in bnb4.py,
 # everything in $OUT/sweep.json), then the GEMV's GPU tests (every variant, the default table).
 source benchmarks/device_env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-bnb/*.whl
 unset TRITON_INTERPRET
 export TRITON_CACHE_DIR=/tmp/s29-bnbgemv2-triton
 nvidia-smi --query-gpu=name --format=csv,noheader
