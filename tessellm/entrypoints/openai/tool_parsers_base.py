@@ -9,6 +9,10 @@ tool call (a possible start of a marker is held back) and a call whose arguments
 complete has ``arguments`` None (its name once known). When ``final`` and a call does not
 parse, the whole text is content (no calls).
 
+Arguments are strict JSON (RFC 8259): a call whose arguments hold ``NaN``, ``Infinity`` or
+``-Infinity`` (which Python's ``json`` reads and writes, and a client's ``JSON.parse`` refuses)
+is not a call, so once final its text is content like any other malformed call.
+
 Safety: ``str.find``, ``json`` decoding, ``ast`` parsing of literals (never ``eval``) and scans
 that look at each character a bounded number of times: linear in the text, no regular
 expressions; at most ``MAX_CALLS`` calls per output.
@@ -22,7 +26,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-_DECODER = json.JSONDecoder()
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)  # strict: NaN / Infinity are not values
 _WS = " \t\r\n"
 MAX_CALLS = 64  # more calls in one output: it is not a tool call (bounds the work per parse)
 
@@ -98,8 +108,8 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
     args = next((obj[k] for k in args_keys if k in obj), {})
     if isinstance(args, str):
         try:
-            json.loads(args)
-        except (json.JSONDecodeError, RecursionError):
+            _DECODER.decode(args)
+        except (ValueError, RecursionError):
             return None
         return ParsedToolCall(obj["name"], args)
     if not isinstance(args, dict):
@@ -109,10 +119,11 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
 
 
 def arguments_json(args: dict) -> Optional[str]:
-    """``args`` as JSON text; None where the encoder cannot write it (nested deeper than the
-    interpreter's recursion limit allows from the caller's stack: not a call, never a 500)."""
+    """``args`` as strict JSON text; None where the encoder cannot write it (a NaN or an
+    infinity; nested deeper than the interpreter's recursion limit allows from the caller's
+    stack): not a call, never a 500."""
     try:
-        return json.dumps(args, ensure_ascii=False)
+        return json.dumps(args, ensure_ascii=False, allow_nan=False)
     except (RecursionError, ValueError):
         return None
 
@@ -181,17 +192,50 @@ def call_sequence(text: str, pos: int, final: bool, sep: str,
     """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
     the text's end. While streaming, an unfinished object is a call whose name is known so far;
     once final, anything that is not a call makes the whole text content again."""
+    return call_list(text, pos, final, sep, stop)[0]
+
+
+def call_list(text: str, pos: int, final: bool, sep: str, stop: Optional[str] = None) -> tuple[ParseResult, int]:
+    """``call_sequence``'s result and where it stopped (at ``stop``, or the text's end)."""
     calls = []
     while pos < len(text) and text[pos] != stop:
         end = take_call(text, pos, final, calls)
         if isinstance(end, ParseResult):
-            return end
+            return end, len(text)
         if end is None:
-            break
+            return ParseResult("", calls), len(text)
         pos = skip_ws(text, end)
         if pos < len(text) and text[pos] == sep:
             pos = skip_ws(text, pos + 1)
-    return ParseResult("", calls)
+    return ParseResult("", calls), pos
+
+
+def text_after_calls(text: str, pos: int, final: bool, markers: tuple[str, ...] = ()) -> Optional[str]:
+    """The content after a complete list of calls that ends at ``pos``: the rest of the text
+    once it is more than whitespace, else ``""``. While streaming, None as long as the rest
+    is only whitespace or may still be the start of one of ``markers`` (another call, or the
+    list's closing tag: not decided yet). Every parser keeps such text as content after the
+    text before the calls (``docs/tool_calling.md``)."""
+    rest = text[pos:]
+    if not rest.strip():
+        return "" if final else None
+    if not final and any(m.startswith(rest.lstrip()) for m in markers):
+        return None
+    return rest
+
+
+def next_call(text: str, pos: int, final: bool, starts: tuple[str, ...],
+              closes: tuple[str, ...] = ()) -> tuple[int, Optional[str]]:
+    """After a call that ends at ``pos`` (and one of ``closes``, its wrapper's end tag, if it
+    is there): ``(where the next call starts, None)`` if one of ``starts`` follows (after
+    whitespace), else ``(-1, text_after_calls)``."""
+    p = skip_ws(text, pos)
+    close = next((c for c in closes if text.startswith(c, p)), None)
+    after = p + len(close) if close is not None else pos
+    p = skip_ws(text, after)
+    if any(text.startswith(s, p) for s in starts):
+        return p, None
+    return -1, text_after_calls(text, after, final, starts + closes)
 
 
 def after_tag(text: str, pos: int, tags: tuple[str, ...], final: bool) -> Optional[int]:
@@ -258,7 +302,7 @@ def typed_value(text: str, schema) -> Any:
 def loose_literal(text: str) -> Any:
     """``text`` as JSON, else as a Python literal (``ast.literal_eval``: literals only, never
     code), else the string itself; a value JSON cannot carry (NaN, a set, bytes) stays text."""
-    for read in (json.loads, ast.literal_eval):
+    for read in (_DECODER.decode, ast.literal_eval):
         try:
             value = read(text)
             json.dumps(value, allow_nan=False)

@@ -32,7 +32,8 @@ are typed by the request's tool schema (``typed_value``).
 
 Contract as in ``tool_parsers_base.py``: a call's arguments come whole once its closing tag is
 generated (its name as soon as it is known); every search is bounded by the next tag, so a
-parse is linear in the text.
+parse is linear in the text. Calls follow one another (whitespace between them); text after
+the last one is content, after the text before the first (vLLM's parsers drop it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from __future__ import annotations
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           arguments_json, loose_literal, schema_type, typed_value)
+                                                           arguments_json, loose_literal, next_call, schema_type,
+                                                           typed_value)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -59,12 +61,16 @@ class Qwen3CoderParser(ToolParser):
     PARAM, PARAM_END = "<parameter=", "</parameter>"
     BARE_CALLS = True  # a <function=...> without the <tool_call> tag is a call too (vLLM's fallback)
 
+    @property
+    def tool_end(self) -> str:
+        return self.TOOL.replace("<", "</", 1)
+
     def parse(self, text: str, final: bool) -> ParseResult:
         starts = (self.TOOL, self.FUNC) if self.BARE_CALLS else (self.TOOL,)
         start = _first(text, starts)
         if start < 0:
             return _no_call(text, final, starts)
-        calls, pos = [], start
+        calls, pos, tail = [], start, ""
         while (f := text.find(self.FUNC, pos)) >= 0:
             end = text.find(self.FUNC_END, f)
             body_end = end if end >= 0 else len(text)
@@ -81,10 +87,12 @@ class Qwen3CoderParser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos = end + len(self.FUNC_END)
+            pos, tail = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC), (self.tool_end,))
+            if pos < 0:
+                break
         if not calls:
             return ParseResult(text if final else text[:start])
-        return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + (tail or ""), calls)
 
     def _arguments(self, text: str, lo: int, hi: int, function: str) -> Optional[str]:
         """The parameters in ``text[lo:hi]`` as a JSON object (None: too deep to write)."""
@@ -144,7 +152,7 @@ class Glm45Parser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return _no_call(text, final, (self.START,))
-        calls, pos = [], start
+        calls, pos, tail = [], start, ""
         while (s := text.find(self.START, pos)) >= 0:
             end = text.find(self.END, s)
             body = text[s + len(self.START):end if end >= 0 else len(text)]
@@ -161,8 +169,10 @@ class Glm45Parser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos = end + len(self.END)
-        return ParseResult(text[:start], calls)
+            pos, tail = next_call(text, end + len(self.END), final, (self.START,))
+            if pos < 0:
+                break
+        return ParseResult(text[:start] + (tail or ""), calls)
 
     def _arguments(self, body: str, pos: int, function: str) -> Optional[str]:
         """The ``<arg_key>``/``<arg_value>`` pairs from ``pos`` on as a JSON object; None if a
