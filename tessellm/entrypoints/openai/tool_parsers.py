@@ -2,10 +2,10 @@
 
 ``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
 here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
-``<longcat_tool_call>`` tags), ``llama3_json`` (Llama 3.x
+``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call), ``llama3_json`` (Llama 3.x
 ``{"name", "parameters"}`` objects, optionally after ``<|python_tag|>``, separated by ``;``),
 ``mistral`` (``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces) and ``openai``
-(harmony); the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
+(harmony); Gemma 4's own format (``gemma4``) in ``tool_parsers_gemma4.py``; the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
 Python call lists (``pythonic``, ``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the
 special-token formats (``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the
 other JSON formats (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
@@ -31,6 +31,7 @@ from typing import Optional
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
                                                            ToolParser, arguments_json, call_from_object, call_sequence,
                                                            decode_at, partial_name, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
@@ -75,6 +76,19 @@ class LongcatParser(HermesParser):
 
     name = "longcat"
     START, END = "<longcat_tool_call>", "</longcat_tool_call>"
+
+
+class Ernie45Parser(HermesParser):
+    """ERNIE-4.5: Hermes calls; the newlines before the first ``<tool_call>`` are not content
+    (held back while streaming: a call may follow them)."""
+
+    name = "ernie45"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        result = super().parse(text, final)
+        if result.calls or not final:
+            result.content = result.content.rstrip("\n")
+        return result
 
 
 class Llama3JsonParser(ToolParser):
@@ -204,7 +218,7 @@ class HarmonyToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
-    **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
+    "ernie45": Ernie45Parser, **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 
 

@@ -226,13 +226,13 @@ def text_after_calls(text: str, pos: int, final: bool, markers: tuple[str, ...] 
 
 def next_call(text: str, pos: int, final: bool, starts: tuple[str, ...],
               closes: tuple[str, ...] = ()) -> tuple[int, Optional[str]]:
-    """After a call that ends at ``pos`` (and one of ``closes``, its wrapper's end tag, if it
-    is there): ``(where the next call starts, None)`` if one of ``starts`` follows (after
+    """After a call that ends at ``pos`` (and any of ``closes``, its wrappers' end tags, that
+    are there): ``(where the next call starts, None)`` if one of ``starts`` follows (after
     whitespace), else ``(-1, text_after_calls)``."""
-    p = skip_ws(text, pos)
-    close = next((c for c in closes if text.startswith(c, p)), None)
-    after = p + len(close) if close is not None else pos
-    p = skip_ws(text, after)
+    after, p = pos, skip_ws(text, pos)
+    while (close := next((c for c in closes if text.startswith(c, p)), None)) is not None:
+        after = p + len(close)
+        p = skip_ws(text, after)
     if any(text.startswith(s, p) for s in starts):
         return p, None
     return -1, text_after_calls(text, after, final, starts + closes)

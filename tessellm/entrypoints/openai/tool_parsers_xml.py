@@ -38,7 +38,7 @@ the last one is content, after the text before the first (vLLM's parsers drop it
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
                                                            arguments_json, loose_literal, next_call, schema_type,
@@ -60,10 +60,8 @@ class Qwen3CoderParser(ToolParser):
     TOOL, FUNC, FUNC_END = "<tool_call>", "<function=", "</function>"
     PARAM, PARAM_END = "<parameter=", "</parameter>"
     BARE_CALLS = True  # a <function=...> without the <tool_call> tag is a call too (vLLM's fallback)
-
-    @property
-    def tool_end(self) -> str:
-        return self.TOOL.replace("<", "</", 1)
+    CLOSES = ("</tool_call>",)  # after a call: the end tags of its wrappers
+    NEXT: tuple[str, ...] = ()  # after a call: what else may start the next one
 
     def parse(self, text: str, final: bool) -> ParseResult:
         starts = (self.TOOL, self.FUNC) if self.BARE_CALLS else (self.TOOL,)
@@ -87,7 +85,8 @@ class Qwen3CoderParser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos, tail = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC), (self.tool_end,))
+            pos, tail = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC) + self.NEXT,
+                                  self.CLOSES)
             if pos < 0:
                 break
         if not calls:
@@ -104,11 +103,17 @@ class Qwen3CoderParser(ToolParser):
             gt = text.find(">", p + len(self.PARAM), stop)
             if gt >= 0:
                 close = text.find(self.PARAM_END, gt + 1, stop)
-                value = self.value(text[gt + 1:close if close >= 0 else stop])
-                key = _unquote(text[p + len(self.PARAM):gt])
-                args[key] = typed_value(value, schemas.get(key))
+                key, value = self.parameter(text[p + len(self.PARAM):gt],
+                                            self.value(text[gt + 1:close if close >= 0 else stop]), schemas)
+                args[key] = value
             p = nxt
         return arguments_json(args)
+
+    def parameter(self, head: str, text: str, schemas: dict) -> tuple[str, Any]:
+        """A parameter's name and value from its tag's head (``name`` or ``"name"``, up to
+        ``>``) and its text, typed by the tool schema."""
+        key = _unquote(head)
+        return key, typed_value(text, schemas.get(key))
 
     @staticmethod
     def value(text: str) -> str:
@@ -121,7 +126,7 @@ class SeedOssParser(Qwen3CoderParser):
     """Seed-OSS: Qwen3-Coder's calls inside ``<seed:tool_call>`` (special tokens)."""
 
     name = "seed_oss"
-    TOOL = "<seed:tool_call>"
+    TOOL, CLOSES = "<seed:tool_call>", ("</seed:tool_call>",)
     needs_special_tokens = True
 
 
@@ -131,11 +136,45 @@ class MinimaxM2Parser(Qwen3CoderParser):
 
     name = "minimax_m2"
     TOOL, FUNC, FUNC_END, PARAM = "<minimax:tool_call>", "<invoke name=", "</invoke>", "<parameter name="
+    CLOSES = ("</minimax:tool_call>",)
     BARE_CALLS = False
 
     @staticmethod
     def value(text: str) -> str:
         return text.strip()
+
+
+class DeepSeekV32Parser(Qwen3CoderParser):
+    """DeepSeek-V3.2's DSML: ``<｜DSML｜function_calls><｜DSML｜invoke name="f"><｜DSML｜parameter
+    name="p" string="true">value</｜DSML｜parameter></｜DSML｜invoke></｜DSML｜function_calls>``;
+    ``string="true"``: the value is the text as written, ``"false"``: JSON (or a literal)."""
+
+    name = "deepseek_v32"
+    TOOL, FUNC, FUNC_END = "<｜DSML｜function_calls>", "<｜DSML｜invoke name=", "</｜DSML｜invoke>"
+    PARAM, PARAM_END, CLOSES = "<｜DSML｜parameter name=", "</｜DSML｜parameter>", ("</｜DSML｜function_calls>",)
+    BARE_CALLS = False
+    needs_special_tokens = True
+    STRING = " string="
+
+    def parameter(self, head: str, text: str, schemas: dict) -> tuple[str, Any]:
+        flag = head.rfind(self.STRING)
+        if flag < 0:
+            return super().parameter(head, text, schemas)
+        key, string = _unquote(head[:flag]), _unquote(head[flag + len(self.STRING):]).lower()
+        return key, text if string == "true" else loose_literal(text)
+
+
+class Step3Parser(MinimaxM2Parser):
+    """Step-3: ``<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke
+    name="f"><steptml:parameter name="p">value</steptml:parameter></steptml:invoke>
+    <｜tool_call_end｜><｜tool_calls_end｜>`` (values typed by the tool schema)."""
+
+    name = "step3"
+    TOOL, FUNC, FUNC_END = "<｜tool_calls_begin｜>", "<steptml:invoke name=", "</steptml:invoke>"
+    PARAM, PARAM_END = "<steptml:parameter name=", "</steptml:parameter>"
+    CLOSES = ("<｜tool_call_end｜>", "<｜tool_calls_end｜>")
+    NEXT = ("<｜tool_call_begin｜>",)  # then "function<｜tool_sep｜>", passed by the search for the invoke
+    needs_special_tokens = True
 
 
 def _unquote(name: str) -> str:
@@ -195,4 +234,5 @@ class Glm45Parser(ToolParser):
 
 
 XML_PARSERS = {"qwen3_coder": Qwen3CoderParser, "qwen3_xml": Qwen3CoderParser, "seed_oss": SeedOssParser,
-               "minimax_m2": MinimaxM2Parser, "glm45": Glm45Parser, "glm47": Glm45Parser}
+               "minimax_m2": MinimaxM2Parser, "glm45": Glm45Parser, "glm47": Glm45Parser,
+               "deepseek_v32": DeepSeekV32Parser, "step3": Step3Parser, "mimo": Qwen3CoderParser}
