@@ -87,6 +87,12 @@ class ToolParser:
 
         return parse_with_extract(self, text, final)
 
+    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
+                                     previous_token_ids, current_token_ids, delta_token_ids, request):
+        """vLLM's streaming method: a plugin parser that implements it is called once per delta
+        (``tool_parsers_vllm.PluginStream``); the built-in parsers stream through ``parse``."""
+        raise NotImplementedError(f"{type(self).__name__} streams through parse(text, final).")
+
     def extract_tool_calls(self, model_output: str, request):
         from tessellm.entrypoints.openai.tool_parsers_vllm import extract_with_parse
 
@@ -107,11 +113,7 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
         return None
     args = next((obj[k] for k in args_keys if k in obj), {})
     if isinstance(args, str):
-        try:
-            _DECODER.decode(args)
-        except (ValueError, RecursionError):
-            return None
-        return ParsedToolCall(obj["name"], args)
+        return ParsedToolCall(obj["name"], args) if strict_json(args) else None
     if not isinstance(args, dict):
         return None
     text = arguments_json(args)
@@ -126,6 +128,15 @@ def arguments_json(args: dict) -> Optional[str]:
         return json.dumps(args, ensure_ascii=False, allow_nan=False)
     except (RecursionError, ValueError):
         return None
+
+
+def strict_json(text) -> bool:
+    """Whether ``text`` is a string of strict JSON (no NaN / Infinity)."""
+    try:
+        _DECODER.decode(text)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def decode_at(text: str, pos: int):
