@@ -122,21 +122,30 @@ RECORDED = [
     ("gemma4", "<|tool_call>call:f{a:1}<tool_call|>\nThat is all.", "\nThat is all.", [("f", {"a": 1})]),
     ("mimo", QWEN_CALL, "", [("get_current_weather", W)]),
 ]
-# text after a complete call list is content, after the text before the calls
+# all text outside the calls (between them, after the list) is content, after the text before
+A, QW = [("a", {})], [("get_current_weather", W)]
 TAILS = [
-    ("granite", '[{"name": "a", "arguments": {}}] and done.', " and done."),
-    ("xlam", 'I will check.\n```json\n[{"name": "a", "arguments": {}}]\n```\nDone.', "I will check.\n\nDone."),
-    ("jamba", '<tool_calls>[{"name": "a", "arguments": {}}]</tool_calls> ok', " ok"),
-    ("internlm", '<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>ok', "ok"),
-    ("minimax", '<tool_calls>\n{"name": "a", "arguments": {}}\n</tool_calls>\nok', "\nok"),
-    ("qwen3_coder", "Hi." + QWEN_CALL + "\nThe weather is coming.", "Hi.\nThe weather is coming."),
-    ("qwen3_coder", QWEN_CALL + " see <tool_call> later", " see <tool_call> later"),  # after text: no more calls
-    ("minimax_m2", '<minimax:tool_call><invoke name="a"></invoke></minimax:tool_call>ok', "ok"),
-    ("glm45", "<tool_call>a</tool_call>\nok", "\nok"),
-    ("deepseek_v32", DSML[0] + '<｜DSML｜invoke name="a"></｜DSML｜invoke>' + DSML[1] + "ok", "ok"),
+    ("granite", '[{"name": "a", "arguments": {}}] and done.', " and done.", A),
+    ("xlam", 'I will check.\n```json\n[{"name": "a", "arguments": {}}]\n```\nDone.', "I will check.\n\nDone.", A),
+    ("jamba", '<tool_calls>[{"name": "a", "arguments": {}}]</tool_calls> ok', " ok", A),
+    ("internlm", '<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>ok', "ok", A),
+    ("minimax", '<tool_calls>\n{"name": "a", "arguments": {}}\n</tool_calls>\nok', "\nok", A),
+    ("qwen3_coder", "Hi." + QWEN_CALL + "\nThe weather is coming.", "Hi.\nThe weather is coming.", QW),
+    ("qwen3_coder", QWEN_CALL + " see <tool_call> later", " see <tool_call> later", QW),  # a tag with no call: text
+    ("qwen3_coder", "A" + QWEN_CALL + "\nand B:\n" + QWEN_CALL + "\n", "A\nand B:\n", QW * 2),
+    ("hermes", 'A<tool_call>{"name": "a", "arguments": {}}</tool_call>\n and <tool_call>{"name": "a", '
+     '"arguments": {}}</tool_call>\n\n', "A\n and ", A * 2),
+    ("deepseek_v31", DS[0] + DS[1] + "a" + DS[2] + "{}" + DS[3] + " then " + DS[1] + "a" + DS[2] + "{}" + DS[3] + DS[4]
+     + " done", " then  done", A * 2),
+    ("kimi_k2", KIMI[0] + KIMI[1] + "functions.a:0" + KIMI[2] + "{}" + KIMI[3] + KIMI[4] + "\nok", "\nok", A),
+    ("granite-20b-fc", '<function_call> {"name": "a", "arguments": {}} so <function_call> {"name": "a", '
+     '"arguments": {}}', " so ", A * 2),
+    ("gemma4", "<|tool_call>call:a{}<tool_call|> and <|tool_call>call:a{}<tool_call|>", " and ", A * 2),
+    ("minimax_m2", '<minimax:tool_call><invoke name="a"></invoke></minimax:tool_call>ok', "ok", A),
+    ("glm45", "<tool_call>a</tool_call>\nok", "\nok", A),
+    ("deepseek_v32", DSML[0] + '<｜DSML｜invoke name="a"></｜DSML｜invoke>' + DSML[1] + "ok", "ok", A),
 ]
-RECORDED += [(name, text, content, [("get_current_weather", W)] if "get_current_weather" in text else [("a", {})])
-             for name, text, content in TAILS]
+RECORDED += TAILS
 
 
 @pytest.mark.parametrize("name,text,content,calls", RECORDED)

@@ -30,7 +30,7 @@ from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
                                                            ToolParser, arguments_json, call_from_object, call_sequence,
-                                                           decode_at, partial_name, skip_ws)
+                                                           decode_at, next_call, partial_name, skip_ws)
 from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
@@ -52,7 +52,7 @@ class HermesParser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
-        calls, pos = [], start
+        calls, pos, gaps = [], start, []
         while pos >= 0:
             body_start = pos + len(self.START)
             end = text.find(self.END, body_start)
@@ -67,8 +67,11 @@ class HermesParser(ToolParser):
             calls.append(call)
             if len(calls) > MAX_CALLS:
                 return ParseResult(text if final else "")
-            pos = text.find(self.START, end + len(self.END)) if end >= 0 else -1
-        return ParseResult(text[:start], calls)
+            if end < 0:
+                break
+            pos, gap = next_call(text, end + len(self.END), final, (self.START,))
+            gaps.append(gap)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
 
 class LongcatParser(HermesParser):

@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from tessellm.reasoning.holdback import held_back
+
 
 
 def _not_json(constant: str):
@@ -221,32 +223,30 @@ def call_list(text: str, pos: int, final: bool, sep: str, stop: Optional[str] = 
     return ParseResult("", calls), pos
 
 
-def text_after_calls(text: str, pos: int, final: bool, markers: tuple[str, ...] = ()) -> Optional[str]:
-    """The content after a complete list of calls that ends at ``pos``: the rest of the text
-    once it is more than whitespace, else ``""``. While streaming, None as long as the rest
-    is only whitespace or may still be the start of one of ``markers`` (another call, or the
-    list's closing tag: not decided yet). Every parser keeps such text as content after the
-    text before the calls (``docs/tool_calling.md``)."""
-    rest = text[pos:]
-    if not rest.strip():
-        return "" if final else None
-    if not final and any(m.startswith(rest.lstrip()) for m in markers):
-        return None
-    return rest
+def first_of(text: str, markers: tuple[str, ...], pos: int = 0) -> int:
+    """Where the first of ``markers`` occurs in ``text`` from ``pos`` on (-1: none does)."""
+    found = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
+    return min(found) if found else -1
 
 
 def next_call(text: str, pos: int, final: bool, starts: tuple[str, ...],
-              closes: tuple[str, ...] = ()) -> tuple[int, Optional[str]]:
+              closes: tuple[str, ...] = ()) -> tuple[int, str]:
     """After a call that ends at ``pos`` (and any of ``closes``, its wrappers' end tags, that
-    are there): ``(where the next call starts, None)`` if one of ``starts`` follows (after
-    whitespace), else ``(-1, text_after_calls)``."""
+    follow it): where the next call starts (the first of ``starts``; -1: none, or none yet),
+    and the content in between: the text up to it (or, with no next call, to the end; while
+    streaming less a possible start of a marker at the end) when it is more than whitespace,
+    else ``""``. Every parser built on it keeps all text outside its calls as content."""
     after, p = pos, skip_ws(text, pos)
     while (close := next((c for c in closes if text.startswith(c, p)), None)) is not None:
         after = p + len(close)
         p = skip_ws(text, after)
-    if any(text.startswith(s, p) for s in starts):
-        return p, None
-    return -1, text_after_calls(text, after, final, starts + closes)
+    nxt = first_of(text, starts, after) if starts else -1
+    if nxt >= 0:
+        gap = text[after:nxt]
+    else:
+        gap = text[after:]
+        gap = gap if final or not starts + closes else gap[:len(gap) - held_back(gap, starts + closes)]
+    return nxt, gap if gap.strip() else ""
 
 
 def after_tag(text: str, pos: int, tags: tuple[str, ...], final: bool) -> Optional[int]:

@@ -39,7 +39,7 @@ class Gemma4Parser(ToolParser):
         start = text.find(START)
         if start < 0:
             return ParseResult(text if final else hold_back(text, START))
-        calls, pos, tail, values = [], start, "", 0
+        calls, pos, gaps, values = [], start, [], 0
         while True:
             end = text.find(END, pos)
             body = text[pos + len(START):end if end >= 0 else len(text)]
@@ -57,10 +57,11 @@ class Gemma4Parser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos, tail = next_call(text, end + len(END), final, (START,))
+            pos, gap = next_call(text, end + len(END), final, (START,))
+            gaps.append(gap)
             if pos < 0:
                 break
-        return ParseResult(text[:start] + (tail or ""), calls)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
     def _call(self, pos: int, body: str, budget: int) -> tuple[Optional[ParsedToolCall], int]:
         """The call at ``pos`` and how many values it holds; read once per stream (a

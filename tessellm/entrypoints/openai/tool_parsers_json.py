@@ -43,8 +43,8 @@ def calls_at(text: str, start: int, pos: int, final: bool, closes: tuple[str, ..
         return ParseResult(text)
     if result.content or (final and not result.calls):
         return ParseResult(text if final else "")
-    tail = next_call(text, end, final, (), closes)[1] if end < len(text) else None
-    return ParseResult(text[:start] + (tail or ""), result.calls)
+    tail = next_call(text, end, final, (), closes)[1] if end < len(text) else ""
+    return ParseResult(text[:start] + tail, result.calls)
 
 
 class _AfterMarker(ToolParser):
@@ -142,15 +142,16 @@ class Granite20bFcParser(ToolParser):
         start = text.find(self.TAG)
         if start < 0:
             return ParseResult(text if final else text[:len(text) - held_back(text, (self.TAG,))])
-        calls, pos = [], start
-        while text.startswith(self.TAG, pos):
+        calls, pos, gaps = [], start, []
+        while pos >= 0:
             end = take_call(text, skip_ws(text, pos + len(self.TAG)), final, calls)
             if isinstance(end, ParseResult):
                 return end
             if end is None:
                 break
-            pos = skip_ws(text, end)
-        return ParseResult(text[:start], calls)
+            pos, gap = next_call(text, end, final, (self.TAG,))
+            gaps.append(gap)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
 
 JSON_PARSERS = {"granite-20b-fc": Granite20bFcParser, "granite": GraniteParser, "xlam": XlamParser, "phi4_mini_json": Phi4MiniJsonParser,

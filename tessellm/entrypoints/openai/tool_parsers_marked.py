@@ -19,7 +19,8 @@ section. The tokens are special, so the text keeps them (``needs_special_tokens`
       <|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>
 
 A call's arguments come whole once they are a complete JSON object (its name as soon as it is
-known). Each call's search ends at its end token, so a parse is linear in the text.
+known). Each call's search ends at its end token, so a parse is linear in the text. Text
+outside the calls (between them, after the section) is content too; vLLM's parsers drop it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from __future__ import annotations
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           json_object_at, skip_ws)
+                                                           json_object_at, next_call, skip_ws)
 from tessellm.reasoning.holdback import hold_back
 
 
 class _MarkedCalls(ToolParser):
-    SECTION = BEGIN = END = ""
+    SECTION = BEGIN = END = SECTION_END = ""
     needs_special_tokens = True
 
     def split(self, body: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
@@ -44,7 +45,7 @@ class _MarkedCalls(ToolParser):
         start = text.find(self.SECTION)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.SECTION))
-        calls, pos = [], start + len(self.SECTION)
+        calls, pos, gaps = [], start + len(self.SECTION), []
         while (b := text.find(self.BEGIN, pos)) >= 0:
             end = text.find(self.END, b)
             name, args, call_id = self.split(text[b + len(self.BEGIN):end if end >= 0 else len(text)])
@@ -58,15 +59,19 @@ class _MarkedCalls(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos = end + len(self.END)
+            pos, gap = next_call(text, end + len(self.END), final, (self.BEGIN,), (self.SECTION_END,))
+            gaps.append(gap)
+            if pos < 0:
+                break
         if final and not calls:
             return ParseResult(text)
-        return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
 
 class DeepSeekV3Parser(_MarkedCalls):
     name = "deepseek_v3"
     SECTION, BEGIN, END, SEP = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+    SECTION_END = "<｜tool▁calls▁end｜>"
     FENCE = "```"
 
     def split(self, body: str):
@@ -89,6 +94,7 @@ class DeepSeekV31Parser(_MarkedCalls):
     name = "deepseek_v31"
     SECTION, BEGIN, END, SEP = (DeepSeekV3Parser.SECTION, DeepSeekV3Parser.BEGIN, DeepSeekV3Parser.END,
                                 DeepSeekV3Parser.SEP)
+    SECTION_END = DeepSeekV3Parser.SECTION_END
 
     def split(self, body: str):
         sep = body.find(self.SEP)
@@ -100,6 +106,7 @@ class DeepSeekV31Parser(_MarkedCalls):
 class KimiK2Parser(_MarkedCalls):
     name = "kimi_k2"
     SECTION, BEGIN, END = "<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_end|>"
+    SECTION_END = "<|tool_calls_section_end|>"
     ARGS = "<|tool_call_argument_begin|>"
 
     def split(self, body: str):

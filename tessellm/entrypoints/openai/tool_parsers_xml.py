@@ -32,8 +32,8 @@ are typed by the request's tool schema (``typed_value``).
 
 Contract as in ``tool_parsers_base.py``: a call's arguments come whole once its closing tag is
 generated (its name as soon as it is known); every search is bounded by the next tag, so a
-parse is linear in the text. Calls follow one another (whitespace between them); text after
-the last one is content, after the text before the first (vLLM's parsers drop it).
+parse is linear in the text. All text outside the calls is content (vLLM's parsers keep only
+the text before the first call, but Step-3's).
 """
 
 from __future__ import annotations
@@ -41,14 +41,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           arguments_json, loose_literal, next_call, schema_type,
-                                                           typed_value)
+                                                           arguments_json, decode_at, first_of, loose_literal, next_call,
+                                                           schema_type, typed_value)
 from tessellm.reasoning.holdback import held_back
-
-
-def _first(text: str, markers: tuple[str, ...], pos: int = 0) -> int:
-    found = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
-    return min(found) if found else -1
 
 
 def _no_call(text: str, final: bool, markers: tuple[str, ...]) -> ParseResult:
@@ -65,10 +60,10 @@ class Qwen3CoderParser(ToolParser):
 
     def parse(self, text: str, final: bool) -> ParseResult:
         starts = (self.TOOL, self.FUNC) if self.BARE_CALLS else (self.TOOL,)
-        start = _first(text, starts)
+        start = first_of(text, starts)
         if start < 0:
             return _no_call(text, final, starts)
-        calls, pos, tail = [], start, ""
+        calls, pos, gaps = [], start, []
         while (f := text.find(self.FUNC, pos)) >= 0:
             end = text.find(self.FUNC_END, f)
             body_end = end if end >= 0 else len(text)
@@ -85,13 +80,16 @@ class Qwen3CoderParser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos, tail = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC) + self.NEXT,
-                                  self.CLOSES)
+            pos, gap = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC) + self.NEXT,
+                                 self.CLOSES)
+            gaps.append(gap)
             if pos < 0:
                 break
+        else:  # a <tool_call> with no function in it
+            gaps.append(text[pos:] if final and calls and pos > start else "")
         if not calls:
             return ParseResult(text if final else text[:start])
-        return ParseResult(text[:start] + (tail or ""), calls)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
     def _arguments(self, text: str, lo: int, hi: int, function: str) -> Optional[str]:
         """The parameters in ``text[lo:hi]`` as a JSON object (None: too deep to write)."""
@@ -147,7 +145,7 @@ class MinimaxM2Parser(Qwen3CoderParser):
 class DeepSeekV32Parser(Qwen3CoderParser):
     """DeepSeek-V3.2's DSML: ``<｜DSML｜function_calls><｜DSML｜invoke name="f"><｜DSML｜parameter
     name="p" string="true">value</｜DSML｜parameter></｜DSML｜invoke></｜DSML｜function_calls>``;
-    ``string="true"``: the value is the text as written, ``"false"``: JSON (or a literal)."""
+    ``string="true"``: the value is the text as written, ``"false"``: JSON (else the text)."""
 
     name = "deepseek_v32"
     TOOL, FUNC, FUNC_END = "<｜DSML｜function_calls>", "<｜DSML｜invoke name=", "</｜DSML｜invoke>"
@@ -161,7 +159,10 @@ class DeepSeekV32Parser(Qwen3CoderParser):
         if flag < 0:
             return super().parameter(head, text, schemas)
         key, string = _unquote(head[:flag]), _unquote(head[flag + len(self.STRING):]).lower()
-        return key, text if string == "true" else loose_literal(text)
+        if string == "true":
+            return key, text
+        value, end = decode_at(text.strip(), 0)  # DSML's other values are JSON; not JSON: the text
+        return key, value if end == len(text.strip()) else text
 
 
 class Step3Parser(MinimaxM2Parser):
@@ -191,11 +192,11 @@ class Glm45Parser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return _no_call(text, final, (self.START,))
-        calls, pos, tail = [], start, ""
+        calls, pos, gaps = [], start, []
         while (s := text.find(self.START, pos)) >= 0:
             end = text.find(self.END, s)
             body = text[s + len(self.START):end if end >= 0 else len(text)]
-            cut = _first(body, ("\n", self.KEY))
+            cut = first_of(body, ("\n", self.KEY))
             name = body[:cut].strip() if cut >= 0 else (body.strip() if end >= 0 or final else "")
             if end < 0 and not final:
                 calls.append(ParsedToolCall(name or None, None))
@@ -208,10 +209,11 @@ class Glm45Parser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos, tail = next_call(text, end + len(self.END), final, (self.START,))
+            pos, gap = next_call(text, end + len(self.END), final, (self.START,))
+            gaps.append(gap)
             if pos < 0:
                 break
-        return ParseResult(text[:start] + (tail or ""), calls)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
     def _arguments(self, body: str, pos: int, function: str) -> Optional[str]:
         """The ``<arg_key>``/``<arg_value>`` pairs from ``pos`` on as a JSON object; None if a
