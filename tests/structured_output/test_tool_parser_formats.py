@@ -141,6 +141,7 @@ TAILS = [
     ("granite-20b-fc", '<function_call> {"name": "a", "arguments": {}} so <function_call> {"name": "a", '
      '"arguments": {}}', " so ", A * 2),
     ("gemma4", "<|tool_call>call:a{}<tool_call|> and <|tool_call>call:a{}<tool_call|>", " and ", A * 2),
+    ("mistral", 'Hi [TOOL_CALLS][{"name": "a", "arguments": {}}] ok', "Hi  ok", A),
     ("minimax_m2", '<minimax:tool_call><invoke name="a"></invoke></minimax:tool_call>ok', "ok", A),
     ("glm45", "<tool_call>a</tool_call>\nok", "\nok", A),
     ("deepseek_v32", DSML[0] + '<｜DSML｜invoke name="a"></｜DSML｜invoke>' + DSML[1] + "ok", "ok", A),

@@ -121,20 +121,24 @@ class MistralParser(ToolParser):
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
         pos = skip_ws(text, start + len(self.START))
-        calls = self._array(text, pos, final) if text.startswith("[", pos) and not text.startswith(
-            self.ARGS, pos) else self._pieces(text, pos, final)
+        tail = ""
+        if text.startswith("[", pos) and not text.startswith(self.ARGS, pos):
+            calls, tail = self._array(text, pos, final)
+        else:
+            calls = self._pieces(text, pos, final)
         if calls is None:
             return ParseResult(text)
-        return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + tail, calls)
 
-    def _array(self, text: str, pos: int, final: bool) -> Optional[list[ParsedToolCall]]:
+    def _array(self, text: str, pos: int, final: bool) -> tuple[Optional[list[ParsedToolCall]], str]:
+        """The calls of the JSON array at ``pos``, and the content after it."""
         value, end = decode_at(text, pos)
         if end < 0:
-            return None if final else [ParsedToolCall(partial_name(text[pos:]), None)]
+            return (None if final else [ParsedToolCall(partial_name(text[pos:]), None)]), ""
         calls = [call_from_object(v) for v in value[:MAX_CALLS + 1]] if isinstance(value, list) else [None]
-        if len(calls) > MAX_CALLS:
-            return None
-        return None if not calls or None in calls else calls
+        if len(calls) > MAX_CALLS or not calls or None in calls:
+            return None, ""
+        return calls, next_call(text, end, final, ())[1]
 
     def _pieces(self, text: str, pos: int, final: bool) -> Optional[list[ParsedToolCall]]:
         """``name[ARGS]{json}`` pieces, each optionally after another ``[TOOL_CALLS]``."""
