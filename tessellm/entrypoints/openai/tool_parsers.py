@@ -2,13 +2,15 @@
 
 ``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
 here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
-``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call), ``llama3_json`` (Llama 3.x
-``{"name", "parameters"}`` objects, optionally after ``<|python_tag|>``, separated by ``;``),
-``mistral`` (``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces) and ``openai``
-(harmony); Gemma 4's own format (``gemma4``) in ``tool_parsers_gemma4.py``; the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
-Python call lists (``pythonic``, ``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the
-special-token formats (``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the
-other JSON formats (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
+``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call),
+``llama3_json`` (Llama 3.x ``{"name", "parameters"}`` objects, optionally after
+``<|python_tag|>``, separated by ``;``), ``mistral`` (``[TOOL_CALLS]`` then a JSON array, or
+``name[ARGS]{json}`` pieces) and ``openai`` (harmony); Gemma 4's own format (``gemma4``) in
+``tool_parsers_gemma4.py``; the XML formats (``qwen3_coder``, ``glm45``, ``deepseek_v32``,
+``step3``, ...) in ``tool_parsers_xml.py``, the Python call lists (``pythonic``,
+``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the special-token formats
+(``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the other JSON formats
+(``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
@@ -30,7 +32,8 @@ from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
                                                            ToolParser, arguments_json, call_from_object, call_sequence,
-                                                           decode_at, next_call, partial_name, skip_ws)
+                                                           decode_at, next_call, partial_name, skip_ws,
+                                                           tagged_calls)
 from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
@@ -52,26 +55,13 @@ class HermesParser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
-        calls, pos, gaps = [], start, []
-        while pos >= 0:
-            body_start = pos + len(self.START)
-            end = text.find(self.END, body_start)
-            body = text[body_start:end if end >= 0 else len(text)]
-            value, stop = decode_at(body, skip_ws(body, 0))
-            call = call_from_object(value) if stop > 0 and not body[stop:].strip() else None
-            if call is None:
-                if final:
-                    return ParseResult(text)
-                calls.append(ParsedToolCall(partial_name(body), None))
-                break
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos, gap = next_call(text, end + len(self.END), final, (self.START,))
-            gaps.append(gap)
-        return ParseResult(text[:start] + "".join(gaps), calls)
+        return tagged_calls(text, start, start, final, (self.START, self.END), self._call)
+
+    @staticmethod
+    def _call(body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        value, stop = decode_at(body, skip_ws(body, 0))
+        call = call_from_object(value) if stop > 0 and not body[stop:].strip() else None
+        return call if call is not None or whole else ParsedToolCall(partial_name(body), None)
 
 
 class LongcatParser(HermesParser):

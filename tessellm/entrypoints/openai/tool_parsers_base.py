@@ -249,6 +249,30 @@ def next_call(text: str, pos: int, final: bool, starts: tuple[str, ...],
     return nxt, gap if gap.strip() else ""
 
 
+def tagged_calls(text: str, start: int, pos: int, final: bool, tags: tuple[str, str], read,
+                 closes: tuple[str, ...] = ()) -> ParseResult:
+    """Calls each written between ``tags`` (its open and close tag), the first opening at
+    ``pos``; the content is ``text[:start]`` and the text outside the calls (``next_call``).
+    ``read(body, whole, at)`` reads one call's body (opened at ``at``): once ``whole`` (closed,
+    or the output final) a call or None (not a call: all of the text is content); before, a
+    call whose arguments may still be None (its name once known)."""
+    open_tag, close_tag = tags
+    calls, gaps = [], []
+    while pos >= 0:
+        end = text.find(close_tag, pos + len(open_tag))
+        call = read(text[pos + len(open_tag):end if end >= 0 else len(text)], end >= 0 or final, pos)
+        if call is None:
+            return ParseResult(text)
+        calls.append(call)
+        if len(calls) > MAX_CALLS:
+            return ParseResult(text if final else "")
+        if end < 0:
+            break
+        pos, gap = next_call(text, end + len(close_tag), final, (open_tag,), closes)
+        gaps.append(gap)
+    return ParseResult(text[:start] + "".join(gaps), calls)
+
+
 def after_tag(text: str, pos: int, tags: tuple[str, ...], final: bool) -> Optional[int]:
     """Past one of ``tags`` at ``pos`` (and the whitespace after it); ``pos`` if none is there;
     None while the text so far could still be the start of one (hold it back)."""

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           arguments_json, decode_at, next_call, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (ParsedToolCall, ParseResult, ToolParser, arguments_json,
+                                                           decode_at, skip_ws, tagged_calls)
 from tessellm.reasoning.holdback import hold_back
 
 START, END, QUOTE, CALL = "<|tool_call>", "<tool_call|>", '<|"|>', "call:"
@@ -34,42 +34,27 @@ class Gemma4Parser(ToolParser):
     def __init__(self, tokenizer=None, tools=None):
         super().__init__(tokenizer, tools)
         self._read: dict[int, tuple[str, Optional[ParsedToolCall], int]] = {}  # call start -> body, call, values
+        self._values = 0
 
     def parse(self, text: str, final: bool) -> ParseResult:
         start = text.find(START)
         if start < 0:
             return ParseResult(text if final else hold_back(text, START))
-        calls, pos, gaps, values = [], start, [], 0
-        while True:
-            end = text.find(END, pos)
-            body = text[pos + len(START):end if end >= 0 else len(text)]
-            if end < 0 and not final:
-                brace = body.find("{")
-                name = body[len(CALL):brace].strip() if body.startswith(CALL) and brace >= 0 else ""
-                calls.append(ParsedToolCall(name or None, None))
-                break
-            call, n = self._call(pos, body, MAX_VALUES - values)
-            values += n
-            if call is None:
-                return ParseResult(text)
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos, gap = next_call(text, end + len(END), final, (START,))
-            gaps.append(gap)
-            if pos < 0:
-                break
-        return ParseResult(text[:start] + "".join(gaps), calls)
+        self._values = 0  # read in this parse's calls so far
+        return tagged_calls(text, start, start, final, (START, END), self._call)
 
-    def _call(self, pos: int, body: str, budget: int) -> tuple[Optional[ParsedToolCall], int]:
-        """The call at ``pos`` and how many values it holds; read once per stream (a
-        stream's earlier calls are the same text at the same place every delta)."""
-        seen = self._read.get(pos)
+    def _call(self, body: str, whole: bool, at: int) -> Optional[ParsedToolCall]:
+        """The call opened at ``at``; read once per stream (a stream's earlier calls are the
+        same text at the same place every delta)."""
+        if not whole:
+            brace = body.find("{")
+            name = body[len(CALL):brace].strip() if body.startswith(CALL) and brace >= 0 else ""
+            return ParsedToolCall(name or None, None)
+        seen = self._read.get(at)
         if seen is None or seen[0] != body:
-            seen = self._read[pos] = (body, *_call(body, budget))
-        return seen[1], seen[2]
+            seen = self._read[at] = (body, *_call(body, MAX_VALUES - self._values))
+        self._values += seen[2]
+        return seen[1]
 
 
 def _call(body: str, budget: int) -> tuple[Optional[ParsedToolCall], int]:

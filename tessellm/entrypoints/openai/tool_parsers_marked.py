@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           json_object_at, next_call, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (ParsedToolCall, ParseResult, ToolParser, json_object_at,
+                                                           skip_ws, tagged_calls)
 from tessellm.reasoning.holdback import hold_back
 
 
@@ -45,27 +45,16 @@ class _MarkedCalls(ToolParser):
         start = text.find(self.SECTION)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.SECTION))
-        calls, pos, gaps = [], start + len(self.SECTION), []
-        while (b := text.find(self.BEGIN, pos)) >= 0:
-            end = text.find(self.END, b)
-            name, args, call_id = self.split(text[b + len(self.BEGIN):end if end >= 0 else len(text)])
-            if end < 0 and not final:
-                calls.append(ParsedToolCall(name, None, call_id))  # the id is whole once the name is
-                break
-            if name is None or args is None:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(name, args, call_id))
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos, gap = next_call(text, end + len(self.END), final, (self.BEGIN,), (self.SECTION_END,))
-            gaps.append(gap)
-            if pos < 0:
-                break
-        if final and not calls:
-            return ParseResult(text)
-        return ParseResult(text[:start] + "".join(gaps), calls)
+        first = text.find(self.BEGIN, start + len(self.SECTION))
+        if first < 0:
+            return ParseResult(text if final else text[:start])
+        return tagged_calls(text, start, first, final, (self.BEGIN, self.END), self._call, (self.SECTION_END,))
+
+    def _call(self, body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        name, args, call_id = self.split(body)
+        if not whole:
+            return ParsedToolCall(name, None, call_id)  # the id is whole once the name is
+        return ParsedToolCall(name, args, call_id) if name is not None and args is not None else None
 
 
 class DeepSeekV3Parser(_MarkedCalls):

@@ -41,8 +41,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           arguments_json, decode_at, first_of, loose_literal, next_call,
-                                                           schema_type, typed_value)
+                                                           arguments_json, decode_at, first_of, loose_literal,
+                                                           next_call, schema_type, tagged_calls, typed_value)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -192,28 +192,15 @@ class Glm45Parser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return _no_call(text, final, (self.START,))
-        calls, pos, gaps = [], start, []
-        while (s := text.find(self.START, pos)) >= 0:
-            end = text.find(self.END, s)
-            body = text[s + len(self.START):end if end >= 0 else len(text)]
-            cut = first_of(body, ("\n", self.KEY))
-            name = body[:cut].strip() if cut >= 0 else (body.strip() if end >= 0 or final else "")
-            if end < 0 and not final:
-                calls.append(ParsedToolCall(name or None, None))
-                break
-            args = self._arguments(body, cut if cut >= 0 else len(body), name)
-            if not name or args is None:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(name, args))
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos, gap = next_call(text, end + len(self.END), final, (self.START,))
-            gaps.append(gap)
-            if pos < 0:
-                break
-        return ParseResult(text[:start] + "".join(gaps), calls)
+        return tagged_calls(text, start, start, final, (self.START, self.END), self._call)
+
+    def _call(self, body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        cut = first_of(body, ("\n", self.KEY))
+        name = body[:cut].strip() if cut >= 0 else (body.strip() if whole else "")
+        if not whole:
+            return ParsedToolCall(name or None, None)
+        args = self._arguments(body, cut if cut >= 0 else len(body), name)
+        return ParsedToolCall(name, args) if name and args is not None else None
 
     def _arguments(self, body: str, pos: int, function: str) -> Optional[str]:
         """The ``<arg_key>``/``<arg_value>`` pairs from ``pos`` on as a JSON object; None if a
