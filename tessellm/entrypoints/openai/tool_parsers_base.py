@@ -7,7 +7,8 @@ whole text so far, so a stream and a whole response go through the same code and
 the same calls. While not ``final``, ``content`` is only text that can no longer turn into a
 tool call (a possible start of a marker is held back) and a call whose arguments are not
 complete has ``arguments`` None (its name once known). When ``final`` and a call does not
-parse, the whole text is content (no calls).
+parse, the whole text is content (no calls). Text outside the calls is content: before the
+first, and between and after them when it is more than whitespace (``next_call``).
 
 Arguments are strict JSON (RFC 8259): a call whose arguments hold ``NaN``, ``Infinity`` or
 ``-Infinity`` (which Python's ``json`` reads and writes, and a client's ``JSON.parse`` refuses)
