@@ -121,6 +121,9 @@ RECORDED = [
              "o": {"inner": {"deep": True}}})]),
     ("gemma4", "<|tool_call>call:f{a:1}<tool_call|>\nThat is all.", "\nThat is all.", [("f", {"a": 1})]),
     ("mimo", QWEN_CALL, "", [("get_current_weather", W)]),
+    ("granite4", 'Sure.<tool_call>{"name": "get_current_weather", "arguments": ' + WJ + '}</tool_call>\nThen:'
+     '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Sure.\nThen:",
+     [("get_current_weather", W), ("get_time", {})]),
 ]
 # all text outside the calls (between them, after the list) is content, after the text before
 A, QW = [("a", {})], [("get_current_weather", W)]
@@ -180,7 +183,7 @@ def test_every_parser_in_vllms_names_is_here():
     assert {"qwen3_coder", "qwen3_xml", "pythonic", "llama4_pythonic", "deepseek_v3", "deepseek_v31", "kimi_k2",
             "glm45", "granite", "xlam", "phi4_mini_json", "internlm", "jamba", "hunyuan_a13b", "minimax",
             "llama4_json", "seed_oss", "minimax_m2", "longcat", "olmo3", "granite-20b-fc", "step3", "deepseek_v32",
-            "ernie45", "gemma4", "mimo"} <= set(TOOL_PARSERS)
+            "ernie45", "gemma4", "mimo", "granite4"} <= set(TOOL_PARSERS)
 
 
 def _request(properties: dict) -> ChatCompletionRequest:

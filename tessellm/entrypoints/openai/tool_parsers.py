@@ -2,7 +2,8 @@
 
 ``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
 here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
-``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call),
+``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call,
+``granite4`` with special-token tags),
 ``llama3_json`` (Llama 3.x ``{"name", "parameters"}`` objects, optionally after
 ``<|python_tag|>``, separated by ``;``), ``mistral`` (``[TOOL_CALLS]`` then a JSON array, or
 ``name[ARGS]{json}`` pieces) and ``openai`` (harmony); Gemma 4's own format (``gemma4``) in
@@ -82,6 +83,13 @@ class Ernie45Parser(HermesParser):
         if result.calls or not final:
             result.content = result.content.rstrip("\n")
         return result
+
+
+class Granite4Parser(HermesParser):
+    """Granite 4: Hermes calls, whose tags may be special tokens (kept in the text)."""
+
+    name = "granite4"
+    needs_special_tokens = True
 
 
 class Llama3JsonParser(ToolParser):
@@ -215,7 +223,7 @@ class HarmonyToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
-    "ernie45": Ernie45Parser, **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
+    "ernie45": Ernie45Parser, "granite4": Granite4Parser, **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 
 
