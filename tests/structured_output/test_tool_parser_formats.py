@@ -121,6 +121,10 @@ RECORDED = [
              "o": {"inner": {"deep": True}}})]),
     ("gemma4", "<|tool_call>call:f{a:1}<tool_call|>\nThat is all.", "\nThat is all.", [("f", {"a": 1})]),
     ("mimo", QWEN_CALL, "", [("get_current_weather", W)]),
+    ("apertus", 'I will check. <|tools_prefix|>[{"get_current_weather": ' + WJ + '}, {"get_time": {}}]<|tools_suffix|>'
+     " Done.", "I will check.  Done.", [("get_current_weather", W), ("get_time", {})]),
+    ("apertus", '<|tools_prefix|>[{"a": {}, "b": {}}]<|tools_suffix|>', '<|tools_prefix|>[{"a": {}, "b": {}}]'
+     "<|tools_suffix|>", []),  # two keys: not a call
     ("lfm2", "Let me check.<|tool_call_start|>[get_current_weather(city='Dallas', state='TX', unit='fahrenheit'), "
      "get_time()]<|tool_call_end|>\nChecking now.", "Let me check.\nChecking now.",
      [("get_current_weather", W), ("get_time", {})]),
@@ -188,7 +192,7 @@ def test_every_parser_in_vllms_names_is_here():
     assert {"qwen3_coder", "qwen3_xml", "pythonic", "llama4_pythonic", "deepseek_v3", "deepseek_v31", "kimi_k2",
             "glm45", "granite", "xlam", "phi4_mini_json", "internlm", "jamba", "hunyuan_a13b", "minimax",
             "llama4_json", "seed_oss", "minimax_m2", "longcat", "olmo3", "granite-20b-fc", "step3", "deepseek_v32",
-            "ernie45", "gemma4", "mimo", "granite4", "lfm2"} <= set(TOOL_PARSERS)
+            "ernie45", "gemma4", "mimo", "granite4", "lfm2", "apertus"} <= set(TOOL_PARSERS)
 
 
 def _request(properties: dict) -> ChatCompletionRequest:
@@ -274,6 +278,7 @@ ADVERSARIAL = [
     _100kb(STEP3[0], STEP3[1] + '<steptml:invoke name="f">'), _100kb(DSML[0], '<｜DSML｜invoke name="f">'),
     _100kb(DSML[0] + '<｜DSML｜invoke name="f">', '<｜DSML｜parameter name="a" string="false">['),
     _100kb("<|tool_call_start|>[", "f(a=1), "), _100kb("", "<|tool_call_start|>"),
+    _100kb("<|tools_prefix|>[", '{"f": {"a": ['), _100kb("<|tools_prefix|>[", '{"f": {}}, '),
 ]
 NEW = sorted({c.name: c for n, c in TOOL_PARSERS.items()
               if n not in ("hermes", "qwen", "llama3_json", "llama4_json", "mistral", "openai")}.values(),

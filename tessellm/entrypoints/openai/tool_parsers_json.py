@@ -11,6 +11,7 @@ objects, in an array or one after another, after a marker; content is the text b
 | ``jamba`` | ``<tool_calls>[{...}, ...]</tool_calls>`` |
 | ``hunyuan_a13b`` | ``<tool_calls>[{...}, ...]</tool_calls>`` |
 | ``minimax`` | ``<tool_calls>`` then one ``{...}`` per line, then ``</tool_calls>`` (MiniMax-M1) |
+| ``apertus`` | ``<|tools_prefix|>[{"NAME": {...}}, ...]<|tools_suffix|>`` (Apertus; one key per call object) |
 
 Contract as in ``tool_parsers_base.py``; a call's arguments come whole once its object is. Text
 after the list (and its closing tag) is content, after the text before it: vLLM's granite
@@ -21,8 +22,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (ParseResult, ToolParser, after_tag, call_list,
-                                                           next_call, skip_ws, take_call)
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           after_tag, arguments_json, call_list, decode_at, next_call,
+                                                           skip_ws, take_call)
 from tessellm.reasoning.holdback import held_back
 
 
@@ -154,6 +156,39 @@ class Granite20bFcParser(ToolParser):
         return ParseResult(text[:start] + "".join(gaps), calls)
 
 
+class ApertusParser(ToolParser):
+    """Apertus: ``<|tools_prefix|>[{"NAME": {arguments}}, ...]<|tools_suffix|>``, each call an
+    object with one key; the calls come once the array is complete."""
+
+    name = "apertus"
+    START, END = "<|tools_prefix|>", "<|tools_suffix|>"
+    needs_special_tokens = True
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.START)
+        if start < 0:
+            return ParseResult(text if final else text[:len(text) - held_back(text, (self.START,))])
+        pos = skip_ws(text, start + len(self.START))
+        if pos < len(text) and text[pos] != "[":
+            return ParseResult(text)
+        value, end = decode_at(text, pos)
+        if end < 0:
+            return ParseResult(text if final else text[:start])
+        calls = [_one_key_call(v) for v in value[:MAX_CALLS + 1]]
+        if not calls or None in calls or len(calls) > MAX_CALLS:
+            return ParseResult(text)
+        return ParseResult(text[:start] + next_call(text, end, final, (), (self.END,))[1], calls)
+
+
+def _one_key_call(obj) -> Optional[ParsedToolCall]:
+    """``{"NAME": {arguments}}`` as a call; None if it is not that shape."""
+    if not isinstance(obj, dict) or len(obj) != 1:
+        return None
+    name, args = next(iter(obj.items()))
+    arguments = arguments_json(args) if name and isinstance(args, dict) else None
+    return ParsedToolCall(name, arguments) if arguments is not None else None
+
+
 JSON_PARSERS = {"granite-20b-fc": Granite20bFcParser, "granite": GraniteParser, "xlam": XlamParser, "phi4_mini_json": Phi4MiniJsonParser,
                 "internlm": InternlmParser, "jamba": JambaParser, "hunyuan_a13b": HunyuanA13BParser,
-                "minimax": MinimaxParser}
+                "minimax": MinimaxParser, "apertus": ApertusParser}
