@@ -223,7 +223,8 @@ class HarmonyToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
-    "ernie45": Ernie45Parser, "granite4": Granite4Parser, **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
+    "ernie45": Ernie45Parser, "granite4": Granite4Parser,
+    **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 
 

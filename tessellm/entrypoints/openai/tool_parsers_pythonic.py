@@ -6,10 +6,10 @@ ToolACE)::
 ``pythonic``: the output is that list; ``llama4_pythonic``: also inside Llama 4's
 ``<|python_start|>`` ... ``<|python_end|>``; ``olmo3``: one call per line (no brackets) inside
 ``<function_calls>`` ... ``</function_calls>``; ``lfm2``: the list between LFM2's
-``<|tool_call_start|>`` and ``<|tool_call_end|>``, text before and after it content. Argument values are Python literals (strings,
-numbers, True/False/None, lists, tuples and dicts of them): each call is parsed with ``ast``
-and its values read with ``ast.literal_eval``; nothing is ever evaluated. An output that is not
-such a list is content.
+``<|tool_call_start|>`` and ``<|tool_call_end|>``, text before and after it content. Argument
+values are Python literals (strings, numbers, True/False/None, lists, tuples and dicts of
+them): each call is parsed with ``ast`` and its values read with ``ast.literal_eval``; nothing
+is ever evaluated. An output that is not such a list is content.
 
 One linear scan splits the list into its calls (brackets and string literals tracked), so each
 call is parsed once it is complete; while streaming, the call being written has its name as
