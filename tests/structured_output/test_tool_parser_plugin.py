@@ -158,3 +158,106 @@ def test_a_ray_serve_config_checks_the_parser_and_makes_the_plugin_path_absolute
         assert config.tool_parser_plugin == PLUGIN and config.tool_call_parser == "toy_json"
         with pytest.raises(ValueError, match="'nope' is not a tool-call parser"):
             parse_config({"engine": {"device": "cpu"}, "server": {"tool_call_parser": "nope"}}).server_config()
+
+
+STREAMING_PLUGIN = '''
+import json
+from tessellm.entrypoints.openai.tool_parsers import (DeltaFunctionCall, DeltaMessage, DeltaToolCall,
+                                                      ExtractedToolCallInformation, FunctionCall, ToolCall,
+                                                      ToolParser, ToolParserManager)
+
+@ToolParserManager.register_module("toy_stream")
+class ToyStream(ToolParser):
+    """Content, then calls ``<<NAME|{json}>>``: the name streamed once its ``|`` is written,
+    the arguments as they grow (as vLLM's parsers do); "boom" in a delta raises."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.seen = []  # (previous_text, current_text, delta_text, previous ids, ids, delta ids)
+
+    def extract_tool_calls(self, model_output, request):
+        calls = [c.split("|", 1) for c in model_output.split("<<")[1:]]
+        return ExtractedToolCallInformation(tools_called=bool(calls), content=model_output.split("<<")[0] or None,
+                                            tool_calls=[ToolCall(function=FunctionCall(name=n, arguments=a[:-2]))
+                                                        for n, a in calls])
+
+    def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
+                                     current_token_ids, delta_token_ids, request):
+        self.seen.append((previous_text, current_text, delta_text, list(previous_token_ids),
+                          list(current_token_ids), list(delta_token_ids)))
+        if "boom" in delta_text:
+            raise RuntimeError("a plugin bug")
+        if "<<" not in current_text:
+            return DeltaMessage(content=delta_text)
+        pieces, start = [], current_text.count("<<") - 1
+        for index, call in enumerate(current_text.split("<<")[1:]):
+            if "|" not in call:
+                continue
+            name, args = call.split("|", 1)
+            args = args.rstrip(">")
+            if index >= len(self.streamed_args_for_tool):
+                self.streamed_args_for_tool.append("")
+                self.prev_tool_call_arr.append({"name": name})
+                pieces.append(DeltaToolCall(index=index, function=DeltaFunctionCall(name=name, arguments="")))
+            self.prev_tool_call_arr[index]["arguments"] = args
+            new = args[len(self.streamed_args_for_tool[index]):]
+            if new and not args.endswith("9"):  # holds back a trailing 9 (the end-of-stream check sends it)
+                self.streamed_args_for_tool[index] = args
+                pieces.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=new)))
+        content = delta_text.split("<<")[0] if start == 0 and "<<" in delta_text else None
+        return DeltaMessage(content=content, tool_calls=pieces or None)
+'''
+
+
+@pytest.fixture
+def streaming_plugin(tmp_path):
+    plugin = tmp_path / "toy_stream.py"
+    plugin.write_text(STREAMING_PLUGIN)
+    with _restored():
+        ToolParserManager.import_tool_parser(str(plugin))
+        yield
+
+
+def _plugin_stream(text: str, step: int):
+    """Stream ``text`` through a new ``toy_stream`` parser with one token id per character."""
+    parser = get_tool_parser("toy_stream", request=_req())
+    view, events = ToolCallView(parser), []
+    for n in list(range(step, len(text), step)) + [len(text)]:
+        events.append(view.delta(text[:n], final=n == len(text), token_ids=range(n)))
+    return parser, view, events
+
+
+def test_a_plugin_streams_its_calls_as_they_are_produced(streaming_plugin):
+    text = 'Checking.<<get_weather|{"city": "Paris"}>><<get_time|{}>>'
+    parser, view, events = _plugin_stream(text, 4)
+    content = "".join(c for c, _ in events)
+    assert content == "Checking."
+    first = next(i for i, (_, pieces) in enumerate(events) if pieces)
+    assert first < len(events) - 1  # the first call's name came before the output ended
+    calls = {}
+    for _, pieces in events:
+        for p in pieces:
+            if p.function.name:
+                assert p.id and p.id.startswith("call_") and p.type == "function"  # an id where it had none
+                calls[p.index] = [p.function.name, ""]
+            calls[p.index][1] += p.function.arguments or ""
+    assert [tuple(calls[i]) for i in sorted(calls)] == [("get_weather", '{"city": "Paris"}'), ("get_time", "{}")]
+    assert view.num_calls == 2
+    # vLLM's arguments: the texts and token ids before and after each delta
+    for previous, current, delta, previous_ids, ids, delta_ids in parser.seen:
+        assert previous + delta == current and text.startswith(current)
+        assert previous_ids == list(range(len(previous))) and ids == list(range(len(current)))
+        assert delta_ids == ids[len(previous_ids):]
+
+
+def test_the_end_of_a_plugin_stream_sends_the_arguments_it_held_back(streaming_plugin):
+    text = "<<f|{\"n\": 9"
+    _, _, events = _plugin_stream(text, 3)
+    args = "".join(p.function.arguments or "" for _, pieces in events for p in pieces)
+    assert args == '{"n": 9'  # prev_tool_call_arr's arguments, less streamed_args_for_tool
+
+
+def test_a_plugin_that_raises_mid_stream_leaves_the_rest_as_content(streaming_plugin):
+    text = "Fine so far, then boom and more."
+    _, _, events = _plugin_stream(text, 5)
+    assert "".join(c for c, _ in events) == text

@@ -3,14 +3,13 @@
 ``from vllm.entrypoints.openai.tool_parsers import ToolParser, ToolParserManager``).
 
 Its format: content, then ``<<call>>`` and a JSON array of ``{"name", "arguments"}`` objects,
-then ``<</call>>``."""
+then ``<</call>>``. It has no ``extract_tool_calls_streaming``: a stream gets its calls from
+``extract_tool_calls`` once the output is final."""
 
 import json
 import re
-from collections.abc import Sequence
-from typing import Union
 
-from tessellm.entrypoints.openai.tool_parsers import (ChatCompletionRequest, DeltaMessage,
+from tessellm.entrypoints.openai.tool_parsers import (ChatCompletionRequest,
                                                       ExtractedToolCallInformation, FunctionCall, ToolCall,
                                                       ToolParser, ToolParserManager)
 
@@ -39,9 +38,3 @@ class ToyJsonToolParser(ToolParser):
             return ExtractedToolCallInformation(tools_called=False, tool_calls=[], content=model_output)
         content = model_output[:model_output.find(self.start)]
         return ExtractedToolCallInformation(tools_called=True, tool_calls=tool_calls, content=content or None)
-
-    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
-                                     previous_token_ids: Sequence[int], current_token_ids: Sequence[int],
-                                     delta_token_ids: Sequence[int],
-                                     request: ChatCompletionRequest) -> Union[DeltaMessage, None]:
-        return DeltaMessage(content=delta_text)

@@ -430,7 +430,7 @@ class _ChatChunks:
                 if not (delta.content or delta.reasoning or delta.tool_calls or reason or logprobs):
                     continue  # held back (a marker may be starting), or reasoning not asked for
             elif self.tools[i] is not None:
-                delta, reason = self._tool_delta(i, whole.text, reason)
+                delta, reason = self._tool_delta(i, whole.text, reason, whole.token_ids)
                 if not (delta.content or delta.tool_calls or reason or logprobs):
                     continue  # held back: it may be the start of a tool call
             ids = None
@@ -453,9 +453,9 @@ class _ChatChunks:
             reason = self.view.tool_reason(tools.num_calls > 0, reason)
         return DeltaMessage(content=content or None, tool_calls=pieces or None, **fields), reason
 
-    def _tool_delta(self, i: int, text: str, reason: Optional[str]):
+    def _tool_delta(self, i: int, text: str, reason: Optional[str], token_ids=None):
         tools = self.tools[i]
-        content, pieces = tools.delta(text, final=reason is not None)
+        content, pieces = tools.delta(text, final=reason is not None, token_ids=token_ids)
         delta = DeltaMessage(content=content or None, tool_calls=pieces or None)
         return delta, self.view.tool_reason(tools.num_calls > 0, reason)
 

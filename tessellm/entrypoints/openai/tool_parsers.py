@@ -2,13 +2,16 @@
 
 ``--tool-call-parser`` picks one for ``tool_choice: "auto"`` (``TOOL_PARSERS``, vLLM's names):
 here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` the same in
-``<longcat_tool_call>`` tags), ``llama3_json`` (Llama 3.x
-``{"name", "parameters"}`` objects, optionally after ``<|python_tag|>``, separated by ``;``),
-``mistral`` (``[TOOL_CALLS]`` then a JSON array, or ``name[ARGS]{json}`` pieces) and ``openai``
-(harmony); the XML formats (``qwen3_coder``, ``glm45``, ...) in ``tool_parsers_xml.py``, the
-Python call lists (``pythonic``, ``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the
-special-token formats (``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the
-other JSON formats (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
+``<longcat_tool_call>`` tags, ``ernie45`` without the newlines before the first call,
+``granite4`` with special-token tags),
+``llama3_json`` (Llama 3.x ``{"name", "parameters"}`` objects, optionally after
+``<|python_tag|>``, separated by ``;``), ``mistral`` (``[TOOL_CALLS]`` then a JSON array, or
+``name[ARGS]{json}`` pieces) and ``openai`` (harmony); Gemma 4's own format (``gemma4``) in
+``tool_parsers_gemma4.py``; the XML formats (``qwen3_coder``, ``glm45``, ``deepseek_v32``,
+``step3``, ...) in ``tool_parsers_xml.py``, the Python call lists (``pythonic``,
+``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the special-token formats
+(``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the other JSON formats
+(``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
@@ -30,7 +33,9 @@ from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult,
                                                            ToolParser, arguments_json, call_from_object, call_sequence,
-                                                           decode_at, partial_name, skip_ws)
+                                                           decode_at, next_call, partial_name, skip_ws,
+                                                           tagged_calls)
+from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
@@ -51,23 +56,13 @@ class HermesParser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
-        calls, pos = [], start
-        while pos >= 0:
-            body_start = pos + len(self.START)
-            end = text.find(self.END, body_start)
-            body = text[body_start:end if end >= 0 else len(text)]
-            value, stop = decode_at(body, skip_ws(body, 0))
-            call = call_from_object(value) if stop > 0 and not body[stop:].strip() else None
-            if call is None:
-                if final:
-                    return ParseResult(text)
-                calls.append(ParsedToolCall(partial_name(body), None))
-                break
-            calls.append(call)
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            pos = text.find(self.START, end + len(self.END)) if end >= 0 else -1
-        return ParseResult(text[:start], calls)
+        return tagged_calls(text, start, start, final, (self.START, self.END), self._call)
+
+    @staticmethod
+    def _call(body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        value, stop = decode_at(body, skip_ws(body, 0))
+        call = call_from_object(value) if stop > 0 and not body[stop:].strip() else None
+        return call if call is not None or whole else ParsedToolCall(partial_name(body), None)
 
 
 class LongcatParser(HermesParser):
@@ -75,6 +70,26 @@ class LongcatParser(HermesParser):
 
     name = "longcat"
     START, END = "<longcat_tool_call>", "</longcat_tool_call>"
+
+
+class Ernie45Parser(HermesParser):
+    """ERNIE-4.5: Hermes calls; the newlines before the first ``<tool_call>`` are not content
+    (held back while streaming: a call may follow them)."""
+
+    name = "ernie45"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        result = super().parse(text, final)
+        if result.calls or not final:
+            result.content = result.content.rstrip("\n")
+        return result
+
+
+class Granite4Parser(HermesParser):
+    """Granite 4: Hermes calls, whose tags may be special tokens (kept in the text)."""
+
+    name = "granite4"
+    needs_special_tokens = True
 
 
 class Llama3JsonParser(ToolParser):
@@ -104,20 +119,24 @@ class MistralParser(ToolParser):
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
         pos = skip_ws(text, start + len(self.START))
-        calls = self._array(text, pos, final) if text.startswith("[", pos) and not text.startswith(
-            self.ARGS, pos) else self._pieces(text, pos, final)
+        tail = ""
+        if text.startswith("[", pos) and not text.startswith(self.ARGS, pos):
+            calls, tail = self._array(text, pos, final)
+        else:
+            calls = self._pieces(text, pos, final)
         if calls is None:
             return ParseResult(text)
-        return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + tail, calls)
 
-    def _array(self, text: str, pos: int, final: bool) -> Optional[list[ParsedToolCall]]:
+    def _array(self, text: str, pos: int, final: bool) -> tuple[Optional[list[ParsedToolCall]], str]:
+        """The calls of the JSON array at ``pos``, and the content after it."""
         value, end = decode_at(text, pos)
         if end < 0:
-            return None if final else [ParsedToolCall(partial_name(text[pos:]), None)]
+            return (None if final else [ParsedToolCall(partial_name(text[pos:]), None)]), ""
         calls = [call_from_object(v) for v in value[:MAX_CALLS + 1]] if isinstance(value, list) else [None]
-        if len(calls) > MAX_CALLS:
-            return None
-        return None if not calls or None in calls else calls
+        if len(calls) > MAX_CALLS or not calls or None in calls:
+            return None, ""
+        return calls, next_call(text, end, final, ())[1]
 
     def _pieces(self, text: str, pos: int, final: bool) -> Optional[list[ParsedToolCall]]:
         """``name[ARGS]{json}`` pieces, each optionally after another ``[TOOL_CALLS]``."""
@@ -204,7 +223,8 @@ class HarmonyToolParser(ToolParser):
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesParser, "qwen": HermesParser, "llama3_json": Llama3JsonParser,
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
-    **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
+    "ernie45": Ernie45Parser, "granite4": Granite4Parser,
+    **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
 }
 
 

@@ -7,7 +7,12 @@ whole text so far, so a stream and a whole response go through the same code and
 the same calls. While not ``final``, ``content`` is only text that can no longer turn into a
 tool call (a possible start of a marker is held back) and a call whose arguments are not
 complete has ``arguments`` None (its name once known). When ``final`` and a call does not
-parse, the whole text is content (no calls).
+parse, the whole text is content (no calls). Text outside the calls is content: before the
+first, and between and after them when it is more than whitespace (``next_call``).
+
+Arguments are strict JSON (RFC 8259): a call whose arguments hold ``NaN``, ``Infinity`` or
+``-Infinity`` (which Python's ``json`` reads and writes, and a client's ``JSON.parse`` refuses)
+is not a call, so once final its text is content like any other malformed call.
 
 Safety: ``str.find``, ``json`` decoding, ``ast`` parsing of literals (never ``eval``) and scans
 that look at each character a bounded number of times: linear in the text, no regular
@@ -22,7 +27,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-_DECODER = json.JSONDecoder()
+from tessellm.reasoning.holdback import held_back
+
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_not_json)  # strict: NaN / Infinity are not values
 _WS = " \t\r\n"
 MAX_CALLS = 64  # more calls in one output: it is not a tool call (bounds the work per parse)
 
@@ -77,6 +90,12 @@ class ToolParser:
 
         return parse_with_extract(self, text, final)
 
+    def extract_tool_calls_streaming(self, previous_text: str, current_text: str, delta_text: str,
+                                     previous_token_ids, current_token_ids, delta_token_ids, request):
+        """vLLM's streaming method: a plugin parser that implements it is called once per delta
+        (``tool_parsers_vllm.PluginStream``); the built-in parsers stream through ``parse``."""
+        raise NotImplementedError(f"{type(self).__name__} streams through parse(text, final).")
+
     def extract_tool_calls(self, model_output: str, request):
         from tessellm.entrypoints.openai.tool_parsers_vllm import extract_with_parse
 
@@ -97,11 +116,7 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
         return None
     args = next((obj[k] for k in args_keys if k in obj), {})
     if isinstance(args, str):
-        try:
-            json.loads(args)
-        except (json.JSONDecodeError, RecursionError):
-            return None
-        return ParsedToolCall(obj["name"], args)
+        return ParsedToolCall(obj["name"], args) if strict_json(args) else None
     if not isinstance(args, dict):
         return None
     text = arguments_json(args)
@@ -109,12 +124,22 @@ def call_from_object(obj, args_keys=("arguments", "parameters")) -> Optional[Par
 
 
 def arguments_json(args: dict) -> Optional[str]:
-    """``args`` as JSON text; None where the encoder cannot write it (nested deeper than the
-    interpreter's recursion limit allows from the caller's stack: not a call, never a 500)."""
+    """``args`` as strict JSON text; None where the encoder cannot write it (a NaN or an
+    infinity; nested deeper than the interpreter's recursion limit allows from the caller's
+    stack): not a call, never a 500."""
     try:
-        return json.dumps(args, ensure_ascii=False)
+        return json.dumps(args, ensure_ascii=False, allow_nan=False)
     except (RecursionError, ValueError):
         return None
+
+
+def strict_json(text) -> bool:
+    """Whether ``text`` is a string of strict JSON (no NaN / Infinity)."""
+    try:
+        _DECODER.decode(text)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def decode_at(text: str, pos: int):
@@ -181,17 +206,72 @@ def call_sequence(text: str, pos: int, final: bool, sep: str,
     """JSON call objects from ``pos`` on, each optionally followed by ``sep``, until ``stop`` or
     the text's end. While streaming, an unfinished object is a call whose name is known so far;
     once final, anything that is not a call makes the whole text content again."""
+    return call_list(text, pos, final, sep, stop)[0]
+
+
+def call_list(text: str, pos: int, final: bool, sep: str, stop: Optional[str] = None) -> tuple[ParseResult, int]:
+    """``call_sequence``'s result and where it stopped (at ``stop``, or the text's end)."""
     calls = []
     while pos < len(text) and text[pos] != stop:
         end = take_call(text, pos, final, calls)
         if isinstance(end, ParseResult):
-            return end
+            return end, len(text)
         if end is None:
-            break
+            return ParseResult("", calls), len(text)
         pos = skip_ws(text, end)
         if pos < len(text) and text[pos] == sep:
             pos = skip_ws(text, pos + 1)
-    return ParseResult("", calls)
+    return ParseResult("", calls), pos
+
+
+def first_of(text: str, markers: tuple[str, ...], pos: int = 0) -> int:
+    """Where the first of ``markers`` occurs in ``text`` from ``pos`` on (-1: none does)."""
+    found = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
+    return min(found) if found else -1
+
+
+def next_call(text: str, pos: int, final: bool, starts: tuple[str, ...],
+              closes: tuple[str, ...] = ()) -> tuple[int, str]:
+    """After a call that ends at ``pos`` (and any of ``closes``, its wrappers' end tags, that
+    follow it): where the next call starts (the first of ``starts``; -1: none, or none yet),
+    and the content in between: the text up to it (or, with no next call, to the end; while
+    streaming less a possible start of a marker at the end) when it is more than whitespace,
+    else ``""``. Every parser built on it keeps all text outside its calls as content."""
+    after, p = pos, skip_ws(text, pos)
+    while (close := next((c for c in closes if text.startswith(c, p)), None)) is not None:
+        after = p + len(close)
+        p = skip_ws(text, after)
+    nxt = first_of(text, starts, after) if starts else -1
+    if nxt >= 0:
+        gap = text[after:nxt]
+    else:
+        gap = text[after:]
+        gap = gap if final or not starts + closes else gap[:len(gap) - held_back(gap, starts + closes)]
+    return nxt, gap if gap.strip() else ""
+
+
+def tagged_calls(text: str, start: int, pos: int, final: bool, tags: tuple[str, str], read,
+                 closes: tuple[str, ...] = ()) -> ParseResult:
+    """Calls each written between ``tags`` (its open and close tag), the first opening at
+    ``pos``; the content is ``text[:start]`` and the text outside the calls (``next_call``).
+    ``read(body, whole, at)`` reads one call's body (opened at ``at``): once ``whole`` (closed,
+    or the output final) a call or None (not a call: all of the text is content); before, a
+    call whose arguments may still be None (its name once known)."""
+    open_tag, close_tag = tags
+    calls, gaps = [], []
+    while pos >= 0:
+        end = text.find(close_tag, pos + len(open_tag))
+        call = read(text[pos + len(open_tag):end if end >= 0 else len(text)], end >= 0 or final, pos)
+        if call is None:
+            return ParseResult(text)
+        calls.append(call)
+        if len(calls) > MAX_CALLS:
+            return ParseResult(text if final else "")
+        if end < 0:
+            break
+        pos, gap = next_call(text, end + len(close_tag), final, (open_tag,), closes)
+        gaps.append(gap)
+    return ParseResult(text[:start] + "".join(gaps), calls)
 
 
 def after_tag(text: str, pos: int, tags: tuple[str, ...], final: bool) -> Optional[int]:
@@ -258,7 +338,7 @@ def typed_value(text: str, schema) -> Any:
 def loose_literal(text: str) -> Any:
     """``text`` as JSON, else as a Python literal (``ast.literal_eval``: literals only, never
     code), else the string itself; a value JSON cannot carry (NaN, a set, bytes) stays text."""
-    for read in (json.loads, ast.literal_eval):
+    for read in (_DECODER.decode, ast.literal_eval):
         try:
             value = read(text)
             json.dumps(value, allow_nan=False)

@@ -19,20 +19,21 @@ section. The tokens are special, so the text keeps them (``needs_special_tokens`
       <|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>
 
 A call's arguments come whole once they are a complete JSON object (its name as soon as it is
-known). Each call's search ends at its end token, so a parse is linear in the text.
+known). Each call's search ends at its end token, so a parse is linear in the text. Text
+outside the calls (between them, after the section) is content too; vLLM's parsers drop it.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           json_object_at, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (ParsedToolCall, ParseResult, ToolParser, json_object_at,
+                                                           skip_ws, tagged_calls)
 from tessellm.reasoning.holdback import hold_back
 
 
 class _MarkedCalls(ToolParser):
-    SECTION = BEGIN = END = ""
+    SECTION = BEGIN = END = SECTION_END = ""
     needs_special_tokens = True
 
     def split(self, body: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
@@ -44,29 +45,22 @@ class _MarkedCalls(ToolParser):
         start = text.find(self.SECTION)
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.SECTION))
-        calls, pos = [], start + len(self.SECTION)
-        while (b := text.find(self.BEGIN, pos)) >= 0:
-            end = text.find(self.END, b)
-            name, args, call_id = self.split(text[b + len(self.BEGIN):end if end >= 0 else len(text)])
-            if end < 0 and not final:
-                calls.append(ParsedToolCall(name, None, call_id))  # the id is whole once the name is
-                break
-            if name is None or args is None:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(name, args, call_id))
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos = end + len(self.END)
-        if final and not calls:
-            return ParseResult(text)
-        return ParseResult(text[:start], calls)
+        first = text.find(self.BEGIN, start + len(self.SECTION))
+        if first < 0:
+            return ParseResult(text if final else text[:start])
+        return tagged_calls(text, start, first, final, (self.BEGIN, self.END), self._call, (self.SECTION_END,))
+
+    def _call(self, body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        name, args, call_id = self.split(body)
+        if not whole:
+            return ParsedToolCall(name, None, call_id)  # the id is whole once the name is
+        return ParsedToolCall(name, args, call_id) if name is not None and args is not None else None
 
 
 class DeepSeekV3Parser(_MarkedCalls):
     name = "deepseek_v3"
     SECTION, BEGIN, END, SEP = "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+    SECTION_END = "<｜tool▁calls▁end｜>"
     FENCE = "```"
 
     def split(self, body: str):
@@ -89,6 +83,7 @@ class DeepSeekV31Parser(_MarkedCalls):
     name = "deepseek_v31"
     SECTION, BEGIN, END, SEP = (DeepSeekV3Parser.SECTION, DeepSeekV3Parser.BEGIN, DeepSeekV3Parser.END,
                                 DeepSeekV3Parser.SEP)
+    SECTION_END = DeepSeekV3Parser.SECTION_END
 
     def split(self, body: str):
         sep = body.find(self.SEP)
@@ -100,6 +95,7 @@ class DeepSeekV31Parser(_MarkedCalls):
 class KimiK2Parser(_MarkedCalls):
     name = "kimi_k2"
     SECTION, BEGIN, END = "<|tool_calls_section_begin|>", "<|tool_call_begin|>", "<|tool_call_end|>"
+    SECTION_END = "<|tool_calls_section_end|>"
     ARGS = "<|tool_call_argument_begin|>"
 
     def split(self, body: str):

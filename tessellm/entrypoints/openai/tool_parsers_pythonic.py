@@ -5,10 +5,11 @@ ToolACE)::
 
 ``pythonic``: the output is that list; ``llama4_pythonic``: also inside Llama 4's
 ``<|python_start|>`` ... ``<|python_end|>``; ``olmo3``: one call per line (no brackets) inside
-``<function_calls>`` ... ``</function_calls>``. Argument values are Python literals (strings,
-numbers, True/False/None, lists, tuples and dicts of them): each call is parsed with ``ast``
-and its values read with ``ast.literal_eval``; nothing is ever evaluated. An output that is not
-such a list is content.
+``<function_calls>`` ... ``</function_calls>``; ``lfm2``: the list between LFM2's
+``<|tool_call_start|>`` and ``<|tool_call_end|>``, text before and after it content. Argument
+values are Python literals (strings, numbers, True/False/None, lists, tuples and dicts of
+them): each call is parsed with ``ast`` and its values read with ``ast.literal_eval``; nothing
+is ever evaluated. An output that is not such a list is content.
 
 One linear scan splits the list into its calls (brackets and string literals tracked), so each
 call is parsed once it is complete; while streaming, the call being written has its name as
@@ -24,7 +25,8 @@ import json
 from typing import Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           after_tag)
+                                                           after_tag, next_call)
+from tessellm.reasoning.holdback import hold_back
 
 _OPEN, _CLOSE = "([{", ")]}"
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
@@ -213,4 +215,29 @@ class Olmo3Parser(PythonicParser):
         return ParseResult("", calls)
 
 
-PYTHONIC_PARSERS = {"pythonic": PythonicParser, "llama4_pythonic": Llama4PythonicParser, "olmo3": Olmo3Parser}
+class Lfm2Parser(PythonicParser):
+    """LFM2 / LFM2.5: the call list between ``<|tool_call_start|>`` and ``<|tool_call_end|>``;
+    text before and after it is content."""
+
+    name = "lfm2"
+    TAG, END = "<|tool_call_start|>", "<|tool_call_end|>"
+    needs_special_tokens = True
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.TAG)
+        if start < 0:
+            return ParseResult(text if final else hold_back(text, self.TAG))
+        pos = _skip(text, start + len(self.TAG))
+        if pos >= len(text) or text[pos] != "[":
+            return ParseResult(text if final or pos < len(text) else text[:start])
+        scan = self._scan(text, pos + 1)
+        calls = list(scan.calls())
+        if scan.bad or None in calls or (final and (scan.end < 0 or not calls)):
+            return ParseResult(text)
+        if scan.end < 0:
+            return ParseResult(text[:start], calls + [ParsedToolCall(scan.partial, None)])
+        return ParseResult(text[:start] + next_call(text, scan.end, final, (), (self.END,))[1], calls)
+
+
+PYTHONIC_PARSERS = {"pythonic": PythonicParser, "llama4_pythonic": Llama4PythonicParser, "olmo3": Olmo3Parser,
+                    "lfm2": Lfm2Parser}

@@ -20,11 +20,17 @@ How such a parser is used:
   makes to the request in place (``request.skip_special_tokens = False``) are honoured.
 - a whole response: ``extract_tool_calls(text, request)``; its ``content`` (or, when it called
   nothing and says no content, the text) and its calls, ids kept.
-- a stream: the same ``extract_tool_calls`` on the whole text once the output is final, sent
-  as the stream's last content and ``delta.tool_calls`` pieces. ``extract_tool_calls_streaming``
-  is not called: vLLM feeds it token ids that tessellm's parsers do not see (with a reasoning
-  parser the tool parser sees only the answer's text), and parsing the whole text keeps the
-  streamed calls exactly equal to the non-streamed ones. The built-in parsers stream as they go.
+- a stream, when the parser implements ``extract_tool_calls_streaming``: called once per
+  delta as vLLM's serving layer calls it (previous text, current text, delta text, and the
+  token ids of each; the request), its ``DeltaMessage``'s content and ``tool_calls`` pieces
+  sent as they come (a first piece without an id gets one). When the output ends, the last
+  call's arguments that ``prev_tool_call_arr`` holds but ``streamed_args_for_tool`` has not
+  sent yet are sent, as vLLM does. With a ``--reasoning-parser`` the parser sees the answer's
+  text only and no token ids (empty lists). A parser that raises mid-stream is logged and
+  the rest of the output is content. What it streamed is what the client gets: vLLM's
+  streaming and whole-text paths of one parser may disagree, and so may they here.
+- a stream, when it implements only ``extract_tool_calls``: that, on the whole text once the
+  output is final, sent as the stream's last content and ``delta.tool_calls`` pieces.
 
 A parser that raises is logged and its text returned as content; the server keeps serving.
 """
@@ -32,6 +38,7 @@ A parser that raises is logged and its text returned as content; the server keep
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -45,7 +52,8 @@ from tessellm.entrypoints.openai.protocol import ChatCompletionRequest  # noqa: 
 from tessellm.entrypoints.openai.protocol import ChatTool as ChatCompletionToolsParam  # noqa: F401
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaMessage,  # noqa: F401
                                                             DeltaToolCall, FunctionCall)
-from tessellm.entrypoints.openai.tool_parsers_base import MAX_CALLS, ParsedToolCall, ParseResult, ToolParser
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           strict_json)
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +148,8 @@ def parse_with_extract(parser: ToolParser, text: str, final: bool) -> ParseResul
     except Exception:  # a plugin's bug must not take the server down
         logger.exception("tool parser %s failed; its output is returned as content", type(parser).__name__)
         return ParseResult(text)
-    if len(calls) > MAX_CALLS or any(not isinstance(c.name, str) or not isinstance(c.arguments, str) for c in calls):
-        return ParseResult(text)
+    if len(calls) > MAX_CALLS or not all(isinstance(c.name, str) and strict_json(c.arguments) for c in calls):
+        return ParseResult(text)  # e.g. arguments with NaN: not JSON, so not a call (the built-ins' rule)
     content = info.content if info.content is not None and (calls or info.content) else text
     return ParseResult(content or "", calls)
 
@@ -155,3 +163,59 @@ def extract_with_parse(parser: ToolParser, model_output: str, request) -> Extrac
              for c in result.calls]
     return ExtractedToolCallInformation(tools_called=bool(calls), tool_calls=calls,
                                         content=(result.content or None) if calls else result.content)
+
+
+def streams_itself(parser: ToolParser) -> bool:
+    """Whether ``parser`` (a plugin's) implements vLLM's ``extract_tool_calls_streaming``."""
+    return type(parser).extract_tool_calls_streaming is not ToolParser.extract_tool_calls_streaming
+
+
+class PluginStream:
+    """vLLM's serving loop around a plugin's ``extract_tool_calls_streaming``: one call per
+    delta with the text and token ids before and after it; the pieces it returns, as they are."""
+
+    def __init__(self, parser: ToolParser):
+        self.parser = parser
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.failed = False  # it raised: the rest of the output is content
+
+    def delta(self, text: str, token_ids, final: bool) -> tuple[str, list[DeltaToolCall]]:
+        delta_text = text[len(self.text):]
+        ids = list(token_ids or ())
+        delta_ids = ids[len(self.token_ids):]
+        previous_text, previous_ids = self.text, self.token_ids
+        self.text, self.token_ids = text, ids
+        if self.failed:
+            return delta_text, []
+        if not (delta_text or delta_ids or final):
+            return "", []
+        try:
+            message = self.parser.extract_tool_calls_streaming(previous_text, text, delta_text, previous_ids, ids,
+                                                               delta_ids, self.parser.request)
+            content = (message.content or "") if message is not None else ""
+            pieces = [DeltaToolCall.model_validate(p.model_dump() if isinstance(p, BaseModel) else p)
+                      for p in (message.tool_calls or [])] if message is not None else []
+            if final:
+                pieces += self._unsent_arguments(pieces)
+        except Exception:  # a plugin's bug must not take the stream down
+            logger.exception("tool parser %s failed while streaming; the rest of its output is content",
+                             type(self.parser).__name__)
+            self.failed = True
+            return delta_text, []
+        return content, pieces
+
+    def _unsent_arguments(self, pieces: list[DeltaToolCall]) -> list[DeltaToolCall]:
+        """vLLM's end-of-stream check: the last call's arguments as the parser holds them
+        (``prev_tool_call_arr``), less what it streamed (``streamed_args_for_tool``)."""
+        calls, streamed = self.parser.prev_tool_call_arr, self.parser.streamed_args_for_tool
+        index = len(calls) - 1
+        if index < 0 or index >= len(streamed) or not isinstance(calls[index], dict):
+            return []
+        expected = calls[index].get("arguments", {})
+        expected = expected if isinstance(expected, str) else json.dumps(expected, ensure_ascii=False)
+        sent = streamed[index] + "".join(p.function.arguments or "" for p in pieces
+                                         if p.index == index and p.function is not None)
+        if not expected.startswith(sent) or len(expected) == len(sent):
+            return []
+        return [DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=expected[len(sent):]))]

@@ -32,21 +32,18 @@ are typed by the request's tool schema (``typed_value``).
 
 Contract as in ``tool_parsers_base.py``: a call's arguments come whole once its closing tag is
 generated (its name as soon as it is known); every search is bounded by the next tag, so a
-parse is linear in the text.
+parse is linear in the text. All text outside the calls is content (vLLM's parsers keep only
+the text before the first call, but Step-3's).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
-                                                           arguments_json, loose_literal, schema_type, typed_value)
+                                                           arguments_json, decode_at, first_of, loose_literal,
+                                                           next_call, schema_type, tagged_calls, typed_value)
 from tessellm.reasoning.holdback import held_back
-
-
-def _first(text: str, markers: tuple[str, ...], pos: int = 0) -> int:
-    found = [i for i in (text.find(m, pos) for m in markers) if i >= 0]
-    return min(found) if found else -1
 
 
 def _no_call(text: str, final: bool, markers: tuple[str, ...]) -> ParseResult:
@@ -58,13 +55,15 @@ class Qwen3CoderParser(ToolParser):
     TOOL, FUNC, FUNC_END = "<tool_call>", "<function=", "</function>"
     PARAM, PARAM_END = "<parameter=", "</parameter>"
     BARE_CALLS = True  # a <function=...> without the <tool_call> tag is a call too (vLLM's fallback)
+    CLOSES = ("</tool_call>",)  # after a call: the end tags of its wrappers
+    NEXT: tuple[str, ...] = ()  # after a call: what else may start the next one
 
     def parse(self, text: str, final: bool) -> ParseResult:
         starts = (self.TOOL, self.FUNC) if self.BARE_CALLS else (self.TOOL,)
-        start = _first(text, starts)
+        start = first_of(text, starts)
         if start < 0:
             return _no_call(text, final, starts)
-        calls, pos = [], start
+        calls, pos, gaps = [], start, []
         while (f := text.find(self.FUNC, pos)) >= 0:
             end = text.find(self.FUNC_END, f)
             body_end = end if end >= 0 else len(text)
@@ -81,10 +80,16 @@ class Qwen3CoderParser(ToolParser):
                 return ParseResult(text if final else "")
             if end < 0:
                 break
-            pos = end + len(self.FUNC_END)
+            pos, gap = next_call(text, end + len(self.FUNC_END), final, (self.TOOL, self.FUNC) + self.NEXT,
+                                 self.CLOSES)
+            gaps.append(gap)
+            if pos < 0:
+                break
+        else:  # a <tool_call> with no function in it
+            gaps.append(text[pos:] if final and calls and pos > start else "")
         if not calls:
             return ParseResult(text if final else text[:start])
-        return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + "".join(gaps), calls)
 
     def _arguments(self, text: str, lo: int, hi: int, function: str) -> Optional[str]:
         """The parameters in ``text[lo:hi]`` as a JSON object (None: too deep to write)."""
@@ -96,11 +101,17 @@ class Qwen3CoderParser(ToolParser):
             gt = text.find(">", p + len(self.PARAM), stop)
             if gt >= 0:
                 close = text.find(self.PARAM_END, gt + 1, stop)
-                value = self.value(text[gt + 1:close if close >= 0 else stop])
-                key = _unquote(text[p + len(self.PARAM):gt])
-                args[key] = typed_value(value, schemas.get(key))
+                key, value = self.parameter(text[p + len(self.PARAM):gt],
+                                            self.value(text[gt + 1:close if close >= 0 else stop]), schemas)
+                args[key] = value
             p = nxt
         return arguments_json(args)
+
+    def parameter(self, head: str, text: str, schemas: dict) -> tuple[str, Any]:
+        """A parameter's name and value from its tag's head (``name`` or ``"name"``, up to
+        ``>``) and its text, typed by the tool schema."""
+        key = _unquote(head)
+        return key, typed_value(text, schemas.get(key))
 
     @staticmethod
     def value(text: str) -> str:
@@ -113,7 +124,7 @@ class SeedOssParser(Qwen3CoderParser):
     """Seed-OSS: Qwen3-Coder's calls inside ``<seed:tool_call>`` (special tokens)."""
 
     name = "seed_oss"
-    TOOL = "<seed:tool_call>"
+    TOOL, CLOSES = "<seed:tool_call>", ("</seed:tool_call>",)
     needs_special_tokens = True
 
 
@@ -123,11 +134,48 @@ class MinimaxM2Parser(Qwen3CoderParser):
 
     name = "minimax_m2"
     TOOL, FUNC, FUNC_END, PARAM = "<minimax:tool_call>", "<invoke name=", "</invoke>", "<parameter name="
+    CLOSES = ("</minimax:tool_call>",)
     BARE_CALLS = False
 
     @staticmethod
     def value(text: str) -> str:
         return text.strip()
+
+
+class DeepSeekV32Parser(Qwen3CoderParser):
+    """DeepSeek-V3.2's DSML: ``<｜DSML｜function_calls><｜DSML｜invoke name="f"><｜DSML｜parameter
+    name="p" string="true">value</｜DSML｜parameter></｜DSML｜invoke></｜DSML｜function_calls>``;
+    ``string="true"``: the value is the text as written, ``"false"``: JSON (else the text)."""
+
+    name = "deepseek_v32"
+    TOOL, FUNC, FUNC_END = "<｜DSML｜function_calls>", "<｜DSML｜invoke name=", "</｜DSML｜invoke>"
+    PARAM, PARAM_END, CLOSES = "<｜DSML｜parameter name=", "</｜DSML｜parameter>", ("</｜DSML｜function_calls>",)
+    BARE_CALLS = False
+    needs_special_tokens = True
+    STRING = " string="
+
+    def parameter(self, head: str, text: str, schemas: dict) -> tuple[str, Any]:
+        flag = head.rfind(self.STRING)
+        if flag < 0:
+            return super().parameter(head, text, schemas)
+        key, string = _unquote(head[:flag]), _unquote(head[flag + len(self.STRING):]).lower()
+        if string == "true":
+            return key, text
+        value, end = decode_at(text.strip(), 0)  # DSML's other values are JSON; not JSON: the text
+        return key, value if end == len(text.strip()) else text
+
+
+class Step3Parser(MinimaxM2Parser):
+    """Step-3: ``<｜tool_calls_begin｜><｜tool_call_begin｜>function<｜tool_sep｜><steptml:invoke
+    name="f"><steptml:parameter name="p">value</steptml:parameter></steptml:invoke>
+    <｜tool_call_end｜><｜tool_calls_end｜>`` (values typed by the tool schema)."""
+
+    name = "step3"
+    TOOL, FUNC, FUNC_END = "<｜tool_calls_begin｜>", "<steptml:invoke name=", "</steptml:invoke>"
+    PARAM, PARAM_END = "<steptml:parameter name=", "</steptml:parameter>"
+    CLOSES = ("<｜tool_call_end｜>", "<｜tool_calls_end｜>")
+    NEXT = ("<｜tool_call_begin｜>",)  # then "function<｜tool_sep｜>", passed by the search for the invoke
+    needs_special_tokens = True
 
 
 def _unquote(name: str) -> str:
@@ -144,25 +192,15 @@ class Glm45Parser(ToolParser):
         start = text.find(self.START)
         if start < 0:
             return _no_call(text, final, (self.START,))
-        calls, pos = [], start
-        while (s := text.find(self.START, pos)) >= 0:
-            end = text.find(self.END, s)
-            body = text[s + len(self.START):end if end >= 0 else len(text)]
-            cut = _first(body, ("\n", self.KEY))
-            name = body[:cut].strip() if cut >= 0 else (body.strip() if end >= 0 or final else "")
-            if end < 0 and not final:
-                calls.append(ParsedToolCall(name or None, None))
-                break
-            args = self._arguments(body, cut if cut >= 0 else len(body), name)
-            if not name or args is None:
-                return ParseResult(text)
-            calls.append(ParsedToolCall(name, args))
-            if len(calls) > MAX_CALLS:
-                return ParseResult(text if final else "")
-            if end < 0:
-                break
-            pos = end + len(self.END)
-        return ParseResult(text[:start], calls)
+        return tagged_calls(text, start, start, final, (self.START, self.END), self._call)
+
+    def _call(self, body: str, whole: bool, _at: int) -> Optional[ParsedToolCall]:
+        cut = first_of(body, ("\n", self.KEY))
+        name = body[:cut].strip() if cut >= 0 else (body.strip() if whole else "")
+        if not whole:
+            return ParsedToolCall(name or None, None)
+        args = self._arguments(body, cut if cut >= 0 else len(body), name)
+        return ParsedToolCall(name, args) if name and args is not None else None
 
     def _arguments(self, body: str, pos: int, function: str) -> Optional[str]:
         """The ``<arg_key>``/``<arg_value>`` pairs from ``pos`` on as a JSON object; None if a
@@ -185,4 +223,5 @@ class Glm45Parser(ToolParser):
 
 
 XML_PARSERS = {"qwen3_coder": Qwen3CoderParser, "qwen3_xml": Qwen3CoderParser, "seed_oss": SeedOssParser,
-               "minimax_m2": MinimaxM2Parser, "glm45": Glm45Parser, "glm47": Glm45Parser}
+               "minimax_m2": MinimaxM2Parser, "glm45": Glm45Parser, "glm47": Glm45Parser,
+               "deepseek_v32": DeepSeekV32Parser, "step3": Step3Parser, "mimo": Qwen3CoderParser}

@@ -27,6 +27,7 @@ from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, D
 from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
                                                       ToolParser, ToolParserManager, get_tool_parser,
                                                       tool_parser_names)
+from tessellm.entrypoints.openai.tool_parsers_vllm import PluginStream, streams_itself
 from tessellm.structured_output.grammar import check_limits
 from tessellm.structured_output.params import StructuredOutputsParams
 
@@ -153,6 +154,8 @@ class ToolCallView:
         self.ids: list[str] = []
         self.sent_content = 0
         self.sent_calls: list[int] = []  # per call: characters of arguments sent (-1: header only)
+        # a plugin parser with vLLM's extract_tool_calls_streaming: called per delta instead
+        self.plugin = PluginStream(parser) if streams_itself(parser) else None
 
     def _id(self, i: int, call: Optional[ParsedToolCall] = None) -> str:
         """Call ``i``'s id: the model's own (``call.id``, Kimi-K2's) or a new one, kept."""
@@ -167,8 +170,16 @@ class ToolCallView:
                  for i, c in enumerate(result.calls)]
         return (result.content or None) if calls else result.content, calls
 
-    def delta(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
-        """New content and tool-call pieces since the previous call."""
+    def delta(self, text: str, final: bool, token_ids=None) -> tuple[str, list[DeltaToolCall]]:
+        """New content and tool-call pieces since the previous call (``token_ids``: the output's
+        so far, for a plugin's ``extract_tool_calls_streaming``)."""
+        if self.plugin is not None:
+            content, pieces = self.plugin.delta(text, token_ids, final)
+            for piece in pieces:
+                if piece.index >= len(self.sent_calls):  # the call's first piece: it has an id
+                    self.sent_calls += [0] * (piece.index + 1 - len(self.sent_calls))
+                    piece.id, piece.type = piece.id or new_call_id(False), "function"
+            return content, pieces
         result = self.parser.parse(text, final)
         content = result.content[self.sent_content:]
         self.sent_content = max(self.sent_content, len(result.content))
