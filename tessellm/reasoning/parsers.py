@@ -2,15 +2,18 @@
 
 ``--reasoning-parser NAME`` (an engine flag, so the engine core and the server agree) names one:
 
-- ``deepseek_r1``: everything before ``</think>`` is reasoning; the opening ``<think>`` may be
-  missing (DeepSeek-R1's template puts it in the prompt). No ``</think>``: all reasoning.
-- ``qwen3``: reasoning only inside ``<think>`` ... ``</think>`` that opens the output; an
-  output that does not open with ``<think>`` is all answer (Qwen3 with ``enable_thinking:
-  false``, whose template closes an empty think block in the prompt).
-- the others vLLM has (``deepseek_v3``, ``ernie45``, ``gemma4``, ``glm45``, ``granite``,
-  ``hunyuan_a13b``, ``kimi_k2``, ``mistral``, ``seed_oss``, ...; the table below,
+- implicit start (``deepseek_r1``): everything before ``</think>`` is reasoning; the opening
+  ``<think>`` may be missing (DeepSeek-R1's template puts it in the prompt). No ``</think>``:
+  all reasoning.
+- opening required (``mistral``): reasoning only inside ``[THINK]`` ... ``[/THINK]`` that opens
+  the output; an output that does not open with it is all answer.
+- the others vLLM has (``qwen3``, ``deepseek_v3``, ``ernie45``, ``gemma4``, ``glm45``,
+  ``granite``, ``hunyuan_a13b``, ``kimi_k2``, ``seed_oss``, ...; the table below,
   docs/reasoning.md) are one of those two rules with their own markers, spellings, answer
-  envelope, reasoning label or ``chat_template_kwargs`` switch.
+  envelope, reasoning label or ``chat_template_kwargs`` switch. ``qwen3`` (vLLM's current
+  one) is ``deepseek_r1``'s rule (Qwen3's thinking templates put ``<think>\n`` in the prompt;
+  older ones let the model write it) unless ``enable_thinking`` is false (then all answer), and
+  ``<tool_call>`` also ends its thinking (Qwen3.5 may call a tool without closing it).
 - ``openai_gptoss``: gpt-oss's harmony format (``harmony.py``): the output is messages on
   channels, the analysis channel is reasoning, the final channel the answer, and messages to
   ``functions.NAME`` are tool calls. Chosen by itself for a gpt-oss checkpoint
@@ -35,7 +38,7 @@ from typing import Optional
 
 REASONING = "reasoning"  # the output starts inside the reasoning
 ANSWER = "answer"  # the output is all answer
-UNDECIDED = "undecided"  # reasoning only if the output opens with the start marker (qwen3)
+UNDECIDED = "undecided"  # reasoning only if the output opens with the start marker (mistral)
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,15 @@ _GRANITE = dict(start="Here is my thought process:", start_alts=("Here's my thou
                 end="Here is my response:", end_alts=("Here's my response:",))
 _DEEPSEEK_V3 = dict(implicit_start=True, thinking_kwargs=("thinking", "enable_thinking"))
 _HUNYUAN = dict(implicit_start=True, thinking_kwargs=("reasoning_effort",), thinking_off=("no_think",))
+# Qwen3's: implicit start unless enable_thinking is false; <tool_call> ends the thinking too
+_QWEN3 = dict(implicit_start=True, thinking_kwargs=("enable_thinking",), thinking_default=True,
+              end_kept=("<tool_call>",))
 _COHERE = dict(implicit_start=False, start="<|START_THINKING|>", end="<|END_THINKING|>",
                answer_open="<|START_RESPONSE|>", answer_close="<|END_RESPONSE|>")
 
 REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_r1", implicit_start=True),
-    ReasoningParser("qwen3", implicit_start=False),
+    ReasoningParser("qwen3", **_QWEN3),
     ReasoningParser("openai_gptoss", implicit_start=True, start="<|channel|>analysis<|message|>",
                     end="<|channel|>final<|message|>", harmony=True),
     # vLLM's other parsers, under its names
@@ -138,8 +144,7 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
                     thinking_kwargs=("thinking", "enable_thinking"), thinking_default=True),
     ReasoningParser("ling3", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<tool_call>",)),
     ReasoningParser("minimax_m3", implicit_start=False, start="<mm:think>", end="</mm:think>"),
-    ReasoningParser("nemotron_v3", implicit_start=True, thinking_kwargs=("enable_thinking",),
-                    thinking_default=True, end_kept=("<tool_call>",)),
+    ReasoningParser("nemotron_v3", **_QWEN3),
     ReasoningParser("poolside_v1", **_DEEPSEEK_V3),  # deepseek_v3's rule (Laguna)
 )}
 # vLLM's second names for a parser: GLM-4.7's, Xiaomi MiMo's
@@ -205,11 +210,15 @@ class ThinkMarkers:
         return cls(parser, ids(parser.start), ids(parser.end), hidden, tuple(ids(e) for e in parser.ends[1:]))
 
     @property
-    def end_id(self) -> Optional[int]:
-        """The end marker's id when it is one token and has no other spelling (then the split
-        needs it among the ids)."""
-        one = len(self.end_ids) == 1 and not (self.parser.end_alts or self.parser.end_kept)
-        return self.end_ids[0] if one else None
+    def end_token_ids(self) -> Optional[dict[int, str]]:
+        """Each spelling of the end by its id, when each is one token (Qwen3's ``</think>`` and
+        ``<tool_call>``): then the split, as the grammar gate, ends the thinking at the first of
+        those tokens among the ids (the same characters spelled from other tokens stay text).
+        None: the text decides."""
+        ends = (self.end_ids, *self.other_end_ids)
+        if not all(len(e) == 1 for e in ends):
+            return None
+        return {e[0]: spelling for e, spelling in zip(ends, self.parser.ends)}
 
     def initial_phase(self, tokenizer, prompt_token_ids, thinking: Optional[bool] = None) -> str:
         tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)

@@ -32,9 +32,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 _NAMES = "_tessellm_reasoning_parser_names"  # the attribute register_module sets on a class
 
@@ -247,35 +249,78 @@ def _accepts_request(method: Callable, positional: int) -> bool:
     return len(params) > positional
 
 
+class IdsSoFar(Sequence):
+    """The first ``n`` of ``ids`` (an output's ids so far, a list that only grows), read in
+    place: what a plugin's streaming method gets as ``previous_token_ids`` and
+    ``current_token_ids``, so a delta costs the delta, not a copy of the whole output."""
+
+    __slots__ = ("_ids", "_n")
+
+    def __init__(self, ids: Sequence[int], n: int):
+        self._ids, self._n = ids, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._n)
+            return list(self._ids[start:stop:step]) if step > 0 else [self._ids[i] for i in range(start, stop, step)]
+        if not -self._n <= index < self._n:
+            raise IndexError("token index out of range")
+        return self._ids[index % self._n]
+
+    def __iter__(self):
+        return itertools.islice(self._ids, self._n)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+    def __add__(self, other) -> list[int]:  # vLLM hands plugins lists: ``previous + delta`` works
+        return [*self, *other]
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 class PluginSplit:
     """``split.ReasoningSplit``'s interface over a plugin's parser: a whole output (the first
     call, final) goes to its ``extract_reasoning``, a stream's deltas to its streaming method,
-    whose pieces are added up. Each method's cost and consistency are the plugin's."""
+    whose pieces are added up. The ids reach it as views (``IdsSoFar``), the delta's as a list
+    of its own; each method's cost and consistency are the plugin's."""
 
     def __init__(self, parser: ReasoningParser, request):
         self.parser = parser
         self.request = request
-        self.text, self.ids = "", []
+        self.text = ""
+        self.ids: Sequence[int] = IdsSoFar((), 0)  # the previous call's ids
         self.reasoning: Optional[str] = None
         self.answer = ""
+        self._stream: Optional[Callable] = None  # the streaming method, resolved on first use
+        self._takes_request = False
 
     def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
-        if final and not self.text and not self.ids:
+        seen = len(self.ids)
+        if final and not self.text and not seen:
             reasoning, content = self.parser.extract_reasoning(text, self.request)
             return reasoning, content or ""
-        delta_text, delta_ids = text[len(self.text):], list(token_ids[len(self.ids):])
+        delta_text, delta_ids = text[len(self.text):], list(token_ids[seen:])
         if not (delta_text or delta_ids):
             return self.reasoning, self.answer
-        args = [self.text, text, delta_text, self.ids, list(token_ids), delta_ids]
-        stream = self.parser.extract_reasoning_streaming
-        if not _overrides(self.parser, "extract_reasoning_streaming", ReasoningParser):
-            stream = self.parser.extract_reasoning_content_streaming
-        if _accepts_request(stream, len(args)):
-            args.append(self.request)
-        delta = stream(*args)
-        self.text, self.ids = text, args[4]
+        current = IdsSoFar(token_ids, len(token_ids))
+        args = [self.text, text, delta_text, self.ids, current, delta_ids]
+        delta = self._streaming()(*args, *([self.request] if self._takes_request else []))
+        self.text, self.ids = text, current
         if delta is not None:
             if delta.thinking is not None:
                 self.reasoning = (self.reasoning or "") + delta.thinking
             self.answer += delta.content or ""
         return self.reasoning, self.answer
+
+    def _streaming(self) -> Callable:
+        if self._stream is None:
+            stream = self.parser.extract_reasoning_streaming
+            if not _overrides(self.parser, "extract_reasoning_streaming", ReasoningParser):
+                stream = self.parser.extract_reasoning_content_streaming
+            self._stream, self._takes_request = stream, _accepts_request(stream, 6)
+        return self._stream

@@ -17,8 +17,9 @@ one with ``trim_newline`` drops a newline just before and just after the end mar
 one with a ``reasoning_label`` drops it where the reasoning opens with it (Gemma 4's
 ``<|channel>thought\n`` ...: a reasoning that may still become the label is held back).
 
-When the end marker is one token, the split also needs that token among the output's ids, as
-the engine core's grammar gate does (the same characters spelled from other tokens are text).
+When each spelling of the end marker is one token, the split ends the thinking where the first
+of those tokens among the output's ids is, as the engine core's grammar gate does (the same
+characters spelled from other tokens are text: Qwen3's ``<tool_call>`` written in pieces).
 
 Linear: each call searches only the text no earlier call searched (the marker's length back).
 """
@@ -105,8 +106,9 @@ class ReasoningSplit:
         self.phase = phase
         self._end = _Finder(self.parser.ends)
         self._answer = AnswerEnvelope(self.parser.answer_open, self.parser.answer_close)
+        self._end_ids = markers.end_token_ids  # None: the text decides
         self._ids_seen = 0
-        self._has_end_id = False
+        self._end_token: Optional[str] = None  # the spelling of the first end token among the ids
 
     def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
         """``(reasoning, answer)``; reasoning None when the output has none."""
@@ -136,13 +138,7 @@ class ReasoningSplit:
         return self._reasoning(text, token_ids, final)
 
     def _reasoning(self, body: str, token_ids: Sequence[int], final: bool) -> tuple[str, str]:
-        end_id = self.markers.end_id
-        if end_id is not None and not self._has_end_id:
-            if len(token_ids) < self._ids_seen:
-                self._ids_seen = 0  # not the ids seen before
-            self._has_end_id = end_id in token_ids[self._ids_seen:]
-            self._ids_seen = len(token_ids)
-        at = self._end.find(body) if end_id is None or self._has_end_id else None
+        at = self._end.find(body) if self._end_ids is None or self._first_end_token(token_ids) else None
         trim = self.parser.trim_newline
         if at is not None:
             kept = self._end.found in self.parser.end_kept  # a tool-call section opens the answer
@@ -150,3 +146,17 @@ class ReasoningSplit:
             return (reasoning.removesuffix("\n"), answer.removeprefix("\n")) if trim else (reasoning, answer)
         held = self._end.held(body, final)
         return (held.removesuffix("\n") if trim and not final else held), ""
+
+    def _first_end_token(self, token_ids: Sequence[int]) -> Optional[str]:
+        """The spelling of the first end token among the ids, once there is one; from then on
+        the text is searched for that spelling alone (its first occurrence: the text of a token
+        never comes before the token). Reads only the ids not read before."""
+        if len(token_ids) < self._ids_seen:  # not the ids seen before: start over
+            self._ids_seen, self._end_token, self._end = 0, None, _Finder(self.parser.ends)
+        if self._end_token is None:
+            found = next((t for t in token_ids[self._ids_seen:] if t in self._end_ids), None)
+            self._ids_seen = len(token_ids)
+            if found is not None:
+                self._end_token = self._end_ids[found]
+                self._end = _Finder((self._end_token,))
+        return self._end_token

@@ -14,11 +14,14 @@ import httpx
 import pytest
 
 from tests.server.conftest import _launcher
-from tests.server.thinking_model import TOOL_IN_THOUGHT, make_thinking_model
+from tests.server.thinking_model import CHAINS, TOOL_IN_THOUGHT, make_thinking_model
 
 pytest.importorskip("xgrammar")
 
 ANSWER = " It is four."
+# Qwen3.5's way of calling a tool from its thinking: <tool_call> (one token) without </think>
+QWEN_CALL = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+QWEN_CHAINS = {**CHAINS, "[call]": [" Let me check.", "<tool_call>", QWEN_CALL, "</tool_call>", "</s>"]}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,8 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("thinking")
     return {"single": make_thinking_model(str(root / "single")),
             "split": make_thinking_model(str(root / "split"), split_markers=True),
-            "special": make_thinking_model(str(root / "special"), special_markers=True)}
+            "special": make_thinking_model(str(root / "special"), special_markers=True),
+            "qwen": make_thinking_model(str(root / "qwen"), chains=QWEN_CHAINS)}
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +107,34 @@ def test_deepseek_r1_splits_thinking_from_the_answer(servers, markers):
     _enable_thinking_false_is_all_answer(srv)
 
 
-def test_qwen3_needs_the_opening_marker_and_honours_enable_thinking(servers):
-    srv = servers("qwen3")
+def test_qwen3_thinks_from_the_first_token_unless_enable_thinking_is_false(servers):
+    """vLLM's current qwen3: a model that writes <think> and one whose template wrote it (the
+    output opens inside the thinking) split alike; no </think>: all thinking; <tool_call> ends
+    the thinking and is a call; enable_thinking false: all answer."""
+    srv = servers("qwen3", "qwen")
     m = _chat(srv, "[think]")["choices"][0]["message"]
     assert (m["reasoning"], m["content"]) == (" Let me see. Two and two.", ANSWER)
     _check_stream_matches(srv, "[think]", m)
-    for trigger, max_tokens in (("[bare]", 24), ("[noend]", 7)):  # no <think>: all content
-        m = _chat(srv, trigger, max_tokens=max_tokens)["choices"][0]["message"]
-        assert "reasoning" not in m and "reasoning_content" not in m
-        assert m["content"] in (" I recall</think>" + ANSWER, " Step by step Step by step Step")
-        _check_stream_matches(srv, trigger, m, markers_split=False, max_tokens=max_tokens)
+    m = _chat(srv, "[bare]")["choices"][0]["message"]
+    assert (m["reasoning"], m["content"]) == (" I recall", ANSWER)
+    _check_stream_matches(srv, "[bare]", m)
+    m = _chat(srv, "[noend]", max_tokens=7)["choices"][0]["message"]
+    assert (m["reasoning"], m.get("content")) == (" Step by step Step by step Step", None)
+    _check_stream_matches(srv, "[noend]", m, max_tokens=7)
+    # "<tool_call>" inside one token of other text is not the marker: still thinking
+    m = _chat(srv, "[tool]")["choices"][0]["message"]
+    assert (m["reasoning"], m["content"]) == (" Maybe" + TOOL_IN_THOUGHT + " No, later.", ANSWER)
+    body = {"tools": [WEATHER], "tool_choice": "auto"}
+    choice = _chat(srv, "[call]", **body)["choices"][0]
+    m = choice["message"]
+    assert m["reasoning"] == " Let me check." and not m.get("content")
+    assert choice["finish_reason"] == "tool_calls"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in m["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})]
+    deltas = _check_stream_matches(srv, "[call]", m, **body)
+    pieces = [tc for _, d, _ in deltas for tc in d.get("tool_calls") or []]
+    assert json.loads("".join(p["function"].get("arguments") or "" for p in pieces)) == {"city": "Paris"}
+    assert [f for _, _, f in deltas if f] == ["tool_calls"]
     _enable_thinking_false_is_all_answer(srv)
 
 
@@ -181,7 +203,7 @@ def test_json_schema_applies_after_the_thinking(servers, parser, trigger, thinki
     """The thinking is free text the schema would refuse; the answer (which the model alone
     would have written as " It is four.") parses and matches the schema."""
     jsonschema = pytest.importorskip("jsonschema")
-    srv = servers(parser)
+    srv = servers(parser, "qwen" if parser == "qwen3" else "single")
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
     compact = {"disable_any_whitespace": True}  # a free-whitespace loop is what this model would write
     r = _chat(srv, trigger, response_format=fmt, structured_outputs=compact, max_tokens=40)

@@ -2,7 +2,8 @@
 bigram thinking model (``thinking_model.py``) with each family's markers: the exact split of
 thinking and answer, whole and streamed (the stream reassembles to the whole response), and
 structured output that starts after the thinking. ``test_reasoning_parsers.py`` has every
-parser's rules on model-shaped outputs; ``test_reasoning.py`` deepseek_r1 and qwen3."""
+parser's rules on model-shaped outputs; ``test_reasoning.py`` deepseek_r1 and qwen3
+(``test_reasoning_qwen3.py`` qwen3's rules)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_implicit_start_seed_oss(tmp_path):
 
 @pytest.mark.slow  # a server each; the rule itself: test_reasoning_parsers.py (default suite)
 def test_opening_required_mistral_special_tokens(tmp_path):
-    """mistral (as glm45, qwen3): thinking only in a block that opens the output; its markers
+    """mistral (as gemma4, minimax_m3): thinking only in a block that opens the output; its markers
     are special tokens, kept in the text for the request."""
     with _served(tmp_path, "mistral", markers=("[THINK]", "[/THINK]"), special_markers=True) as srv:
         assert _split(srv, "[think]") == (THINKING, ANSWER)

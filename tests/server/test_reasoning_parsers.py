@@ -112,7 +112,7 @@ def test_single_token_end_needs_its_id():
             return [7] if text == "</seed:think>" else super().encode(text)
 
     markers = ThinkMarkers.from_tokenizer(get_reasoning_parser("seed_oss"), Tok())
-    assert markers.end_id == 7
+    assert markers.end_token_ids == {7: "</seed:think>"}
     text = "Add.</seed:think>4"
     assert ReasoningSplit(markers, REASONING).split(text, [1, 7, 2], final=True) == ("Add.", "4")
     assert ReasoningSplit(markers, REASONING).split(text, [1, 2, 3], final=True) == (text, "")

@@ -9,7 +9,8 @@ import os
 import pytest
 
 from tessellm.reasoning import get_reasoning_parser
-from tessellm.reasoning.plugins import PluginParser, PluginSplit, ReasoningParserManager, load_plugin
+from tessellm.reasoning.plugins import (DeltaMessage, PluginParser, PluginSplit, ReasoningParser,
+                                       ReasoningParserManager, load_plugin)
 from tessellm.structured_output.reasoning import PluginGate
 
 PLUGIN = os.path.join(os.path.dirname(__file__), "reasoning_plugin.py")
@@ -137,3 +138,49 @@ def test_the_gate_shows_a_plugin_each_step_once(tmp_path):
         assert gate.accept(10) and gate.answer_from is None
     assert gate.accept(2) and gate.answer_from == steps + 1
     assert instance.shown == len(prompt) + steps + 1
+
+
+class _CountedIds(list):
+    """The stream's ids as the server keeps them (one list, extended in place), counting the
+    times something walks all of them."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+class _Recording(ReasoningParser):
+    """A streaming parser that reads only the delta's ids, recording what it was handed."""
+
+    def __init__(self, tokenizer, *args, **kwargs):
+        super().__init__(tokenizer)
+        self.handed = []
+
+    def extract_reasoning_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
+                                    current_token_ids, delta_token_ids):
+        self.handed.append((previous_token_ids, current_token_ids, delta_token_ids))
+        return DeltaMessage(content=delta_text) if 2 in delta_token_ids else DeltaMessage(reasoning=delta_text)
+
+
+def test_a_stream_hands_the_plugin_views_of_the_ids_not_copies():
+    """Each delta costs the delta (vLLM's arguments, as read-only sequences): the ids so far are
+    never copied, and a view handed earlier keeps its length as the list grows."""
+    parser, ids, text = _Recording(Tokenizer()), _CountedIds(), ""
+    split = PluginSplit(parser, request=None)
+    for i in range(1, 2_001):
+        ids.append(2 if i == 2_000 else 10 + i)
+        text += "x"
+        split.split(text, ids, final=False)
+    assert _CountedIds.walks == 0
+    previous, current, delta = parser.handed[-1]
+    assert delta == [2] and len(previous) == 1_999 and len(current) == 2_000
+    first_previous, first_current, _ = parser.handed[0]
+    assert len(first_previous) == 0 and first_current == [11] and list(first_current) == [11]
+    assert previous[-1] == 2_009 and current[-2:] == [2_009, 2] and current[::-1][:2] == [2, 2_009]
+    assert 2 in current and 2 not in previous and current.index(2) == 1_999
+    assert previous + delta == list(current)
+    with pytest.raises(IndexError):
+        previous[1_999]
+    assert split.split(text, ids, final=True) == ("x" * 1_999, "x")

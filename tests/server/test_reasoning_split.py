@@ -10,7 +10,7 @@ from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.reasoning import ANSWER, REASONING, UNDECIDED, ReasoningSplit, ThinkMarkers, get_reasoning_parser
 from tests.server.thinking_model import make_thinking_model
 
-CASES = {  # output text -> (reasoning, answer) under deepseek_r1 and under qwen3 (undecided)
+CASES = {  # output text -> (reasoning, answer) under deepseek_r1, and undecided (deepseek_v3 in the engine core)
     "<think> Let me see. Two and two.</think> It is four.": {REASONING: (" Let me see. Two and two.", " It is four."),
                 UNDECIDED: (" Let me see. Two and two.", " It is four.")},
     " I recall</think> It is four.": {REASONING: (" I recall", " It is four."), UNDECIDED: (None, " I recall</think> It is four.")},
@@ -30,7 +30,7 @@ def tokenizer(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("text", sorted(CASES))
-@pytest.mark.parametrize("phase,parser", [(REASONING, "deepseek_r1"), (UNDECIDED, "qwen3")])
+@pytest.mark.parametrize("phase,parser", [(REASONING, "deepseek_r1"), (UNDECIDED, "deepseek_v3")])
 def test_token_by_token_stream_equals_the_whole_split(tokenizer, text, phase, parser):
     markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(parser), tokenizer)
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -65,7 +65,7 @@ def test_every_character_cut_of_a_text_marker():
             return "".join(chr(i) for i in ids)
 
     markers = ThinkMarkers.from_tokenizer(get_reasoning_parser("deepseek_r1"), Tok())
-    assert markers.end_id is None and not markers.keep_special_tokens
+    assert markers.end_token_ids is None and not markers.keep_special_tokens
     text = "<think>a<b</thc</think>x</think>y"
     final = ReasoningSplit(markers, REASONING).split(text, [], final=True)
     assert final == ("a<b</thc", "x</think>y")
