@@ -77,7 +77,11 @@ GEMV_CONFIGS = {
 }
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
-_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True)
+# The interpreter (no GPU): its cost is per program (each nested jit call re-patches Triton's
+# builtins), not per element, so 32 output rows a program; 2 blocks a step and a K split of
+# 2 keep the steps, tails and splits of a small K (tests/quantization/test_bnb.py).
+_INTERPRETED_CONFIG = dict(BLOCK_N=32, BKB=2, num_warps=1, num_stages=1, max_split=2,
+                           X_TILE=True)
 
 
 @triton.jit
