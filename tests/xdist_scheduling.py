@@ -71,10 +71,12 @@ def keep_channel_out_of_forks(config: pytest.Config) -> None:
     io = getattr(getattr(getattr(interactor, "channel", None), "gateway", None), "_io", None)
     files = [getattr(io, name, None) for name in ("infile", "outfile")]
     fds = [f.fileno() for f in files if f is not None and hasattr(f, "fileno")]
-    if not fds:
-        raise RuntimeError("tests/xdist_scheduling.py: this pytest-xdist/execnet does not keep "
-                           "its worker pipe at channel.gateway._io (infile, outfile); update "
-                           "keep_channel_out_of_forks for it")
+    if not fds:  # a warning: the suite still runs, and tests/test_xdist_scheduling.py fails
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            "tests/xdist_scheduling.py: this pytest-xdist/execnet does not keep its worker pipe "
+            "at channel.gateway._io (infile, outfile), so a killed worker's forked children "
+            "may hang the run; update keep_channel_out_of_forks for it"), stacklevel=2)
+        return
 
     def to_devnull() -> None:
         null = os.open(os.devnull, os.O_RDWR)
