@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 
 import pytest
@@ -27,6 +28,14 @@ import torch  # noqa: E402, F401
 from tessellm import envs as _envs  # noqa: E402
 from tessellm.loader.transformers_classes import TransformersTooOld, dtype_kwargs  # noqa: E402
 from tests.xdist_scheduling import keep_channel_out_of_forks, make_scheduler  # noqa: E402
+
+# Time, not coverage: Triton's interpreter without re-patching triton.language at each nested
+# jit call (tests/triton_interpreter.py); TESSELLM_TESTS_TRITON_REPATCH=1 keeps Triton's own.
+if (_envs.triton_interpret() and os.environ.get("TESSELLM_TESTS_TRITON_REPATCH") != "1"
+        and importlib.util.find_spec("triton") is not None):
+    from tests.triton_interpreter import skip_nested_patching
+
+    skip_nested_patching()
 
 for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
