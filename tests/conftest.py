@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 
 import pytest
@@ -26,6 +27,15 @@ import torch  # noqa: E402, F401
 
 from tessellm import envs as _envs  # noqa: E402
 from tessellm.loader.transformers_classes import TransformersTooOld, dtype_kwargs  # noqa: E402
+from tests.xdist_scheduling import keep_channel_out_of_forks, make_scheduler  # noqa: E402
+
+# Time, not coverage: Triton's interpreter without re-patching triton.language at each nested
+# jit call (tests/triton_interpreter.py); TESSELLM_TESTS_TRITON_REPATCH=1 keeps Triton's own.
+if (_envs.triton_interpret() and os.environ.get("TESSELLM_TESTS_TRITON_REPATCH") != "1"
+        and importlib.util.find_spec("triton") is not None):
+    from tests.triton_interpreter import skip_nested_patching
+
+    skip_nested_patching()
 
 for _key, _value in _envs.engine_process_env_defaults().items():
     os.environ.setdefault(_key, _value)
@@ -143,27 +153,21 @@ _SHARED_UNITS = {
 }
 
 
-def xdist_unit(nodeid: str, file_scope: str) -> str:
-    """The xdist work unit of a test: its ``_SHARED_UNITS`` name, else its file."""
-    return next((unit for unit, prefixes in _SHARED_UNITS.items() if nodeid.startswith(prefixes)),
-                file_scope)
-
-
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile`` (.ci/run), with the files of each ``_SHARED_UNITS`` entry as one
     unit: each test file runs whole on one worker (its module fixtures, an engine or a server,
-    are built once), and the files of a shared unit all on the same one. Other modes are
-    xdist's own."""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
+    are built once), and the files of a shared unit all on the same one. A dead worker's
+    running test fails once (tests/xdist_scheduling.py). Other modes are xdist's own."""
+    return make_scheduler(config, log, _SHARED_UNITS)
 
-    class SharedUnitsTogether(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return xdist_unit(nodeid, super()._split_scope(nodeid))
 
-    return SharedUnitsTogether(config, log)
+def pytest_configure(config):
+    """In an xdist worker: its forked children (engine cores, forkservers) do not hold its pipe
+    to the controller, so a worker killed (OOM) is seen dead at once, not when they exit
+    (tests/xdist_scheduling.py)."""
+    if hasattr(config, "workerinput"):
+        keep_channel_out_of_forks(config)
 
 
 def pytest_unconfigure(config):

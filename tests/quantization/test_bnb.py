@@ -154,7 +154,8 @@ def test_triton_dequantize_equals_the_reference(n, k, blocksize, dtype):
 def test_bnb4_gemv_rows_read_the_codes_once(n, k, blocksize, with_bias, dtype, x_tile):
     """The decode GEMV at 1, 3, 4 rows (one launch: every row's accumulator against each code
     tile) and 6 (two launches), K of several steps (the interpreter's 2 blocks a step: 320
-    leaves a short last step, 512 splits K in two), against x @ the float32-dequantized weight
+    leaves a short last step, 512 splits K in two; 4 outputs a program: several programs, the
+    last one short), against x @ the float32-dequantized weight
     in float64, x loaded either way (``X_TILE``; the interpreter's launch shape, on a GPU too).
     The GEMV sums ``code * absmax * x`` in float32 in its own order, so float32 is
     held to reassociation: 1e-5 of ``|x| @ |w|`` an output; 16-bit x adds the output's
@@ -172,7 +173,7 @@ def test_bnb4_gemv_rows_read_the_codes_once(n, k, blocksize, with_bias, dtype, x
     wd = w.to(DEVICE)
     for rows in (1, 3, 4, 6):
         got = bnb4.bnb4_gemv(x[:rows].to(DEVICE), wd, None if bias is None else bias.to(DEVICE),
-                             config=dict(bnb4._INTERPRETED_CONFIG, X_TILE=x_tile))
+                             config=dict(bnb4._INTERPRETED_CONFIG, BLOCK_N=4, X_TILE=x_tile))
         assert got.dtype == dtype and got.shape == (rows, n)
         err = (got.cpu().double() - want[:rows]).abs()
         tol = 1e-5 * size[:rows] + (2 ** -7 * want[:rows].abs() if dtype != torch.float32 else 0)

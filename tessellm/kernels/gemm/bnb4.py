@@ -99,7 +99,10 @@ GEMV_CONFIGS = {  # H100 sweep, session 29 (x as words: o 15.0 -> 11.4 us, down 
 LUTS = {"t16": 0, "gather": 1, "pair": 2}
 PROGRAMS_PER_SM = 4
 MIN_STEPS = 2
-_INTERPRETED_CONFIG = dict(BLOCK_N=2, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True,
+# The interpreter (no GPU): its cost is per program (each nested jit call re-patches Triton's
+# builtins), not per element, so 32 output rows a program; 2 blocks a step and a K split of
+# 2 keep the steps, tails and splits of a small K (tests/quantization/test_bnb.py).
+_INTERPRETED_CONFIG = dict(BLOCK_N=32, BKB=2, num_warps=1, num_stages=1, max_split=2, X_TILE=True,
                            LUT=0, X_WORDS=False, WIDE_Q=False, SPLIT_LAST=False)
 # pair_table's tables: id(code) -> (a weak reference to code, code's version, the table)
 _PAIRS: dict = {}

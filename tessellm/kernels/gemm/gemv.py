@@ -85,6 +85,11 @@ from tessellm.kernels.pdl import (pdl_args, pdl_enabled, pdl_launch, pdl_start, 
                                   prefetch_l2)
 
 GEMV_MAX_M = 32  # the config tables cover up to this many rows
+# Triton's interpreter (tests on the CPU): FMA tiles of at least this many outputs when no
+# config is given. Its cost is per program (each nested jit call re-patches triton.language),
+# and the GPU's 2-output tiles made a tiny model's decode GEMV 32-128 programs; the sums per
+# output are the same whatever the tile.
+INTERPRETED_MIN_BLOCK_N = 16
 
 
 @dataclass(frozen=True)
@@ -650,6 +655,8 @@ def _launch(x, w, scales, bias, config, w_ptx: bool, silu_fold: bool = False,
         return torch.empty(0, n // 2 if silu_fold else n, dtype=x.dtype, device=x.device)
     cfg = config or gemv_config(m, n, k, scales is not None,
                                 1 if _interpreted(x) else _num_sms(x.device.index or 0))
+    if config is None and _interpreted(x) and not cfg.dot:
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, INTERPRETED_MIN_BLOCK_N))
     if silu_fold:
         cfg = _fold_config(cfg, m, n)
         n //= 2  # the output width, I; the grid below covers BLOCK_N / 2 outputs a program

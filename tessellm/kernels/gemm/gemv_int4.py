@@ -135,8 +135,11 @@ def gemv_int4_config(m: int, n: int, k: int, interpreted: bool, num_sms: int = 1
     thread; 16 at 3-4 rows, where each row adds an accumulator tile), K split in powers of two
     while the grid has under ``PROGRAMS_PER_SM`` programs a multiprocessor and each split keeps
     at least 4 steps. sm90 ptxas (benchmarks/kernels/aot_int4_dense.py, BKW 16): 48 registers
-    at 1 row, 125-158 at 4, no spills. Not swept on a GPU yet."""
-    bn, bkw, warps = (32, 4, 1) if interpreted else (64, 32 if m <= 2 else 16, 4)
+    at 1 row, 125-158 at 4, no spills. Not swept on a GPU yet. Triton's interpreter: 64
+    columns and 16 words a step, as few programs and steps as a tiny model allows (its cost is
+    per nested jit call: ``_row_step``'s 8 nibbles a row a step a program), still several
+    programs, short tiles and steps at tests/kernels/test_gemv_int4.py's shapes."""
+    bn, bkw, warps = (64, 16, 1) if interpreted else (64, 32 if m <= 2 else 16, 4)
     kw = k // 8
     bkw = min(bkw, triton.next_power_of_2(kw))
     tiles_n = triton.cdiv(n, bn)

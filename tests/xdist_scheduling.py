@@ -1,0 +1,87 @@
+"""The suite's pytest-xdist scheduling (tests/conftest.py): shared units, and what happens when a
+worker dies. Imports neither torch nor tessellm, so tests/test_xdist_scheduling.py runs it in a
+small synthetic suite.
+
+A worker that dies (the OOM killer, a segfault, ``os.kill(pid, 9)``):
+
+- xdist's controller notices the death when the worker's end of its pipe closes. A child
+  **forked** by the worker (an engine core, a forkserver, a multiprocessing fork) inherits that
+  pipe (fork copies every descriptor, inheritable or not) and keeps it open after the worker
+  is gone: the controller then waits for the dead worker for as long as the child lives
+  (forever, for a child that waits on its dead parent) while the other worker, with nothing
+  left to run, waits for the controller. ``keep_channel_out_of_forks`` points those
+  descriptors at /dev/null in every forked child of a worker.
+- Its unfinished tests: the one it was running is reported failed (xdist's "worker 'gwN'
+  crashed while running ..."), and is not run again (``remove_node`` below: xdist's own would
+  hand it to the replacement worker, which a test that crashes each time kills in turn, up to
+  ``--max-worker-restart``); the rest of its units go back to the queue, for the other worker or
+  the replacement xdist starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def unit_of(nodeid: str, file_scope: str, shared_units: dict[str, tuple[str, ...]]) -> str:
+    """The xdist work unit of a test: its ``shared_units`` name, else its file."""
+    return next((unit for unit, prefixes in shared_units.items() if nodeid.startswith(prefixes)),
+                file_scope)
+
+
+def make_scheduler(config: pytest.Config, log, shared_units: dict[str, tuple[str, ...]]):
+    """``--dist loadfile`` with the files of each ``shared_units`` entry as one unit, and a dead
+    worker's running test reported failed once, not run again (module docstring). None (xdist's
+    own) for the other modes."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedUnitsTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid, super()._split_scope(nodeid), shared_units)
+
+        def remove_node(self, node) -> str | None:
+            """A node gone: at the end (nothing pending) None; after a crash the test it was
+            running (the first not completed; xdist reports it failed), and its other pending
+            tests back in the queue."""
+            workload = self.assigned_work.pop(node)
+            pending = [(unit, nodeid) for unit, tests in workload.items()
+                       for nodeid, done in tests.items() if not done]
+            if not pending:
+                return None
+            unit, crashed = pending[0]
+            workload[unit][crashed] = True
+            self.workqueue.update((unit, tests) for unit, tests in workload.items()
+                                  if not all(tests.values()))
+            for other in self.assigned_work:
+                self._reschedule(other)
+            return crashed
+
+    return SharedUnitsTogether(config, log)
+
+
+def keep_channel_out_of_forks(config: pytest.Config) -> None:
+    """In an xdist worker: a child forked from now on has the worker's pipe to the controller
+    on /dev/null (module docstring), so the controller sees the worker's death when it dies."""
+    interactor = next((p for p in config.pluginmanager.get_plugins()
+                       if type(p).__name__ == "WorkerInteractor"), None)
+    io = getattr(getattr(getattr(interactor, "channel", None), "gateway", None), "_io", None)
+    files = [getattr(io, name, None) for name in ("infile", "outfile")]
+    fds = [f.fileno() for f in files if f is not None and hasattr(f, "fileno")]
+    if not fds:  # a warning: the suite still runs, and tests/test_xdist_scheduling.py fails
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            "tests/xdist_scheduling.py: this pytest-xdist/execnet does not keep its worker pipe "
+            "at channel.gateway._io (infile, outfile), so a killed worker's forked children "
+            "may hang the run; update keep_channel_out_of_forks for it"), stacklevel=2)
+        return
+
+    def to_devnull() -> None:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in fds:
+            os.dup2(null, fd, inheritable=False)
+        os.close(null)
+
+    os.register_at_fork(after_in_child=to_devnull)
