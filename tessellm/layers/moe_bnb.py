@@ -36,11 +36,12 @@ from typing import Optional
 import torch
 
 from tessellm.backends.reference.moe import local_expert_ids
-from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
+from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize
 
 BLOCKSIZE = 64  # the block size transformers saves (and NF4 on load uses)
+_CHUNK = 1 << 24  # weights dequantized a pass (``dequantize``)
 
 
 def allocate(moe, quant, num_experts: int, hidden: int) -> None:
@@ -140,27 +141,29 @@ def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                used: torch.Tensor, dtype) -> torch.Tensor:
-    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, one at a time
-    (the float32 products of one expert at most in flight)."""
+    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, a few experts a
+    pass (about ``_CHUNK`` weights: the float32 products of a pass stay near 256 MiB; one
+    expert a pass made a 128-expert prefill or graph capture 128 passes a layer)."""
     count, n, half = used.numel(), codes.shape[1], codes.shape[2]
     bs = 2 * half // absmax.shape[2]
     out = torch.empty(count, n, 2 * half, dtype=dtype, device=codes.device)
     table = code.float()
-    for u in range(count):
-        q = codes.index_select(0, used[u:u + 1])[0]
-        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(n, -1, bs)
-        scale = absmax.index_select(0, used[u:u + 1])[0]
-        out[u] = (table[q.int()] * scale[..., None]).view(n, -1).to(dtype)
+    step = max(1, _CHUNK // (n * 2 * half))
+    for start in range(0, count, step):
+        part = used[start:start + step]
+        q = codes.index_select(0, part)
+        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(part.numel(), n, -1, bs)
+        scale = absmax.index_select(0, part)
+        out[start:start + part.numel()] = (table[q.int()] * scale[..., None]).view(part.numel(), n, -1).to(dtype)
     return out
 
 
 def init_dummy(moe, generator: torch.Generator, scale: float) -> None:
-    """Random experts (``load_format="dummy"``): uniform values in the layer's quant type."""
-    for e in range(moe.w13.shape[0]):
-        for name in ("w13", "w2"):
-            codes = getattr(moe, name).data[e]
-            w = torch.empty(codes.shape[0], codes.shape[1] * 2, device=codes.device)
-            seg = quantize_bnb4(w.uniform_(-scale, scale, generator=generator),
-                                moe.quant.bnb_type, moe.quant.group_size)
-            codes.copy_(seg.qweight)
-            getattr(moe, f"{name}_absmax").data[e].copy_(seg.absmax.view(codes.shape[0], -1))
+    """Random experts (``load_format="dummy"``): random codes of the layer's quant type, each
+    block's absmax uniform in ``[scale / 2, scale]`` (no quantization: a 30B MoE's experts
+    quantized one by one took minutes)."""
+    for name in ("w13", "w2"):
+        codes = getattr(moe, name).data
+        codes.copy_(torch.randint(0, 256, codes.shape, generator=generator, dtype=torch.uint8,
+                                  device=codes.device))
+        getattr(moe, f"{name}_absmax").data.uniform_(scale / 2, scale, generator=generator)
