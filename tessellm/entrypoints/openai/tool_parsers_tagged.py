@@ -1,0 +1,154 @@
+"""More tagged tool-call formats, built on the shared scans of ``tool_parsers_base.py``:
+
+- ``deepseek_v4`` (DeepSeek-V4): DeepSeek-V3.2's DSML calls (``tool_parsers_xml.py``) in a
+  ``<｜DSML｜tool_calls>`` section instead of ``<｜DSML｜function_calls>``.
+- ``hy_v3`` (Hunyuan HY-3)::
+
+      <tool_calls><tool_call>get_weather<tool_sep><arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call></tool_calls>
+
+  values typed by the request's tool schema as ``qwen3_coder``'s (no schema: the text).
+- ``functiongemma`` (FunctionGemma)::
+
+      <start_function_call>call:get_weather{city:<escape>Paris<escape>,days:<escape>3<escape>}<end_function_call>
+
+  each value between ``<escape>`` tokens, read as strict JSON where it is JSON (``3``), else
+  the text (``Paris``).
+- ``gigachat3`` (GigaChat 3, 3.1): one JSON call ``{"name", "arguments"}`` after
+  ``<|message_sep|>`` and ``function call<|role_sep|>`` (GigaChat 3) or after
+  ``<|function_call|>`` (3.1); an end-of-sequence ``</s>`` after it is not content.
+
+Contract as in ``tool_parsers_base.py``: content is all text outside the calls, arguments
+come whole once a call is closed (its name as soon as it is known), every search is bounded by
+the next marker, so a parse is linear in the text.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tessellm.entrypoints.openai.tool_parsers_base import (ParsedToolCall, ParseResult, ToolParser, arguments_json,
+                                                           decode_at, first_of, next_call, skip_ws, tagged_calls,
+                                                           take_call, typed_value)
+from tessellm.entrypoints.openai.tool_parsers_marked import _MarkedCalls
+from tessellm.entrypoints.openai.tool_parsers_xml import DeepSeekV32Parser
+from tessellm.reasoning.holdback import hold_back, held_back
+
+
+class DeepSeekV4Parser(DeepSeekV32Parser):
+    name = "deepseek_v4"
+    TOOL, CLOSES = "<｜DSML｜tool_calls>", ("</｜DSML｜tool_calls>",)
+
+
+class HyV3Parser(_MarkedCalls):
+    """``<tool_calls>``, then per call ``<tool_call>NAME<tool_sep>`` and its
+    ``<arg_key>``/``<arg_value>`` pairs, ``</tool_call>``; ``</tool_calls>``."""
+
+    name = "hy_v3"
+    SECTION, BEGIN, END, SECTION_END = "<tool_calls>", "<tool_call>", "</tool_call>", "</tool_calls>"
+    SEP, KEY, KEY_END, VALUE, VALUE_END = "<tool_sep>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
+
+    def split(self, body: str):
+        sep = body.find(self.SEP)
+        if sep < 0:
+            return None, None, None
+        name = body[:sep].strip()
+        return name or None, self._arguments(body, sep + len(self.SEP), name), None
+
+    def _arguments(self, body: str, pos: int, function: str) -> Optional[str]:
+        """The pairs from ``pos`` on as a JSON object; None if one is cut off or anything but
+        whitespace lies around them."""
+        schemas, args = self.parameter_schemas(function), {}
+        while (k := body.find(self.KEY, pos)) >= 0:
+            k_end = body.find(self.KEY_END, k)
+            v = body.find(self.VALUE, k_end) if k_end >= 0 else -1
+            v_end = body.find(self.VALUE_END, v) if v >= 0 else -1
+            if v_end < 0 or body[pos:k].strip() or body[k_end + len(self.KEY_END):v].strip():
+                return None
+            key = body[k + len(self.KEY):k_end].strip()
+            args[key] = typed_value(body[v + len(self.VALUE):v_end], schemas.get(key))
+            pos = v_end + len(self.VALUE_END)
+        return arguments_json(args) if not body[pos:].strip() else None
+
+
+class FunctionGemmaParser(_MarkedCalls):
+    """``<start_function_call>call:NAME{key:<escape>value<escape>,...}<end_function_call>``."""
+
+    name = "functiongemma"
+    BEGIN, END, CALL, ESCAPE = "<start_function_call>", "<end_function_call>", "call:", "<escape>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.BEGIN)
+        if start < 0:
+            return ParseResult(text if final else hold_back(text, self.BEGIN))
+        return tagged_calls(text, start, start, final, (self.BEGIN, self.END), self._call)
+
+    def split(self, body: str):
+        pos = skip_ws(body, 0)
+        brace = body.find("{", pos)
+        if not body.startswith(self.CALL, pos) or brace < 0:
+            return None, None, None
+        name = body[pos + len(self.CALL):brace].strip()
+        if not name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum():
+            return None, None, None
+        return name, self._arguments(body, brace + 1), None
+
+    def _arguments(self, body: str, pos: int) -> Optional[str]:
+        """``key:<escape>value<escape>`` pairs separated by commas up to ``}``; None unless
+        only whitespace follows the ``}``."""
+        args = {}
+        while True:
+            pos = skip_ws(body, pos)
+            if body.startswith("}", pos):
+                return arguments_json(args) if not body[pos + 1:].strip() else None
+            colon = body.find(":", pos)
+            if colon < 0 or not body.startswith(self.ESCAPE, colon + 1):
+                return None
+            close = body.find(self.ESCAPE, colon + 1 + len(self.ESCAPE))
+            if close < 0:
+                return None
+            key, text = body[pos:colon].strip(), body[colon + 1 + len(self.ESCAPE):close]
+            value, end = decode_at(text, 0)
+            args[key] = value if end == len(text) and text else text
+            pos = skip_ws(body, close + len(self.ESCAPE))
+            if body.startswith(",", pos):
+                pos += 1
+
+
+class GigaChat3Parser(ToolParser):
+    """One JSON call after ``function call<|role_sep|>`` (a ``<|message_sep|>`` before it, with
+    only whitespace between, belongs to the call) or after ``<|function_call|>``."""
+
+    name = "gigachat3"
+    needs_special_tokens = True
+    MESSAGE_SEP, HEADERS, EOS = "<|message_sep|>", ("function call<|role_sep|>", "<|function_call|>"), "</s>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        head = first_of(text, self.HEADERS)
+        if head < 0:
+            return ParseResult(text if final else self._held(text))
+        header = next(h for h in self.HEADERS if text.startswith(h, head))
+        start = head
+        before = text[:head].rstrip()
+        if before.endswith(self.MESSAGE_SEP):
+            start = len(before) - len(self.MESSAGE_SEP)
+        calls: list[ParsedToolCall] = []
+        pos = skip_ws(text, head + len(header))
+        if pos >= len(text) and not final:
+            return ParseResult(text[:start], [ParsedToolCall(None, None)])
+        end = take_call(text, pos, final, calls)
+        if isinstance(end, ParseResult):
+            return end
+        if end is None:
+            return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + next_call(text, end, final, (), (self.EOS,))[1], calls)
+
+    def _held(self, text: str) -> str:
+        """Streamed content with no call yet: less a trailing ``<|message_sep|>`` (and the
+        whitespace after it), or a piece that may start a marker."""
+        cut = len(text) - held_back(text, self.HEADERS + (self.MESSAGE_SEP,))
+        before = text[:cut].rstrip()
+        return before[:-len(self.MESSAGE_SEP)] if before.endswith(self.MESSAGE_SEP) else text[:cut]
+
+
+TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
+                  "gigachat3": GigaChat3Parser}
