@@ -1,0 +1,160 @@
+"""The newer tool-call formats (deepseek_v4, hy_v3, functiongemma, gigachat3, kimi_k3, ...) on
+model-shaped outputs (the shapes of vLLM's own test cases): whole, streamed prefix by prefix
+and cut at random places (the deltas reassemble to the whole response), typed by the
+request's tool schema, refused when not a call, and fast on adversarial input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from test_tool_parsers import _100kb, _calls, _parses_fast, _stream
+
+from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
+from tessellm.entrypoints.openai.tools import ToolCallView
+
+W = {"city": "Dallas", "state": "TX", "unit": "fahrenheit"}
+WJ = json.dumps(W)
+DSML4 = ("<｜DSML｜tool_calls>", "</｜DSML｜tool_calls>")
+FG = ("<start_function_call>", "<end_function_call>", "<escape>")
+GIGA3, GIGA31 = "<|message_sep|>\n\nfunction call<|role_sep|>\n", "<|function_call|>"
+K3_TOOLS, K3_END = "<|open|>tools<|sep|>", "<|close|>tools<|sep|>"
+K3_RESPONSE = ("<|open|>response<|sep|>", "<|close|>response<|sep|>")
+
+
+def _hy(name: str, args: dict) -> str:
+    pairs = "".join(f"<arg_key>{k}</arg_key><arg_value>{v}</arg_value>" for k, v in args.items())
+    return f"<tool_call>{name}<tool_sep>{pairs}</tool_call>"
+
+
+def _fg(name: str, args: dict) -> str:
+    pairs = ",".join(f"{k}:{FG[2]}{v}{FG[2]}" for k, v in args.items())
+    return f"{FG[0]}call:{name}{{{pairs}}}{FG[1]}"
+
+
+def _k3(name: str, args: dict, index: int = 1) -> str:
+    body = "".join(f'<|open|>argument key="{k}" type="{t}"<|sep|>{v}<|close|>argument<|sep|>'
+                   for k, (t, v) in args.items())
+    return f'<|open|>call tool="{name}" index="{index}"<|sep|>{body}<|close|>call<|sep|>'
+
+
+# (parser name, model output, expected content, expected [(name, arguments)])
+RECORDED = [
+    ("deepseek_v4", "Let me check.\n\n" + DSML4[0] + '\n<｜DSML｜invoke name="get_current_weather">\n'
+     '<｜DSML｜parameter name="city" string="true">Dallas</｜DSML｜parameter>\n<｜DSML｜parameter name="state" '
+     'string="true">TX</｜DSML｜parameter>\n<｜DSML｜parameter name="unit" string="true">fahrenheit</｜DSML｜parameter>'
+     '\n</｜DSML｜invoke>\n<｜DSML｜invoke name="f">\n<｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>'
+     '\n</｜DSML｜invoke>\n' + DSML4[1], "Let me check.\n\n", [("get_current_weather", W), ("f", {"days": 3})]),
+    ("deepseek_v4", DSML4[0] + '<｜DSML｜invoke name="a"></｜DSML｜invoke>' + DSML4[1] + " ok", " ok", [("a", {})]),
+    ("deepseek_v4", '<｜DSML｜function_calls><｜DSML｜invoke name="a"></｜DSML｜invoke></｜DSML｜function_calls>',
+     '<｜DSML｜function_calls><｜DSML｜invoke name="a"></｜DSML｜invoke></｜DSML｜function_calls>', []),  # V3.2's section
+    ("hy_v3", "I will check.<tool_calls>" + _hy("get_current_weather", W) + "\n" + _hy("get_time", {})
+     + "</tool_calls>", "I will check.", [("get_current_weather", W), ("get_time", {})]),
+    ("hy_v3", "<tool_calls>" + _hy("a", {}) + "</tool_calls>\nDone.", "\nDone.", [("a", {})]),
+    ("hy_v3", "The <tool_call> tag is how I call tools.", "The <tool_call> tag is how I call tools.", []),
+    ("functiongemma", _fg("get_current_weather", W), "", [("get_current_weather", W)]),
+    ("functiongemma", "Sure. " + _fg("get_time", {}) + _fg("f", {"n": 3, "ok": "true", "s": "a, b}"}) + " done",
+     "Sure.  done", [("get_time", {}), ("f", {"n": 3, "ok": True, "s": "a, b}"})]),
+    ("functiongemma", "How can I help you today?", "How can I help you today?", []),
+    ("gigachat3", "I'll check that for you." + GIGA3 + json.dumps({"name": "manage_user_memory", "arguments": W}),
+     "I'll check that for you.", [("manage_user_memory", W)]),
+    ("gigachat3", GIGA3 + '{"name": "a", "arguments": {}}</s>', "", [("a", {})]),
+    ("gigachat3", "Hi" + GIGA31 + '{"name": "a", "arguments": {"x": {"y": [true]}}}</s>', "Hi",
+     [("a", {"x": {"y": [True]}})]),
+    ("gigachat3", "How can I help you today?", "How can I help you today?", []),
+    ("kimi_k3", K3_RESPONSE[0] + "Let me check." + K3_RESPONSE[1] + K3_TOOLS + "\n"
+     + _k3("get_current_weather", {k: ("string", v) for k, v in W.items()}) + "\n"
+     + _k3("f", {"code": ("string", 'print("}")'), "n": ("integer", "3"), "o": ("object", '{"a": [1]}')}, 2)
+     + "\n" + K3_END, "Let me check.",
+     [("get_current_weather", W), ("f", {"code": 'print("}")', "n": 3, "o": {"a": [1]}})]),
+    ("kimi_k3", "Hello there." + K3_RESPONSE[1], "Hello there.", []),  # the response's open marker was the prompt's
+    ("kimi_k3", K3_TOOLS + _k3("a", {}) + K3_END + "<|close|>message<|sep|>", "", [("a", {})]),
+    ("kimi_k3", K3_TOOLS + '<|open|>call tool="a&amp;b" index="1"<|sep|><|open|>argument key="q&quot;" '
+     'type="number"<|sep|>oops<|close|>argument<|sep|><|close|>call<|sep|>' + K3_END, "", [("a&b", {'q"': "oops"})]),
+]
+
+
+@pytest.mark.parametrize("name,text,content,calls", RECORDED)
+def test_whole_output(name, text, content, calls):
+    got_content, got_calls = ToolCallView(get_tool_parser(name)).final(text)
+    assert _calls(got_calls) == calls
+    assert (got_content or "") == content
+
+
+@pytest.mark.parametrize("step", [1, 3, 17])
+@pytest.mark.parametrize("name,text,content,calls", RECORDED)
+def test_streams_reassemble_to_the_whole_output(name, text, content, calls, step):
+    got_content, got_calls = _stream(get_tool_parser(name), text, step)
+    assert got_content == content
+    assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_chunkings_reassemble_to_the_whole_output(seed):
+    """Every recorded output cut at random places (mid-marker included): the deltas
+    reassemble to the whole-text parse."""
+    rng = random.Random(seed)
+    for name, text, content, calls in RECORDED:
+        cuts = rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12)))
+        got_content, got_calls = _stream(get_tool_parser(name), text, cuts)
+        assert (got_content, [(c["name"], json.loads(c["arguments"])) for c in got_calls]) == (content, calls), \
+            (name, text, sorted(cuts))
+
+
+def _request(properties: dict) -> ChatCompletionRequest:
+    return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": properties}}}])
+
+
+def test_hy_v3_types_values_by_the_tool_schema():
+    req = _request({"i": {"type": "integer"}, "x": {"type": "number"}, "b": {"type": "boolean"},
+                    "s": {"type": "string"}, "o": {"type": "object"}, "bad": {"type": "integer"}})
+    text = "<tool_calls>" + _hy("f", {"i": "42", "x": "2.5", "b": "true", "s": "007", "o": '{"k": [1]}',
+                                      "bad": "many", "other": "12"}) + "</tool_calls>"
+    _, calls = ToolCallView(get_tool_parser("hy_v3", request=req)).final(text)
+    assert json.loads(calls[0].function.arguments) == {"i": 42, "x": 2.5, "b": True, "s": "007", "o": {"k": [1]},
+                                                       "bad": "many", "other": "12"}
+
+
+@pytest.mark.parametrize("name,text", [
+    ("hy_v3", "<tool_calls><tool_call>f</tool_call></tool_calls>"),  # no <tool_sep>
+    ("hy_v3", "<tool_calls><tool_call>f<tool_sep><arg_key>a</arg_key></tool_call></tool_calls>"),
+    ("functiongemma", FG[0] + "call:f{a:" + FG[2] + "1}" + FG[1]),  # an unclosed value
+    ("functiongemma", FG[0] + "call:f{a:1}" + FG[1]),  # not between escapes
+    ("functiongemma", FG[0] + "f{}" + FG[1]),  # no call:
+    ("gigachat3", GIGA31 + '{"name": "f", "arguments": {"x": NaN}}'),
+    ("gigachat3", GIGA31 + '{"name": "f", "arguments": '),
+    ("kimi_k3", K3_TOOLS + '<|open|>call index="1"<|sep|><|close|>call<|sep|>' + K3_END),  # no tool=
+    ("kimi_k3", K3_TOOLS + '<|open|>call tool="f"<|sep|>junk<|close|>call<|sep|>' + K3_END),
+    ("deepseek_v4", DSML4[0] + '<｜DSML｜invoke name=""></｜DSML｜invoke>' + DSML4[1]),
+])
+def test_a_malformed_call_is_content(name, text):
+    content, calls = ToolCallView(get_tool_parser(name)).final(text)
+    assert calls == [] and content == text
+
+
+def test_functiongemma_values_that_are_not_strict_json_stay_text():
+    _, calls = ToolCallView(get_tool_parser("functiongemma")).final(_fg("f", {"x": "NaN", "y": "[1, Infinity]"}))
+    assert json.loads(calls[0].function.arguments) == {"x": "NaN", "y": "[1, Infinity]"}
+
+
+def test_every_added_name_is_registered():
+    assert {"deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3"} <= set(TOOL_PARSERS)
+
+
+ADVERSARIAL = [
+    _100kb("<tool_calls>", "<tool_call>f<tool_sep>"), _100kb("<tool_calls><tool_call>f<tool_sep>", "<arg_key>"),
+    _100kb("", FG[0] + "call:f{"), _100kb(FG[0] + "call:f{", "a:" + FG[2]), _100kb(FG[0] + "call:f{", "a:,"),
+    _100kb("", GIGA31), _100kb(GIGA31, '{"name": "'), _100kb("", "<|message_sep|>\n"),
+    _100kb(K3_TOOLS, '<|open|>call tool="'), _100kb(K3_TOOLS + '<|open|>call tool="f"<|sep|>', "<|open|>argument "),
+    _100kb("", K3_RESPONSE[1]), _100kb(K3_TOOLS, 'a="b" '), _100kb(DSML4[0], '<｜DSML｜invoke name="f">'),
+]
+ADDED = [TOOL_PARSERS[n] for n in ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3")]
+
+
+@pytest.mark.parametrize("parser_cls", ADDED, ids=lambda c: c.name)
+def test_adversarial_100kb_parses_fast(parser_cls):
+    for text in ADVERSARIAL:
+        _parses_fast(parser_cls, text)
