@@ -22,6 +22,7 @@ FG = ("<start_function_call>", "<end_function_call>", "<escape>")
 GIGA3, GIGA31 = "<|message_sep|>\n\nfunction call<|role_sep|>\n", "<|function_call|>"
 K3_TOOLS, K3_END = "<|open|>tools<|sep|>", "<|close|>tools<|sep|>"
 K3_RESPONSE = ("<|open|>response<|sep|>", "<|close|>response<|sep|>")
+ACTION = ("<|START_ACTION|>", "<|END_ACTION|>")
 
 
 def _hy(name: str, args: dict) -> str:
@@ -73,6 +74,13 @@ RECORDED = [
     ("kimi_k3", K3_TOOLS + _k3("a", {}) + K3_END + "<|close|>message<|sep|>", "", [("a", {})]),
     ("kimi_k3", K3_TOOLS + '<|open|>call tool="a&amp;b" index="1"<|sep|><|open|>argument key="q&quot;" '
      'type="number"<|sep|>oops<|close|>argument<|sep|><|close|>call<|sep|>' + K3_END, "", [("a&b", {'q"': "oops"})]),
+    ("cohere_command3", ACTION[0] + '\n[\n    {"tool_call_id": "0", "tool_name": "foo", "parameters": {"query": "q1"}},'
+     '\n    {"tool_call_id": "1", "tool_name": "bar", "parameters": {"x": 42}}\n]\n' + ACTION[1], "",
+     [("foo", {"query": "q1"}), ("bar", {"x": 42})]),
+    ("cohere_command4", "Let me look.\n" + ACTION[0] + '[{"tool_call_id": "0", "tool_name": "get_current_weather", '
+     '"parameters": ' + WJ + "}]" + ACTION[1] + " ok", "Let me look.\n ok", [("get_current_weather", W)]),
+    ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {}}]', "", [("a", {})]),
+    ("cohere_command4", "The answer is 4.", "The answer is 4.", []),
 ]
 
 
@@ -129,6 +137,10 @@ def test_hy_v3_types_values_by_the_tool_schema():
     ("kimi_k3", K3_TOOLS + '<|open|>call index="1"<|sep|><|close|>call<|sep|>' + K3_END),  # no tool=
     ("kimi_k3", K3_TOOLS + '<|open|>call tool="f"<|sep|>junk<|close|>call<|sep|>' + K3_END),
     ("deepseek_v4", DSML4[0] + '<｜DSML｜invoke name=""></｜DSML｜invoke>' + DSML4[1]),
+    ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "name": "f", "parameters": {}}]' + ACTION[1]),
+    ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "f", "parameters": [1]}]' + ACTION[1]),
+    ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "f"}] and more' + ACTION[1]),
+    ("cohere_command4", ACTION[0] + '{"tool_call_id": "0", "tool_name": "f"}' + ACTION[1]),
 ])
 def test_a_malformed_call_is_content(name, text):
     content, calls = ToolCallView(get_tool_parser(name)).final(text)
@@ -140,8 +152,18 @@ def test_functiongemma_values_that_are_not_strict_json_stay_text():
     assert json.loads(calls[0].function.arguments) == {"x": "NaN", "y": "[1, Infinity]"}
 
 
+def test_cohere_command_keeps_the_models_call_ids():
+    text = ACTION[0] + '[{"tool_call_id": "7", "tool_name": "a", "parameters": {}}]' + ACTION[1]
+    _, calls = ToolCallView(get_tool_parser("cohere_command3")).final(text)
+    _, streamed = _stream(get_tool_parser("cohere_command3"), text, 5)
+    assert calls[0].id == streamed[0]["id"] == "7"
+
+
+ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4")
+
+
 def test_every_added_name_is_registered():
-    assert {"deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3"} <= set(TOOL_PARSERS)
+    assert set(ADDED_NAMES) <= set(TOOL_PARSERS)
 
 
 ADVERSARIAL = [
@@ -150,8 +172,10 @@ ADVERSARIAL = [
     _100kb("", GIGA31), _100kb(GIGA31, '{"name": "'), _100kb("", "<|message_sep|>\n"),
     _100kb(K3_TOOLS, '<|open|>call tool="'), _100kb(K3_TOOLS + '<|open|>call tool="f"<|sep|>', "<|open|>argument "),
     _100kb("", K3_RESPONSE[1]), _100kb(K3_TOOLS, 'a="b" '), _100kb(DSML4[0], '<｜DSML｜invoke name="f">'),
+    _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": ['),
+    _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {}}, '), _100kb("", ACTION[0]),
 ]
-ADDED = [TOOL_PARSERS[n] for n in ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3")]
+ADDED = [TOOL_PARSERS[n] for n in ADDED_NAMES]
 
 
 @pytest.mark.parametrize("parser_cls", ADDED, ids=lambda c: c.name)

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (ParsedToolCall, ParseResult, ToolParser, arguments_json,
-                                                           decode_at, first_of, next_call, skip_ws, tagged_calls,
-                                                           take_call, typed_value)
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           arguments_json, decode_at, first_of, next_call, skip_ws,
+                                                           tagged_calls, take_call, typed_value)
 from tessellm.entrypoints.openai.tool_parsers_marked import _MarkedCalls
 from tessellm.entrypoints.openai.tool_parsers_xml import DeepSeekV32Parser
 from tessellm.reasoning.holdback import hold_back, held_back
@@ -150,5 +150,60 @@ class GigaChat3Parser(ToolParser):
         return before[:-len(self.MESSAGE_SEP)] if before.endswith(self.MESSAGE_SEP) else text[:cut]
 
 
+
+
+class CohereCommandParser(ToolParser):
+    """Cohere Command A: ``<|START_ACTION|>[{"tool_call_id": "0", "tool_name": NAME,
+    "parameters": {...}}, ...]<|END_ACTION|>``; each call keeps the model's ``tool_call_id``
+    (as vLLM's). The reasoning parser of the same name takes the thinking block first."""
+
+    name = "cohere_command3"
+    needs_special_tokens = True
+    START, END = "<|START_ACTION|>", "<|END_ACTION|>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.START)
+        if start < 0:
+            return ParseResult(text if final else hold_back(text, self.START))
+        calls: list[ParsedToolCall] = []
+        pos = skip_ws(text, start + len(self.START))
+        if pos >= len(text) or text[pos] != "[":
+            return ParseResult(text if final or pos < len(text) else text[:start])
+        pos = skip_ws(text, pos + 1)
+        while pos < len(text) and text[pos] != "]":
+            value, end = decode_at(text, pos)
+            call = self._call(value) if end > 0 else None
+            if call is None or len(calls) >= MAX_CALLS:
+                return ParseResult(text) if final or end > 0 else ParseResult(text[:start], calls + [
+                    ParsedToolCall(None, None)])
+            calls.append(call)
+            pos = skip_ws(text, end)
+            pos = skip_ws(text, pos + 1) if text.startswith(",", pos) else pos
+        if pos >= len(text):
+            return ParseResult(text) if final else ParseResult(text[:start], calls)
+        after = skip_ws(text, pos + 1)
+        if text.startswith(self.END, after):
+            after += len(self.END)
+        elif after < len(text) and (final or not self.END.startswith(text[after:])):
+            return ParseResult(text)  # more than the end tag after the list: not a call
+        elif not final:
+            return ParseResult(text[:start], calls)
+        return ParseResult(text[:start] + next_call(text, after, final, ())[1], calls)
+
+    @staticmethod
+    def _call(obj) -> Optional[ParsedToolCall]:
+        if not isinstance(obj, dict) or not isinstance(obj.get("tool_name"), str) or not obj["tool_name"]:
+            return None
+        args = obj.get("parameters", {})
+        text = arguments_json(args) if isinstance(args, dict) else None
+        call_id = obj.get("tool_call_id")
+        return ParsedToolCall(obj["tool_name"], text, None if call_id is None else str(call_id)) if text else None
+
+
+class CohereCommand4Parser(CohereCommandParser):
+    name = "cohere_command4"
+
+
 TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
-                  "gigachat3": GigaChat3Parser}
+                  "gigachat3": GigaChat3Parser, "cohere_command3": CohereCommandParser,
+                  "cohere_command4": CohereCommand4Parser}
