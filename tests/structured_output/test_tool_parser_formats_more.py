@@ -81,6 +81,12 @@ RECORDED = [
      '"parameters": ' + WJ + "}]" + ACTION[1] + " ok", "Let me look.\n ok", [("get_current_weather", W)]),
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {}}]', "", [("a", {})]),
     ("cohere_command4", "The answer is 4.", "The answer is 4.", []),
+    ("step3p5", "Let me check.\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n"
+     "<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n</tool_call>",
+     "Let me check.\n", [("get_current_weather", W)]),
+    ("poolside_v1", "Sure.<tool_call>get_current_weather\n<arg_key>city</arg_key>\n<arg_value>Dallas</arg_value>\n"
+     "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "Sure.",
+     [("get_current_weather", {"city": "Dallas", "days": 3})]),
 ]
 
 
@@ -159,7 +165,8 @@ def test_cohere_command_keeps_the_models_call_ids():
     assert calls[0].id == streamed[0]["id"] == "7"
 
 
-ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4")
+ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4",
+               "step3p5", "poolside_v1")
 
 
 def test_every_added_name_is_registered():

@@ -17,6 +17,12 @@
   ``<|message_sep|>`` and ``function call<|role_sep|>`` (GigaChat 3) or after
   ``<|function_call|>`` (3.1); an end-of-sequence ``</s>`` after it is not content.
 
+- ``cohere_command3`` / ``cohere_command4`` (Command A): a JSON list of
+  ``{"tool_call_id", "tool_name", "parameters"}`` between ``<|START_ACTION|>`` and
+  ``<|END_ACTION|>``; each call keeps the model's ``tool_call_id`` (as vLLM's).
+- ``step3p5`` (Step-3.5) writes ``qwen3_coder``'s calls and ``poolside_v1`` (Poolside) GLM-4.5's:
+  they are those parsers under vLLM's names.
+
 Contract as in ``tool_parsers_base.py``: content is all text outside the calls, arguments
 come whole once a call is closed (its name as soon as it is known), every search is bounded by
 the next marker, so a parse is linear in the text.
@@ -30,7 +36,7 @@ from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedTool
                                                            arguments_json, decode_at, first_of, next_call, skip_ws,
                                                            tagged_calls, take_call, typed_value)
 from tessellm.entrypoints.openai.tool_parsers_marked import _MarkedCalls
-from tessellm.entrypoints.openai.tool_parsers_xml import DeepSeekV32Parser
+from tessellm.entrypoints.openai.tool_parsers_xml import DeepSeekV32Parser, Glm45Parser, Qwen3CoderParser
 from tessellm.reasoning.holdback import hold_back, held_back
 
 
@@ -206,4 +212,5 @@ class CohereCommand4Parser(CohereCommandParser):
 
 TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
                   "gigachat3": GigaChat3Parser, "cohere_command3": CohereCommandParser,
-                  "cohere_command4": CohereCommand4Parser}
+                  "cohere_command4": CohereCommand4Parser,
+                  "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
