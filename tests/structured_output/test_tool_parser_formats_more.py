@@ -81,6 +81,10 @@ RECORDED = [
      '"parameters": ' + WJ + "}]" + ACTION[1] + " ok", "Let me look.\n ok", [("get_current_weather", W)]),
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {}}]', "", [("a", {})]),
     ("cohere_command4", "The answer is 4.", "The answer is 4.", []),
+    ("solar_open2", "Checking.\n<|tool_call:start|>get_current_weather\n" + "".join(
+        f"<|tool_arg:start|>{k}<|tool_arg:value|>{v}<|tool_arg:end|>" for k, v in W.items())
+     + "<|tool_call:end|><|tool_call:start|>get_time\n<|tool_call:end|> done", "Checking.\n done",
+     [("get_current_weather", W), ("get_time", {})]),
     ("step3p5", "Let me check.\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n"
      "<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n</tool_call>",
      "Let me check.\n", [("get_current_weather", W)]),
@@ -147,6 +151,7 @@ def test_hy_v3_types_values_by_the_tool_schema():
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "f", "parameters": [1]}]' + ACTION[1]),
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "f"}] and more' + ACTION[1]),
     ("cohere_command4", ACTION[0] + '{"tool_call_id": "0", "tool_name": "f"}' + ACTION[1]),
+    ("solar_open2", "<|tool_call:start|>f\n<|tool_arg:start|>a<|tool_arg:value|>x<|tool_call:end|>"),  # unclosed
 ])
 def test_a_malformed_call_is_content(name, text):
     content, calls = ToolCallView(get_tool_parser(name)).final(text)
@@ -166,7 +171,7 @@ def test_cohere_command_keeps_the_models_call_ids():
 
 
 ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4",
-               "step3p5", "poolside_v1")
+               "step3p5", "poolside_v1", "solar_open2")
 
 
 def test_every_added_name_is_registered():
@@ -181,6 +186,7 @@ ADVERSARIAL = [
     _100kb("", K3_RESPONSE[1]), _100kb(K3_TOOLS, 'a="b" '), _100kb(DSML4[0], '<｜DSML｜invoke name="f">'),
     _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": ['),
     _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {}}, '), _100kb("", ACTION[0]),
+    _100kb("<|tool_call:start|>f\n", "<|tool_arg:start|>a<|tool_arg:value|>"), _100kb("", "<|tool_call:start|>"),
 ]
 ADDED = [TOOL_PARSERS[n] for n in ADDED_NAMES]
 

@@ -7,6 +7,12 @@
       <tool_calls><tool_call>get_weather<tool_sep><arg_key>city</arg_key><arg_value>Paris</arg_value></tool_call></tool_calls>
 
   values typed by the request's tool schema as ``qwen3_coder``'s (no schema: the text).
+- ``solar_open2`` (Solar Open 2)::
+
+      <|tool_call:start|>get_weather
+      <|tool_arg:start|>city<|tool_arg:value|>Paris<|tool_arg:end|><|tool_call:end|>
+
+  typed as ``hy_v3``'s.
 - ``functiongemma`` (FunctionGemma)::
 
       <start_function_call>call:get_weather{city:<escape>Paris<escape>,days:<escape>3<escape>}<end_function_call>
@@ -66,7 +72,7 @@ class HyV3Parser(_MarkedCalls):
         schemas, args = self.parameter_schemas(function), {}
         while (k := body.find(self.KEY, pos)) >= 0:
             k_end = body.find(self.KEY_END, k)
-            v = body.find(self.VALUE, k_end) if k_end >= 0 else -1
+            v = body.find(self.VALUE, k_end + len(self.KEY_END)) if k_end >= 0 else -1
             v_end = body.find(self.VALUE_END, v) if v >= 0 else -1
             if v_end < 0 or body[pos:k].strip() or body[k_end + len(self.KEY_END):v].strip():
                 return None
@@ -74,6 +80,29 @@ class HyV3Parser(_MarkedCalls):
             args[key] = typed_value(body[v + len(self.VALUE):v_end], schemas.get(key))
             pos = v_end + len(self.VALUE_END)
         return arguments_json(args) if not body[pos:].strip() else None
+
+
+class SolarOpen2Parser(HyV3Parser):
+    """``<|tool_call:start|>NAME`` and a newline, then per argument ``<|tool_arg:start|>KEY
+    <|tool_arg:value|>VALUE<|tool_arg:end|>``, then ``<|tool_call:end|>``; no section around
+    the calls."""
+
+    name = "solar_open2"
+    BEGIN, END = "<|tool_call:start|>", "<|tool_call:end|>"
+    KEY, KEY_END, VALUE, VALUE_END = "<|tool_arg:start|>", "<|tool_arg:value|>", "", "<|tool_arg:end|>"
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.BEGIN)
+        if start < 0:
+            return ParseResult(text if final else hold_back(text, self.BEGIN))
+        return tagged_calls(text, start, start, final, (self.BEGIN, self.END), self._call)
+
+    def split(self, body: str):
+        cut = first_of(body, ("\n", self.KEY))
+        if cut < 0:
+            return None, None, None
+        name = body[:cut].strip()
+        return name or None, self._arguments(body, cut, name), None
 
 
 class FunctionGemmaParser(_MarkedCalls):
@@ -213,4 +242,4 @@ class CohereCommand4Parser(CohereCommandParser):
 TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
                   "gigachat3": GigaChat3Parser, "cohere_command3": CohereCommandParser,
                   "cohere_command4": CohereCommand4Parser,
-                  "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
+                  "solar_open2": SolarOpen2Parser, "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
