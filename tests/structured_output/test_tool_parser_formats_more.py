@@ -23,6 +23,16 @@ GIGA3, GIGA31 = "<|message_sep|>\n\nfunction call<|role_sep|>\n", "<|function_ca
 K3_TOOLS, K3_END = "<|open|>tools<|sep|>", "<|close|>tools<|sep|>"
 K3_RESPONSE = ("<|open|>response<|sep|>", "<|close|>response<|sep|>")
 ACTION = ("<|START_ACTION|>", "<|END_ACTION|>")
+NS = "]<]minimax[>["
+
+
+def _m3(*invokes: str) -> str:
+    return f"{NS}<tool_call>\n" + "\n".join(invokes) + f"\n{NS}</tool_call>"
+
+
+def _m3_invoke(name: str, body: str) -> str:
+    """``body`` with ``<`` and ``</`` of its tags written plainly; each gets the namespace."""
+    return f'{NS}<invoke name="{name}">' + body.replace("<", NS + "<") + f"{NS}</invoke>"
 
 
 def _hy(name: str, args: dict) -> str:
@@ -85,6 +95,12 @@ RECORDED = [
         f"<|tool_arg:start|>{k}<|tool_arg:value|>{v}<|tool_arg:end|>" for k, v in W.items())
      + "<|tool_call:end|><|tool_call:start|>get_time\n<|tool_call:end|> done", "Checking.\n done",
      [("get_current_weather", W), ("get_time", {})]),
+    ("minimax_m3", "I will check.\n" + _m3(_m3_invoke("get_current_weather", "".join(
+        f"<{k}>{v}</{k}>" for k, v in W.items())), _m3_invoke("get_time", "")), "I will check.\n",
+     [("get_current_weather", W), ("get_time", {})]),
+    ("minimax_m3", _m3(_m3_invoke("f", "<o><a>1</a><a>2</a><b>x</b></o>")) + " ok", " ok",
+     [("f", {"o": {"a": ["1", "2"], "b": "x"}})]),  # no schema: objects of text, repeated names a list
+    ("minimax_m3", "plain ]<]minimax[>[<tool_ca", "plain ]<]minimax[>[<tool_ca", []),
     ("step3p5", "Let me check.\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n"
      "<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n</tool_call>",
      "Let me check.\n", [("get_current_weather", W)]),
@@ -152,10 +168,40 @@ def test_hy_v3_types_values_by_the_tool_schema():
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "f"}] and more' + ACTION[1]),
     ("cohere_command4", ACTION[0] + '{"tool_call_id": "0", "tool_name": "f"}' + ACTION[1]),
     ("solar_open2", "<|tool_call:start|>f\n<|tool_arg:start|>a<|tool_arg:value|>x<|tool_call:end|>"),  # unclosed
+    ("minimax_m3", _m3(_m3_invoke("f", "<a>1</b>"))),  # closed out of order
+    ("minimax_m3", _m3(_m3_invoke("f", "<o>text<a>1</a></o>"))),  # text beside elements
+    ("minimax_m3", _m3(_m3_invoke("f", "<a>1"))),  # unclosed
+    ("minimax_m3", _m3(_m3_invoke("f", "<a>" * 40 + "1" + "</a>" * 40))),  # deeper than MAX_DEPTH
 ])
 def test_a_malformed_call_is_content(name, text):
     content, calls = ToolCallView(get_tool_parser(name)).final(text)
     assert calls == [] and content == text
+
+
+def test_minimax_m3_reads_nested_arguments_by_the_tool_schema():
+    """vLLM's order example: scalars typed, objects nested, an array of items, an object of
+    additional properties, a repeated name collected in a list."""
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=[{"type": "function", "function": {
+        "name": "create_order", "parameters": {"type": "object", "properties": {
+            "user_id": {"type": "integer"}, "urgent": {"type": "boolean"}, "note": {"type": "string"},
+            "shipping": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}}},
+            "items": {"type": "array", "items": {"type": "object", "properties": {
+                "sku": {"type": "string"}, "qty": {"type": "integer"}}}},
+            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+            "duplicate_demo": {"type": "object"}}}}}])
+    body = ("<user_id>42</user_id><urgent>true</urgent><note>Please leave at front desk.</note>"
+            "<shipping><city>Singapore</city><zip>018956</zip></shipping>"
+            "<items><item><sku>book-001</sku><qty>2</qty></item><item><sku>pen-007</sku><qty>5</qty></item></items>"
+            "<metadata><source>mobile</source><campaign>may-launch</campaign></metadata>"
+            "<duplicate_demo><tag>a</tag><tag>b</tag></duplicate_demo>")
+    text = "I will create it.\n" + _m3(_m3_invoke("create_order", body))
+    content, calls = ToolCallView(get_tool_parser("minimax_m3", request=req)).final(text)
+    assert content == "I will create it.\n"
+    assert _calls(calls) == [("create_order", {
+        "user_id": 42, "urgent": True, "note": "Please leave at front desk.",
+        "shipping": {"city": "Singapore", "zip": 18956},
+        "items": [{"sku": "book-001", "qty": 2}, {"sku": "pen-007", "qty": 5}],
+        "metadata": {"source": "mobile", "campaign": "may-launch"}, "duplicate_demo": {"tag": ["a", "b"]}})]
 
 
 def test_functiongemma_values_that_are_not_strict_json_stay_text():
@@ -171,13 +217,14 @@ def test_cohere_command_keeps_the_models_call_ids():
 
 
 ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4",
-               "step3p5", "poolside_v1", "solar_open2")
+               "step3p5", "poolside_v1", "solar_open2", "minimax_m3")
 
 
 def test_every_added_name_is_registered():
     assert set(ADDED_NAMES) <= set(TOOL_PARSERS)
 
 
+M3_INVOKE = NS + "<tool_call>" + NS + '<invoke name="f">'
 ADVERSARIAL = [
     _100kb("<tool_calls>", "<tool_call>f<tool_sep>"), _100kb("<tool_calls><tool_call>f<tool_sep>", "<arg_key>"),
     _100kb("", FG[0] + "call:f{"), _100kb(FG[0] + "call:f{", "a:" + FG[2]), _100kb(FG[0] + "call:f{", "a:,"),
@@ -187,6 +234,8 @@ ADVERSARIAL = [
     _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {"a": ['),
     _100kb(ACTION[0] + "[", '{"tool_call_id": "0", "tool_name": "f", "parameters": {}}, '), _100kb("", ACTION[0]),
     _100kb("<|tool_call:start|>f\n", "<|tool_arg:start|>a<|tool_arg:value|>"), _100kb("", "<|tool_call:start|>"),
+    _100kb(NS + "<tool_call>", NS + '<invoke name="f">'), _100kb(M3_INVOKE, NS + "<a>"),
+    _100kb(M3_INVOKE, NS + "<a>1" + NS + "</a>"), _100kb("", NS),
 ]
 ADDED = [TOOL_PARSERS[n] for n in ADDED_NAMES]
 

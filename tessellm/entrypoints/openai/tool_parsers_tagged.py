@@ -242,4 +242,5 @@ class CohereCommand4Parser(CohereCommandParser):
 TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
                   "gigachat3": GigaChat3Parser, "cohere_command3": CohereCommandParser,
                   "cohere_command4": CohereCommand4Parser,
-                  "solar_open2": SolarOpen2Parser, "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
+                  "solar_open2": SolarOpen2Parser,
+                  "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
