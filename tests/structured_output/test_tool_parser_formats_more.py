@@ -101,6 +101,10 @@ RECORDED = [
     ("minimax_m3", _m3(_m3_invoke("f", "<o><a>1</a><a>2</a><b>x</b></o>")) + " ok", " ok",
      [("f", {"o": {"a": ["1", "2"], "b": "x"}})]),  # no schema: objects of text, repeated names a list
     ("minimax_m3", "plain ]<]minimax[>[<tool_ca", "plain ]<]minimax[>[<tool_ca", []),
+    ("minicpm5", 'Sure.\n<function name="get_current_weather">' + "".join(
+        f'<param name="{k}">{v}</param>' for k, v in W.items()) + '</function>\n<function name="f"><param name="q">'
+     'a &amp; b</param><param name="code"><![CDATA[ if a<b: pass ]]></param></function> ok', "Sure.\n ok",
+     [("get_current_weather", W), ("f", {"q": "a & b", "code": " if a<b: pass "})]),
     ("step3p5", "Let me check.\n<tool_call>\n<function=get_current_weather>\n<parameter=city>\nDallas\n</parameter>\n"
      "<parameter=state>\nTX\n</parameter>\n<parameter=unit>\nfahrenheit\n</parameter>\n</function>\n</tool_call>",
      "Let me check.\n", [("get_current_weather", W)]),
@@ -217,7 +221,7 @@ def test_cohere_command_keeps_the_models_call_ids():
 
 
 ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4",
-               "step3p5", "poolside_v1", "solar_open2", "minimax_m3")
+               "step3p5", "poolside_v1", "solar_open2", "minimax_m3", "minicpm5")
 
 
 def test_every_added_name_is_registered():

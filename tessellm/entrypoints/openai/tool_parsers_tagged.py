@@ -13,6 +13,8 @@
       <|tool_arg:start|>city<|tool_arg:value|>Paris<|tool_arg:end|><|tool_call:end|>
 
   typed as ``hy_v3``'s.
+- ``minicpm5`` (MiniCPM 5): ``<function name="get_weather"><param name="city">Paris</param>
+  </function>``, typed as ``qwen3_coder``'s.
 - ``functiongemma`` (FunctionGemma)::
 
       <start_function_call>call:get_weather{city:<escape>Paris<escape>,days:<escape>3<escape>}<end_function_call>
@@ -37,6 +39,7 @@ the next marker, so a parse is linear in the text.
 from __future__ import annotations
 
 from typing import Optional
+from xml.sax.saxutils import unescape as xml_unescape
 
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
                                                            arguments_json, decode_at, first_of, next_call, skip_ws,
@@ -103,6 +106,23 @@ class SolarOpen2Parser(HyV3Parser):
             return None, None, None
         name = body[:cut].strip()
         return name or None, self._arguments(body, cut, name), None
+
+
+class MiniCPM5Parser(Qwen3CoderParser):
+    """``<function name="NAME"><param name="P">value</param>...</function>``, no wrapper; a
+    value is XML text (``&amp;`` and the other four entities decoded, or a ``<![CDATA[...]]>``
+    section as written), typed as ``qwen3_coder``'s."""
+
+    name = "minicpm5"
+    TOOL = FUNC = "<function name="
+    FUNC_END, PARAM, PARAM_END, CLOSES = "</function>", "<param name=", "</param>", ()
+    needs_special_tokens = True
+    CDATA = ("<![CDATA[", "]]>")
+
+    def value(self, text: str) -> str:
+        if text.startswith(self.CDATA[0]) and text.endswith(self.CDATA[1]):
+            return text[len(self.CDATA[0]):-len(self.CDATA[1])]
+        return xml_unescape(text.strip(), {"&quot;": '"', "&apos;": "'"})
 
 
 class FunctionGemmaParser(_MarkedCalls):
@@ -242,5 +262,5 @@ class CohereCommand4Parser(CohereCommandParser):
 TAGGED_PARSERS = {"deepseek_v4": DeepSeekV4Parser, "hy_v3": HyV3Parser, "functiongemma": FunctionGemmaParser,
                   "gigachat3": GigaChat3Parser, "cohere_command3": CohereCommandParser,
                   "cohere_command4": CohereCommand4Parser,
-                  "solar_open2": SolarOpen2Parser,
+                  "solar_open2": SolarOpen2Parser, "minicpm5": MiniCPM5Parser,
                   "step3p5": Qwen3CoderParser, "poolside_v1": Glm45Parser}  # their formats, as vLLM's parsers read them
