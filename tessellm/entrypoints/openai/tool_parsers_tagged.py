@@ -54,6 +54,16 @@ class DeepSeekV4Parser(DeepSeekV32Parser):
     TOOL, CLOSES = "<｜DSML｜tool_calls>", ("</｜DSML｜tool_calls>",)
 
 
+class _UnwrappedCalls(_MarkedCalls):
+    """Calls each between ``BEGIN`` and ``END``, with no section around them."""
+
+    def parse(self, text: str, final: bool) -> ParseResult:
+        start = text.find(self.BEGIN)
+        if start < 0:
+            return ParseResult(text if final else hold_back(text, self.BEGIN))
+        return tagged_calls(text, start, start, final, (self.BEGIN, self.END), self._call)
+
+
 class HyV3Parser(_MarkedCalls):
     """``<tool_calls>``, then per call ``<tool_call>NAME<tool_sep>`` and its
     ``<arg_key>``/``<arg_value>`` pairs, ``</tool_call>``; ``</tool_calls>``."""
@@ -85,7 +95,7 @@ class HyV3Parser(_MarkedCalls):
         return arguments_json(args) if not body[pos:].strip() else None
 
 
-class SolarOpen2Parser(HyV3Parser):
+class SolarOpen2Parser(_UnwrappedCalls, HyV3Parser):
     """``<|tool_call:start|>NAME`` and a newline, then per argument ``<|tool_arg:start|>KEY
     <|tool_arg:value|>VALUE<|tool_arg:end|>``, then ``<|tool_call:end|>``; no section around
     the calls."""
@@ -93,12 +103,6 @@ class SolarOpen2Parser(HyV3Parser):
     name = "solar_open2"
     BEGIN, END = "<|tool_call:start|>", "<|tool_call:end|>"
     KEY, KEY_END, VALUE, VALUE_END = "<|tool_arg:start|>", "<|tool_arg:value|>", "", "<|tool_arg:end|>"
-
-    def parse(self, text: str, final: bool) -> ParseResult:
-        start = text.find(self.BEGIN)
-        if start < 0:
-            return ParseResult(text if final else hold_back(text, self.BEGIN))
-        return tagged_calls(text, start, start, final, (self.BEGIN, self.END), self._call)
 
     def split(self, body: str):
         cut = first_of(body, ("\n", self.KEY))
@@ -125,17 +129,11 @@ class MiniCPM5Parser(Qwen3CoderParser):
         return xml_unescape(text.strip(), {"&quot;": '"', "&apos;": "'"})
 
 
-class FunctionGemmaParser(_MarkedCalls):
+class FunctionGemmaParser(_UnwrappedCalls):
     """``<start_function_call>call:NAME{key:<escape>value<escape>,...}<end_function_call>``."""
 
     name = "functiongemma"
     BEGIN, END, CALL, ESCAPE = "<start_function_call>", "<end_function_call>", "call:", "<escape>"
-
-    def parse(self, text: str, final: bool) -> ParseResult:
-        start = text.find(self.BEGIN)
-        if start < 0:
-            return ParseResult(text if final else hold_back(text, self.BEGIN))
-        return tagged_calls(text, start, start, final, (self.BEGIN, self.END), self._call)
 
     def split(self, body: str):
         pos = skip_ws(body, 0)
