@@ -11,7 +11,10 @@ here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` th
 ``step3``, ...) in ``tool_parsers_xml.py``, the Python call lists (``pythonic``,
 ``llama4_pythonic``) in ``tool_parsers_pythonic.py``, the special-token formats
 (``deepseek_v3``, ``kimi_k2``, ...) in ``tool_parsers_marked.py`` and the other JSON formats
-(``granite``, ``xlam``, ...) in ``tool_parsers_json.py``. A vLLM parser from
+(``granite``, ``xlam``, ...) in ``tool_parsers_json.py``, more tagged formats (``deepseek_v4``,
+``hy_v3``, ``functiongemma``, ``gigachat3``, ...) in ``tool_parsers_tagged.py`` and Kimi K3's
+XTML channels in ``tool_parsers_kimi_k3.py``, MiniMax-M3's nested elements in
+``tool_parsers_minimax_m3.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
@@ -37,8 +40,11 @@ from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedTool
                                                            tagged_calls)
 from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_kimi_k3 import KIMI_K3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_minimax_m3 import MINIMAX_M3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_tagged import TAGGED_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_vllm import (ChatCompletionRequest,  # noqa: F401 (vLLM's names)
                                                            ChatCompletionToolsParam, DeltaFunctionCall,
                                                            DeltaMessage, DeltaToolCall,
@@ -225,6 +231,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
     "ernie45": Ernie45Parser, "granite4": Granite4Parser,
     **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
+    **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS,
 }
 
 
