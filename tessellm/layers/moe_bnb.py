@@ -26,7 +26,8 @@ them with each routed id renumbered into ``0..U)``::
 
 Expert parallelism: a pair whose expert another rank holds is sent to slot 0 with weight 0.
 A decode step dequantizes its ``T * k`` experts; a long prefill every expert of the layer
-(the layer's dense experts exist for that step only).
+(the layer's dense experts exist for that step only), a chunk of whole experts at a time
+(``CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
                          "quantization='bitsandbytes'.")
     from tessellm.quantization.bnb_method import quantize_on_load
 
-    return quantize_on_load(materialize(tensor).float())
+    # on the layer's device: bitsandbytes on the CPU took ~0.1 s an expert projection (18k of
+    # them in Qwen3-30B-A3B: the load did not finish)
+    return quantize_on_load(materialize(tensor).to(moe.w13.device).float())
 
 
 def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
@@ -138,29 +141,37 @@ def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
     return weights, slot[flat].view(ids.shape), w13, w2
 
 
+# float32 products of one dequantization chunk at most in flight (~13 bytes an element with
+# the unpacked codes): whole experts, at least one (Qwen3-30B-A3B: a decode step's 8 experts in
+# one chunk of w13, not one Python iteration and ~10 launches per expert and layer)
+CHUNK_ELEMENTS = 1 << 25
+
+
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                used: torch.Tensor, dtype) -> torch.Tensor:
-    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, one at a time
-    (the float32 products of one expert at most in flight)."""
+    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, as many experts at
+    a time as ``CHUNK_ELEMENTS`` holds (a fixed count per shape: no host sync)."""
     count, n, half = used.numel(), codes.shape[1], codes.shape[2]
     bs = 2 * half // absmax.shape[2]
     out = torch.empty(count, n, 2 * half, dtype=dtype, device=codes.device)
     table = code.float()
-    for u in range(count):
-        q = codes.index_select(0, used[u:u + 1])[0]
-        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(n, -1, bs)
-        scale = absmax.index_select(0, used[u:u + 1])[0]
-        out[u] = (table[q.int()] * scale[..., None]).view(n, -1).to(dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, 2 * n * half))
+    for u in range(0, count, step):
+        ids = used[u:u + step]
+        q = codes.index_select(0, ids)
+        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(ids.numel(), n, -1, bs)
+        scale = absmax.index_select(0, ids)
+        out[u:u + step] = (table[q.int()] * scale[..., None]).view(ids.numel(), n, -1).to(dtype)
     return out
 
 
 def init_dummy(moe, generator: torch.Generator, scale: float) -> None:
-    """Random experts (``load_format="dummy"``): uniform values in the layer's quant type."""
-    for e in range(moe.w13.shape[0]):
-        for name in ("w13", "w2"):
-            codes = getattr(moe, name).data[e]
-            w = torch.empty(codes.shape[0], codes.shape[1] * 2, device=codes.device)
-            seg = quantize_bnb4(w.uniform_(-scale, scale, generator=generator),
-                                moe.quant.bnb_type, moe.quant.group_size)
-            codes.copy_(seg.qweight)
-            getattr(moe, f"{name}_absmax").data[e].copy_(seg.absmax.view(codes.shape[0], -1))
+    """Random experts (``load_format="dummy"``): random codes of the layer's table with each
+    block's absmax uniform in ``[scale / 2, scale]`` (values within ``[-scale, scale]``), drawn
+    for all experts at once (quantizing a float tensor per expert took minutes at 128 experts
+    and 48 layers)."""
+    for name in ("w13", "w2"):
+        codes, absmax = getattr(moe, name).data, getattr(moe, f"{name}_absmax").data
+        codes.copy_(torch.randint(0, 256, codes.shape, generator=generator,
+                                  device=codes.device, dtype=torch.uint8))
+        absmax.uniform_(scale / 2, scale, generator=generator)
