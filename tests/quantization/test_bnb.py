@@ -269,6 +269,12 @@ def test_bnb4_pair_table_follows_its_code():
                        torch.stack([code[b >> 4], code[b & 15]], dim=1))
     code.mul_(2)
     assert torch.equal(pair_table(code).view(torch.float32).view(256, 2)[:, 1], code[b & 15])
+    with torch.inference_mode():  # weights woken up or reloaded there: no version counter
+        made = code.clone()
+    assert torch.equal(pair_table(made), pair_table(code))
+    with torch.inference_mode():
+        made.mul_(2)
+    assert torch.equal(pair_table(made).view(torch.float32).view(256, 2)[:, 1], made[b & 15])
 
 
 @gpu_when_present
