@@ -112,7 +112,8 @@ def check(vs: list[dict], rows: tuple, device: str = "cuda") -> dict:
     of 128), FP4, and fp16 / float32 x at one row. Checking every variant on every case compiled
     each one per x dtype, row count, K tail and block size (~1,000 compiles: over 300 s with no
     output on an H100). Prints a line per case as it goes. Returns the variants that fail, with
-    their worst case (dropped from the timing)."""
+    their worst case (dropped from the timing); a representative that fails takes its kind and
+    ``X_TILE``'s other launch shapes with it."""
     failed: dict = {}
     few = representatives(vs)
     cases = [(n, k, 64) for n, k in SHAPES.values()] + list(CHECK_SHAPES)
@@ -138,6 +139,11 @@ def check(vs: list[dict], rows: tuple, device: str = "cuda") -> dict:
             print(f"check {n}x{k} blocks {bs} {qtype} {str(dtype)[6:]} rows {m}: {len(chosen)} "
                   f"variants ({done} runs, {len(failed)} failed, {time.time() - t0:.0f} s)",
                   flush=True)
+    for rep in few:  # a representative's failure is its kind's: the same code at other sizes
+        if name(rep) in failed:
+            for v in vs:
+                if _code_path(v) == _code_path(rep) and name(v) not in failed:
+                    failed[name(v)] = f"as {name(rep)}: {failed[name(rep)]}"
     print(f"check: {len(vs) - len(failed)} of {len(vs)} variants equal the reference on the "
           f"Llama shapes (nf4, bf16 rows {rows}); {len(few)} of them also on "
           f"{len(CHECK_SHAPES)} more shapes x nf4/fp4, fp16/f32 1 row", flush=True)
@@ -146,13 +152,17 @@ def check(vs: list[dict], rows: tuple, device: str = "cuda") -> dict:
     return failed
 
 
+def _code_path(v: dict) -> tuple:
+    return kind(v), v["X_TILE"]
+
+
 def representatives(vs: list[dict]) -> list[dict]:
     """The first variant of each kind (lookup, words, loads, split sum) and ``X_TILE``: the
     kernel's code paths (the K tails reach ``EVEN_K`` off at any ``BKB``); the launch's other
     sizes only tile the same code."""
     seen, out = set(), []
     for v in vs:
-        key = (kind(v), v["X_TILE"])
+        key = _code_path(v)
         if key not in seen:
             seen.add(key)
             out.append(v)
