@@ -119,16 +119,9 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
                          "quantization='bitsandbytes'.")
     from tessellm.quantization.bnb_method import quantize_on_load
 
-    # on the layer's device: bitsandbytes on the CPU took ~0.1 s an expert projection (18k of
-    # them in Qwen3-30B-A3B: the load did not finish); on the CPU where bitsandbytes has no
-    # kernels for that device
-    w, device = materialize(tensor).float(), moe.w13.device
-    if device.type == "cpu":
-        return quantize_on_load(w)
-    try:
-        return quantize_on_load(w.to(device))
-    except (RuntimeError, NotImplementedError):
-        return quantize_on_load(w)
+    # on the layer's device: on the CPU it took ~0.1 s an expert projection (18k of them in
+    # Qwen3-30B-A3B: the load did not finish)
+    return quantize_on_load(materialize(tensor).float(), moe.w13.device)
 
 
 def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):

@@ -631,3 +631,15 @@ def test_quantize_on_load_without_the_package_says_how(tiny_model_dir, monkeypat
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         resolve_quant_spec("bitsandbytes", resolve_model(tiny_model_dir("llama")))
+
+
+def test_quantize_on_load_where_bitsandbytes_has_no_kernels_runs_on_the_cpu():
+    """NF4 on load runs on the layer's device (``quantize_on_load(w, device)``); a device the
+    package has no kernels for (here the meta device) quantizes on the CPU: the same codes."""
+    pytest.importorskip("bitsandbytes")
+    from tessellm.quantization.bnb_method import quantize_on_load
+
+    w = torch.randn(64, 128)
+    here, fallback = quantize_on_load(w), quantize_on_load(w, torch.device("meta"))
+    assert fallback.qweight.device.type == "cpu"
+    assert torch.equal(here.qweight, fallback.qweight) and torch.equal(here.absmax, fallback.absmax)
