@@ -2,7 +2,7 @@
 (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096), 1 and 2 rows by default
 (``--rows 1,2,4,8``: 8 is two launches of 4), against dequantize + cuBLAS and bf16 cuBLAS,
 CUDA-graph timed with the L2 flushed before each call (gpu_timing.gtime). One process; about a
-minute on an H100 (a compile per variant and row count), two with ``--check``.
+minute on an H100 (a compile per variant and row count), more with ``--check``.
 
     python3 benchmarks/kernels/bench_bnb4_sweep.py --check --json OUT.json
         [--no-flush] [--wide] [--only -pair] [--rows 1,2]
@@ -13,8 +13,9 @@ planes added by each tile's last program rather than torch) at each launch shape
 (``BLOCK_N`` output rows a program, ``BKB`` blocks of 64 a step, i.e. ``BKB * 32`` bytes a row
 a step, ``num_warps``, ``num_stages``, x loaded as whole tiles ``xt`` or 2-D and converted
 ``x2`` (``X_TILE``), the most K splits). ``--check`` first runs every variant against x @ the
-dequantized weight (float64 sums) on the four shapes and three with K tails or blocks of 128,
-NF4 and FP4, bf16 / fp16 / float32 x, and drops those that fail (listed, and in the JSON).
+dequantized weight (float64 sums) on the four shapes (NF4, bf16 x), and one of each kind,
+and ``X_TILE`` also on three shapes with K tails or blocks of 128, FP4, fp16 / float32
+x; it drops those that fail (listed, and in the JSON) and prints a line per case.
 Each timed variant prints one line: us a call, TB/s of codes + absmax (0.5 + 4/64 bytes a
 weight, read once), the split it took, the largest error over the largest output (``BAD``
 above 1e-2: never picked). Then the best per (shape, rows) next to dequantize + cuBLAS and bf16
@@ -105,18 +106,27 @@ def max_err(got: torch.Tensor, x: torch.Tensor, wref: torch.Tensor) -> float:
 
 
 def check(vs: list[dict], rows: tuple, device: str = "cuda") -> dict:
-    """Every variant against x @ the dequantized weight (``max_err``) on the Llama shapes and
-    ``CHECK_SHAPES``, NF4 and FP4, bf16 x at each row count, fp16 and float32 x at one: the variants
-    that fail, with their worst case (dropped from the timing)."""
-    failed = {}
+    """Every variant against x @ the dequantized weight (``max_err``) on the Llama shapes, NF4,
+    bf16 x at each row count (the launches the sweep compiles anyway); one variant of each kind
+    and ``X_TILE`` (``representatives``) also on ``CHECK_SHAPES`` (K tails, blocks
+    of 128), FP4, and fp16 / float32 x at one row. Checking every variant on every case compiled
+    each one per x dtype, row count, K tail and block size (~1,000 compiles: over 300 s with no
+    output on an H100). Prints a line per case as it goes. Returns the variants that fail, with
+    their worst case (dropped from the timing); a representative that fails takes its kind and
+    ``X_TILE``'s other launch shapes with it."""
+    failed: dict = {}
+    few = representatives(vs)
     cases = [(n, k, 64) for n, k in SHAPES.values()] + list(CHECK_SHAPES)
+    t0, done = time.time(), 0
     for (n, k, bs), qtype in itertools.product(cases, ("nf4", "fp4")):
         w = quantize_bnb4(torch.randn(n, k, device=device) * 0.02, qtype, bs)
         wref = w.dequantize(torch.float32)
+        common = (n, k) in SHAPES.values() and bs == 64 and qtype == "nf4"
         for dtype, m in [(torch.bfloat16, m) for m in rows] + [(torch.float16, 1),
                                                                 (torch.float32, 1)]:
             x = torch.randn(m, k, device=device, dtype=dtype)
-            for v in vs:
+            chosen = vs if common and dtype == torch.bfloat16 else few
+            for v in chosen:
                 try:
                     err = max_err(bnb4.bnb4_gemv(x, w, config=v), x, wref)
                 except Exception as e:  # noqa: BLE001 - a variant this GPU refuses
@@ -125,11 +135,38 @@ def check(vs: list[dict], rows: tuple, device: str = "cuda") -> dict:
                     why = f"error {err:.2f} x its tolerance"
                 if err > 1 and name(v) not in failed:
                     failed[name(v)] = f"{n}x{k} blocks {bs} {qtype} {dtype} rows {m}: {why}"
-    print(f"check: {len(vs) - len(failed)} of {len(vs)} variants equal the reference on "
-          f"{len(cases)} shapes x nf4/fp4 x bf16 rows {rows}, fp16/f32 1 row", flush=True)
+            done += len(chosen)
+            print(f"check {n}x{k} blocks {bs} {qtype} {str(dtype)[6:]} rows {m}: {len(chosen)} "
+                  f"variants ({done} runs, {len(failed)} failed, {time.time() - t0:.0f} s)",
+                  flush=True)
+    for rep in few:  # a representative's failure is its kind's: the same code at other sizes
+        if name(rep) in failed:
+            for v in vs:
+                if _code_path(v) == _code_path(rep) and name(v) not in failed:
+                    failed[name(v)] = f"as {name(rep)}: {failed[name(rep)]}"
+    print(f"check: {len(vs) - len(failed)} of {len(vs)} variants equal the reference on the "
+          f"Llama shapes (nf4, bf16 rows {rows}); {len(few)} of them also on "
+          f"{len(CHECK_SHAPES)} more shapes x nf4/fp4, fp16/f32 1 row", flush=True)
     for v, why in failed.items():
-        print(f"  FAILED {v}: {why}")
+        print(f"  FAILED {v}: {why}", flush=True)
     return failed
+
+
+def _code_path(v: dict) -> tuple:
+    return kind(v), v["X_TILE"]
+
+
+def representatives(vs: list[dict]) -> list[dict]:
+    """The first variant of each kind (lookup, words, loads, split sum) and ``X_TILE``: the
+    kernel's code paths (the K tails reach ``EVEN_K`` off at any ``BKB``); the launch's other
+    sizes only tile the same code."""
+    seen, out = set(), []
+    for v in vs:
+        key = _code_path(v)
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
 
 
 def main() -> None:

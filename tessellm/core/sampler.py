@@ -170,18 +170,22 @@ class Sampler:
         from tessellm.spec_decode.rejection import rejection_sample
 
         raw = logits.float()
-        tokens = rejection_sample(self.target_probs(raw, batch), draft_ids, draft_probs,
+        edited = self._edit_logits(raw, batch)  # once: custom processors apply once a step
+        tokens = rejection_sample(self._target_probs(edited, batch), draft_ids, draft_probs,
                                   has_draft_probs, self.generator, batch.seeds)
         out = SamplerOutput(tokens)
         if self.compute_nans:
-            out.num_nans = count_nans(raw, self._edit_logits(raw, batch))
+            out.num_nans = count_nans(raw, edited)
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
 
     def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """float32 [B, V]: the distribution each row samples from (greedy rows: a point mass)."""
-        logits = self._edit_logits(logits.float(), batch)
+        return self._target_probs(self._edit_logits(logits.float(), batch), batch)
+
+    def _target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """``target_probs`` of logits already edited (``_edit_logits``)."""
         greedy = torch.nn.functional.one_hot(self.argmax(logits), logits.shape[-1]).float()
         if batch.all_greedy:
             return greedy

@@ -54,7 +54,8 @@ def split_host_port(address, what: str) -> tuple[str, int]:
         raise ValueError(f"{what} {address!r} is ambiguous: a bare IPv6 address leaves no telling "
                          "where the port starts; write the address in brackets, '[ADDRESS]:PORT' "
                          "(e.g. '[fe80::1]:14579').")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    # ASCII digits only: str.isdigit takes "²" (int() refuses it) and "١٤" (int() reads 14)
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"{what} must be 'host:port' with a port 1-65535, {example}.")
     return host_key(host, what), int(port)
 

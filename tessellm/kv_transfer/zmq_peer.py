@@ -590,11 +590,12 @@ class ZmqPeerConnector(SharedStorageConnector):
                                  "the producers requests name (kv_transfer_params).") from None
         bind = host_key(bind, "ZmqPeerConnector's kv_bind (the address it listens on)")
         host = extra.get("kv_host")
+        if host is not None and isinstance(host, str) and host:  # "0::0" is "::", a wildcard
+            host = host_key(host, "ZmqPeerConnector's kv_host (handed back as remote_host)")
         if host is not None and (not isinstance(host, str) or not host or host in _WILDCARDS):
             raise ValueError(f"ZmqPeerConnector's kv_host is the address consumers reach this "
-                             f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got {host!r}.")
-        if host is not None:
-            host = host_key(host, "ZmqPeerConnector's kv_host (handed back as remote_host)")
+                             f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got "
+                             f"{extra.get('kv_host')!r}.")
         self.host = host or _reachable_host(bind)
         allowed = extra.get("allowed_producers")
         if allowed is not None and (not isinstance(allowed, list) or not all(

@@ -26,7 +26,8 @@ them with each routed id renumbered into ``0..U)``::
 
 Expert parallelism: a pair whose expert another rank holds is sent to slot 0 with weight 0.
 A decode step dequantizes its ``T * k`` experts; a long prefill every expert of the layer
-(the layer's dense experts exist for that step only).
+(the layer's dense experts exist for that step only), a chunk of whole experts at a time
+(``CHUNK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ from typing import Optional
 import torch
 
 from tessellm.backends.reference.moe import local_expert_ids
-from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight
+from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize
 
 BLOCKSIZE = 64  # the block size transformers saves (and NF4 on load uses)
-_CHUNK = 1 << 24  # weights dequantized a pass (``dequantize``)
 
 
 def allocate(moe, quant, num_experts: int, hidden: int) -> None:
@@ -119,7 +119,9 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
                          "quantization='bitsandbytes'.")
     from tessellm.quantization.bnb_method import quantize_on_load
 
-    return quantize_on_load(materialize(tensor).float())
+    # on the layer's device: on the CPU it took ~0.1 s an expert projection (18k of them in
+    # Qwen3-30B-A3B: the load did not finish)
+    return quantize_on_load(materialize(tensor).float(), moe.w13.device)
 
 
 def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
@@ -139,31 +141,37 @@ def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
     return weights, slot[flat].view(ids.shape), w13, w2
 
 
+# float32 products of one dequantization chunk at most in flight (~13 bytes an element with
+# the unpacked codes): whole experts, at least one (Qwen3-30B-A3B: a decode step's 8 experts in
+# one chunk of w13, not one Python iteration and ~10 launches per expert and layer)
+CHUNK_ELEMENTS = 1 << 25
+
+
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                used: torch.Tensor, dtype) -> torch.Tensor:
-    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, a few experts a
-    pass (about ``_CHUNK`` weights: the float32 products of a pass stay near 256 MiB; one
-    expert a pass made a 128-expert prefill or graph capture 128 passes a layer)."""
+    """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, as many experts at
+    a time as ``CHUNK_ELEMENTS`` holds (a fixed count per shape: no host sync)."""
     count, n, half = used.numel(), codes.shape[1], codes.shape[2]
     bs = 2 * half // absmax.shape[2]
     out = torch.empty(count, n, 2 * half, dtype=dtype, device=codes.device)
     table = code.float()
-    step = max(1, _CHUNK // (n * 2 * half))
-    for start in range(0, count, step):
-        part = used[start:start + step]
-        q = codes.index_select(0, part)
-        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(part.numel(), n, -1, bs)
-        scale = absmax.index_select(0, part)
-        out[start:start + part.numel()] = (table[q.int()] * scale[..., None]).view(part.numel(), n, -1).to(dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, 2 * n * half))
+    for u in range(0, count, step):
+        ids = used[u:u + step]
+        q = codes.index_select(0, ids)
+        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(ids.numel(), n, -1, bs)
+        scale = absmax.index_select(0, ids)
+        out[u:u + step] = (table[q.int()] * scale[..., None]).view(ids.numel(), n, -1).to(dtype)
     return out
 
 
 def init_dummy(moe, generator: torch.Generator, scale: float) -> None:
-    """Random experts (``load_format="dummy"``): random codes of the layer's quant type, each
-    block's absmax uniform in ``[scale / 2, scale]`` (no quantization: a 30B MoE's experts
-    quantized one by one took minutes)."""
+    """Random experts (``load_format="dummy"``): random codes of the layer's table with each
+    block's absmax uniform in ``[scale / 2, scale]`` (values within ``[-scale, scale]``), drawn
+    for all experts at once (quantizing a float tensor per expert took minutes at 128 experts
+    and 48 layers)."""
     for name in ("w13", "w2"):
-        codes = getattr(moe, name).data
-        codes.copy_(torch.randint(0, 256, codes.shape, generator=generator, dtype=torch.uint8,
-                                  device=codes.device))
-        getattr(moe, f"{name}_absmax").data.uniform_(scale / 2, scale, generator=generator)
+        codes, absmax = getattr(moe, name).data, getattr(moe, f"{name}_absmax").data
+        codes.copy_(torch.randint(0, 256, codes.shape, generator=generator,
+                                  device=codes.device, dtype=torch.uint8))
+        absmax.uniform_(scale / 2, scale, generator=generator)

@@ -20,6 +20,8 @@ quantizes its own slice on load; a pre-quantized checkpoint is cut as stored (``
 
 from __future__ import annotations
 
+import torch
+
 from tessellm.quantization import sharding
 from tessellm.quantization.base import QuantLinearMethod, dense_segment
 from tessellm.quantization.bnb import Bnb4Weight
@@ -82,16 +84,24 @@ class BnbMethod(QuantLinearMethod):
         loads bnb checkpoints only; the engine refuses ``quantization="bitsandbytes"`` on a
         dense checkpoint before building)."""
         try:
-            seg = quantize_on_load(w)
+            seg = quantize_on_load(w, layer.quant_device)
         except ValueError as exc:
             raise NotImplementedError(str(exc)) from None
         self.load_weight(layer, "weight", StoredBnb("weight", seg), shard)
 
 
-def quantize_on_load(w) -> Bnb4Weight:
+def quantize_on_load(w, device=None) -> Bnb4Weight:
     """``w [N, K]`` in NF4 with double quantization through the ``bitsandbytes`` package
     (vLLM's defaults, ``INFLIGHT``), as the checkpoint it would have saved reads back (absmaxes
-    widened to float32); a ValueError naming the install when the package is missing."""
+    widened to float32); a ValueError naming the install when the package is missing. On
+    ``device`` (the layer's: bitsandbytes on the CPU takes ~0.1 s a million weights, minutes for
+    a model's checkpoint tensors read there), or on the CPU where the package has no kernels for
+    it."""
+    if device is not None and torch.device(device) != w.device:
+        try:
+            return quantize_on_load(w.to(device))
+        except (RuntimeError, NotImplementedError):  # no kernels for that device: the CPU
+            w = w.cpu()
     functional = bitsandbytes_functional()
     q, state = functional.quantize_4bit(
         w.float().contiguous(), blocksize=INFLIGHT["blocksize"],

@@ -1540,6 +1540,8 @@ def test_zmq_peer_bad_settings_are_one_clear_error(tiny_model_dir):
             ("kv_consumer", {"kv_peer": "host:0"}, "kv_peer is the default producer's 'host:port'"),
             ("kv_both", {"kv_peer": "nohost"}, "the default producer's 'host:port'"),
             ("kv_producer", {"kv_host": "0.0.0.0"}, "kv_host is the address consumers reach"),
+            ("kv_producer", {"kv_host": "0::0"}, "kv_host is the address consumers reach"),
+            ("kv_producer", {"kv_host": "[0:0::]"}, "kv_host is the address consumers reach"),
             ("kv_producer", {"kv_port": 0}, "kv_port is the TCP port"),
             ("kv_producer", {"store_bytes": -1}, "store_bytes is the host memory"),
             ("kv_producer", {"store_ahead_bytes": -1}, "store_ahead_bytes is the host memory"),

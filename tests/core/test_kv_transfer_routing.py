@@ -431,6 +431,17 @@ def test_addresses_ipv6_in_brackets_and_host_names_case_blind():
         conn.shutdown()
 
 
+@pytest.mark.parametrize("address", ["node-a:\u00b2", "[::1]:\u0661\u0664", "node-a:", "node-a:0",
+                                     "node-a:65536", "node-a: 7"])
+def test_a_port_that_is_not_1_to_65535_in_ascii_digits_is_the_one_error(address):
+    """A port of Unicode digits (which str.isdigit takes and int() refuses or reads) is the same
+    error as any other bad port, naming the form."""
+    from tessellm.kv_transfer.address import split_host_port
+
+    with pytest.raises(ValueError, match=r"kv_peer must be 'host:port' with a port 1-65535"):
+        split_host_port(address, "kv_peer")
+
+
 def test_a_producer_on_ipv6_loopback_serves_its_consumer(tiny_model_dir):
     """A producer listening on ``::1`` (kv_bind) hands back remote_host ``::1``; a consumer
     allowed ``[::1]`` connects to ``[::1]:port`` (ZeroMQ with IPv6 on) and loads the prompt's

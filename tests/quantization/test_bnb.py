@@ -269,6 +269,12 @@ def test_bnb4_pair_table_follows_its_code():
                        torch.stack([code[b >> 4], code[b & 15]], dim=1))
     code.mul_(2)
     assert torch.equal(pair_table(code).view(torch.float32).view(256, 2)[:, 1], code[b & 15])
+    with torch.inference_mode():  # weights woken up or reloaded there: no version counter
+        made = code.clone()
+    assert torch.equal(pair_table(made), pair_table(code))
+    with torch.inference_mode():
+        made.mul_(2)
+    assert torch.equal(pair_table(made).view(torch.float32).view(256, 2)[:, 1], made[b & 15])
 
 
 @gpu_when_present
@@ -625,3 +631,15 @@ def test_quantize_on_load_without_the_package_says_how(tiny_model_dir, monkeypat
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         resolve_quant_spec("bitsandbytes", resolve_model(tiny_model_dir("llama")))
+
+
+def test_quantize_on_load_where_bitsandbytes_has_no_kernels_runs_on_the_cpu():
+    """NF4 on load runs on the layer's device (``quantize_on_load(w, device)``); a device the
+    package has no kernels for (here the meta device) quantizes on the CPU: the same codes."""
+    pytest.importorskip("bitsandbytes")
+    from tessellm.quantization.bnb_method import quantize_on_load
+
+    w = torch.randn(64, 128)
+    here, fallback = quantize_on_load(w), quantize_on_load(w, torch.device("meta"))
+    assert fallback.qweight.device.type == "cpu"
+    assert torch.equal(here.qweight, fallback.qweight) and torch.equal(here.absmax, fallback.absmax)

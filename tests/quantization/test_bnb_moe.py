@@ -174,6 +174,21 @@ def test_routed_experts_only_dequantized():
         torch.testing.assert_close(rank1(x, logits), want, rtol=0, atol=1e-6)
 
 
+def test_experts_dequantized_in_chunks(monkeypatch):
+    """Several experts a chunk (``CHUNK_ELEMENTS``), a short last chunk, or one a chunk: the
+    same dense experts, in the order ``used`` names them."""
+    from tessellm.layers import moe_bnb
+
+    torch.manual_seed(0)
+    dense13, dense2 = torch.randn(8, 128, 64) * 0.1, torch.randn(8, 64, 64) * 0.1
+    moe = _bnb_moe(dense13, dense2)  # dense13 / dense2 now the dequantized experts
+    used = torch.tensor([5, 1, 7, 0, 2, 3, 6, 4])
+    for chunk in (1, 3 * 128 * 64, 1 << 25):
+        monkeypatch.setattr(moe_bnb, "CHUNK_ELEMENTS", chunk)
+        w13 = moe_bnb.dequantize(moe.w13, moe.w13_absmax, moe.code, used, torch.float32)
+        assert torch.equal(w13, dense13[used])
+
+
 def test_dummy_weights_quantize_the_experts(checkpoints):
     """load_format="dummy" on a bnb checkpoint: random experts in the layer's 4-bit type (their
     dequantized values within the uniform range)."""

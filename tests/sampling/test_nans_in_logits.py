@@ -44,6 +44,36 @@ def test_the_sampler_counts_nans_per_row_only_when_on():
     assert Sampler(torch.device("cpu"), compute_nans=True)(logits, banned).num_nans.tolist() == [0, 2, 0]
 
 
+class _CountingNan:
+    """Custom processors as the sampler sees them (``SamplingBatch.processors``), counting
+    their applications; row 0 gets a NaN at token 1."""
+
+    changes_argmax = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
+        self.calls += 1
+        logits[0, 1] = float("nan")
+        return logits
+
+
+def test_verifying_drafts_applies_the_processors_once_and_counts_their_nans():
+    """Rejection sampling with the count on: the processors that change the argmax run once a
+    step, as with the count off (they ran a second time to count), and their NaNs count."""
+    counts = []
+    for on in (False, True):
+        procs = _CountingNan()
+        batch = SamplingBatch(temperature=None, all_greedy=True, top_p=None, top_k=None,
+                              min_p=None, processors=procs)
+        out = Sampler(torch.device("cpu"), compute_nans=on).verify(
+            torch.randn(2, 16), batch, torch.tensor([3, -1]), torch.full((2, 16), 1 / 16),
+            torch.tensor([True, False]))
+        counts.append((procs.calls, None if out.num_nans is None else out.num_nans.tolist()))
+    assert counts == [(1, None), (1, [1, 0])]
+
+
 def _corrupted(llm) -> list:
     return [m for m in llm.get_metrics() if m.name.endswith("corrupted_requests")]
 

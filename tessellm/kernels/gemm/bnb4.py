@@ -292,16 +292,24 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     """int64 ``[256]``: entry b holds ``code[b >> 4]`` (low word) and ``code[b & 15]`` (high
     word) as float32 bits, the GEMV's LUT 2. Made once per table tensor and version (an
     in-place load into ``code`` makes it anew), dropped with the tensor; outside graph capture
-    in the engine (its warm-up runs each shape eagerly first)."""
+    in the engine (its warm-up runs each shape eagerly first). A table made under
+    ``torch.inference_mode`` (weights woken or reloaded there) has no version to watch: its
+    pairs are made each call."""
+    if code.is_inference():
+        return _pairs(code)
     ref, version, pairs = _PAIRS.get(id(code), (None, None, None))
     if ref is None or ref() is not code or version != code._version:
         if ref is None or ref() is not code:
             weakref.finalize(code, _PAIRS.pop, id(code), None)
-        b = torch.arange(256, device=code.device)
-        both = torch.stack([code[b >> 4], code[b & 15]], dim=1).float().contiguous()
-        pairs = both.view(torch.int64).reshape(256)
+        pairs = _pairs(code)
         _PAIRS[id(code)] = (weakref.ref(code), code._version, pairs)
     return pairs
+
+
+def _pairs(code: torch.Tensor) -> torch.Tensor:
+    b = torch.arange(256, device=code.device)
+    both = torch.stack([code[b >> 4], code[b & 15]], dim=1).float().contiguous()
+    return both.view(torch.int64).reshape(256)
 
 
 def gemv_fits(w: Bnb4Weight) -> bool:
