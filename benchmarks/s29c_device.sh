@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Session 29, call 3 (one GPU, ~5 min): the bnb GEMV's GPU tests with the swept GEMV_CONFIGS, engine
 # B1 on Llama-3.1-8B shapes with NF4 on load against bf16 (session 28: 5.28 vs 5.26 ms), and B1
-# on Qwen3-30B-A3B shapes with pre-quantized NF4 dummy experts (random codes since 5a..: the
-# per-expert quantization of dummy experts took > 150 s) against bf16 (3.158 ms in call 1).
+# on Qwen3-30B-A3B shapes with pre-quantized NF4 dummy experts (now random codes drawn at once,
+# dequantized a chunk of experts a pass: the first tries, quantizing dummy experts one by one,
+# took > 150 s) against bf16 (3.158 ms in call 1).
 source benchmarks/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-bnb/*.whl
 unset TRITON_INTERPRET; export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
