@@ -124,6 +124,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
                                                                  template_kwargs)
     if reasoning is not None:
         reasoning.adjust(params)
+        plan.after_thinking(reasoning.kept_ends)
     harmony_plan = None
     if harmony:
         harmony_plan = HarmonyPlan(plan, req.include_reasoning, engine.tokenizer, processed.prompt_token_ids)

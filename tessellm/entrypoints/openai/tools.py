@@ -24,7 +24,7 @@ from typing import Optional
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
-from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
+from tessellm.entrypoints.openai.tool_parsers import (ForcedParser, NamedParser, ParsedToolCall, RequiredParser,
                                                       ToolParser, ToolParserManager, get_tool_parser,
                                                       tool_parser_names)
 from tessellm.entrypoints.openai.tool_parsers_vllm import PluginStream, streams_itself
@@ -78,6 +78,12 @@ class ToolPlan:
         if not self.parallel:
             schema["maxItems"] = 1
         return schema
+
+    def after_thinking(self, kept_ends: tuple[str, ...]) -> None:
+        """A forced choice's parser skips a marker that ended the thinking and opened the
+        answer (``kept_ends``, the reasoning plan's): the grammar starts after it."""
+        if isinstance(self.parser, ForcedParser):
+            self.parser.opened = kept_ends
 
     def view(self) -> Optional["ToolCallView"]:
         return ToolCallView(self.parser) if self.parser is not None else None
