@@ -128,6 +128,8 @@ RECORDED = [
     ("lfm2", "Let me check.<|tool_call_start|>[get_current_weather(city='Dallas', state='TX', unit='fahrenheit'), "
      "get_time()]<|tool_call_end|>\nChecking now.", "Let me check.\nChecking now.",
      [("get_current_weather", W), ("get_time", {})]),
+    ("lfm2", "A<|tool_call_start|>[] oops<|tool_call_end|>", "A<|tool_call_start|>[] oops<|tool_call_end|>",
+     []),  # an empty list is no call, while streaming too (the stream had sent "A oops")
     ("lfm2", "<|tool_call_start|>[f(x=1)] oops<|tool_call_end|>", " oops<|tool_call_end|>", [("f", {"x": 1})]),
 
     ("granite4", 'Sure.<tool_call>{"name": "get_current_weather", "arguments": ' + WJ + '}</tool_call>\nThen:'
