@@ -141,6 +141,7 @@ A, QW = [("a", {})], [("get_current_weather", W)]
 TAILS = [
     ("granite", '[{"name": "a", "arguments": {}}] and done.', " and done.", A),
     ("xlam", 'I will check.\n```json\n[{"name": "a", "arguments": {}}]\n```\nDone.', "I will check.\n\nDone.", A),
+    ("xlam", '\n[{"name": "a", "arguments": {}}] ok', " ok", A),  # the newline before the list: no content streamed
     ("jamba", '<tool_calls>[{"name": "a", "arguments": {}}]</tool_calls> ok', " ok", A),
     ("internlm", '<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>ok', "ok", A),
     ("minimax", '<tool_calls>\n{"name": "a", "arguments": {}}\n</tool_calls>\nok', "\nok", A),
