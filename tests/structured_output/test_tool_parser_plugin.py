@@ -13,8 +13,8 @@ import pytest
 from test_tool_parsers import _stream
 
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
-from tessellm.entrypoints.openai.tool_parsers import (ExtractedToolCallInformation, ToolParserManager,
-                                                      get_tool_parser, tool_parser_names)
+from tessellm.entrypoints.openai.tool_parsers import (DeltaMessage, ExtractedToolCallInformation, ToolParser,
+                                                      ToolParserManager, get_tool_parser, tool_parser_names)
 from tessellm.entrypoints.openai.tools import ToolCallView, ToolPlan
 
 PLUGIN = str(Path(__file__).parent / "vllm_tool_parser_plugin.py")
@@ -261,3 +261,43 @@ def test_a_plugin_that_raises_mid_stream_leaves_the_rest_as_content(streaming_pl
     text = "Fine so far, then boom and more."
     _, _, events = _plugin_stream(text, 5)
     assert "".join(c for c, _ in events) == text
+
+
+class _CountedIds(list):
+    """The stream's ids as the server keeps them (one list, extended in place), counting the
+    times something walks all of them."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+class _DeltaReader(ToolParser):
+    """A streaming plugin that reads only the delta's ids, keeping what it was handed."""
+
+    def __init__(self, tokenizer=None):
+        super().__init__(tokenizer)
+        self.handed = []
+
+    def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
+                                     current_token_ids, delta_token_ids, request):
+        self.handed.append((previous_token_ids, current_token_ids, delta_token_ids))
+        return DeltaMessage(content=delta_text)
+
+
+def test_a_plugin_stream_hands_views_of_the_ids_not_copies():
+    """Each delta costs the delta, as the reasoning plugins' streams do (it copied all the ids
+    so far every delta: a stream's cost grew with the square of its length)."""
+    parser, ids, text = _DeltaReader(), _CountedIds(), ""
+    view = ToolCallView(parser)
+    for i in range(2_000):
+        ids.append(10 + i)
+        text += "x"
+        assert view.delta(text, final=False, token_ids=ids) == ("x", [])
+    assert _CountedIds.walks == 0
+    previous, current, delta = parser.handed[-1]
+    assert delta == [2_009] and len(previous) == 1_999 and len(current) == 2_000
+    assert previous + delta == list(current) and current[-2:] == [2_008, 2_009]
+    assert list(parser.handed[0][0]) == [] and list(parser.handed[0][1]) == [10]
