@@ -250,6 +250,25 @@ def test_a_plugin_streams_its_calls_as_they_are_produced(streaming_plugin):
         assert delta_ids == ids[len(previous_ids):]
 
 
+def test_each_streamed_choice_has_its_own_plugin_parser(streaming_plugin):
+    """``n`` > 1: the choices' deltas interleave; a plugin keeps its stream's state in the parser
+    (the calls it announced, the arguments it sent), so one parser shared by the choices mixed
+    their calls up."""
+    plan = ToolPlan(_req(n=2, tool_choice="auto"), "toy_stream")
+    texts = ['A<<get_weather|{"city": "Paris"}>>', 'B<<get_time|{"tz": "CET"}>><<get_weather|{}>>']
+    views, got = [plan.view(), plan.view()], [["", {}], ["", {}]]
+    for n in range(3, max(map(len, texts)) + 3, 3):
+        for i, (view, text) in enumerate(zip(views, texts)):
+            if n - 3 < len(text):
+                content, pieces = view.delta(text[:n], final=n >= len(text), token_ids=range(min(n, len(text))))
+                got[i][0] += content
+                for p in pieces:
+                    call = got[i][1].setdefault(p.index, [p.function.name, ""])
+                    call[1] += p.function.arguments or ""
+    assert [(c, [tuple(calls[k]) for k in sorted(calls)]) for c, calls in got] == [
+        ("A", [("get_weather", '{"city": "Paris"}')]), ("B", [("get_time", '{"tz": "CET"}'), ("get_weather", "{}")])]
+
+
 def test_the_end_of_a_plugin_stream_sends_the_arguments_it_held_back(streaming_plugin):
     text = "<<f|{\"n\": 9"
     _, _, events = _plugin_stream(text, 3)

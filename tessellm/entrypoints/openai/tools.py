@@ -44,6 +44,8 @@ class ToolPlan:
         self.mode, self.function = _mode(req, self.tools)
         self.parallel = req.parallel_tool_calls is not False
         self.parser: Optional[ToolParser] = None
+        self._another = None  # a new auto parser for another choice (a plugin's stream keeps state)
+        self._views = 0
         for i, tool in enumerate(self.tools):
             _check_parameters(i, tool.function.parameters)
         if self.mode == "auto":
@@ -52,6 +54,7 @@ class ToolPlan:
                                   f"--tool-call-parser ({', '.join(tool_parser_names())}), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
             self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)
+            self._another = lambda: _auto_parser(req, tool_parser, tokenizer, plugin)
         elif self.mode == "required":
             self.parser = RequiredParser()
         elif self.mode == "named":
@@ -86,7 +89,16 @@ class ToolPlan:
             self.parser.opened = kept_ends
 
     def view(self) -> Optional["ToolCallView"]:
-        return ToolCallView(self.parser) if self.parser is not None else None
+        """One choice's view. A plugin that streams itself keeps its stream's state in the parser
+        (vLLM's ``prev_tool_call_arr``, ``streamed_args_for_tool``, ...): each choice after the
+        first gets a parser of its own (``n`` > 1)."""
+        if self.parser is None:
+            return None
+        parser = self.parser
+        if self._views and self._another is not None and streams_itself(parser):
+            parser = self._another()
+        self._views += 1
+        return ToolCallView(parser)
 
 
 def _auto_parser(req, name: str, tokenizer, plugin: Optional[str]) -> ToolParser:
