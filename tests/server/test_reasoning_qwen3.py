@@ -138,6 +138,27 @@ def test_a_marker_written_in_pieces_before_the_same_end_token_is_text(marker):
     assert tokenizer.decode(ids[:gate.answer_from]) == spelled + marker  # the grammar starts after it
 
 
+def test_an_output_that_ended_in_its_thinking_has_no_content_with_tools_too():
+    """vLLM's: content None when the output ended with its reasoning; with tools (auto or
+    required) it was "" (the tool parser's empty text)."""
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.reasoning import ReasoningPlan
+    from tessellm.entrypoints.openai.serving_chat import _ChatView
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    tokenizer = QwenLikeTokenizer()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for choice, parser in (("auto", "hermes"), ("required", None), (None, None)):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **(
+            {"tools": tools, "tool_choice": choice} if choice else {}))
+        plan = ToolPlan(req, parser) if choice else None
+        reasoning = ReasoningPlan("qwen3", tokenizer, tokenizer.encode(THINKING_PROMPT), True)
+        view = _ChatView(None, req, "m", "id", plan, reasoning)
+        message, reason = view.message("Still adding", "length", tokenizer.encode("Still adding"))
+        assert (message.reasoning, message.content, message.tool_calls or None, reason) == (
+            "Still adding", None, None, "length"), choice
+
+
 def test_where_the_output_starts():
     """The server knows the switch (on by default); the engine core, offline, sees the prompt
     alone: a prompt that names no marker leaves it to the output (``<think>`` first, or the

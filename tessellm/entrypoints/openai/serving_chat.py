@@ -333,7 +333,8 @@ class _ChatView:
         view = self.plan.view() if self.plan is not None else None
         if view is None:
             return ChatResponseMessage(content=content, **extra), reason
-        content, calls = view.final(content or "")
+        parsed, calls = view.final(content or "")
+        content = parsed if content is not None or calls else None  # all reasoning: none, as above
         return (ChatResponseMessage(content=content, tool_calls=calls, **extra),
                 self.tool_reason(bool(calls), reason))
 
