@@ -409,3 +409,11 @@ def test_gemma4_reads_at_most_max_values_per_output():
     assert len(json.loads(calls[0].function.arguments)["a"]) == MAX_VALUES - 2
     text = call(MAX_VALUES // 2) + call(MAX_VALUES // 2 + 1)  # the budget is the output's
     assert ToolCallView(get_tool_parser("gemma4")).final(text) == (text, [])
+    # n > 1: the choices share the parser; the same call at the same place, after calls that
+    # left another budget, is read again (it was taken from the first choice's reading)
+    parser, few = get_tool_parser("gemma4"), call(MAX_VALUES // 2)
+    few = "<|tool_call>call:f{a:" + Q + "x" * (len(few) - 44) + Q + "}<tool_call|>"
+    assert len(few) == len(call(MAX_VALUES // 2))
+    assert ToolCallView(parser).final(text) == (text, [])
+    _, calls = ToolCallView(parser).final(few + call(MAX_VALUES // 2 + 1))
+    assert [c.function.name for c in calls] == ["f", "f"]

@@ -22,8 +22,8 @@ How such a parser is used:
   nothing and says no content, the text) and its calls, ids kept.
 - a stream, when the parser implements ``extract_tool_calls_streaming``: called once per
   delta as vLLM's serving layer calls it (previous text, current text, delta text, and the
-  token ids of each, the ids so far as read-only views, ``IdsSoFar``; the request), its ``DeltaMessage``'s content and ``tool_calls`` pieces
-  sent as they come (a first piece without an id gets one). When the output ends, the last
+  token ids of each, the ids so far as read-only views, ``IdsSoFar``; the request), its
+  ``DeltaMessage``'s content and ``tool_calls`` pieces sent as they come (a first piece without an id gets one). When the output ends, the last
   call's arguments that ``prev_tool_call_arr`` holds but ``streamed_args_for_tool`` has not
   sent yet are sent, as vLLM does. With a ``--reasoning-parser`` the parser sees the answer's
   text only and no token ids (empty lists). A parser that raises mid-stream is logged and
