@@ -33,7 +33,8 @@ on the markers' token ids (``ThinkMarkers``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 REASONING = "reasoning"  # the output starts inside the reasoning
@@ -199,6 +200,9 @@ class ThinkMarkers:
     end_ids: tuple[int, ...]
     keep_special_tokens: bool  # a marker is a special token: decode with skip_special_tokens off
     other_end_ids: tuple[tuple[int, ...], ...] = ()  # the end's other spellings (``end_alts``, ``end_kept``)
+    # ids -> text (special tokens kept): where an end token's spelling was also written in pieces
+    # before it, the split counts those copies (None: the first copy in the text is the token's)
+    decode: Optional[Callable[[Sequence[int]], str]] = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_tokenizer(cls, parser: ReasoningParser, tokenizer) -> "ThinkMarkers":
@@ -207,7 +211,8 @@ class ThinkMarkers:
 
         hidden = any(tokenizer.decode(list(ids(text)), skip_special_tokens=True) != text
                      for text in (*parser.starts, *parser.ends))
-        return cls(parser, ids(parser.start), ids(parser.end), hidden, tuple(ids(e) for e in parser.ends[1:]))
+        return cls(parser, ids(parser.start), ids(parser.end), hidden, tuple(ids(e) for e in parser.ends[1:]),
+                   lambda token_ids: tokenizer.decode(list(token_ids), skip_special_tokens=False))
 
     @property
     def end_token_ids(self) -> Optional[dict[int, str]]:

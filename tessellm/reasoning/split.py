@@ -138,7 +138,7 @@ class ReasoningSplit:
         return self._reasoning(text, token_ids, final)
 
     def _reasoning(self, body: str, token_ids: Sequence[int], final: bool) -> tuple[str, str]:
-        at = self._end.find(body) if self._end_ids is None or self._first_end_token(token_ids) else None
+        at = self._end.find(body) if self._end_ids is None or self._first_end_token(body, token_ids) else None
         trim = self.parser.trim_newline
         if at is not None:
             kept = self._end.found in self.parser.end_kept  # a tool-call section opens the answer
@@ -147,16 +147,23 @@ class ReasoningSplit:
         held = self._end.held(body, final)
         return (held.removesuffix("\n") if trim and not final else held), ""
 
-    def _first_end_token(self, token_ids: Sequence[int]) -> Optional[str]:
+    def _first_end_token(self, body: str, token_ids: Sequence[int]) -> Optional[str]:
         """The spelling of the first end token among the ids, once there is one; from then on
-        the text is searched for that spelling alone (its first occurrence: the text of a token
-        never comes before the token). Reads only the ids not read before."""
+        the text is searched for that spelling alone, past the copies of it written in pieces
+        before the token (counted in the text of the ids before it; without ``decode``, none).
+        Reads only the ids not read before."""
         if len(token_ids) < self._ids_seen:  # not the ids seen before: start over
             self._ids_seen, self._end_token, self._end = 0, None, _Finder(self.parser.ends)
         if self._end_token is None:
-            found = next((t for t in token_ids[self._ids_seen:] if t in self._end_ids), None)
+            at = next((i for i in range(self._ids_seen, len(token_ids)) if token_ids[i] in self._end_ids), None)
             self._ids_seen = len(token_ids)
-            if found is not None:
-                self._end_token = self._end_ids[found]
-                self._end = _Finder((self._end_token,))
+            if at is not None:
+                self._end_token = spelling = self._end_ids[token_ids[at]]
+                self._end = _Finder((spelling,))
+                decode = self.markers.decode
+                for _ in range(decode(token_ids[:at]).count(spelling) if decode is not None else 0):
+                    copy = body.find(spelling, self._end.searched)
+                    if copy < 0:
+                        break
+                    self._end.searched = copy + len(spelling)
         return self._end_token

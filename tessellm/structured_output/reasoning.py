@@ -14,8 +14,8 @@ Invariant: where the answer starts is a function of the accepted output tokens a
 complete end marker), kept as ``answer_from``; rolling back tokens (speculative drafts) moves it
 back exactly, and a preempted request keeps its tokens and so its place: nothing is replayed.
 A multi-token marker is matched on its token ids as ``ThinkMarkers`` encodes it (any of the
-end's spellings ends the thinking); a qwen3-style
-undecided output that starts a multi-token ``<think>`` is held to that marker's next token.
+end's spellings ends the thinking); an undecided
+output (mistral's) that starts a multi-token ``<think>`` is held to that marker's next token.
 """
 
 from __future__ import annotations

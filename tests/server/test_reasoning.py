@@ -192,6 +192,33 @@ def test_tool_calls_come_from_the_answer_only(servers):
     assert [f for _, _, f in deltas if f] == ["tool_calls"]
 
 
+PARIS = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice,finish", [
+    ("required", "tool_calls"), ({"type": "function", "function": {"name": "get_weather"}}, "stop")])
+def test_forced_tool_choice_after_a_tool_call_that_ended_the_thinking(servers, choice, finish):
+    """qwen3: a model that writes <tool_call> while thinking ends its thinking there, and a
+    forced tool_choice's grammar starts after that marker: the answer is "<tool_call>" then the
+    forced JSON, which is still the call (it was content, or arguments starting "<tool_call>")."""
+    srv = servers("qwen3", "qwen")
+    body = {"tools": [PARIS], "tool_choice": choice, "max_tokens": 120, "parallel_tool_calls": False,
+            "structured_outputs": {"disable_any_whitespace": True}}  # one call, compact: it ends
+    out = _chat(srv, "[call]", **body)["choices"][0]
+    m = out["message"]
+    assert m["reasoning"] == " Let me check." and not m.get("content")
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in m["tool_calls"]] == [
+        ("get_weather", {"city": "Paris"})]
+    assert out["finish_reason"] == finish
+    deltas = _check_stream_matches(srv, "[call]", m, **body)
+    pieces = [tc for _, d, _ in deltas for tc in d.get("tool_calls") or []]
+    assert pieces[0]["function"]["name"] == "get_weather"
+    assert json.loads("".join(p["function"].get("arguments") or "" for p in pieces)) == {"city": "Paris"}
+    assert [f for _, _, f in deltas if f] == [finish]
+
+
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
           "additionalProperties": False}
 

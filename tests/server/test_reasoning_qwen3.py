@@ -118,6 +118,47 @@ def test_the_markers_end_the_thinking_only_as_their_tokens():
     assert got == expected
 
 
+@pytest.mark.parametrize("marker", ["</think>", "<tool_call>"])
+def test_a_marker_written_in_pieces_before_the_same_end_token_is_text(marker):
+    """The model spells the end marker from other tokens while thinking, then writes its token:
+    the thinking ends at the token (as the grammar gate's), not at the first copy in the text."""
+    tokenizer = QwenLikeTokenizer()
+    markers = ThinkMarkers.from_tokenizer(get_reasoning_parser("qwen3"), tokenizer)
+    spelled = f"Write {marker} there."
+    after = "4" if marker == "</think>" else CALL[len(marker):]
+    text = spelled + marker + after
+    ids = [ord(c) for c in spelled] + tokenizer.encode(marker + after)
+    expected = (spelled, after if marker == "</think>" else CALL)
+    assert ReasoningSplit(markers, REASONING).split(text, ids, final=True) == expected
+    for seed in range(4):
+        assert _streamed(markers, REASONING, ids, tokenizer, random.Random(seed)) == expected
+    gate = ReasoningGate(_AnyGrammar(), markers.start_ids, markers.end_ids, REASONING, markers.other_end_ids)
+    for token in ids:
+        gate.accept(token)
+    assert tokenizer.decode(ids[:gate.answer_from]) == spelled + marker  # the grammar starts after it
+
+
+def test_an_output_that_ended_in_its_thinking_has_no_content_with_tools_too():
+    """vLLM's: content None when the output ended with its reasoning; with tools (auto or
+    required) it was "" (the tool parser's empty text)."""
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.reasoning import ReasoningPlan
+    from tessellm.entrypoints.openai.serving_chat import _ChatView
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    tokenizer = QwenLikeTokenizer()
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for choice, parser in (("auto", "hermes"), ("required", None), (None, None)):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **(
+            {"tools": tools, "tool_choice": choice} if choice else {}))
+        plan = ToolPlan(req, parser) if choice else None
+        reasoning = ReasoningPlan("qwen3", tokenizer, tokenizer.encode(THINKING_PROMPT), True)
+        view = _ChatView(None, req, "m", "id", plan, reasoning)
+        message, reason = view.message("Still adding", "length", tokenizer.encode("Still adding"))
+        assert (message.reasoning, message.content, message.tool_calls or None, reason) == (
+            "Still adding", None, None, "length"), choice
+
+
 def test_where_the_output_starts():
     """The server knows the switch (on by default); the engine core, offline, sees the prompt
     alone: a prompt that names no marker leaves it to the output (``<think>`` first, or the

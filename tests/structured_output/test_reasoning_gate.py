@@ -1,7 +1,8 @@
 """Structured output after reasoning (``ReasoningGate``) over real xgrammar matchers and a tiny
 vocabulary: no mask while thinking, the grammar from the token after ``</think>``, exact
-rollback across that boundary (speculative drafts), qwen3's undecided first token (the answer
-or ``<think>``), and the step's mask rows for a request whose drafts cross the boundary."""
+rollback across that boundary (speculative drafts), an undecided first token (the answer or
+``<think>``: mistral's, whose output may open a block), and the step's mask rows for a
+request whose drafts cross the boundary."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_rollback_across_the_end_marker_is_exact():
     assert g.answer_from == 3 and allowed(g) == [A]
 
 
-def test_qwen3_undecided_output_answers_or_opens_a_think_block():
+def test_undecided_output_answers_or_opens_a_think_block():
     g = gate(UNDECIDED)
     assert g.constrains_next and allowed(g) == [A, OPEN]  # the grammar's first token, or <think>
     assert g.accept(A) and g.answer_from == 0 and allowed(g) == [B]

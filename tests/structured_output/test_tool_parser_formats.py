@@ -128,6 +128,8 @@ RECORDED = [
     ("lfm2", "Let me check.<|tool_call_start|>[get_current_weather(city='Dallas', state='TX', unit='fahrenheit'), "
      "get_time()]<|tool_call_end|>\nChecking now.", "Let me check.\nChecking now.",
      [("get_current_weather", W), ("get_time", {})]),
+    ("lfm2", "A<|tool_call_start|>[] oops<|tool_call_end|>", "A<|tool_call_start|>[] oops<|tool_call_end|>",
+     []),  # an empty list is no call, while streaming too (the stream had sent "A oops")
     ("lfm2", "<|tool_call_start|>[f(x=1)] oops<|tool_call_end|>", " oops<|tool_call_end|>", [("f", {"x": 1})]),
 
     ("granite4", 'Sure.<tool_call>{"name": "get_current_weather", "arguments": ' + WJ + '}</tool_call>\nThen:'
@@ -139,6 +141,7 @@ A, QW = [("a", {})], [("get_current_weather", W)]
 TAILS = [
     ("granite", '[{"name": "a", "arguments": {}}] and done.', " and done.", A),
     ("xlam", 'I will check.\n```json\n[{"name": "a", "arguments": {}}]\n```\nDone.', "I will check.\n\nDone.", A),
+    ("xlam", '\n[{"name": "a", "arguments": {}}] ok', " ok", A),  # the newline before the list: no content streamed
     ("jamba", '<tool_calls>[{"name": "a", "arguments": {}}]</tool_calls> ok', " ok", A),
     ("internlm", '<|action_start|><|plugin|>{"name": "a", "parameters": {}}<|action_end|>ok', "ok", A),
     ("minimax", '<tool_calls>\n{"name": "a", "arguments": {}}\n</tool_calls>\nok', "\nok", A),
@@ -406,3 +409,11 @@ def test_gemma4_reads_at_most_max_values_per_output():
     assert len(json.loads(calls[0].function.arguments)["a"]) == MAX_VALUES - 2
     text = call(MAX_VALUES // 2) + call(MAX_VALUES // 2 + 1)  # the budget is the output's
     assert ToolCallView(get_tool_parser("gemma4")).final(text) == (text, [])
+    # n > 1: the choices share the parser; the same call at the same place, after calls that
+    # left another budget, is read again (it was taken from the first choice's reading)
+    parser, few = get_tool_parser("gemma4"), call(MAX_VALUES // 2)
+    few = "<|tool_call>call:f{a:" + Q + "x" * (len(few) - 44) + Q + "}<tool_call|>"
+    assert len(few) == len(call(MAX_VALUES // 2))
+    assert ToolCallView(parser).final(text) == (text, [])
+    _, calls = ToolCallView(parser).final(few + call(MAX_VALUES // 2 + 1))
+    assert [c.function.name for c in calls] == ["f", "f"]

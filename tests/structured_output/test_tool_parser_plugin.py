@@ -13,8 +13,8 @@ import pytest
 from test_tool_parsers import _stream
 
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
-from tessellm.entrypoints.openai.tool_parsers import (ExtractedToolCallInformation, ToolParserManager,
-                                                      get_tool_parser, tool_parser_names)
+from tessellm.entrypoints.openai.tool_parsers import (DeltaMessage, ExtractedToolCallInformation, ToolParser,
+                                                      ToolParserManager, get_tool_parser, tool_parser_names)
 from tessellm.entrypoints.openai.tools import ToolCallView, ToolPlan
 
 PLUGIN = str(Path(__file__).parent / "vllm_tool_parser_plugin.py")
@@ -250,6 +250,25 @@ def test_a_plugin_streams_its_calls_as_they_are_produced(streaming_plugin):
         assert delta_ids == ids[len(previous_ids):]
 
 
+def test_each_streamed_choice_has_its_own_plugin_parser(streaming_plugin):
+    """``n`` > 1: the choices' deltas interleave; a plugin keeps its stream's state in the parser
+    (the calls it announced, the arguments it sent), so one parser shared by the choices mixed
+    their calls up."""
+    plan = ToolPlan(_req(n=2, tool_choice="auto"), "toy_stream")
+    texts = ['A<<get_weather|{"city": "Paris"}>>', 'B<<get_time|{"tz": "CET"}>><<get_weather|{}>>']
+    views, got = [plan.view(), plan.view()], [["", {}], ["", {}]]
+    for n in range(3, max(map(len, texts)) + 3, 3):
+        for i, (view, text) in enumerate(zip(views, texts)):
+            if n - 3 < len(text):
+                content, pieces = view.delta(text[:n], final=n >= len(text), token_ids=range(min(n, len(text))))
+                got[i][0] += content
+                for p in pieces:
+                    call = got[i][1].setdefault(p.index, [p.function.name, ""])
+                    call[1] += p.function.arguments or ""
+    assert [(c, [tuple(calls[k]) for k in sorted(calls)]) for c, calls in got] == [
+        ("A", [("get_weather", '{"city": "Paris"}')]), ("B", [("get_time", '{"tz": "CET"}'), ("get_weather", "{}")])]
+
+
 def test_the_end_of_a_plugin_stream_sends_the_arguments_it_held_back(streaming_plugin):
     text = "<<f|{\"n\": 9"
     _, _, events = _plugin_stream(text, 3)
@@ -261,3 +280,43 @@ def test_a_plugin_that_raises_mid_stream_leaves_the_rest_as_content(streaming_pl
     text = "Fine so far, then boom and more."
     _, _, events = _plugin_stream(text, 5)
     assert "".join(c for c, _ in events) == text
+
+
+class _CountedIds(list):
+    """The stream's ids as the server keeps them (one list, extended in place), counting the
+    times something walks all of them."""
+
+    walks = 0
+
+    def __iter__(self):
+        type(self).walks += 1
+        return super().__iter__()
+
+
+class _DeltaReader(ToolParser):
+    """A streaming plugin that reads only the delta's ids, keeping what it was handed."""
+
+    def __init__(self, tokenizer=None):
+        super().__init__(tokenizer)
+        self.handed = []
+
+    def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
+                                     current_token_ids, delta_token_ids, request):
+        self.handed.append((previous_token_ids, current_token_ids, delta_token_ids))
+        return DeltaMessage(content=delta_text)
+
+
+def test_a_plugin_stream_hands_views_of_the_ids_not_copies():
+    """Each delta costs the delta, as the reasoning plugins' streams do (it copied all the ids
+    so far every delta: a stream's cost grew with the square of its length)."""
+    parser, ids, text = _DeltaReader(), _CountedIds(), ""
+    view = ToolCallView(parser)
+    for i in range(2_000):
+        ids.append(10 + i)
+        text += "x"
+        assert view.delta(text, final=False, token_ids=ids) == ("x", [])
+    assert _CountedIds.walks == 0
+    previous, current, delta = parser.handed[-1]
+    assert delta == [2_009] and len(previous) == 1_999 and len(current) == 2_000
+    assert previous + delta == list(current) and current[-2:] == [2_008, 2_009]
+    assert list(parser.handed[0][0]) == [] and list(parser.handed[0][1]) == [10]

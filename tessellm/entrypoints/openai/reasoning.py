@@ -7,8 +7,11 @@ block there, so the output is all answer), and whether the client wants the reas
 (``include_reasoning: false`` drops it; usage still counts its tokens). A parser with a
 ``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
 choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
-class that is not a plain start/end pair); tool calls are parsed from the answer only, so a ``<tool_call>`` written
-while thinking is not a call.
+class that is not a plain start/end pair). Tool calls are parsed from the answer only: a call
+marker written while thinking is text, except the parser's kept ends (``end_kept``: qwen3's
+``<tool_call>``, kimi_k2's section), which end the thinking and open the answer, so that call is
+a call; a forced tool_choice's grammar starts after such a marker, and its parser skips it
+(``kept_ends``, ``ToolPlan.after_thinking``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,12 @@ class ReasoningPlan:
             params.reasoning_phase = self.phase
             if self.markers.keep_special_tokens:
                 params.skip_special_tokens = False
+
+    @property
+    def kept_ends(self) -> tuple[str, ...]:
+        """The markers that end the thinking and stay in the answer (qwen3's ``<tool_call>``):
+        a forced tool_choice's grammar starts after them (``ToolPlan.after_thinking``)."""
+        return () if self.plugin is not None else self.markers.parser.end_kept
 
     def split(self):
         """A fresh split for one choice: ``split(text, token_ids, final) -> (reasoning, answer)``."""

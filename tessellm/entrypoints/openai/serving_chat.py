@@ -124,6 +124,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
                                                                  template_kwargs)
     if reasoning is not None:
         reasoning.adjust(params)
+        plan.after_thinking(reasoning.kept_ends)
     harmony_plan = None
     if harmony:
         harmony_plan = HarmonyPlan(plan, req.include_reasoning, engine.tokenizer, processed.prompt_token_ids)
@@ -332,7 +333,8 @@ class _ChatView:
         view = self.plan.view() if self.plan is not None else None
         if view is None:
             return ChatResponseMessage(content=content, **extra), reason
-        content, calls = view.final(content or "")
+        parsed, calls = view.final(content or "")
+        content = parsed if content is not None or calls else None  # all reasoning: none, as above
         return (ChatResponseMessage(content=content, tool_calls=calls, **extra),
                 self.tool_reason(bool(calls), reason))
 

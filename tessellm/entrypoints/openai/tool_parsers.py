@@ -166,19 +166,37 @@ class MistralParser(ToolParser):
         return calls or (None if final else [])
 
 
-class RequiredParser(ToolParser):
+class ForcedParser(ToolParser):
+    """The base of the forced choices' parsers. ``opened``: the markers that end a model's
+    thinking and open its answer (the reasoning parser's kept ends: qwen3's ``<tool_call>``,
+    ``ReasoningPlan.kept_ends``). The grammar starts after such a marker, so that answer is the
+    marker then the forced text: the marker is skipped, and the call comes back as a call."""
+
+    def __init__(self):
+        super().__init__()
+        self.opened: tuple[str, ...] = ()
+
+    def forced_text(self, text: str) -> str:
+        """``text`` less an opening marker (the answer starts with it whole, or not at all)."""
+        marker = next((m for m in self.opened if text.startswith(m)), "")
+        return text[len(marker):]
+
+
+class RequiredParser(ForcedParser):
     """``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}`` (constrained)."""
 
     name = "required"
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        pos = skip_ws(text, 0)
-        if pos < len(text) and text[pos] != "[":
+        forced = self.forced_text(text)
+        pos = skip_ws(forced, 0)
+        if pos < len(forced) and forced[pos] != "[":
             return ParseResult(text)
-        return call_sequence(text, skip_ws(text, pos + 1), final, sep=",", stop="]")
+        result = call_sequence(forced, skip_ws(forced, pos + 1), final, sep=",", stop="]")
+        return ParseResult(text) if result.content and not result.calls else result  # not a call: all of it
 
 
-class NamedParser(ToolParser):
+class NamedParser(ForcedParser):
     """A named ``tool_choice``: the whole output is that function's arguments."""
 
     name = "named"
@@ -189,7 +207,7 @@ class NamedParser(ToolParser):
         self.function_name = function_name
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        return ParseResult("", [ParsedToolCall(self.function_name, text)])
+        return ParseResult("", [ParsedToolCall(self.function_name, self.forced_text(text))])
 
 
 class HarmonyToolParser(ToolParser):

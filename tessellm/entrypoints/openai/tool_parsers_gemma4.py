@@ -33,7 +33,8 @@ class Gemma4Parser(ToolParser):
 
     def __init__(self, tokenizer=None, tools=None):
         super().__init__(tokenizer, tools)
-        self._read: dict[int, tuple[str, Optional[ParsedToolCall], int]] = {}  # call start -> body, call, values
+        # call start -> (body, budget, call, values): a call read once per stream
+        self._read: dict[int, tuple[str, int, Optional[ParsedToolCall], int]] = {}
         self._values = 0
 
     def parse(self, text: str, final: bool) -> ParseResult:
@@ -50,11 +51,12 @@ class Gemma4Parser(ToolParser):
             brace = body.find("{")
             name = body[len(CALL):brace].strip() if body.startswith(CALL) and brace >= 0 else ""
             return ParsedToolCall(name or None, None)
+        budget = MAX_VALUES - self._values  # what the calls before it left (another choice's differ)
         seen = self._read.get(at)
-        if seen is None or seen[0] != body:
-            seen = self._read[at] = (body, *_call(body, MAX_VALUES - self._values))
-        self._values += seen[2]
-        return seen[1]
+        if seen is None or seen[:2] != (body, budget):
+            seen = self._read[at] = (body, budget, *_call(body, budget))
+        self._values += seen[3]
+        return seen[2]
 
 
 def _call(body: str, budget: int) -> tuple[Optional[ParsedToolCall], int]:

@@ -88,8 +88,9 @@ class XlamParser(_AfterMarker):
 
     def parse(self, text: str, final: bool) -> ParseResult:
         pos = skip_ws(text, 0)
-        if text.startswith("[", pos) and not text.startswith("[TOOL_CALLS]", pos) and not (
-                not final and "[TOOL_CALLS]".startswith(text[pos:])):
+        if not final and "[TOOL_CALLS]".startswith(text[pos:]):
+            return ParseResult("")  # a list or the marker may start here: its whitespace held too
+        if text.startswith("[", pos) and not text.startswith("[TOOL_CALLS]", pos):
             return calls_at(text, 0, pos, final)
         return super().parse(text, final)
 

@@ -232,8 +232,8 @@ class Lfm2Parser(PythonicParser):
             return ParseResult(text if final or pos < len(text) else text[:start])
         scan = self._scan(text, pos + 1)
         calls = list(scan.calls())
-        if scan.bad or None in calls or (final and (scan.end < 0 or not calls)):
-            return ParseResult(text)
+        if scan.bad or None in calls or (final and scan.end < 0) or (scan.end >= 0 and not calls):
+            return ParseResult(text)  # not a call list (an empty one neither): all of it content
         if scan.end < 0:
             return ParseResult(text[:start], calls + [ParsedToolCall(scan.partial, None)])
         return ParseResult(text[:start] + next_call(text, scan.end, final, (), (self.END,))[1], calls)

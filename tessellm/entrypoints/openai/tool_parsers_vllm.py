@@ -22,8 +22,8 @@ How such a parser is used:
   nothing and says no content, the text) and its calls, ids kept.
 - a stream, when the parser implements ``extract_tool_calls_streaming``: called once per
   delta as vLLM's serving layer calls it (previous text, current text, delta text, and the
-  token ids of each; the request), its ``DeltaMessage``'s content and ``tool_calls`` pieces
-  sent as they come (a first piece without an id gets one). When the output ends, the last
+  token ids of each, the ids so far as read-only views, ``IdsSoFar``; the request), its
+  ``DeltaMessage``'s content and ``tool_calls`` pieces sent as they come (a first piece without an id gets one). When the output ends, the last
   call's arguments that ``prev_tool_call_arr`` holds but ``streamed_args_for_tool`` has not
   sent yet are sent, as vLLM does. With a ``--reasoning-parser`` the parser sees the answer's
   text only and no token ids (empty lists). A parser that raises mid-stream is logged and
@@ -43,6 +43,7 @@ import logging
 import os
 import sys
 import uuid
+from collections.abc import Sequence
 from typing import Callable, Optional, Union
 
 from pydantic import BaseModel, Field
@@ -54,6 +55,7 @@ from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, D
                                                             DeltaToolCall, FunctionCall)
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
                                                            strict_json)
+from tessellm.reasoning.plugins import IdsSoFar
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +179,17 @@ class PluginStream:
     def __init__(self, parser: ToolParser):
         self.parser = parser
         self.text = ""
-        self.token_ids: list[int] = []
+        self.token_ids: Sequence[int] = IdsSoFar((), 0)  # the previous call's ids (views, as the reasoning's)
         self.failed = False  # it raised: the rest of the output is content
 
     def delta(self, text: str, token_ids, final: bool) -> tuple[str, list[DeltaToolCall]]:
+        """``token_ids``: the output's ids so far (a list that grows; None: none), read in
+        place, so a delta costs the delta, not a copy of the whole output."""
         delta_text = text[len(self.text):]
-        ids = list(token_ids or ())
-        delta_ids = ids[len(self.token_ids):]
+        ids = token_ids if token_ids is not None else ()
+        delta_ids = list(ids[len(self.token_ids):])
         previous_text, previous_ids = self.text, self.token_ids
+        ids = IdsSoFar(ids, len(ids))
         self.text, self.token_ids = text, ids
         if self.failed:
             return delta_text, []

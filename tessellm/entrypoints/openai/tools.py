@@ -24,7 +24,7 @@ from typing import Optional
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
-from tessellm.entrypoints.openai.tool_parsers import (NamedParser, ParsedToolCall, RequiredParser,
+from tessellm.entrypoints.openai.tool_parsers import (ForcedParser, NamedParser, ParsedToolCall, RequiredParser,
                                                       ToolParser, ToolParserManager, get_tool_parser,
                                                       tool_parser_names)
 from tessellm.entrypoints.openai.tool_parsers_vllm import PluginStream, streams_itself
@@ -44,6 +44,8 @@ class ToolPlan:
         self.mode, self.function = _mode(req, self.tools)
         self.parallel = req.parallel_tool_calls is not False
         self.parser: Optional[ToolParser] = None
+        self._another = None  # a new auto parser for another choice (a plugin's stream keeps state)
+        self._views = 0
         for i, tool in enumerate(self.tools):
             _check_parameters(i, tool.function.parameters)
         if self.mode == "auto":
@@ -52,6 +54,7 @@ class ToolPlan:
                                   f"--tool-call-parser ({', '.join(tool_parser_names())}), or use tool_choice "
                                   "'required' or a named function.", "tool_choice")
             self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)
+            self._another = lambda: _auto_parser(req, tool_parser, tokenizer, plugin)
         elif self.mode == "required":
             self.parser = RequiredParser()
         elif self.mode == "named":
@@ -79,8 +82,23 @@ class ToolPlan:
             schema["maxItems"] = 1
         return schema
 
+    def after_thinking(self, kept_ends: tuple[str, ...]) -> None:
+        """A forced choice's parser skips a marker that ended the thinking and opened the
+        answer (``kept_ends``, the reasoning plan's): the grammar starts after it."""
+        if isinstance(self.parser, ForcedParser):
+            self.parser.opened = kept_ends
+
     def view(self) -> Optional["ToolCallView"]:
-        return ToolCallView(self.parser) if self.parser is not None else None
+        """One choice's view. A plugin that streams itself keeps its stream's state in the parser
+        (vLLM's ``prev_tool_call_arr``, ``streamed_args_for_tool``, ...): each choice after the
+        first gets a parser of its own (``n`` > 1)."""
+        if self.parser is None:
+            return None
+        parser = self.parser
+        if self._views and self._another is not None and streams_itself(parser):
+            parser = self._another()
+        self._views += 1
+        return ToolCallView(parser)
 
 
 def _auto_parser(req, name: str, tokenizer, plugin: Optional[str]) -> ToolParser:
