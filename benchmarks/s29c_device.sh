@@ -12,14 +12,7 @@ t bnbgpu ${BNB_S:-90} python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests
 B1="latency --model $L8 --load-format dummy --input-len 512 --output-len 256 --num-iters 3"
 t b1_bnb ${B1_S:-90} $B $B1 --quantization bitsandbytes --output-json $OUT/b1_bnb.json
 t b1_bf16 ${B1_S:-60} $B $B1 --output-json $OUT/b1_bf16.json
-M=/tmp/qwen3-30b-a3b-bnb; mkdir -p $M; cp benchmarks/model-configs/qwen3-30b-a3b/* $M/
-python3 - "$M/config.json" <<'PY'
-import json, sys
-p = sys.argv[1]; c = json.load(open(p))
-c["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                            "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "bfloat16"}
-json.dump(c, open(p, "w"))
-PY
+M=/tmp/qwen3-30b-a3b-bnb; python3 benchmarks/bnb_prequantized_config.py benchmarks/model-configs/qwen3-30b-a3b $M
 t moe_bnb ${MOEB_S:-120} $B latency --model $M --load-format dummy --input-len 512 --output-len 128 --num-iters 2 --output-json $OUT/moe_b1_bnb.json
 for f in b1_bnb b1_bf16 moe_b1_bnb; do [ -f $OUT/$f.json ] && python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'tpot', d['tpot_ms_median'], 'ttft', d['ttft_ms_median'])" $OUT/$f.json $f; done
 grep -v -i warn $OUT/moe_bnb.txt | tail -4
