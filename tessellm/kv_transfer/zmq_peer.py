@@ -77,6 +77,7 @@ _PEER_KEYS = (_EXTRA_KEYS - {"shared_storage_path"}) | {"kv_port", "kv_bind", "k
                                                            "timeout_s", "kv_host",
                                                            "allowed_producers"}
 _DEFAULT_PORT = 14579
+_MAX_PORT = 65535  # the highest TCP port
 _DEFAULT_STORE = 4 << 30  # bytes of blocks a producer rank keeps (LRU)
 PROTOCOL = b"tslkv-peer/2"  # the first frame of every request (version 1 had none)
 _GET_BYTES = 8 << 20  # a "get" message asks for this many bytes of blocks (at least one block)
@@ -562,9 +563,11 @@ class ZmqPeerConnector(SharedStorageConnector):
         peer, store = extra.get("kv_peer"), extra.get("store_bytes", _DEFAULT_STORE)
         timeout = extra.get("timeout_s", 10.0)
         ahead = extra.get("store_ahead_bytes", _AHEAD_START)
-        if not isinstance(port, int) or not 0 < port < 65536 - self.context.world_size:
+        top = _MAX_PORT + 1 - self.context.world_size  # the highest rank 0 port: rank r is on it + r
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= top:
             raise ValueError(f"ZmqPeerConnector's kv_port is the TCP port its rank 0 listens on "
-                             f"(rank r: kv_port + r), e.g. {_DEFAULT_PORT}; got {port!r}.")
+                             f"(rank r: kv_port + r), 1 to {top} for its {self.context.world_size} "
+                             f"rank(s), e.g. {_DEFAULT_PORT}; got {port!r}.")
         if not isinstance(bind, str) or not bind:
             raise ValueError(f"ZmqPeerConnector's kv_bind is the address it listens on, e.g. "
                              f"'0.0.0.0' for every interface; got {bind!r}.")
@@ -588,6 +591,7 @@ class ZmqPeerConnector(SharedStorageConnector):
                                  "(its kv_host or kv_bind address and kv_port), e.g. "
                                  f"'10.0.0.5:{_DEFAULT_PORT}'. {exc} Leave it out to fetch only from "
                                  "the producers requests name (kv_transfer_params).") from None
+            self._check_rank_ports(self.peer[1], f"kv_peer {peer!r}", top)
         bind = host_key(bind, "ZmqPeerConnector's kv_bind (the address it listens on)")
         host = extra.get("kv_host")
         if host is not None and isinstance(host, str) and host:  # "0::0" is "::", a wildcard
@@ -610,6 +614,9 @@ class ZmqPeerConnector(SharedStorageConnector):
         self.allowed = None if allowed is not None and ANY_PRODUCER in allowed else frozenset(
             [producer_key(a, "ZmqPeerConnector's allowed_producers") for a in allowed or []]
             + ([join_host_port(*self.peer)] if self.peer else []))
+        for entry in self.allowed or ():
+            if not entry.endswith("]") and ":" in entry:  # "host:port" ("[v6]:port"), not a bare host
+                self._check_rank_ports(int(entry.rpartition(":")[2]), f"allowed_producers entry {entry!r}", top)
         self._refused: set = set()  # the producers told refused in the log (a few at most)
         self.engine_id = uuid.uuid4().hex  # handed back as remote_engine_id (messages only)
         self.port, self.bind, self.store_bytes, self.timeout = port, bind, store, float(timeout)
@@ -629,11 +636,23 @@ class ZmqPeerConnector(SharedStorageConnector):
     def store_name(self) -> str:
         return f"the peer {join_host_port(*self.peer)}" if self.peer else "no peer"
 
+    def _check_rank_ports(self, port: int, what: str, top: int) -> None:
+        """A producer's rank 0 port (kv_peer's, an allowed_producers entry's) whose ranks all
+        have a port: rank r of ours fetches from its rank r on port + r."""
+        if port > top:
+            raise ValueError(f"ZmqPeerConnector's {what} puts the producer's rank "
+                             f"{self.context.world_size - 1} on port {port + self.context.world_size - 1}, "
+                             f"past {_MAX_PORT} (rank r is on its port + r): give the producer's rank 0 "
+                             f"port, its kv_port, 1 to {top} for {self.context.world_size} ranks.")
+
     def _rank_address(self, rank: int, where: Optional[str] = None) -> Optional[str]:
         """``host:port`` of the producer's rank (``where``: a producer a request named, its
-        rank 0's ``host:port``; None: kv_peer), or None: no producer."""
+        rank 0's ``host:port``; None: kv_peer), or None: no producer (none, or a request's
+        producer whose rank would be past port 65535: none can listen there)."""
         peer = _host_port(where) if where is not None else self.peer
-        return None if peer is None else join_host_port(peer[0], peer[1] + rank)
+        if peer is None or peer[1] + rank > _MAX_PORT:
+            return None
+        return join_host_port(peer[0], peer[1] + rank)
 
     def allowed_producers(self) -> Optional[list]:
         if not self.config.is_consumer or self.allowed is None:

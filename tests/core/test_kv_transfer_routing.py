@@ -431,6 +431,35 @@ def test_addresses_ipv6_in_brackets_and_host_names_case_blind():
         conn.shutdown()
 
 
+def test_a_producer_port_whose_top_rank_is_past_65535_is_refused_at_configuration():
+    """Rank r listens on (and is fetched from) its rank 0 port + r: a kv_port, kv_peer or
+    allowed_producers port that puts the top rank past 65535 is one error naming the setting
+    and the highest port that fits; the highest that fits is taken. A request naming such a
+    producer (its port is checked only against 1-65535) has no producer for those ranks."""
+    from tessellm.kv_transfer import KVConnectorContext, KVConnectorRole, make_connector, parse_kv_transfer_config
+
+    def connector(role, world_size, **extra):
+        kv = parse_kv_transfer_config(_peer(role, **extra))
+        return make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns", world_size=world_size))
+
+    for role, extra, match in (
+            ("kv_producer", {"kv_port": 65535}, r"kv_port is the TCP port .*1 to 65534 for its 2 rank"),
+            ("kv_consumer", {"kv_peer": "node-a:65535"},
+             r"kv_peer 'node-a:65535' puts the producer's rank 1 on port 65536, past 65535 .*1 to 65534 for 2"),
+            ("kv_consumer", {"allowed_producers": ["node-b", "[fe80::1]:65535"]},
+             r"allowed_producers entry '\[fe80::1\]:65535' puts the producer's rank 1 on port 65536")):
+        with pytest.raises(ValueError, match=match):
+            connector(role, 2, **extra)
+    for world_size, port in ((1, 65535), (2, 65534)):
+        conn = connector("kv_consumer", world_size, kv_port=port, kv_peer=f"node-a:{port}",
+                         allowed_producers=[f"node-b:{port}"])
+        try:
+            assert conn._rank_address(world_size - 1) == "node-a:65535"
+            assert conn._rank_address(world_size, "node-c:65535") is None
+        finally:
+            conn.shutdown()
+
+
 @pytest.mark.parametrize("address", ["node-a:\u00b2", "[::1]:\u0661\u0664", "node-a:", "node-a:0",
                                      "node-a:65536", "node-a: 7"])
 def test_a_port_that_is_not_1_to_65535_in_ascii_digits_is_the_one_error(address):

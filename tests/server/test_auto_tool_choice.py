@@ -7,7 +7,7 @@ accepts (compact JSON: a 135M model left free whitespace loops on it). The whole
 real: grammar -> sampled tokens -> detokenized text -> P ->
 OpenAI ``tool_calls`` (ids, ``finish_reason: "tool_calls"``), whole and as ``delta.tool_calls``
 chunks that reassemble to the same call. ``toy_json`` is a vLLM parser loaded with
-``--tool-parser-plugin``."""
+``--tool-parser-plugin``; ``toy_stream`` one that streams its calls itself, per delta."""
 
 from __future__ import annotations
 
@@ -52,16 +52,19 @@ FORMATS = {
     "toy_json": ('Checking.<<call>>[{"name": "get_weather", "arguments": ' + _ARGS + "}]<</call>>", "Checking."),
 }
 PLUGIN = str(Path(__file__).parent.parent / "structured_output" / "vllm_tool_parser_plugin.py")
+# A vLLM plugin that streams its calls itself (extract_tool_calls_streaming): toy_stream's format
+STREAMING_PLUGIN = str(Path(__file__).parent.parent / "structured_output" / "vllm_streaming_tool_parser_plugin.py")
+STREAMED = "Checking.<<get_weather|" + _ARGS + ">>"
 
 
-def _forced(parser: str) -> str:
-    """An EBNF grammar for ``FORMATS[parser]``: its text, a city of letters, a unit of the enum
+def _forced(text: str) -> str:
+    """An EBNF grammar for ``text`` (a format of FORMATS): a city of letters, a unit of the enum
     (arguments valid against PARAMS; compact: a 135M model left free whitespace loops on it)."""
     def lit(text: str) -> str:  # an EBNF string literal
         return json.dumps(text, ensure_ascii=False)
 
     parts = []
-    for piece in FORMATS[parser][0].split("{CITY}"):
+    for piece in text.split("{CITY}"):
         for j, literal in enumerate(piece.split("{UNIT}")):
             parts += (['("celsius" | "fahrenheit")'] if j else []) + ([lit(literal)] if literal else [])
         parts.append("[A-Za-z]{1,16}")
@@ -81,7 +84,7 @@ def test_auto_tool_choice_through_the_server(request, server_factory, parser):
     srv = _server(request, server_factory, parser)
     with openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=300) as client:
         kw = dict(model=MODEL, messages=ASK, max_tokens=160, temperature=0, tools=[WEATHER], tool_choice="auto",
-                  extra_body={"structured_outputs": {"grammar": _forced(parser)}})
+                  extra_body={"structured_outputs": {"grammar": _forced(FORMATS[parser][0])}})
         r = client.chat.completions.create(**kw)
         chunks = list(client.chat.completions.create(stream=True, **kw))
         plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0,
@@ -103,3 +106,30 @@ def test_auto_tool_choice_through_the_server(request, server_factory, parser):
     # Without a call in its text, "auto" answers with content and no tool_calls.
     assert plain.choices[0].message.content and not plain.choices[0].message.tool_calls
     assert plain.choices[0].finish_reason != "tool_calls"
+
+
+def test_a_plugin_that_streams_its_calls_streams_them_through_the_server(server_factory):
+    """A ``--tool-parser-plugin`` parser with ``extract_tool_calls_streaming`` (toy_stream), per
+    delta through the real server (the chat stream hands it the output's token ids; ids that do
+    not match its text make it raise, and the output would be content): the call's pieces
+    arrive before the output ends, the arguments in more than one, and they assemble into the
+    call of the response that is not streamed."""
+    srv = server_factory(["--enable-auto-tool-choice", "--tool-parser-plugin", STREAMING_PLUGIN,
+                          "--tool-call-parser", "toy_stream"])
+    with openai.OpenAI(base_url=f"{srv.url}/v1", api_key=srv.api_key, max_retries=0, timeout=300) as client:
+        kw = dict(model=MODEL, messages=ASK, max_tokens=160, temperature=0, tools=[WEATHER], tool_choice="auto",
+                  extra_body={"structured_outputs": {"grammar": _forced(STREAMED)}})
+        r = client.chat.completions.create(**kw)
+        chunks = [c for c in client.chat.completions.create(stream=True, **kw) if c.choices]
+    (call,) = r.choices[0].message.tool_calls
+    assert (r.choices[0].finish_reason, r.choices[0].message.content, call.function.name) == (
+        "tool_calls", "Checking.", "get_weather")
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS)
+    with_calls = [i for i, c in enumerate(chunks) if c.choices[0].delta.tool_calls]
+    end = next(i for i, c in enumerate(chunks) if c.choices[0].finish_reason)
+    assert (end, chunks[end].choices[0].finish_reason) == (len(chunks) - 1, "tool_calls")
+    assert len(with_calls) > 2 and with_calls[0] < with_calls[-2] < end  # name, then arguments as they grow
+    pieces = [tc for i in with_calls for tc in chunks[i].choices[0].delta.tool_calls]
+    assert pieces[0].id and pieces[0].function.name == "get_weather" and all(p.index == 0 for p in pieces)
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Checking."

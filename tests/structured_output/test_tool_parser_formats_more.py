@@ -90,6 +90,8 @@ RECORDED = [
     ("cohere_command4", "Let me look.\n" + ACTION[0] + '[{"tool_call_id": "0", "tool_name": "get_current_weather", '
      '"parameters": ' + WJ + "}]" + ACTION[1] + " ok", "Let me look.\n ok", [("get_current_weather", W)]),
     ("cohere_command3", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {}}]', "", [("a", {})]),
+    ("cohere_command4", ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {"x": 1}}] and then text',
+     ACTION[0] + '[{"tool_call_id": "0", "tool_name": "a", "parameters": {"x": 1}}] and then text', []),  # no end tag
     ("cohere_command4", "The answer is 4.", "The answer is 4.", []),
     ("solar_open2", "Checking.\n<|tool_call:start|>get_current_weather\n" + "".join(
         f"<|tool_arg:start|>{k}<|tool_arg:value|>{v}<|tool_arg:end|>" for k, v in W.items())

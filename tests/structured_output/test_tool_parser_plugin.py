@@ -18,6 +18,7 @@ from tessellm.entrypoints.openai.tool_parsers import (DeltaMessage, ExtractedToo
 from tessellm.entrypoints.openai.tools import ToolCallView, ToolPlan
 
 PLUGIN = str(Path(__file__).parent / "vllm_tool_parser_plugin.py")
+STREAMING_PLUGIN = str(Path(__file__).parent / "vllm_streaming_tool_parser_plugin.py")  # toy_stream
 OUTPUT = 'Let me check.<<call>>[{"name": "get_weather", "arguments": {"city": "Paris"}}, ' \
          '{"name": "get_time", "arguments": {}}]<</call>>'
 
@@ -160,61 +161,10 @@ def test_a_ray_serve_config_checks_the_parser_and_makes_the_plugin_path_absolute
             parse_config({"engine": {"device": "cpu"}, "server": {"tool_call_parser": "nope"}}).server_config()
 
 
-STREAMING_PLUGIN = '''
-import json
-from tessellm.entrypoints.openai.tool_parsers import (DeltaFunctionCall, DeltaMessage, DeltaToolCall,
-                                                      ExtractedToolCallInformation, FunctionCall, ToolCall,
-                                                      ToolParser, ToolParserManager)
-
-@ToolParserManager.register_module("toy_stream")
-class ToyStream(ToolParser):
-    """Content, then calls ``<<NAME|{json}>>``: the name streamed once its ``|`` is written,
-    the arguments as they grow (as vLLM's parsers do); "boom" in a delta raises."""
-
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer)
-        self.seen = []  # (previous_text, current_text, delta_text, previous ids, ids, delta ids)
-
-    def extract_tool_calls(self, model_output, request):
-        calls = [c.split("|", 1) for c in model_output.split("<<")[1:]]
-        return ExtractedToolCallInformation(tools_called=bool(calls), content=model_output.split("<<")[0] or None,
-                                            tool_calls=[ToolCall(function=FunctionCall(name=n, arguments=a[:-2]))
-                                                        for n, a in calls])
-
-    def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, previous_token_ids,
-                                     current_token_ids, delta_token_ids, request):
-        self.seen.append((previous_text, current_text, delta_text, list(previous_token_ids),
-                          list(current_token_ids), list(delta_token_ids)))
-        if "boom" in delta_text:
-            raise RuntimeError("a plugin bug")
-        if "<<" not in current_text:
-            return DeltaMessage(content=delta_text)
-        pieces, start = [], current_text.count("<<") - 1
-        for index, call in enumerate(current_text.split("<<")[1:]):
-            if "|" not in call:
-                continue
-            name, args = call.split("|", 1)
-            args = args.rstrip(">")
-            if index >= len(self.streamed_args_for_tool):
-                self.streamed_args_for_tool.append("")
-                self.prev_tool_call_arr.append({"name": name})
-                pieces.append(DeltaToolCall(index=index, function=DeltaFunctionCall(name=name, arguments="")))
-            self.prev_tool_call_arr[index]["arguments"] = args
-            new = args[len(self.streamed_args_for_tool[index]):]
-            if new and not args.endswith("9"):  # holds back a trailing 9 (the end-of-stream check sends it)
-                self.streamed_args_for_tool[index] = args
-                pieces.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=new)))
-        content = delta_text.split("<<")[0] if start == 0 and "<<" in delta_text else None
-        return DeltaMessage(content=content, tool_calls=pieces or None)
-'''
-
-
 @pytest.fixture
-def streaming_plugin(tmp_path):
-    plugin = tmp_path / "toy_stream.py"
-    plugin.write_text(STREAMING_PLUGIN)
+def streaming_plugin():
     with _restored():
-        ToolParserManager.import_tool_parser(str(plugin))
+        ToolParserManager.import_tool_parser(STREAMING_PLUGIN)
         yield
 
 

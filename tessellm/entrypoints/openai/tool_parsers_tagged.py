@@ -208,7 +208,10 @@ class GigaChat3Parser(ToolParser):
 class CohereCommandParser(ToolParser):
     """Cohere Command A: ``<|START_ACTION|>[{"tool_call_id": "0", "tool_name": NAME,
     "parameters": {...}}, ...]<|END_ACTION|>``; each call keeps the model's ``tool_call_id``
-    (as vLLM's). The reasoning parser of the same name takes the thinking block first."""
+    (as vLLM's). The reasoning parser of the same name takes the thinking block first.
+
+    A list followed by text other than the end tag is not a call, so the stream holds the calls
+    (names included) until ``<|END_ACTION|>`` or the end of the output: streamed == whole."""
 
     name = "cohere_command3"
     needs_special_tokens = True
@@ -219,6 +222,7 @@ class CohereCommandParser(ToolParser):
         if start < 0:
             return ParseResult(text if final else hold_back(text, self.START))
         calls: list[ParsedToolCall] = []
+        held = ParseResult(text[:start], [ParsedToolCall(None, None)])  # the list not closed yet
         pos = skip_ws(text, start + len(self.START))
         if pos >= len(text) or text[pos] != "[":
             return ParseResult(text if final or pos < len(text) else text[:start])
@@ -227,20 +231,19 @@ class CohereCommandParser(ToolParser):
             value, end = decode_at(text, pos)
             call = self._call(value) if end > 0 else None
             if call is None or len(calls) >= MAX_CALLS:
-                return ParseResult(text) if final or end > 0 else ParseResult(text[:start], calls + [
-                    ParsedToolCall(None, None)])
+                return ParseResult(text) if final or end > 0 else held
             calls.append(call)
             pos = skip_ws(text, end)
             pos = skip_ws(text, pos + 1) if text.startswith(",", pos) else pos
         if pos >= len(text):
-            return ParseResult(text) if final else ParseResult(text[:start], calls)
+            return ParseResult(text) if final else held
         after = skip_ws(text, pos + 1)
         if text.startswith(self.END, after):
             after += len(self.END)
         elif after < len(text) and (final or not self.END.startswith(text[after:])):
             return ParseResult(text)  # more than the end tag after the list: not a call
         elif not final:
-            return ParseResult(text[:start], calls)
+            return held
         return ParseResult(text[:start] + next_call(text, after, final, ())[1], calls)
 
     @staticmethod
