@@ -6,10 +6,10 @@ request's tool schema, refused when not a call, and fast on adversarial input.""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from test_tool_parsers import _100kb, _calls, _parses_fast, _stream
+from test_tool_parsers import (_100kb, _calls, _parses_fast, _stream, check_random_chunkings, check_stream,
+                               check_whole)
 
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
 from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, get_tool_parser
@@ -118,29 +118,18 @@ RECORDED = [
 
 @pytest.mark.parametrize("name,text,content,calls", RECORDED)
 def test_whole_output(name, text, content, calls):
-    got_content, got_calls = ToolCallView(get_tool_parser(name)).final(text)
-    assert _calls(got_calls) == calls
-    assert (got_content or "") == content
+    check_whole(name, text, content, calls)
 
 
 @pytest.mark.parametrize("step", [1, 3, 17])
 @pytest.mark.parametrize("name,text,content,calls", RECORDED)
 def test_streams_reassemble_to_the_whole_output(name, text, content, calls, step):
-    got_content, got_calls = _stream(get_tool_parser(name), text, step)
-    assert got_content == content
-    assert [(c["name"], json.loads(c["arguments"])) for c in got_calls] == calls
+    check_stream(name, text, content, calls, step)
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_random_chunkings_reassemble_to_the_whole_output(seed):
-    """Every recorded output cut at random places (mid-marker included): the deltas
-    reassemble to the whole-text parse."""
-    rng = random.Random(seed)
-    for name, text, content, calls in RECORDED:
-        cuts = rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12)))
-        got_content, got_calls = _stream(get_tool_parser(name), text, cuts)
-        assert (got_content, [(c["name"], json.loads(c["arguments"])) for c in got_calls]) == (content, calls), \
-            (name, text, sorted(cuts))
+    check_random_chunkings(RECORDED, seed)
 
 
 def _request(properties: dict) -> ChatCompletionRequest:

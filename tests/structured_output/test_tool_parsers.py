@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 
 import pytest
@@ -70,6 +71,30 @@ def _stream(parser, text: str, step):
                 calls[p.index] = {"id": p.id, "name": p.function.name, "arguments": ""}
             calls[p.index]["arguments"] += p.function.arguments or ""
     return content, [calls[i] for i in sorted(calls)]
+
+
+def check_whole(name: str, text: str, content: str, calls) -> None:
+    """Parser ``name`` on the whole ``text``: ``content`` and ``calls`` ((name, arguments))."""
+    got_content, got_calls = ToolCallView(get_tool_parser(name)).final(text)
+    assert _calls(got_calls) == calls
+    assert (got_content or "") == content
+
+
+def check_stream(name: str, text: str, content: str, calls, step) -> None:
+    """Parser ``name`` on ``text`` streamed (``step``: as ``_stream`` takes it) reassembles
+    to ``content`` and ``calls``."""
+    got_content, got_calls = _stream(get_tool_parser(name), text, step)
+    assert (got_content, [(c["name"], json.loads(c["arguments"])) for c in got_calls]) == (content, calls), \
+        (name, text, step)
+
+
+def check_random_chunkings(recorded, seed: int) -> None:
+    """Every ``(name, text, content, calls)`` of ``recorded`` cut at random places (a token may
+    end anywhere, mid-marker included): the deltas reassemble to the whole-text parse."""
+    rng = random.Random(seed)
+    for name, text, content, calls in recorded:
+        cuts = rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12)))
+        check_stream(name, text, content, calls, sorted(cuts))
 
 
 @pytest.mark.parametrize("step", [1, 3, 17])
