@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from tests.ids_walks import CountedIds
 
 from tessellm.reasoning import get_reasoning_parser
 from tessellm.reasoning.plugins import (DeltaMessage, PluginParser, PluginSplit, ReasoningParser,
@@ -140,17 +141,6 @@ def test_the_gate_shows_a_plugin_each_step_once(tmp_path):
     assert instance.shown == len(prompt) + steps + 1
 
 
-class _CountedIds(list):
-    """The stream's ids as the server keeps them (one list, extended in place), counting the
-    times something walks all of them."""
-
-    walks = 0
-
-    def __iter__(self):
-        type(self).walks += 1
-        return super().__iter__()
-
-
 class _Recording(ReasoningParser):
     """A streaming parser that reads only the delta's ids, recording what it was handed."""
 
@@ -167,13 +157,13 @@ class _Recording(ReasoningParser):
 def test_a_stream_hands_the_plugin_views_of_the_ids_not_copies():
     """Each delta costs the delta (vLLM's arguments, as read-only sequences): the ids so far are
     never copied, and a view handed earlier keeps its length as the list grows."""
-    parser, ids, text = _Recording(Tokenizer()), _CountedIds(), ""
+    parser, ids, text = _Recording(Tokenizer()), CountedIds(), ""
     split = PluginSplit(parser, request=None)
     for i in range(1, 2_001):
         ids.append(2 if i == 2_000 else 10 + i)
         text += "x"
         split.split(text, ids, final=False)
-    assert _CountedIds.walks == 0
+    assert ids.walks == 0
     previous, current, delta = parser.handed[-1]
     assert delta == [2] and len(previous) == 1_999 and len(current) == 2_000
     first_previous, first_current, _ = parser.handed[0]

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from tests.ids_walks import CountedIds
 from test_tool_parsers import _stream
 
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
@@ -232,17 +233,6 @@ def test_a_plugin_that_raises_mid_stream_leaves_the_rest_as_content(streaming_pl
     assert "".join(c for c, _ in events) == text
 
 
-class _CountedIds(list):
-    """The stream's ids as the server keeps them (one list, extended in place), counting the
-    times something walks all of them."""
-
-    walks = 0
-
-    def __iter__(self):
-        type(self).walks += 1
-        return super().__iter__()
-
-
 class _DeltaReader(ToolParser):
     """A streaming plugin that reads only the delta's ids, keeping what it was handed."""
 
@@ -259,13 +249,13 @@ class _DeltaReader(ToolParser):
 def test_a_plugin_stream_hands_views_of_the_ids_not_copies():
     """Each delta costs the delta, as the reasoning plugins' streams do (it copied all the ids
     so far every delta: a stream's cost grew with the square of its length)."""
-    parser, ids, text = _DeltaReader(), _CountedIds(), ""
+    parser, ids, text = _DeltaReader(), CountedIds(), ""
     view = ToolCallView(parser)
     for i in range(2_000):
         ids.append(10 + i)
         text += "x"
         assert view.delta(text, final=False, token_ids=ids) == ("x", [])
-    assert _CountedIds.walks == 0
+    assert ids.walks == 0
     previous, current, delta = parser.handed[-1]
     assert delta == [2_009] and len(previous) == 1_999 and len(current) == 2_000
     assert previous + delta == list(current) and current[-2:] == [2_008, 2_009]
