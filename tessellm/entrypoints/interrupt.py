@@ -37,8 +37,8 @@ def ctrl_c_handled() -> int:
     CPython up to 3.13 notes a ``KeyboardInterrupt`` that leaves code run from a string (the
     ``exec`` with which dataclasses, namedtuple and attrs build their methods, at import) as
     unhandled even when a caller catches it later; at exit it then kills the process with SIGINT
-    instead of exiting with the status returned (the parent saw -2, not 130, about one time in
-    ten when the Ctrl-C came during ``serve``'s imports). Each such run starts by clearing that
+    instead of exiting with the status returned (the parent saw -2, not 130, about one run in
+    eight when the Ctrl-C came during ``serve``'s imports). Each such run starts by clearing that
     note, so a run that completes forgets it. 3.14 notes only an interrupt left unhandled."""
     exec("pass")  # noqa: S102 - clears the note (above)
     return CTRL_C_EXIT
