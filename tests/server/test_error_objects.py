@@ -36,3 +36,36 @@ def test_the_other_statuses_keep_their_types():
     assert (unavailable["type"], unavailable["code"]) == ("server_error", None)
     gateway = OpenAIError("The engine replica ended its response without a body.", 502).body()["error"]
     assert gateway["type"] == "server_error"  # was invalid_request_error: no 5xx is the client's fault
+
+
+def test_transient_503s_say_when_to_retry_beside_the_error_object():
+    """A refusal that lasts a moment carries ``Retry-After`` (seconds) and the same OpenAI error
+    object body; one that lasts (the engine dead) carries none."""
+    import json
+
+    from tessellm.core.core_tokenizer import LOADING_REFUSAL, TokenizerLoadingError
+    from tessellm.core.engine_process import EngineDeadError
+
+    loading = engine_error(TokenizerLoadingError(LOADING_REFUSAL, "structured_outputs"))
+    response = loading.response()
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+    assert json.loads(response.body) == loading.body()
+    assert loading.body()["error"]["code"] == "tokenizer_loading"
+    dead = engine_error(EngineDeadError("the engine core died")).response()
+    assert dead.status_code == 503 and "retry-after" not in dead.headers
+
+
+def test_ray_ingress_overload_and_lost_replica_say_when_to_retry():
+    pytest.importorskip("ray")
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    from tessellm.entrypoints.ray_serve.ingress import _replica_error
+
+    for exc, code in ((BackPressureError(num_queued_requests=4, max_queued_requests=4), "overloaded"),
+                      (RayActorError(), "replica_unavailable")):
+        response = _replica_error(exc).response()
+        assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1, code
+        assert b'"code":"%s"' % code.encode() in response.body
+    told = _replica_error(BackPressureError(num_queued_requests=4, max_queued_requests=4, retry_after_s=2.5))
+    assert told.response().headers["retry-after"] == "3"  # Serve's own, whole seconds up

@@ -178,8 +178,9 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
                                 status_code=503, headers={"Retry-After": "5"})
         if await engine.is_ready():
             return JSONResponse({"status": "ready"})
+        dead = engine.is_dead or not engine.cores.is_alive()  # for good: no Retry-After
         return JSONResponse({"status": "not ready", "reason": engine.dead_reason or "no answer"},
-                            status_code=503)
+                            status_code=503, headers={} if dead else {"Retry-After": "5"})
 
     @app.get("/version")
     async def version():

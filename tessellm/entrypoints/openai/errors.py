@@ -5,6 +5,10 @@ failed: an exception in handling, or a request the engine failed, finish reason 
 vLLM's ``InternalServerError`` with code 500, whatever raised it, so a client tells every
 internal failure by one object; another 5xx (502, 503: the engine or a replica unreachable,
 asleep, shutting down) is ``server_error`` with a code naming why where there is one.
+
+A refusal that lasts a moment (a tokenizer loading, a server shutting down, replicas at their
+queue limit) carries ``retry_after``: the seconds a client should wait, sent as the
+``Retry-After`` header beside the same error object body.
 """
 
 from __future__ import annotations
@@ -31,20 +35,25 @@ class OpenAIError(Exception):
     """Raised anywhere in request handling; becomes an error response with this status."""
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 code: Optional[Union[str, int]] = None, type: Optional[str] = None):
+                 code: Optional[Union[str, int]] = None, type: Optional[str] = None,
+                 retry_after: Optional[int] = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
         self.code = code if code is not None or status != _INTERNAL else _INTERNAL
         self.type = type or _type(status)
+        self.retry_after = retry_after  # seconds: a transient refusal's Retry-After header
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
     def body(self) -> dict:
         info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
         return ErrorResponse(error=info).model_dump()
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
     def sse_event(self) -> str:
         return f"data: {json.dumps(self.body())}\n\n"

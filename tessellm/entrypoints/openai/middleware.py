@@ -61,7 +61,7 @@ class EdgeMiddleware:
             retry = self.lifecycle.retry_after_s
             return await _send_error(send, OpenAIError(
                 f"The server is shutting down; retry in {retry} s (on another replica).", 503, None,
-                "shutting_down"), [(b"retry-after", str(retry).encode())])
+                "shutting_down", retry_after=retry))
         error = self._check_headers(scope)
         if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
             body, error = await self._read_body(scope, receive)
@@ -182,10 +182,11 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _send_error(send, error: OpenAIError, headers: Sequence[tuple] = ()) -> None:
+async def _send_error(send, error: OpenAIError) -> None:
     import json
 
     payload = json.dumps(error.body()).encode()
+    headers = [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
     await send({"type": "http.response.start", "status": error.status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(payload)).encode()), *headers]})

@@ -39,6 +39,10 @@ from tessellm.entrypoints.openai.protocol_responses import PromptLogprob, Prompt
 
 logger = logging.getLogger(__name__)
 
+# Retry-After of a constrained request refused while set_tokenizer loads: the cores load a
+# tokenizer from a local directory or the Hugging Face cache in about a second.
+TOKENIZER_LOADING_RETRY_S = 1
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DISCONNECT_CHECK_S = 1.0  # how often a non-streamed request checks that its client is still there
 
@@ -89,7 +93,7 @@ def engine_error(exc: BaseException) -> OpenAIError:
     if isinstance(exc, EngineDeadError):
         return OpenAIError(str(exc), 503, None, "engine_dead")
     if isinstance(exc, TokenizerLoadingError):  # set_tokenizer in flight: retry in a moment
-        return OpenAIError(str(exc), 503, exc.param, "tokenizer_loading")
+        return OpenAIError(str(exc), 503, exc.param, "tokenizer_loading", retry_after=TOKENIZER_LOADING_RETRY_S)
     if isinstance(exc, ValueError):
         return bad_request(str(exc), getattr(exc, "param", None))  # RequestParamError names it
     logger.exception("Request failed", exc_info=exc)

@@ -27,6 +27,7 @@ helper a route uses is defined above the class.
 """
 
 import logging  # no `from __future__ import annotations`: FastAPI must see the real Request type
+import math
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -48,6 +49,11 @@ _HOP_HEADERS = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", 
                 b"proxy-connection"}
 _RESPONSE_DROP = _HOP_HEADERS | {b"content-length"}
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+# Retry-After of the 503s below: a queue slot frees as a request finishes (a second or so);
+# the request already went to other replicas ``retries`` times, and Serve routes the next
+# one to a live replica once it has seen this one gone (a second or so too).
+_OVERLOADED_RETRY_S = 1
+_LOST_RETRY_S = 1
 
 app = FastAPI(title="tessellm (Ray Serve)", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -112,13 +118,15 @@ def authorized(keys: tuple, authorization: str) -> bool:
 def _replica_error(exc) -> OpenAIError:
     if isinstance(exc, OpenAIError):
         return exc
-    if isinstance(exc, BackPressureError):
-        return OpenAIError("All engine replicas are at their queue limit; retry later.", 503, None,
-                           "overloaded")
+    if isinstance(exc, BackPressureError):  # Serve's own Retry-After where it sets one
+        wait = getattr(exc, "retry_after_s", None)
+        wait = _OVERLOADED_RETRY_S if wait is None else max(1, math.ceil(wait))
+        return OpenAIError(f"All engine replicas are at their queue limit; retry in {wait} s.", 503,
+                           None, "overloaded", retry_after=wait)
     if isinstance(exc, (RayActorError, ActorUnavailableError)):
         return OpenAIError(f"The engine replica serving this request died or is unreachable "
                            f"({type(exc).__name__}); retry the request.", 503, None,
-                           "replica_unavailable")
+                           "replica_unavailable", retry_after=_LOST_RETRY_S)
     logger.error("Engine replica call failed: %r", exc)
     return OpenAIError(f"Internal error in an engine replica: {type(exc).__name__}: {exc}", 500)
 
@@ -185,11 +193,9 @@ class OpenAIIngress:
         self.in_flight -= 1
 
     def _shutting_down(self) -> Response:
-        response = OpenAIError("The server is shutting down and takes no new requests; retry "
-                               "shortly (another instance may answer).", 503, None,
-                               "server_shutting_down").response()
-        response.headers["retry-after"] = str(self.retry_after_s)
-        return response
+        return OpenAIError("The server is shutting down and takes no new requests; retry "
+                           "shortly (another instance may answer).", 503, None,
+                           "server_shutting_down", retry_after=self.retry_after_s).response()
 
     async def _read_body(self, request: Request) -> Optional[bytes]:
         """The body, or None once it is known to exceed ``max_body_bytes``: by its

@@ -243,4 +243,4 @@ def rename_error(exc: OpenAIError) -> OpenAIError:
     for old, new in _RENAMES:
         message = re.sub(old, new, message)
         param = re.sub(old, new, param) if param is not None else None
-    return OpenAIError(message, exc.status, param, exc.code, exc.type)
+    return OpenAIError(message, exc.status, param, exc.code, exc.type, exc.retry_after)
