@@ -3,7 +3,8 @@ raises while a request sampled at a poisoned temperature is in the step) at the 
 requests carry no ``vllm_xargs``: /v1/responses and beam search (``use_beam_search``). Not
 streamed, the client gets vLLM's HTTP 500 error object; streamed, /v1/responses ends with vLLM's
 ``error`` event then OpenAI's ``response.failed`` (status "failed" with an error; stored, so
-GET answers it), beam search with the error object then ``[DONE]``. The next request is served."""
+GET answers it, but it cannot be continued), beam search with the error object then
+``[DONE]``. The next request is served."""
 
 from __future__ import annotations
 
@@ -68,6 +69,12 @@ def test_responses_failed_stream_ends_with_error_then_response_failed(http):
     assert stored.status_code == 200, stored.text
     assert stored.json() == events[3]["response"]
     _served(http)
+    # its items are partial: it continues nothing (a 400 naming it and what to do instead)
+    r = http.post("/v1/responses", json={**ASK, "temperature": 0, "previous_response_id": failed.response.id})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("previous_response_id", "previous_response_failed")
+    assert f"Previous response '{failed.response.id}' failed" in error["message"]
 
 
 @pytest.mark.parametrize("path,body", BEAM_ROUTES)

@@ -7,6 +7,10 @@ and the id of the response it continued. A conversation is rebuilt by walking th
 responses; the least recently used one is dropped first, and a chain whose earlier turn was
 dropped is answered with a 400 that says so. Lives in the API process, per server: lost on
 restart, not shared between replicas.
+
+A failed response (a stream that ended in ``response.failed``) is stored, so GET answers it,
+but it continues nothing: its items are partial. Named as ``previous_response_id`` it is a 400
+that names it and the turn to retry from, the last completed one (the response it continued).
 """
 
 from __future__ import annotations
@@ -68,9 +72,22 @@ class ResponseStore:
                                   f"{self.capacity} responses); send the conversation in input instead.",
                                   "previous_response_id", "previous_response_not_found")
             seen.add(rid)
+            if stored.response.get("status") == "failed":
+                raise _failed_previous(rid, stored)
             turns.append(stored)
             rid = stored.previous_id
         items: list[dict] = []
         for stored in reversed(turns):
             items += stored.input_items + stored.response.get("output", [])
         return items
+
+
+def _failed_previous(response_id: str, stored: StoredResponse):
+    """The 400 for continuing a failed response: its output is what came before the failure."""
+    error = (stored.response.get("error") or {}).get("message")
+    why = f" ({error})" if error else ""
+    retry = (f"continue from the last completed response, {stored.previous_id!r} (the one it continued), "
+             "to retry that turn" if stored.previous_id is not None
+             else "send that turn again without previous_response_id")
+    return bad_request(f"Previous response {response_id!r} failed{why}: its output is partial and "
+                       f"cannot be continued; {retry}.", "previous_response_id", "previous_response_failed")
