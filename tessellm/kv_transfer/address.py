@@ -16,7 +16,15 @@ ZeroMQ's ``tcp://`` endpoints take.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Optional
+
+V4_WILDCARDS = ("0.0.0.0", "*")  # binds that listen on every IPv4 interface (ZeroMQ: "*")
+V6_WILDCARD = "::"  # every IPv6 interface (a bracketed or long form comes here through host_key)
+WILDCARDS = (*V4_WILDCARDS, V6_WILDCARD)  # binds that name no address a peer could reach
+# Probes of the outward route (a UDP connect sends nothing): a private IPv4 address, and an
+# address of IPv6's documentation prefix (2001:db8::/32), reached through the default route.
+_V4_PROBE, _V6_PROBE = "10.255.255.255", "2001:db8::1"
 
 
 def _unbracket(host: str) -> Optional[str]:
@@ -82,3 +90,36 @@ def producer_key(entry, what: str) -> str:
         return f"[{host}]" if is_ipv6(host) else host
     host, port = split_host_port(entry, what)
     return join_host_port(host, port)
+
+
+def reachable_host(bind: str) -> str:
+    """The address a producer hands back (``remote_host``) when no ``kv_host`` is given: ``bind``
+    itself, or for a wildcard bind the address of this host's outward interface in the bind's
+    family (the source address of a UDP socket's route; nothing is sent): IPv4 for ``0.0.0.0``
+    (the host's name where it has no IPv4 route), IPv6 for ``::``. ``bind``: as ``host_key``
+    has it. ValueError telling to set ``kv_host`` for ``::`` on a host with no global IPv6 route
+    (a link-local address is no address a peer can be handed)."""
+    if bind in V4_WILDCARDS:
+        try:
+            return _route_source(socket.AF_INET, _V4_PROBE)
+        except OSError:
+            return socket.gethostname()
+    if bind != V6_WILDCARD:
+        return bind
+    try:
+        address = _route_source(socket.AF_INET6, _V6_PROBE)
+    except OSError as exc:
+        address, why = None, f"no IPv6 route ({exc.strerror or exc})"
+    else:
+        why = f"only the link-local address {address}"
+    if address is None or ipaddress.IPv6Address(address.split("%")[0]).is_link_local:
+        raise ValueError(f"ZmqPeerConnector's kv_bind '::' listens on every IPv6 interface, but this "
+                         f"host has {why} to hand consumers; set kv_host to the address they reach "
+                         "this producer at (e.g. '2001:db8::5'), or bind one address.")
+    return address
+
+
+def _route_source(family: int, probe: str) -> str:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((probe, 1))
+        return s.getsockname()[0]

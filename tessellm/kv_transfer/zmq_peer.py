@@ -54,7 +54,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -64,7 +63,8 @@ from typing import Optional
 import numpy as np
 
 from tessellm.kv_transfer import shared_storage_format as fmt
-from tessellm.kv_transfer.address import host_key, join_host_port, producer_key, split_host_port
+from tessellm.kv_transfer.address import (WILDCARDS, host_key, join_host_port, producer_key, reachable_host,
+                                          split_host_port)
 from tessellm.kv_transfer.peer_backoff import PeerBackoff
 from tessellm.kv_transfer.params import (ANY_PRODUCER, decode_params, producer_allowed, remote_decode,
                                          remote_producer)
@@ -91,7 +91,6 @@ _AHEAD_SLOTS = 512  # ... this many slots (tiny blocks: little memory), nor stor
 _SLAB_BYTES = 32 << 20  # memory is made a slab of this many bytes of slots at most at a time
 _POLL_MS = 100  # the server looks at its stop flag this often
 _LOOKUP_TIMEOUT_S = 1.0  # a "has" waits at most this (a small message), timeout_s if less
-_WILDCARDS = ("0.0.0.0", "*", "::", "[::]")  # kv_bind values that name no address to reach
 # Sockets a thread keeps open, one per producer rank it talked to, the least recently used
 # closed past this (xPyD: producers come and go; a kept socket to a gone one reconnects forever)
 _SOCKETS_PER_THREAD = 32
@@ -539,20 +538,6 @@ def _host_port(address) -> Optional[tuple]:
         return None
 
 
-def _reachable_host(bind: str) -> str:
-    """The address a producer hands back (``remote_host``) when no ``kv_host`` is given:
-    ``kv_bind`` itself, or for a wildcard bind the address of this host's outward interface
-    (a UDP socket's route: nothing is sent), else its name."""
-    if bind not in _WILDCARDS:
-        return bind
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostname()
-
-
 class ZmqPeerConnector(SharedStorageConnector):
     """Blocks served by the producer's ranks over TCP (module docstring)."""
 
@@ -596,11 +581,11 @@ class ZmqPeerConnector(SharedStorageConnector):
         host = extra.get("kv_host")
         if host is not None and isinstance(host, str) and host:  # "0::0" is "::", a wildcard
             host = host_key(host, "ZmqPeerConnector's kv_host (handed back as remote_host)")
-        if host is not None and (not isinstance(host, str) or not host or host in _WILDCARDS):
+        if host is not None and (not isinstance(host, str) or not host or host in WILDCARDS):
             raise ValueError(f"ZmqPeerConnector's kv_host is the address consumers reach this "
                              f"producer at (handed back as remote_host), e.g. '10.0.0.5'; got "
                              f"{extra.get('kv_host')!r}.")
-        self.host = host or _reachable_host(bind)
+        self.host = host or reachable_host(bind)
         allowed = extra.get("allowed_producers")
         if allowed is not None and (not isinstance(allowed, list) or not all(
                 isinstance(a, str) and a and not any(c.isspace() for c in a) for a in allowed)):

@@ -486,3 +486,35 @@ def test_a_producer_on_ipv6_loopback_serves_its_consumer(tiny_model_dir):
         assert (params["remote_host"], params["remote_port"]) == ("::1", port)
         out = _greedy(consumer, prompt, params=params)
         assert (list(out.outputs[0].token_ids), out.num_cached_tokens) == (want, 40)
+
+
+def test_a_wildcard_kv_bind_hands_back_an_address_of_its_family():
+    """Without kv_host a producer bound to every interface hands back (remote_host) this host's
+    outward address in the bind's family: IPv4 for ``0.0.0.0``, IPv6 for ``[::]`` (its peers
+    reach it over IPv6; it handed out the IPv4 one before), an address this host holds (a
+    socket binds to it). On a host with no global IPv6 route ``[::]`` is the one error naming
+    kv_host; a kv_host given is handed back as it is."""
+    import ipaddress
+    import socket
+
+    from tessellm.kv_transfer import KVConnectorContext, KVConnectorRole, make_connector, parse_kv_transfer_config
+
+    def host(**extra) -> str:
+        kv = parse_kv_transfer_config(_peer("kv_producer", **extra))
+        conn = make_connector(kv, KVConnectorRole.SCHEDULER, KVConnectorContext(BS, "ns"))
+        conn.shutdown()
+        return conn.host
+
+    v4 = host(kv_bind="0.0.0.0")
+    assert ":" not in v4
+    assert host(kv_bind="[::]", kv_host="[2001:DB8::5]") == "2001:db8::5"
+    try:
+        v6 = host(kv_bind="[::]")
+    except ValueError as exc:  # no IPv6 route here: say what to set
+        assert "set kv_host to the address they reach this producer at" in str(exc)
+        return
+    address = ipaddress.IPv6Address(v6)
+    assert not (address.is_link_local or address.is_unspecified or address.is_loopback), v6
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.bind((v6, 0))  # this host's own
+    assert host(kv_bind="0::0") == v6  # any spelling of the wildcard
