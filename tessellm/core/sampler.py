@@ -125,13 +125,14 @@ class Sampler:
             return out
         raw = logits.float()
         logits = self._edit_logits(raw, batch)
+        scaled = point = None  # the sampled rows' logits (_scaled), the rows taking the argmax
         if batch.all_greedy:
             tokens = self.argmax(logits)
         else:
-            tokens = self._sample(logits, batch)
+            tokens, scaled, point = self._sample(logits, batch)
         out = SamplerOutput(tokens)
         if self.compute_nans:
-            out.num_nans = count_nans(raw, logits)
+            out.num_nans = count_nans(raw, logits, scaled, point)
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
@@ -171,27 +172,30 @@ class Sampler:
 
         raw = logits.float()
         edited = self._edit_logits(raw, batch)  # once: custom processors apply once a step
-        tokens = rejection_sample(self._target_probs(edited, batch), draft_ids, draft_probs,
-                                  has_draft_probs, self.generator, batch.seeds)
+        target, scaled, point = self._target_probs(edited, batch)
+        tokens = rejection_sample(target, draft_ids, draft_probs, has_draft_probs, self.generator,
+                                  batch.seeds)
         out = SamplerOutput(tokens)
         if self.compute_nans:
-            out.num_nans = count_nans(raw, edited)
+            out.num_nans = count_nans(raw, edited, scaled, point)
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
 
     def target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """float32 [B, V]: the distribution each row samples from (greedy rows: a point mass)."""
-        return self._target_probs(self._edit_logits(logits.float(), batch), batch)
+        return self._target_probs(self._edit_logits(logits.float(), batch), batch)[0]
 
-    def _target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """``target_probs`` of logits already edited (``_edit_logits``)."""
+    def _target_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple:
+        """``(target_probs, scaled, point rows)`` of logits already edited (``_edit_logits``);
+        ``scaled`` (``_scaled``) and the rows taking the argmax are None for an all-greedy batch."""
         greedy = torch.nn.functional.one_hot(self.argmax(logits), logits.shape[-1]).float()
         if batch.all_greedy:
-            return greedy
+            return greedy, None, None
         point = self._point_rows(logits, batch)
-        probs = self._probs(logits, batch, point).dense(logits.shape[-1], 0.0)
-        return torch.where(point[:, None], greedy, probs)
+        scaled = self._scaled(logits, batch, point)
+        probs = self._probs(scaled, batch, point).dense(logits.shape[-1], 0.0)
+        return torch.where(point[:, None], greedy, probs), scaled, point
 
     @staticmethod
     def _point_rows(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -204,18 +208,21 @@ class Sampler:
             rows = rows | torch.isneginf(logits.amax(dim=-1))
         return rows
 
-    def _probs(self, logits: torch.Tensor, batch: SamplingBatch,
-               greedy_rows: Optional[torch.Tensor] = None) -> Candidates:
-        """Each row's sampling distribution over its candidates (0 where filtered out);
-        ``greedy_rows`` (``_point_rows``; default: temperature 0) take the argmax anyway."""
-        if greedy_rows is None:
-            greedy_rows = batch.temperature == 0
+    @staticmethod
+    def _scaled(logits: torch.Tensor, batch: SamplingBatch, greedy_rows: torch.Tensor) -> torch.Tensor:
+        """The logits a sampled row draws from: temperature-scaled (``greedy_rows``, which take
+        the argmax anyway, by 1), min-p, then the custom processors that keep the argmax."""
         temp = torch.where(greedy_rows, torch.ones_like(batch.temperature), batch.temperature)
         scaled = logits / temp[:, None]
         if batch.min_p is not None:  # vLLM's order: min-p, custom processors, top-k/top-p
             scaled = _drop_below_min_p(scaled, batch.min_p)
         if batch.processors is not None and batch.processors.keeps_argmax:  # vLLM: after temperature
             scaled = batch.processors.apply(scaled, argmax_invariant=True)
+        return scaled
+
+    def _probs(self, scaled: torch.Tensor, batch: SamplingBatch, greedy_rows: torch.Tensor) -> Candidates:
+        """Each row's sampling distribution over its candidates (0 where filtered out), from its
+        ``_scaled`` logits; ``greedy_rows`` (``_point_rows``) take the argmax anyway."""
         cand = self._filter(scaled, batch, greedy_rows)
         probs = torch.softmax(cand.values, dim=-1)
         if batch.min_p is not None and cand.ids is None and self.on_host:
@@ -232,17 +239,19 @@ class Sampler:
             return filter_candidates(scaled, top_k, top_p, skip=greedy_rows)
         return Candidates(filter_dense(scaled, top_k, top_p))
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple:
+        """``(tokens, the scaled logits sampled from, the rows that took the argmax)``."""
         greedy_rows = self._point_rows(logits, batch)
-        probs = self._probs(logits, batch, greedy_rows)
+        scaled = self._scaled(logits, batch, greedy_rows)
+        probs = self._probs(scaled, batch, greedy_rows)
         if probs.ids is None and self.on_host:
             sampled = self._invert(probs.values, batch.seeds)
         else:
             pick = self.argmax(probs.values, self._noise(probs, batch.seeds, logits.shape[-1]))
             sampled = pick if probs.ids is None else probs.ids.gather(-1, pick[:, None]).squeeze(-1)
         if self.on_host and not bool(greedy_rows.any()):
-            return sampled
-        return torch.where(greedy_rows, self.argmax(logits), sampled)
+            return sampled, scaled, greedy_rows
+        return torch.where(greedy_rows, self.argmax(logits), sampled), scaled, greedy_rows
 
     def _noise(self, probs: Candidates, seeds: Optional[list[tuple[int, int]]], vocab: int) -> torch.Tensor:
         """Exp(1) noise for every candidate column. A seeded row's generator draws one value
@@ -303,13 +312,20 @@ class Sampler:
         return ahead
 
 
-def count_nans(raw: torch.Tensor, edited: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 [B]: NaN entries per row of the model's logits (``raw``) or of the logits the row
-    samples from (``edited``: the built-in edits and the custom processors that change the
-    argmax applied), whichever holds them; vLLM's ``num_nans_in_logits``. On the device: no sync."""
+def count_nans(raw: torch.Tensor, edited: Optional[torch.Tensor] = None,
+               scaled: Optional[torch.Tensor] = None, point_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 [B]: NaN entries per row of the logits the sampler reads, an entry NaN in several
+    counted once: the model's (``raw``), the edited ones (``edited``: the built-in edits and the
+    custom processors that change the argmax) and a sampled row's scaled ones (``scaled``:
+    temperature, min-p and the custom processors that keep the argmax; not read for
+    ``point_rows``, which take the argmax of ``edited``). vLLM's ``num_nans_in_logits``. On the
+    device: no sync."""
     nans = raw.isnan()
     if edited is not None and edited is not raw:
         nans = nans | edited.isnan()
+    if scaled is not None:
+        sampled = scaled.isnan()
+        nans = nans | (sampled if point_rows is None else sampled & ~point_rows[:, None])
     return nans.sum(dim=-1)
 
 

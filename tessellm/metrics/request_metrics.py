@@ -22,6 +22,7 @@ from prometheus_client import Counter, Histogram
 
 from tessellm.metrics.buckets import (ITERATION_TOKEN_BUCKETS, ITL_BUCKETS, N_PARAM_BUCKETS,
                                       REQUEST_SECONDS_BUCKETS, TTFT_BUCKETS)
+from tessellm.metrics.corrupted_log import CorruptedLog
 from tessellm.metrics.names import PREFIX
 from tessellm.metrics.stats import FinishedRequest, IterationStats, PromptTokenStats
 
@@ -61,6 +62,7 @@ class RequestMetrics:
         VLLM_COMPUTE_NANS_IN_LOGITS: ``tessellm.envs.compute_nans_in_logits``)."""
         self.corrupted = self._child(Counter, "corrupted_requests_total", "Requests whose logits held "
                                      "a NaN in some step (counted when they finish).") if corrupted_requests else None
+        self.corrupted_log = CorruptedLog() if corrupted_requests else None  # and vLLM's log line
         self.prompt_tokens = self._child(Counter, "prompt_tokens_total", "Prompt tokens of requests "
                                          "that produced their first token (cached ones included).")
         self.generation_tokens = self._child(Counter, "generation_tokens_total",
@@ -127,6 +129,8 @@ class RequestMetrics:
             self.itl.observe(t)
         for fin in it.finished:
             self._observe_finished(fin)
+        if self.corrupted_log is not None:
+            self.corrupted_log.maybe_log()
         for n, most in zip(it.n_params, it.max_num_generation_tokens):
             self.params_n.observe(n)
             self.max_num_generation_tokens.observe(most)
@@ -144,6 +148,7 @@ class RequestMetrics:
         self.success.labels(model_name=self.model_name, finished_reason=fin.finish_reason).inc()
         if fin.is_corrupted and self.corrupted is not None:  # once per request, when it ends (vLLM's)
             self.corrupted.inc()
+            self.corrupted_log.add()
         if fin.by_client:  # the client left: its latency says nothing of the engine (vLLM: not observed)
             return
         self.e2e.observe(fin.e2e_latency)

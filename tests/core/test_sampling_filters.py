@@ -147,7 +147,8 @@ def test_greedy_rows_do_not_widen_min_p_columns():
     seeds = [(i, seed_for_position(77, i)) for i in range(6)]
     b = batch(6, temp, min_p=torch.tensor([0.0, 0.1, 0.2, 0.0, 0.05, 0.3]), seeds=seeds)
     sampler = Sampler(torch.device("cpu"))
-    probs = sampler._probs(logits, b)
+    point = temp == 0
+    probs = sampler._probs(sampler._scaled(logits, b, point), b, point)
     assert probs.ids is not None and probs.values.shape[1] < V // 2
     tokens = sampler(logits, b).token_ids
     ref = reference_seeded_tokens(logits, b)

@@ -74,12 +74,40 @@ def test_verifying_drafts_applies_the_processors_once_and_counts_their_nans():
     assert counts == [(1, None), (1, [1, 0])]
 
 
+class _KeepsArgmaxNan:
+    """Custom processors that keep the argmax (applied to the scaled logits of a batch that
+    samples), putting a NaN at token 1 of every row: the argmax does not move (NaN is never
+    taken), but the sampled rows draw from the NaN logits."""
+
+    changes_argmax = False
+    keeps_argmax = True
+
+    def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
+        assert argmax_invariant
+        logits[:, 1] = float("nan")
+        return logits
+
+
+def test_nans_from_processors_that_keep_the_argmax_are_counted_where_sampled():
+    """Counted in the logits each row is sampled from: the sampled row's NaN (a processor that
+    keeps the argmax put it there) counts, the greedy row beside it (its token the argmax of
+    logits the processor never touched) has none; verifying drafts counts the same."""
+    logits, drafts = torch.randn(2, 16), torch.tensor([3, -1])
+    batch = SamplingBatch(temperature=torch.tensor([0.0, 1.0]), all_greedy=False, top_p=None,
+                          top_k=None, min_p=None, processors=_KeepsArgmaxNan())
+    sampler = Sampler(torch.device("cpu"), compute_nans=True)
+    assert sampler(logits.clone(), batch).num_nans.tolist() == [0, 1]
+    verified = sampler.verify(logits.clone(), batch, drafts, torch.full((2, 16), 1 / 16), torch.tensor([True, False]))
+    assert verified.num_nans.tolist() == [0, 1]
+
+
 def _corrupted(llm) -> list:
     return [m for m in llm.get_metrics() if m.name.endswith("corrupted_requests")]
 
 
-def test_corrupted_requests_counted_in_metrics(tiny_model_dir, monkeypatch):
+def test_corrupted_requests_counted_in_metrics(tiny_model_dir, monkeypatch, caplog):
     monkeypatch.setenv("TESSELLM_COMPUTE_NANS_IN_LOGITS", "1")
+    caplog.set_level("WARNING", logger="tessellm.metrics.corrupted_log")
     prompts = [{"prompt_token_ids": [5, 9, 11]}, {"prompt_token_ids": [7, 3]}, {"prompt_token_ids": [4, 4, 8]}]
     with LLM(tiny_model_dir("llama"), metrics_names="vllm", **ENGINE) as llm:
         outs = llm.generate(prompts, [_greedy(nan=True), _greedy(), _greedy()], use_tqdm=False)
@@ -89,6 +117,32 @@ def test_corrupted_requests_counted_in_metrics(tiny_model_dir, monkeypatch):
         assert set(metric.labels) == {"model_name", "engine"}
         llm.generate(prompts[1:], _greedy(), use_tqdm=False)
         assert _corrupted(llm)[0].value == 1  # clean requests add nothing
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Corrupted:")]
+    assert len(lines) == 1 and lines[0].startswith("Corrupted: 1 reqs "), lines  # vLLM's line
+
+
+def test_the_corrupted_line_is_written_when_there_are_some_at_most_once_an_interval(caplog):
+    from tessellm.metrics.corrupted_log import CorruptedLog
+
+    now = [100.0]
+    log = CorruptedLog(interval_s=10.0, clock=lambda: now[0])
+    caplog.set_level("WARNING", logger="tessellm.metrics.corrupted_log")
+
+    def lines() -> list:
+        return [r.getMessage() for r in caplog.records]
+
+    log.maybe_log()
+    assert lines() == []  # none: no line
+    log.add()
+    log.maybe_log()  # the first at once
+    log.add()
+    now[0] = 105.0
+    log.maybe_log()  # within the interval: counted, not written
+    now[0] = 112.0
+    log.maybe_log()
+    log.maybe_log()
+    assert [line.split(" (")[0] for line in lines()] == ["Corrupted: 1 reqs", "Corrupted: 1 reqs"]
+    assert lines()[0].endswith("since start") and lines()[1].endswith("in the last 12 s")
 
 
 def test_no_series_when_off(tiny_model_dir, monkeypatch):
