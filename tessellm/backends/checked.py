@@ -13,6 +13,11 @@ check, no extra frame. Anything the wrapper does not define (``name``, ``kv_cach
 
 Numeric probes need a host sync, so they are skipped while a CUDA graph is being captured and
 on XLA devices (shape, dtype and device are still checked there).
+
+The engine's kernel warm-up (before a server says ready) runs synthetic requests through the
+checked calls, and they are checked; then ``restart()`` (``BackendRegistry.restart_checks``)
+checks the next calls again as if none had run, so the warm-up does not use up the checks meant
+for the first real requests.
 """
 
 from __future__ import annotations
@@ -41,11 +46,27 @@ _REFERENCE = ReferenceOps()
 _REFERENCE_LORA = ReferenceLoRAOps()
 
 
-class _Checked:
+class Checked:
+    """The base of the wrappers: ``_METHODS``, the methods it checks (a subclass's), which
+    ``_uncheck`` replaces by the plugin's own and ``restart`` gives back; ``_start`` sets the
+    counts of checked calls."""
+
+    _METHODS: tuple[str, ...] = ()
+
     def __init__(self, inner, plugin: str, backend: str, hook: str, always: bool):
         self._inner = inner
         self._where = f"Backend plugin {plugin!r} ({hook} for backend {backend!r})"
         self._always = always
+        self._start()
+
+    def _start(self) -> None:
+        pass
+
+    def restart(self) -> None:
+        """Check the next calls again, as if none had run (the warm-up ended)."""
+        for method in self._METHODS:
+            self.__dict__.pop(method, None)  # the plugin's bound method _uncheck put there
+        self._start()
 
     def __getattr__(self, name):  # only for names the wrapper itself does not have
         inner = self.__dict__.get("_inner")
@@ -95,7 +116,7 @@ def _probing(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-class CheckedAttentionKernel(_Checked):
+class CheckedAttentionKernel(Checked):
     """An ``AttentionKernel`` whose first steps' ``forward`` results are checked."""
 
     # The protocol's data members as properties, so that ``isinstance(wrapper, AttentionKernel)``
@@ -104,9 +125,13 @@ class CheckedAttentionKernel(_Checked):
     name = property(lambda self: self._inner.name)
     supports_sliding_window = property(lambda self: self._inner.supports_sliding_window)
 
+    _METHODS = ("build_metadata", "forward")
+
     def __init__(self, kernel, plugin: str, backend: str, spec, always: bool):
-        super().__init__(kernel, plugin, backend, "tessellm_attention_kernel", always)
         self._spec = spec
+        super().__init__(kernel, plugin, backend, "tessellm_attention_kernel", always)
+
+    def _start(self) -> None:
         self._probed = 0  # steps whose forwards were probed (CHECKED_STEPS)
         self._unprobed = 0  # eager steps with nothing to probe (UNPROBED_STEPS)
         self._batch = None  # (this step's metadata, its probe plan or None)
@@ -240,15 +265,18 @@ def _reference_attention(q, k, v, scale: float, window: Optional[int],
     return torch.einsum("hij,jhd->ihd", probs, v)
 
 
-class CheckedFusedOps(_Checked):
+class CheckedFusedOps(Checked):
     """``FusedOps`` whose first calls of each op are checked against ``ReferenceOps``."""
 
     _OPS = ("rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")
+    _METHODS = (*_OPS, "gated_rms_norm")
 
     def __init__(self, ops, plugin: str, backend: str, always: bool):
         super().__init__(ops, plugin, backend, "tessellm_fused_ops", always)
+
+    def _start(self) -> None:
         self._calls = dict.fromkeys(self._OPS, 0)
-        if callable(getattr(ops, "gated_rms_norm", None)):  # optional (plugin API 19)
+        if callable(getattr(self._inner, "gated_rms_norm", None)):  # optional (plugin API 19)
             self._calls["gated_rms_norm"] = 0
             self.gated_rms_norm = self._checked_gated_rms_norm
 
@@ -338,7 +366,7 @@ class CheckedFusedOps(_Checked):
         return out
 
 
-class CheckedLoRAOps(_Checked):
+class CheckedLoRAOps(Checked):
     """``LoRAOps`` whose first shrink/expand calls are checked against ``ReferenceLoRAOps`` on
     their first rows (the slots of those rows come from the ``prepare`` that made ``meta``)."""
 
@@ -346,12 +374,16 @@ class CheckedLoRAOps(_Checked):
     supports_graph_capture = property(
         lambda self: getattr(self._inner, "supports_graph_capture", False))
 
+    _METHODS = ("prepare", "shrink", "expand", "expand_slices", "fused_experts_lora")
+
     def __init__(self, ops, plugin: str, backend: str, always: bool):
         super().__init__(ops, plugin, backend, "tessellm_lora_ops", always)
+
+    def _start(self) -> None:
         self._calls = {"shrink": 0, "expand": 0}
         self._step = None  # (the plugin's meta, the reference meta of its first rows)
         self._moe_calls = 0
-        if callable(getattr(ops, "fused_experts_lora", None)):  # optional (plugin API 14)
+        if callable(getattr(self._inner, "fused_experts_lora", None)):  # optional (plugin API 14)
             self.fused_experts_lora = self._checked_fused_experts_lora
 
     def _checked_fused_experts_lora(self, hidden, topk_weights, topk_ids, w13, w2, token_slots,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import weakref
 from dataclasses import dataclass, replace
 from typing import Iterable, Optional
 
@@ -30,7 +31,7 @@ import pluggy
 
 from tessellm import envs
 from tessellm.backends import spec
-from tessellm.backends.checked import checked_kernel, checked_lora_ops, checked_ops
+from tessellm.backends.checked import Checked, checked_kernel, checked_lora_ops, checked_ops
 from tessellm.backends.plugin_checks import (PluginError, api_required, check_backend,
                                              check_hook_names, check_no_wrappers, one_line,
                                              overrides, protocol_members, renamed)
@@ -72,6 +73,7 @@ class BackendRegistry:
         self.broken: dict[str, str] = {}
         self._isolated: set[str] = set()  # plugins loaded from entry points
         self._backend_names: dict[str, set[str]] = {}  # plugin -> names it tried to register
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # checked wrappers handed out, alive
         self.allowed = allowed
         if load_entry_points:
             self._load_entry_points(allowed)
@@ -319,12 +321,12 @@ class BackendRegistry:
     def attention_kernel(self, backend: Backend, attn_spec: spec.AttentionSpec):
         """The kernel for ``backend``, wrapped so its first steps are checked (checked.py)."""
         kernel, plugin = self.provider("tessellm_attention_kernel", backend, attn_spec)
-        return None if kernel is None else checked_kernel(kernel, plugin, backend.name, attn_spec)
+        return None if kernel is None else self._kept(checked_kernel(kernel, plugin, backend.name, attn_spec))
 
     def fused_ops(self, backend: Backend, ops_spec: spec.OpsSpec):
         """The plugin's fused ops for ``backend`` (checked on first calls), or None."""
         ops, plugin = self.provider("tessellm_fused_ops", backend, ops_spec)
-        return None if ops is None else checked_ops(ops, plugin, backend.name)
+        return None if ops is None else self._kept(checked_ops(ops, plugin, backend.name))
 
     def lora_ops(self, backend: Backend, lora_spec: spec.LoRAOpsSpec):
         """The plugin's batched LoRA ops for ``backend`` (checked on first calls), or the
@@ -334,7 +336,20 @@ class BackendRegistry:
             from tessellm.backends.reference.lora import ReferenceLoRAOps
 
             return ReferenceLoRAOps()
-        return checked_lora_ops(ops, plugin, backend.name)
+        return self._kept(checked_lora_ops(ops, plugin, backend.name))
+
+    def _kept(self, piece):
+        """``piece`` as handed out, a checked wrapper kept (weakly) for ``restart_checks``."""
+        if isinstance(piece, Checked):
+            self._checked.add(piece)
+        return piece
+
+    def restart_checks(self) -> None:
+        """Every checked kernel and op handed out in this process (and still in use) checks its
+        next calls again, as if none had run: the engine's warm-up ended, and its synthetic
+        requests must not use up the checks meant for the first real ones (checked.py)."""
+        for piece in list(self._checked):
+            piece.restart()
 
     def graph_runner(self, backend: Backend, graph_spec: spec.GraphSpec):
         return self.provider("tessellm_graph_runner", backend, graph_spec)[0]

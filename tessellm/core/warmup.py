@@ -25,7 +25,8 @@ On the cpu backend (no Triton JIT; the decode graph is compiled at capture) the 
 short request through the full sampler, so tests and the newcomer path stay fast.
 
 Afterwards the synthetic requests leave nothing behind: they finished, their blocks are free,
-and the prefix-cache statistics are reset.
+the prefix-cache statistics are reset, and the plugins' checked calls (``backends/checked.py``),
+which checked them, start their checks over for the first real requests.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def warm_up(core, args, serving: bool) -> Optional[WarmupReport]:
     report = None
     if enabled(args, serving):
         report = run(core)
+        core.executor.restart_plugin_checks()  # its synthetic requests were checked; real ones next
         logger.info("Warm-up: %d synthetic requests, %d steps in %.1fs (%d Triton compilation(s) so far)",
                     report.requests, report.steps, report.seconds, compile_counter.COUNTER.total)
     compile_counter.COUNTER.mark_ready()

@@ -88,6 +88,11 @@ class Executor:
         from now on (``tessellm.metrics.compile_counter``)."""
         self.collective_rpc("mark_compile_ready")
 
+    def restart_plugin_checks(self) -> None:
+        """Warm-up ended: every worker's checked plugin calls check their next calls again, so
+        the warm-up's synthetic requests do not use up the checks (``backends/checked.py``)."""
+        self.collective_rpc("restart_plugin_checks")
+
     def worker_compilations_after_ready(self) -> int:
         """Triton compilations after ready in worker processes (not the caller's own)."""
         return sum(getattr(self, "_worker_compilations", {}).values())

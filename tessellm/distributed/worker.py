@@ -197,6 +197,11 @@ class Worker:
 
         COUNTER.mark_ready()
 
+    def restart_plugin_checks(self) -> None:
+        """Warm-up ended: this process's checked plugin calls check their next calls again
+        (``BackendRegistry.restart_checks``), so the first real requests are checked too."""
+        get_registry().restart_checks()
+
     def compile_counts(self) -> dict:
         """This process's Triton compilations: in all, after ready, and whether warm-up ended."""
         from tessellm.metrics.compile_counter import COUNTER

@@ -37,6 +37,23 @@ def test_ops_are_checked_on_first_calls_then_called_directly(monkeypatch):
     assert ops.rms_norm.__func__ is checked.CheckedFusedOps.rms_norm  # others still checked
 
 
+def test_restart_checks_the_next_calls_again(monkeypatch):
+    """After the warm-up (``BackendRegistry.restart_checks``) a wrapper that had stepped aside
+    checks again, as if no call had run: a plugin that turns wrong then is named."""
+    monkeypatch.delenv("TESSELLM_VALIDATE_PLUGINS", raising=False)
+    inner = HalfWrongOps()
+    ops = checked.checked_ops(inner, "mine", "mine")
+    x = torch.randn(3, 8)
+    for _ in range(checked.CHECKED_OP_CALLS):
+        ops.silu_and_mul(x)
+    assert ops.silu_and_mul.__self__ is inner
+    ops.restart()
+    assert ops.silu_and_mul.__func__ is checked.CheckedFusedOps.silu_and_mul
+    ops.silu_and_mul(x)  # right once more
+    with pytest.raises(PluginError, match=r"silu_and_mul returned dtype torch.float64"):
+        ops.silu_and_mul(x)
+
+
 def test_validate_plugins_checks_every_call(monkeypatch):
     monkeypatch.setenv("TESSELLM_VALIDATE_PLUGINS", "1")
     ops = checked.checked_ops(HalfWrongOps(), "mine", "mine")
@@ -320,11 +337,13 @@ def test_attention_checks_are_not_used_up_before_the_first_request(monkeypatch):
     assert decodes_only.forward.__self__ is decodes_only._inner
 
 
-def test_a_request_after_the_profile_and_warm_up_is_checked(fake_site, tiny_llama, monkeypatch):
+def test_the_first_requests_after_the_profile_and_warm_up_are_checked(fake_site, tiny_llama, monkeypatch):
     """An engine whose memory profile and kernel warm-up have run (cpu: one 8-token request,
-    a prefill and two decodes) still checks its attention on the first request's prefill: a
-    third-party kernel that turns wrong there is named. Counted by calls, the warm-up's three
-    steps had used up the checks, and the wrong values went out."""
+    a prefill and two decodes) still checks its attention on the first requests' prefills, as
+    many as with no warm-up (CHECKED_STEPS): a third-party kernel right on the first request
+    and wrong on the second is named. Counted by calls, the warm-up's three steps had used up
+    the checks; counted with the warm-up's probed prefill, the first request's ended them: in
+    both the wrong values went out."""
     import sys
 
     from tessellm import LLM, SamplingParams
@@ -351,9 +370,11 @@ def test_a_request_after_the_profile_and_warm_up_is_checked(fake_site, tiny_llam
         cache = runner.kv_layers()[0].k_cache
         runner.profile_run(64)  # the GPU's profile step: every row in block 0
         runner.allocate_kv_cache(cache.shape[0], cache.dtype)
+        greedy = SamplingParams(max_tokens=2, temperature=0)
+        assert checked.CHECKED_STEPS == 2  # the first request's prefill, then the second's
+        llm.generate([{"prompt_token_ids": list(range(50, 80))}], greedy, use_tqdm=False)
         for kernel in sys.modules["fakeplug_turns"].KERNELS:
             kernel.wrong = True
         with pytest.raises(PluginError, match=r"^Backend plugin 'turns' \(tessellm_attention_kernel "
                                               r"for backend 'cpu'\): forward returned values off by"):
-            llm.generate([{"prompt_token_ids": list(range(3, 40))}],
-                         SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
+            llm.generate([{"prompt_token_ids": list(range(3, 40))}], greedy, use_tqdm=False)
