@@ -102,9 +102,23 @@ class LLM:
     def is_sleeping(self) -> bool:
         return self.engine.core.is_sleeping()
 
-    def reset_prefix_cache(self) -> bool:
-        """Empty the prefix cache; False (nothing done) while requests hold blocks."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Empty the prefix cache; False (nothing done) while requests hold blocks. vLLM's
+        ``reset_running_requests`` / ``reset_connector`` only False (running requests keep their
+        blocks; a KV connector's store is its own)."""
+        if reset_running_requests or reset_connector:
+            raise ValueError("reset_prefix_cache(reset_running_requests / reset_connector=True) is not "
+                             "supported: finish or abort the running requests first, then reset.")
         return self.engine.core.reset_prefix_cache()
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """vLLM's: the devices this LLM runs on, tensor x pipeline parallel (x data parallel
+        with ``include_dp``)."""
+        args = self.engine.args
+        return args.tensor_parallel_size * args.pipeline_parallel_size * (args.data_parallel_size if include_dp else 1)
+
+    def reset_mm_cache(self) -> None:
+        """vLLM's: nothing to do, images are processed per request and never cached."""
 
     def load_weights(self, weights=None, path: Optional[str] = None) -> int:
         """New weights, copied in place on every rank: ``weights`` an iterable of Hugging

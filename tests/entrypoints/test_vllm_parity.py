@@ -122,6 +122,15 @@ def test_collective_rpc_takes_vllms_kwargs(llm, tmp_path):
         llm.collective_rpc("kv_block_bytes", kwargs={"nope": 1})
 
 
+def test_world_size_and_cache_resets_of_vllm(llm):
+    assert (llm.get_world_size(), llm.get_world_size(include_dp=False)) == (1, 1)
+    llm.reset_mm_cache()
+    llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False)
+    assert llm.reset_prefix_cache(reset_running_requests=False, reset_connector=False)
+    with pytest.raises(ValueError, match="reset_running_requests"):
+        llm.reset_prefix_cache(reset_running_requests=True)
+
+
 # -- SamplingParams' newer names -------------------------------------------------------------
 
 @pytest.mark.parametrize("name,neutral,acting", [
