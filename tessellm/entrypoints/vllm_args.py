@@ -288,6 +288,23 @@ SERVER: tuple[VllmArg, ...] = (
             neutral=(False,)),
     VllmArg("enable_tokenizer_info_endpoint", "neutral", "use /tokenize and /detokenize", bool,
             neutral=(False,)),
+    # newer vLLM releases' server flags (docs/vllm_parity.md)
+    VllmArg("exclude_tools_when_tool_choice_none", "neutral", "the template sees a request's tools "
+            "whatever its tool_choice; send no tools where they should not be shown", bool, neutral=(False,)),
+    VllmArg("enable_per_request_metrics", "neutral", "request latencies are histograms on /metrics", bool,
+            neutral=(False,)),
+    VllmArg("fingerprint_mode", "neutral", "responses carry no system_fingerprint",
+            neutral=("none",)),
+    VllmArg("fingerprint_value", "neutral", "responses carry no system_fingerprint"),
+    VllmArg("cohere_is_reasoning_model", "noop", "tessellm serves no /cohere/v2/chat", bool),
+    VllmArg("cohere_format", "noop", "tessellm serves no /cohere/v2/chat"),
+    VllmArg("data_parallel_supervisor_port", "noop", _ONE_HOST_DP, int),
+    VllmArg("dp_supervisor_probe_interval_s", "noop", _ONE_HOST_DP, float),
+    VllmArg("dp_supervisor_probe_timeout_s", "noop", _ONE_HOST_DP, float),
+    VllmArg("dp_supervisor_probe_failure_threshold", "noop", _ONE_HOST_DP, int),
+    VllmArg("disable_access_log_for_endpoints", "noop", "the access log is all or nothing (--no-access-log)"),
+    VllmArg("enable_offline_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
+    VllmArg("enable_flash_late_interaction", "noop", "scores are computed in the engine", bool),
     VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
             "string (\"\\n\" between them), as vLLM's auto does for most templates",
             neutral=("auto", "string")),

@@ -201,9 +201,13 @@ def test_newer_engine_flags(capsys):
     parser = build_parser()
     parser.parse_args(["serve", "--cudagraph-capture-sizes", "1", "2", "--max-cudagraph-capture-size", "8",
                        "--attention-config", "{}", "--nnodes", "1", "--no-enable-dbo", "--stream-interval", "4"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["serve", "--attention-backend", "FLASH_ATTN"])
-    assert "--device" in capsys.readouterr().err
+    parser.parse_args(["serve", "--fingerprint-mode", "none", "--cohere-format", "cmd3", "--enable-offline-docs",
+                       "--no-exclude-tools-when-tool-choice-none"])
+    for argv, hint in ((["--attention-backend", "FLASH_ATTN"], "--device"),
+                       (["--exclude-tools-when-tool-choice-none"], "send no tools")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *argv])
+        assert hint in capsys.readouterr().err
     _, kwargs = pop_vllm_kwargs({"max_cudagraph_capture_size": 8, "enable_return_routed_experts": False}, "m")
     assert kwargs == {}
     with pytest.raises(ValueError, match=r"LLM\(nnodes=...\): 2 is not supported.*Ray"):
