@@ -112,6 +112,9 @@ class SamplingParams:
             self.top_k = 0
         if self.seed == -1:  # vLLM's: -1 is no seed (a new random draw each time), as UIs send it
             self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):  # vLLM's: True is 1
+            if getattr(self, name) is True:
+                setattr(self, name, 1)
         if self.thinking_token_budget == -1:  # vLLM's: unlimited
             self.thinking_token_budget = None
         # an int (msgpack's form of it) is taken; a bool or float is not (True == DELTA otherwise)
@@ -198,7 +201,14 @@ class SamplingParams:
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":
-        """vLLM's: the fields given as None take their defaults (e.g. straight from a request)."""
+        """vLLM's: the fields given as None take their defaults (e.g. straight from a request);
+        ``logit_bias`` keys may be strings of token ids, its values are clamped to [-100, 100]."""
+        bias = kwargs.get("logit_bias")
+        if bias:
+            try:
+                kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys must be token ids, got {list(bias)!r}.") from None
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     @property

@@ -144,6 +144,14 @@ def test_newer_sampling_params_are_neutral_or_refused_by_name(name, neutral, act
         SamplingParams(**{name: acting})
 
 
+def test_vllm_conversions_of_sampling_params():
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    p = SamplingParams.from_optional(logit_bias={"5": 250.0, 7: float("-inf")}, temperature=None)
+    assert (p.logit_bias, p.temperature) == ({5: 100.0, 7: -100.0}, 1.0)
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        SamplingParams.from_optional(logit_bias={"five": 1.0})
+
+
 def test_stream_interval_and_skip_clone_change_nothing(llm):
     plain = _ids(llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False))
     extra = _greedy(stream_interval=3, skip_clone=True, skip_reading_prefix_cache=True)
