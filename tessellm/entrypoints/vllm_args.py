@@ -289,8 +289,8 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("enable_tokenizer_info_endpoint", "neutral", "use /tokenize and /detokenize", bool,
             neutral=(False,)),
     # newer vLLM releases' server flags (docs/vllm_parity.md)
-    VllmArg("exclude_tools_when_tool_choice_none", "neutral", "the template sees a request's tools "
-            "whatever its tool_choice; send no tools where they should not be shown", bool, neutral=(False,)),
+    VllmArg("exclude_tools_when_tool_choice_none", "serve", "a request's tools are not shown to the "
+            "chat template when its tool_choice is \"none\"", bool),
     VllmArg("enable_per_request_metrics", "neutral", "request latencies are histograms on /metrics", bool,
             neutral=(False,)),
     VllmArg("fingerprint_mode", "neutral", "responses carry no system_fingerprint",

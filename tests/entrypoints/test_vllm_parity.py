@@ -185,6 +185,45 @@ def test_reasoning_effort_sets_enable_thinking(bos_llm, effort, kwargs, thinks):
         assert template_kwargs["reasoning_effort"] == effort
 
 
+def test_served_chat_prompt_follows_reasoning_effort_and_tool_exclusion(bos_llm):
+    """Through the real app (in process, AsyncLLM + engine core): the prompt a chat request
+    renders, with vLLM's ``reasoning_effort`` rule and ``--exclude-tools-when-tool-choice-none``."""
+    import asyncio
+
+    from tessellm.entrypoints.openai.api_server import build_app
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+    from tests.server.in_process import serve
+
+    template = ("{% if enable_thinking is defined and enable_thinking %}c{% endif %}{% if tools %}b{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    tok = bos_llm.get_tokenizer()
+
+    async def prompt_ids(client, **body):
+        r = await client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": TEXT}], "max_tokens": 1,
+            "return_token_ids": True, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["prompt_token_ids"]
+
+    async def scenario(client, engine):
+        import httpx
+
+        got = [await prompt_ids(client, reasoning_effort=e) for e in ("high", "none")]
+        got.append(await prompt_ids(client, tools=tools, tool_choice="none"))
+        excluding = build_app(engine, ServerConfig(["m"], chat_template=template,
+                                                   exclude_tools_when_tool_choice_none=True))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=excluding), base_url="http://t",
+                                     timeout=120) as other:
+            got.append(await prompt_ids(other, tools=tools, tool_choice="none"))
+            got.append(await prompt_ids(other, tools=tools, tool_choice="required"))
+        return got
+
+    args = bos_llm.engine.args
+    got = asyncio.run(serve(args, scenario, with_engine=True, config=ServerConfig(["m"], chat_template=template)))
+    assert got == [tok.encode(t + TEXT, add_special_tokens=False) for t in ("c", "", "b", "", "b")]
+
+
 def test_reasoning_effort_beyond_gpt_oss_levels_is_refused_there():
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], reasoning_effort="max")
     with pytest.raises(OpenAIError, match="reasoning_effort 'max'"):
@@ -209,10 +248,13 @@ def test_newer_engine_flags(capsys):
     parser = build_parser()
     parser.parse_args(["serve", "--cudagraph-capture-sizes", "1", "2", "--max-cudagraph-capture-size", "8",
                        "--attention-config", "{}", "--nnodes", "1", "--no-enable-dbo", "--stream-interval", "4"])
-    parser.parse_args(["serve", "--fingerprint-mode", "none", "--cohere-format", "cmd3", "--enable-offline-docs",
-                       "--no-exclude-tools-when-tool-choice-none"])
+    from tessellm.entrypoints.serve import _server_config
+
+    args = parser.parse_args(["serve", "--fingerprint-mode", "none", "--cohere-format", "cmd3",
+                              "--enable-offline-docs", "--exclude-tools-when-tool-choice-none"])
+    assert _server_config(args).exclude_tools_when_tool_choice_none
     for argv, hint in ((["--attention-backend", "FLASH_ATTN"], "--device"),
-                       (["--exclude-tools-when-tool-choice-none"], "send no tools")):
+                       (["--fingerprint-mode", "full"], "system_fingerprint")):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *argv])
         assert hint in capsys.readouterr().err

@@ -101,6 +101,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     template_kwargs = merged_template_kwargs(req.chat_template_kwargs, config)
     template_kwargs = reasoning_template_kwargs(req, template_kwargs, harmony)  # + enable_thinking
     tools = harmony_template_tools(plan.template_tools()) if harmony else plan.template_tools()
+    if config.exclude_tools_when_tool_choice_none and req.tool_choice == "none":
+        tools = None  # vLLM's --exclude-tools-when-tool-choice-none
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, template,
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
