@@ -520,6 +520,12 @@ def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
     accepted or refused."""
     kwargs = plain_names(kwargs)
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
+    # tessellm serve's own flags that vLLM's EngineArgs also has (serve.py defines them)
+    kwargs.pop("fully_sharded_loras", None)  # no effect: adapters are sharded like their layers
+    kwargs.pop("shutdown_timeout", None)  # the server's drain time; an LLM has no requests to drain
+    if kwargs.pop("lora_dtype", None) not in (None, "auto"):
+        raise ValueError("LLM(lora_dtype=...): adapters run in the model's dtype (set it with dtype=...); "
+                         "give 'auto' or leave it out.")
     model, kwargs = pop_vllm_kwargs(kwargs, model)
     return dict(model=model, **_none_is_default(kwargs))
 

@@ -17,7 +17,7 @@ from tessellm.entrypoints.cli import build_parser
 from tessellm.entrypoints.openai.errors import OpenAIError
 from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from tessellm.entrypoints.openai.sampling import check_unsupported, reasoning_template_kwargs
-from tessellm.entrypoints.vllm_args import pop_vllm_kwargs
+from tessellm.entrypoints.vllm_args import pop_vllm_kwargs, vllm_engine_kwargs
 from tests.server.test_add_special_tokens import BOS, TEXT, _make_bos_model
 
 ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=128, max_num_seqs=8)
@@ -260,5 +260,9 @@ def test_newer_engine_flags(capsys):
         assert hint in capsys.readouterr().err
     _, kwargs = pop_vllm_kwargs({"max_cudagraph_capture_size": 8, "enable_return_routed_experts": False}, "m")
     assert kwargs == {}
+    plain = vllm_engine_kwargs("m")
+    assert vllm_engine_kwargs("m", fully_sharded_loras=True, lora_dtype="auto", shutdown_timeout=5) == plain
+    with pytest.raises(ValueError, match=r"LLM\(lora_dtype=...\).*dtype="):
+        vllm_engine_kwargs("m", lora_dtype="float16")
     with pytest.raises(ValueError, match=r"LLM\(nnodes=...\): 2 is not supported.*Ray"):
         pop_vllm_kwargs({"nnodes": 2}, "m")
