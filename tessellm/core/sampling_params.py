@@ -74,6 +74,23 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logits_processors: Optional[list] = None
     guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
+    # vLLM's names for features tessellm does not have: only at the value that changes nothing
+    # (_VLLM_NEUTRAL), so a script that sets them is refused by name, never silently changed
+    logprob_token_ids: Optional[list] = None
+    prompt_logprob_token_ids: Optional[list] = None
+    prompt_logprob_start: Optional[int] = None
+    flat_logprobs: bool = False
+    thinking_token_budget: Optional[int] = None  # -1 (vLLM's "unlimited") is None
+    repetition_detection: Optional[object] = None
+    routed_experts_prompt_start: int = 0
+    trace_decode_token_ids: Optional[list] = None
+    # vLLM's, accepted with no effect on the output: outputs stream every step whatever
+    # stream_interval asks (the text is the same, in more pieces); skip_clone is vLLM's internal
+    # copy-avoidance; prompt logprobs are exact with prefix caching on, so
+    # skip_reading_prefix_cache changes nothing
+    stream_interval: Optional[int] = None
+    skip_clone: bool = False
+    skip_reading_prefix_cache: Optional[bool] = None
     # vLLM's: free-form values for custom extensions (the OpenAI request's vllm_xargs), carried
     # to the engine core with the request (Request.sampling_params.extra_args); read by custom
     # logits processors (docs/logits_processors.md), nothing else of tessellm's
@@ -93,6 +110,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.seed == -1:  # vLLM's: -1 is no seed (a new random draw each time), as UIs send it
+            self.seed = None
+        for name in ("logprobs", "prompt_logprobs"):  # vLLM's: True is 1
+            if getattr(self, name) is True:
+                setattr(self, name, 1)
+        if self.thinking_token_budget == -1:  # vLLM's: unlimited
+            self.thinking_token_budget = None
         # an int (msgpack's form of it) is taken; a bool or float is not (True == DELTA otherwise)
         _check(isinstance(self.output_kind, int) and not isinstance(self.output_kind, bool)
                and self.output_kind in tuple(RequestOutputKind), "output_kind must be a RequestOutputKind "
@@ -148,6 +172,8 @@ class SamplingParams:
                        f"token), got {value!r}.")
 
         check_truncate_prompt_tokens(self.truncate_prompt_tokens)  # the server's check too
+        _check(self.stream_interval is None or (isinstance(self.stream_interval, int) and self.stream_interval >= 1),
+               f"stream_interval must be an integer >= 1, got {self.stream_interval!r}.")
         _check(self.best_of in (None, self.n), f"best_of ({self.best_of}) other than n ({self.n}) is "
                "not supported by tessellm (no ranking of samples); leave it unset.")
         for name, neutral, fix in _VLLM_NEUTRAL:
@@ -175,7 +201,14 @@ class SamplingParams:
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":
-        """vLLM's: the fields given as None take their defaults (e.g. straight from a request)."""
+        """vLLM's: the fields given as None take their defaults (e.g. straight from a request);
+        ``logit_bias`` keys may be strings of token ids, its values are clamped to [-100, 100]."""
+        bias = kwargs.get("logit_bias")
+        if bias:
+            try:
+                kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in bias.items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias keys must be token ids, got {list(bias)!r}.") from None
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     @property
@@ -207,6 +240,18 @@ _VLLM_NEUTRAL = (
     ("logits_processors", (None, []), "per-request callables are not supported (nor in vLLM v1); "
      "give batch-level processors to the engine, LLM(logits_processors=[Cls]), and select them per "
      "request with extra_args (docs/logits_processors.md)"),
+    ("logprob_token_ids", (None,), "ask for logprobs=-1 (the whole vocabulary) and read the ids you "
+     "need, or logprobs=k for the top k"),
+    ("prompt_logprob_token_ids", (None,), "ask for prompt_logprobs=-1 and read the ids you need"),
+    ("prompt_logprob_start", (None, 0), "ask for prompt_logprobs and skip the rows you do not need"),
+    ("flat_logprobs", (False,), "logprobs come as vLLM's default list of dicts"),
+    ("thinking_token_budget", (None,), "cap the whole output with max_tokens; a reasoning parser "
+     "(--reasoning-parser) splits the thinking from the answer"),
+    ("repetition_detection", (None,), "stop repetitive output with max_tokens, stop strings or "
+     "repetition_penalty / frequency_penalty"),
+    ("routed_experts_prompt_start", (0,), "tessellm does not return routed experts"),
+    ("trace_decode_token_ids", (None, []), "score a fixed continuation with prompt_logprobs on "
+     "prompt + continuation"),
 )
 
 

@@ -181,6 +181,25 @@ def step_logprobs(out) -> Union[None, dict[int, Logprob], StepFailed]:
     return logprobs[0] if logprobs else None
 
 
+def run_offline_limited(llm, prompts, params: BeamSearchParams, lora_request, priority: Optional[list[int]],
+                        concurrency_limit: Optional[int]) -> list[BeamSearchOutput]:
+    """``run_offline`` over at most ``concurrency_limit`` prompts at a time (vLLM's
+    ``LLM.beam_search(concurrency_limit=...)``; None: all at once): the same results."""
+    if concurrency_limit is None:
+        return run_offline(llm, prompts, params, lora_request, priority)
+    if not (isinstance(concurrency_limit, int) and not isinstance(concurrency_limit, bool)
+            and concurrency_limit >= 1):
+        raise ValueError(f"beam_search(concurrency_limit=...) must be an integer >= 1 or None, got "
+                         f"{concurrency_limit!r}.")
+    prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+    out: list = []
+    for at in range(0, len(prompts), concurrency_limit):
+        part = slice(at, at + concurrency_limit)
+        out += run_offline(llm, prompts[part], params, lora_request,
+                           None if priority is None else list(priority)[part])
+    return out
+
+
 def run_offline(llm, prompts, params: BeamSearchParams, lora_request=None,
                 priority: Optional[list[int]] = None) -> list[BeamSearchOutput]:
     """``LLM.beam_search``: every step one ``LLM.generate`` over all prompts' live beams, each

@@ -15,6 +15,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
 from tessellm.entrypoints.interrupt import sigint_between_steps
+from tessellm.entrypoints.tokenization_kwargs import TokenizationKwargs
 from tessellm.entrypoints.vllm_args import plain_names, vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
 
@@ -101,9 +102,23 @@ class LLM:
     def is_sleeping(self) -> bool:
         return self.engine.core.is_sleeping()
 
-    def reset_prefix_cache(self) -> bool:
-        """Empty the prefix cache; False (nothing done) while requests hold blocks."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
+        """Empty the prefix cache; False (nothing done) while requests hold blocks. vLLM's
+        ``reset_running_requests`` / ``reset_connector`` only False (running requests keep their
+        blocks; a KV connector's store is its own)."""
+        if reset_running_requests or reset_connector:
+            raise ValueError("reset_prefix_cache(reset_running_requests / reset_connector=True) is not "
+                             "supported: finish or abort the running requests first, then reset.")
         return self.engine.core.reset_prefix_cache()
+
+    def get_world_size(self, include_dp: bool = True) -> int:
+        """vLLM's: the devices this LLM runs on, tensor x pipeline parallel (x data parallel
+        with ``include_dp``)."""
+        args = self.engine.args
+        return args.tensor_parallel_size * args.pipeline_parallel_size * (args.data_parallel_size if include_dp else 1)
+
+    def reset_mm_cache(self) -> None:
+        """vLLM's: nothing to do, images are processed per request and never cached."""
 
     def load_weights(self, weights=None, path: Optional[str] = None) -> int:
         """New weights, copied in place on every rank: ``weights`` an iterable of Hugging
@@ -123,17 +138,31 @@ class LLM:
                              "(data_parallel_size > 1); save from an LLM with data_parallel_size=1.")
         return self.engine.engine_core.save_sharded_state(path, pattern, max_size)
 
-    def collective_rpc(self, method: str, args: tuple = ()) -> list:
+    def collective_rpc(self, method: str, timeout: Optional[float] = None, args: tuple = (),
+                       kwargs: Optional[dict] = None) -> list:
         """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
-        ``args`` (msgpack-able values across processes); one result per rank, in rank order.
-        A name that is not a public method of ``Worker`` is refused here, before any rank sees it."""
+        ``args`` and ``kwargs`` (msgpack-able values across processes); one result per rank, in
+        rank order (vLLM's signature). A name that is not a public method of ``Worker`` is refused
+        here, before any rank sees it; so is a ``timeout`` (every rank is waited for)."""
+        import inspect
+
         from tessellm.distributed.worker import Worker
 
         core = self.engine.core
         if not isinstance(method, str) or method.startswith("_") or not callable(getattr(Worker, method, None)):
             raise ValueError(f"collective_rpc: {method!r} is not a method of the workers "
                              "(tessellm.distributed.worker.Worker), e.g. 'kv_block_bytes'.")
-        return core.executor.collective_rpc(method, *args)
+        if timeout is not None:
+            raise ValueError("collective_rpc(timeout=...) is not supported: the call waits for every "
+                             "rank; leave timeout out.")
+        try:  # keyword arguments become positional ones (the workers take them in order)
+            bound = inspect.signature(getattr(Worker, method)).bind(None, *args, **(kwargs or {}))
+        except TypeError as exc:
+            raise ValueError(f"collective_rpc({method!r}): {exc}.") from None
+        if bound.kwargs:
+            raise ValueError(f"collective_rpc({method!r}): keyword-only arguments "
+                             f"{', '.join(bound.kwargs)} cannot be sent to the workers.")
+        return core.executor.collective_rpc(method, *bound.args[1:])
 
     def apply_model(self, func) -> list:
         """vLLM's: ``func(model)`` (the ``torch.nn.Module``) in this process, its result in a
@@ -164,8 +193,8 @@ class LLM:
         self.shutdown()
 
     def generate(self, prompts, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: Union[bool, Callable] = True, lora_request=None, priority: Optional[list[int]] = None
-                 ) -> list[RequestOutput]:
+                 use_tqdm: Union[bool, Callable] = True, lora_request=None, priority: Optional[list[int]] = None,
+                 tokenization_kwargs: Optional[dict] = None) -> list[RequestOutput]:
         """Prompts: a str, a list of str, token-id dicts, ``{"prompt_embeds": tensor[tokens,
         hidden]}`` (with ``enable_prompt_embeds=True``), or a list of those (``tessellm.inputs``:
         ``TextPrompt``, ``TokensPrompt``). Outputs keep input order.
@@ -175,13 +204,19 @@ class LLM:
         ``tqdm`` is (``total=``, ``desc=``).
 
         ``lora_request``: a ``tessellm.lora.LoRARequest`` for every prompt, or a list with one
-        (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``."""
+        (or None: the base model) per prompt; needs ``LLM(enable_lora=True)``.
+        ``tokenization_kwargs``: vLLM's (``truncate_prompt_tokens``, ``add_special_tokens``, ...;
+        tessellm/entrypoints/tokenization_kwargs.py)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"generate(priority=...) has {len(priority)} values for {len(prompts)} "
                              "prompts; give one priority per prompt.")
+        tok = TokenizationKwargs.parse(tokenization_kwargs, "generate")
+        prompts = [tok.tokenized(p, self.engine.tokenizer, "generate") for p in prompts]
         params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
+        if tok.truncate_prompt_tokens is not None:
+            params = [p.clone(truncate_prompt_tokens=tok.truncate_prompt_tokens) for p in params]
         loras = _per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
@@ -195,28 +230,37 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
-    def beam_search(self, prompts, params, lora_request=None, *, priority: Optional[list[int]] = None) -> list:
+    def beam_search(self, prompts, params, lora_request=None, use_tqdm: bool = False,
+                    concurrency_limit: Optional[int] = None, *, priority: Optional[list[int]] = None) -> list:
         """vLLM's ``LLM.beam_search``: per prompt a ``BeamSearchOutput`` whose ``sequences``
         (best first, at most ``params.beam_width``) hold ``tokens`` (prompt + output), ``text``
         and ``cum_logprob``. ``params``: ``tessellm.entrypoints.beam_search.BeamSearchParams``;
         the algorithm and how it differs from HF's: that module's docstring. ``priority``: as
-        ``generate``'s, one per prompt, for every step's requests of its search."""
-        from tessellm.entrypoints.beam_search import run_offline
+        ``generate``'s, one per prompt, for every step's requests of its search.
+        ``concurrency_limit`` (vLLM's): search at most that many prompts at once (the results
+        are the same); ``use_tqdm``: accepted, no progress bar is shown."""
+        from tessellm.entrypoints.beam_search import run_offline_limited
 
-        return run_offline(self, prompts, params, lora_request, priority)
+        return run_offline_limited(self, prompts, params, lora_request, priority, concurrency_limit)
 
     def chat(self, messages, sampling_params=None, use_tqdm: Union[bool, Callable] = True, lora_request=None,
              chat_template: Optional[str] = None, chat_template_content_format: str = "auto",
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              tools: Optional[list[dict]] = None, chat_template_kwargs: Optional[dict] = None,
-             mm_processor_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+             tokenization_kwargs: Optional[dict] = None, mm_processor_kwargs: Optional[dict] = None
+             ) -> list[RequestOutput]:
         """One conversation (a list of {role, content}) or a list of conversations; the
         arguments in vLLM's order, positional as there. ``lora_request`` as in ``generate`` (one
         adapter, or one per conversation); ``continue_final_message`` (the last, assistant
         message is continued, not closed), ``tools`` (OpenAI function definitions, for templates
         that show them), ``chat_template_kwargs`` (extra template variables, e.g.
         ``{"enable_thinking": False}``); ``chat_template_content_format`` only ``"auto"`` /
-        ``"string"`` (text parts joined)."""
+        ``"string"`` (text parts joined); ``tokenization_kwargs`` as ``generate``'s
+        (``add_special_tokens``: the tokenizer's BOS etc. on top of the template's text)."""
+        tok = TokenizationKwargs.parse(tokenization_kwargs, "chat")
+        if tok.do_lower_case:
+            raise ValueError("chat(tokenization_kwargs=...): do_lower_case does not apply to a chat "
+                             "template's text; lower-case the messages themselves.")
         _check_chat_positions(lora_request, chat_template_content_format)
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -235,17 +279,20 @@ class LLM:
         for conv in conversations:
             def render(c):
                 return render_chat(tokenizer, c, add_generation_prompt, chat_template, tools,
-                                   continue_final_message, chat_template_kwargs)
+                                   continue_final_message, chat_template_kwargs,
+                                   add_special_tokens=bool(tok.add_special_tokens))
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,
                                              self.engine.args.allowed_local_media_path,
                                              self.engine.args.allowed_media_domains)
             prompts.append(prompt or {"prompt_token_ids": render(conv)})
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request, tokenization_kwargs=(
+            None if tok.truncate_prompt_tokens is None else {"truncate_prompt_tokens": tok.truncate_prompt_tokens}))
 
     def embed(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-              use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
+              use_tqdm: Union[bool, Callable] = True, lora_request=None,
+              tokenization_kwargs: Optional[dict] = None) -> list:
         """Embeddings of prompts (as ``generate`` takes them) on a pooling engine
         (``LLM(model, runner="pooling")``): one ``EmbeddingRequestOutput`` each, in input order,
         ``.outputs.embedding`` a list of floats. ``pooling_params``: one
@@ -255,38 +302,48 @@ class LLM:
 
         return [EmbeddingRequestOutput.from_base(o)
                 for o in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
-                                    pooling_task="embed")]
+                                    pooling_task="embed", tokenization_kwargs=tokenization_kwargs)]
 
     def classify(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-                 use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
+                 use_tqdm: Union[bool, Callable] = True, lora_request=None,
+                 tokenization_kwargs: Optional[dict] = None) -> list:
         """Class probabilities of prompts on a sequence classifier (``*ForSequenceClassification``,
         docs/pooling.md): one ``ClassificationRequestOutput`` each, ``.outputs.probs`` softmax over
         the labels (sigmoid for one label; raw logits with ``PoolingParams(use_activation=False)``)."""
         from tessellm.pooling.outputs import ClassificationRequestOutput
 
         return [ClassificationRequestOutput.from_base(o) for o in self.encode(
-            prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify")]
+            prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify",
+            tokenization_kwargs=tokenization_kwargs)]
 
     def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None,
               use_tqdm: Union[bool, Callable] = True, pooling_params=None, lora_request=None,
-              chat_template: Optional[str] = None) -> list:
+              chat_template: Optional[str] = None, tokenization_kwargs: Optional[dict] = None) -> list:
         """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
         sigmoid relevance, or the cosine similarity of an embedding model's vectors
         (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order.
         ``chat_template``: a score template (Jinja over the roles ``query`` and ``document``)
-        that formats a cross-encoder's pair, e.g. an LLM reranker's prompt."""
+        that formats a cross-encoder's pair, e.g. an LLM reranker's prompt.
+        ``tokenization_kwargs``: only its truncation (the pairs are encoded as the model pairs them)."""
         from tessellm.pooling.score import run_score
 
+        tok = TokenizationKwargs.parse(tokenization_kwargs, "score")
+        if tok.changes_text_encoding:
+            raise ValueError("score(tokenization_kwargs=...): add_special_tokens / do_lower_case do not "
+                             "apply (each pair is encoded as the model pairs texts); leave them out.")
+        if truncate_prompt_tokens is None:
+            truncate_prompt_tokens = tok.truncate_prompt_tokens
         return run_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params, lora_request,
                          chat_template)
 
     def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
                use_tqdm: Union[bool, Callable] = True, lora_request=None,
-               pooling_task: Optional[str] = None) -> list:
+               pooling_task: Optional[str] = None, tokenization_kwargs: Optional[dict] = None) -> list:
         """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``.
         ``pooling_task``: ``embed`` or ``classify`` (None: what the model does), or
         ``token_embed`` / ``token_classify``: a ``[prompt tokens, width]`` tensor, one row per
-        prompt token (docs/pooling.md)."""
+        prompt token (docs/pooling.md). ``tokenization_kwargs`` as ``generate``'s; an explicit
+        ``truncate_prompt_tokens`` wins over theirs."""
         from dataclasses import replace
 
         from tessellm.pooling.params import POOLING_TASKS, PoolingParams
@@ -296,6 +353,10 @@ class LLM:
                              f"{', '.join(POOLING_TASKS)}.")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        tok = TokenizationKwargs.parse(tokenization_kwargs, "encode")
+        prompts = [tok.tokenized(p, self.engine.tokenizer, "encode") for p in prompts]
+        if truncate_prompt_tokens is None:
+            truncate_prompt_tokens = tok.truncate_prompt_tokens
         params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"Got {len(params)} PoolingParams for {len(prompts)} prompts; give one, "
@@ -318,11 +379,12 @@ class LLM:
         return self._run(ids, use_tqdm)
 
     def reward(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-               use_tqdm: Union[bool, Callable] = True, lora_request=None) -> list:
+               use_tqdm: Union[bool, Callable] = True, lora_request=None,
+               tokenization_kwargs: Optional[dict] = None) -> list:
         """vLLM's: a reward model's scores per prompt token, i.e. ``encode(...,
         pooling_task="token_classify")``: ``.outputs.data`` is ``[prompt tokens, labels]``."""
         return self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
-                           pooling_task="token_classify")
+                           pooling_task="token_classify", tokenization_kwargs=tokenization_kwargs)
 
     def _run(self, ids: list[str], use_tqdm: Union[bool, Callable]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}

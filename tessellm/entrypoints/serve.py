@@ -393,7 +393,8 @@ def _server_config(args: argparse.Namespace):
         prompt_tokens_details=getattr(args, "enable_prompt_tokens_details", False),
         force_include_usage=getattr(args, "enable_force_include_usage", False),
         log_requests=bool(vllm.get("enable_log_requests")), log_outputs=bool(vllm.get("enable_log_outputs")),
-        max_log_len=vllm.get("max_log_len"))
+        max_log_len=vllm.get("max_log_len"),
+        exclude_tools_when_tool_choice_none=bool(vllm.get("exclude_tools_when_tool_choice_none")))
 
 
 def _root_path(value: str) -> str:

@@ -47,6 +47,13 @@ _NO_LOGS = "requests are logged only with tessellm serve --enable-log-requests"
 _ONE_HOST_DP = ("data parallelism here runs its engine cores on one host (-dp N); across hosts use "
                 "Ray Serve replicas (tessellm serve --ray --num-replicas N, docs/ray_serve.md)")
 _PARTIAL = "chunked prefill is scheduled by --max-num-batched-tokens alone"
+_STATS = "engine statistics are on /metrics (LLM.get_metrics offline), not in the log"
+_NUMA = "pin the process with numactl or taskset"
+_ATTENTION = ("each backend plugin brings its own attention kernel; pick the device with --device "
+              "(tessellm backends lists them and their kernels)")
+_MULTI_NODE = ("runs across hosts go through Ray (--distributed-executor-backend ray, "
+               "docs/parallelism.md)")
+_NO_CP = "context parallelism is not supported; use --tensor-parallel-size or --pipeline-parallel-size"
 
 ENGINE: tuple[VllmArg, ...] = (
     # accepted, no effect
@@ -150,6 +157,91 @@ ENGINE: tuple[VllmArg, ...] = (
     VllmArg("media_io_kwargs", "neutral", "images are decoded with default settings", "json",
             neutral=({},)),
     VllmArg("kv_events_config", "neutral", "tessellm publishes no KV cache events", "json"),
+    # newer vLLM releases' names (audited against vLLM's EngineArgs, docs/vllm_parity.md)
+    VllmArg("cudagraph_capture_sizes", "noop", _GRAPHS, int, nargs="+"),
+    VllmArg("max_cudagraph_capture_size", "noop", _GRAPHS, int),
+    VllmArg("optimization_level", "noop", "tessellm does not run torch.compile; " + _GRAPHS),
+    VllmArg("performance_mode", "noop", "tessellm has no presets; tune --max-num-seqs and "
+            "--max-num-batched-tokens"),
+    VllmArg("stream_interval", "noop", "outputs stream every step (the same text, in more pieces)", int),
+    VllmArg("aggregate_engine_logging", "noop", _STATS, bool),
+    VllmArg("cudagraph_metrics", "noop", _STATS, bool),
+    VllmArg("enable_mfu_metrics", "noop", _STATS, bool),
+    VllmArg("enable_logging_iteration_details", "noop", _STATS, bool),
+    VllmArg("enable_mm_processor_stats", "noop", _STATS, bool),
+    VllmArg("enable_layerwise_nvtx_tracing", "noop", "profile with LLM.start_profile / the /start_profile "
+            "route (docs/metrics.md)", bool),
+    VllmArg("distributed_timeout_seconds", "noop", "torch.distributed's default timeout applies", int),
+    VllmArg("numa_bind", "noop", _NUMA, bool),
+    VllmArg("numa_bind_nodes", "noop", _NUMA, int, nargs="+"),
+    VllmArg("numa_bind_cpus", "noop", _NUMA, nargs="+"),
+    VllmArg("safetensors_load_strategy", "noop", "safetensors files are memory-mapped and read once"),
+    VllmArg("renderer_num_workers", "noop", "prompts are rendered in the API process", int),
+    VllmArg("disable_hybrid_kv_cache_manager", "noop", "one KV cache manager serves every layer type", bool),
+    VllmArg("skip_mm_profiling", "noop", "tessellm runs no multimodal memory-profiling pass", bool),
+    VllmArg("mm_processor_cache_type", "noop", "images are processed per request, nothing cached"),
+    VllmArg("mm_shm_cache_max_object_size_mb", "noop", "images are processed per request, nothing cached", int),
+    VllmArg("specialize_active_lora", "noop", "adapters run through the same batched LoRA kernels", bool),
+    VllmArg("allow_deprecated_quantization", "noop", "tessellm's quantization methods need no opt-in", bool),
+    VllmArg("enable_flashinfer_autotune", "noop", "tessellm has no FlashInfer kernels", bool),
+    VllmArg("fail_on_environ_validation", "noop", "tessellm reads its environment variables in one place "
+            "(tessellm/envs.py) and refuses bad values there", bool),
+    VllmArg("attention_backend", "neutral", _ATTENTION),
+    VllmArg("attention_config", "neutral", _ATTENTION, "json", neutral=({},)),
+    VllmArg("kernel_config", "neutral", _ATTENTION, "json", neutral=({},)),
+    VllmArg("moe_backend", "neutral", "MoE layers run the backend's fused_moe (docs/plugins.md)",
+            neutral=("auto",)),
+    VllmArg("quantization_config", "neutral", "give a pre-quantized checkpoint, or --quantization "
+            "METHOD (docs/quantization.md)", "json"),
+    VllmArg("nnodes", "neutral", _MULTI_NODE, int, neutral=(1,)),
+    VllmArg("node_rank", "neutral", _MULTI_NODE, int, neutral=(0,)),
+    VllmArg("master_addr", "neutral", _MULTI_NODE),
+    VllmArg("master_port", "neutral", _MULTI_NODE, int),
+    VllmArg("prefill_context_parallel_size", "neutral", _NO_CP, int, neutral=(1,)),
+    VllmArg("decode_context_parallel_size", "neutral", _NO_CP, int, neutral=(1,)),
+    VllmArg("enable_dbo", "neutral", "tessellm runs each step as one batch (no dual-batch overlap)",
+            bool, neutral=(False,)),
+    VllmArg("enable_elastic_ep", "neutral", "restart with the new --data-parallel-size", bool,
+            neutral=(False,)),
+    VllmArg("eplb_config", "neutral", "experts stay where --enable-expert-parallel places them", "json",
+            neutral=({},)),
+    VllmArg("kv_sharing_fast_prefill", "neutral", "prefill computes every layer", bool, neutral=(False,)),
+    VllmArg("language_model_only", "neutral", "text prompts never run the vision tower; "
+            "--limit-mm-per-prompt '{\"image\": 0}' refuses images", bool, neutral=(False,)),
+    VllmArg("enable_mm_embeds", "neutral", "image embeddings are not taken as input; send the images",
+            bool, neutral=(False,)),
+    VllmArg("interleave_mm_strings", "neutral", "a message's text parts are joined and its images "
+            "placed by the chat template", bool, neutral=(False,)),
+    VllmArg("mm_encoder_tp_mode", "neutral", "the vision tower's weights are sharded as the language "
+            "model's", neutral=("weights",)),
+    VllmArg("mm_encoder_attn_backend", "neutral", _ATTENTION),
+    VllmArg("io_processor_plugin", "neutral", "pooling outputs come as vectors (docs/pooling.md)"),
+    VllmArg("override_attention_dtype", "neutral", "attention runs in --dtype (the KV cache in "
+            "--kv-cache-dtype)"),
+    VllmArg("kv_cache_dtype_skip_layers", "neutral", "--kv-cache-dtype applies to every layer", nargs="+"),
+    VllmArg("mamba_ssm_cache_dtype", "neutral", "recurrent states keep the model's dtype", neutral=("auto",)),
+    VllmArg("mamba_block_size", "neutral", "recurrent states are kept per request", int),
+    VllmArg("enable_return_routed_experts", "neutral", "tessellm does not return routed experts", bool,
+            neutral=(False,)),
+    VllmArg("ec_transfer_config", "neutral", "encoder caches are not transferred; KV caches are "
+            "(--kv-transfer-config, docs/kv_transfer.md)", "json"),
+    VllmArg("weight_transfer_config", "neutral", "update weights in place with LLM.load_weights "
+            "(docs/sleep_mode.md)", "json"),
+    VllmArg("offload_group_size", "neutral", "all weights stay on the device; use --quantization or "
+            "--tensor-parallel-size", int, neutral=(0,)),
+    VllmArg("cpu_offload_params", "neutral", "all weights stay on the device; use --quantization or "
+            "--tensor-parallel-size", nargs="+"),
+    VllmArg("lora_target_modules", "neutral", "adapters apply to the modules their "
+            "adapter_config.json names", nargs="+"),
+    VllmArg("default_mm_loras", "neutral", "give the adapter per request (lora_request / the "
+            "adapter's model name)", "json", neutral=({},)),
+    VllmArg("enable_tower_connector_lora", "neutral", "adapters apply to the language model only", bool,
+            neutral=(False,)),
+    VllmArg("scheduler_cls", "neutral", "tessellm's scheduler is built in (--scheduling-policy fcfs "
+            "or priority)"),
+    VllmArg("model_weights", "neutral", "give the weights' directory (or .gguf file) as the model"),
+    VllmArg("tokens_only", "neutral", "the API process tokenizes and detokenizes; send token ids "
+            "({\"prompt_token_ids\": [...]}) and read token_ids", bool, neutral=(False,)),
     # translated
     VllmArg("num_gpu_blocks_override", "alias", "--num-kv-blocks", int, target="num_kv_blocks"),
     VllmArg("rope_scaling", "hf", "--hf-overrides '{\"rope_scaling\": ...}'", "json", target="rope_scaling"),
@@ -196,6 +288,23 @@ SERVER: tuple[VllmArg, ...] = (
             neutral=(False,)),
     VllmArg("enable_tokenizer_info_endpoint", "neutral", "use /tokenize and /detokenize", bool,
             neutral=(False,)),
+    # newer vLLM releases' server flags (docs/vllm_parity.md)
+    VllmArg("exclude_tools_when_tool_choice_none", "serve", "a request's tools are not shown to the "
+            "chat template when its tool_choice is \"none\"", bool),
+    VllmArg("enable_per_request_metrics", "neutral", "request latencies are histograms on /metrics", bool,
+            neutral=(False,)),
+    VllmArg("fingerprint_mode", "neutral", "responses carry no system_fingerprint",
+            neutral=("none",)),
+    VllmArg("fingerprint_value", "neutral", "responses carry no system_fingerprint"),
+    VllmArg("cohere_is_reasoning_model", "noop", "tessellm serves no /cohere/v2/chat", bool),
+    VllmArg("cohere_format", "noop", "tessellm serves no /cohere/v2/chat"),
+    VllmArg("data_parallel_supervisor_port", "noop", _ONE_HOST_DP, int),
+    VllmArg("dp_supervisor_probe_interval_s", "noop", _ONE_HOST_DP, float),
+    VllmArg("dp_supervisor_probe_timeout_s", "noop", _ONE_HOST_DP, float),
+    VllmArg("dp_supervisor_probe_failure_threshold", "noop", _ONE_HOST_DP, int),
+    VllmArg("disable_access_log_for_endpoints", "noop", "the access log is all or nothing (--no-access-log)"),
+    VllmArg("enable_offline_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
+    VllmArg("enable_flash_late_interaction", "noop", "scores are computed in the engine", bool),
     VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
             "string (\"\\n\" between them), as vLLM's auto does for most templates",
             neutral=("auto", "string")),
@@ -411,6 +520,12 @@ def vllm_engine_kwargs(model: Optional[str] = None, **kwargs) -> dict:
     accepted or refused."""
     kwargs = plain_names(kwargs)
     kwargs.pop("max_logprobs", None)  # the server's limit (--max-logprobs); none in an engine
+    # tessellm serve's own flags that vLLM's EngineArgs also has (serve.py defines them)
+    kwargs.pop("fully_sharded_loras", None)  # no effect: adapters are sharded like their layers
+    kwargs.pop("shutdown_timeout", None)  # the server's drain time; an LLM has no requests to drain
+    if kwargs.pop("lora_dtype", None) not in (None, "auto"):
+        raise ValueError("LLM(lora_dtype=...): adapters run in the model's dtype (set it with dtype=...); "
+                         "give 'auto' or leave it out.")
     model, kwargs = pop_vllm_kwargs(kwargs, model)
     return dict(model=model, **_none_is_default(kwargs))
 

@@ -70,6 +70,9 @@ class _SamplingFields(_Request):
     request_id: Optional[str] = Field(None, min_length=1, max_length=256)  # the response id's tail
     session_id: Optional[str] = None  # accepted; no effect
     stream_interval: Optional[int] = Field(None, ge=1)  # accepted; tessellm streams every step
+    # vLLM's render-endpoint options, which its generation endpoints ignore: accepted, no effect
+    return_token_offsets: Optional[bool] = None
+    return_mm_kwargs: bool = True
     cache_salt: Optional[str] = None  # prefix-cache blocks are shared only within one salt
     allowed_token_ids: Optional[list[int]] = None  # only these ids may be sampled
     bad_words: Optional[list[str]] = None  # words never generated (SamplingParams.bad_words)
@@ -85,6 +88,7 @@ class _SamplingFields(_Request):
     watermarking: Optional[bool] = None
     thinking_token_budget: Optional[int] = None
     repetition_detection: Optional[Any] = None
+    routed_experts_prompt_start: int = 0  # tessellm returns no routed experts
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
     logits_processors: Optional[Any] = None
@@ -185,7 +189,9 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None  # extra template variables
     include_reasoning: bool = True  # false: no reasoning in the response (--reasoning-parser)
     # for the chat template (gpt-oss's writes "Reasoning: high" into its system message)
-    reasoning_effort: Optional[Literal["low", "medium", "high"]] = None
+    # (vLLM's values; unless chat_template_kwargs set enable_thinking, the template also gets
+    # enable_thinking = reasoning_effort != "none", as vLLM: sampling.reasoning_template_kwargs)
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]] = None
     add_special_tokens: bool = False  # true: the tokenizer's BOS etc. added to the template's text
     echo: bool = False  # vLLM's: the last message's text first, when the reply continues it
     # vLLM extras accepted only at their neutral value (CHAT_UNSUPPORTED)
@@ -193,6 +199,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template: Optional[str] = None
     media_io_kwargs: Optional[Any] = None
     mm_processor_kwargs: Optional[Any] = None
+    return_prompt_text: Optional[bool] = None
     # accepted with no effect
     metadata: Optional[dict[str, str]] = None
     store: Optional[bool] = None  # true is refused (nothing is stored)
@@ -231,6 +238,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "logits_processors": (None, []),
     "guided_whitespace_pattern": (None,),
     "structural_tag": (None,),
+    "routed_experts_prompt_start": (0,),
 }
 
 # what to do instead, in the refusal of an UNSUPPORTED field
@@ -244,6 +252,9 @@ UNSUPPORTED_FIX: dict[str, str] = {
     "structural_tag": "send response_format: {\"type\": \"structural_tag\", ...}",
     "spaces_between_special_tokens": "special tokens are decoded as the tokenizer joins them; use "
                                      "skip_special_tokens",
+    "routed_experts_prompt_start": "tessellm does not return routed experts",
+    "return_prompt_text": "POST the same messages to /tokenize with return_token_strs: true to see "
+                          "the rendered prompt",
 }
 
 # chat only (the same names mean something else, or are supported, at /v1/completions)
@@ -251,6 +262,7 @@ CHAT_UNSUPPORTED: dict[str, tuple] = {
     "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
     "media_io_kwargs": (None,),
     "mm_processor_kwargs": (None,),
+    "return_prompt_text": (None, False),
 }
 
 

@@ -85,6 +85,25 @@ def merged_template_kwargs(kwargs: Optional[dict], config: ServerConfig) -> Opti
     return {**config.default_chat_template_kwargs, **(kwargs or {})}
 
 
+_HARMONY_EFFORTS = ("low", "medium", "high")  # gpt-oss's template (openai/harmony.py)
+
+
+def reasoning_template_kwargs(req: ChatCompletionRequest, kwargs: Optional[dict], harmony: bool) -> Optional[dict]:
+    """The template variables ``reasoning_effort`` adds, as vLLM: the effort itself (gpt-oss's
+    template reads it) and, unless ``kwargs`` (the request's chat_template_kwargs over the
+    server's) set it, ``enable_thinking = reasoning_effort != "none"``: templates that think only
+    when asked (Gemma 4's) think, and ``"none"`` turns Qwen 3's thinking off."""
+    effort = req.reasoning_effort
+    if effort is None:
+        return kwargs
+    if harmony and effort not in _HARMONY_EFFORTS:
+        raise bad_request(f"reasoning_effort {effort!r} is not one of gpt-oss's levels; send "
+                          f"{', '.join(_HARMONY_EFFORTS)}.", "reasoning_effort", "invalid_value")
+    out = {**(kwargs or {}), "reasoning_effort": effort}
+    out.setdefault("enable_thinking", effort != "none")
+    return out
+
+
 def check_unsupported(req: BaseModel) -> None:
     unsupported = {**UNSUPPORTED, **CHAT_UNSUPPORTED} if isinstance(req, ChatCompletionRequest) else UNSUPPORTED
     for name, neutral in unsupported.items():

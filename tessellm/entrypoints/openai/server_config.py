@@ -41,6 +41,9 @@ class ServerConfig:
     log_requests: bool = False  # --enable-log-requests: prompts and params in the log
     log_outputs: bool = False  # --enable-log-outputs: finished outputs in the log
     max_log_len: Optional[int] = None  # --max-log-len: characters / ids per logged field
+    # --exclude-tools-when-tool-choice-none (vLLM's): a request's tools are not shown to the chat
+    # template when its tool_choice is "none"
+    exclude_tools_when_tool_choice_none: bool = False
 
     def lora_for(self, name: Optional[str]):
         """The LoRARequest the ``model`` field names, or None (the base model)."""

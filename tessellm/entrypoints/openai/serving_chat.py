@@ -31,8 +31,9 @@ from tessellm.entrypoints.openai.protocol_responses import (ChatChoice, ChatChoi
 from tessellm.entrypoints.openai.reasoning import ReasoningPlan, ReasoningStream
 from tessellm.entrypoints.openai.sampling import (apply_server_defaults, check_kv_transfer_params,
                                                   check_limits, check_model, check_unsupported,
-                                                  merged_template_kwargs, request_chat_template,
-                                                  resolve_max_tokens, to_sampling_params)
+                                                  merged_template_kwargs, reasoning_template_kwargs,
+                                                  request_chat_template, resolve_max_tokens,
+                                                  to_sampling_params)
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.structured import structured_from_request
 from tessellm.entrypoints.openai.tools import ToolPlan, tool_call_history
@@ -98,9 +99,10 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     structured = structured_from_request(req, plan.forced_schema())
     images: list = []  # image_url parts, loaded (docs/multimodal.md)
     template_kwargs = merged_template_kwargs(req.chat_template_kwargs, config)
-    if req.reasoning_effort is not None:  # gpt-oss's template reads it (others ignore it)
-        template_kwargs = {**(template_kwargs or {}), "reasoning_effort": req.reasoning_effort}
+    template_kwargs = reasoning_template_kwargs(req, template_kwargs, harmony)  # + enable_thinking
     tools = harmony_template_tools(plan.template_tools()) if harmony else plan.template_tools()
+    if config.exclude_tools_when_tool_choice_none and req.tool_choice == "none":
+        tools = None  # vLLM's --exclude-tools-when-tool-choice-none
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, template,
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,

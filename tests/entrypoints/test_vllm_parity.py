@@ -1,0 +1,278 @@
+"""The vLLM names docs/vllm_parity.md's audit found missing or different, on the real engine
+(tiny random llama, cpu, float32; a tiny llama whose tokenizer adds a BOS for the tokenizer
+options): ``seed=-1`` is no seed, ``tokenization_kwargs``, ``beam_search(concurrency_limit=...)``,
+``collective_rpc(kwargs=...)``, the newer ``SamplingParams`` names, chat ``reasoning_effort``'s
+``enable_thinking``, the newer request fields and engine flags."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tessellm import LLM, SamplingParams
+from tessellm.entrypoints.beam_search import BeamSearchParams
+from tessellm.entrypoints.chat_utils import render_chat
+from tessellm.entrypoints.cli import build_parser
+from tessellm.entrypoints.openai.errors import OpenAIError
+from tessellm.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from tessellm.entrypoints.openai.sampling import check_unsupported, reasoning_template_kwargs
+from tessellm.entrypoints.vllm_args import pop_vllm_kwargs, vllm_engine_kwargs
+from tests.server.test_add_special_tokens import BOS, TEXT, _make_bos_model
+
+ENGINE = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=128, max_num_seqs=8)
+PROMPT = [5, 9, 11, 7, 3, 2, 8, 1, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir):
+    with LLM(tiny_model_dir("llama"), **ENGINE) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def bos_llm(tmp_path_factory):
+    path = _make_bos_model(str(tmp_path_factory.mktemp("bos") / "model"))
+    with LLM(path, **ENGINE) as engine:
+        yield engine
+
+
+def _greedy(max_tokens: int = 4, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+def _ids(outs) -> list:
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# -- seed=-1 ------------------------------------------------------------------------------------
+
+def test_seed_minus_one_is_no_seed(llm):
+    """vLLM (and UIs that send ``"seed": -1``): -1 means unseeded. It was taken as seed -1: every
+    such request drew the same 'random' tokens."""
+    prompts = [{"prompt_token_ids": PROMPT}] * 4
+    seeded = _ids(llm.generate(prompts, SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True),
+                               use_tqdm=False))
+    assert len({tuple(t) for t in seeded}) == 1  # a real seed: the same draw every time
+    unseeded = _ids(llm.generate(prompts, SamplingParams(max_tokens=8, temperature=1.0, seed=-1, ignore_eos=True),
+                                 use_tqdm=False))
+    assert len({tuple(t) for t in unseeded}) > 1
+    assert SamplingParams(seed=-1).seed is None
+
+
+# -- tokenization_kwargs ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [{"truncate_prompt_tokens": 4}, {"truncation": True, "max_length": 4}])
+def test_tokenization_kwargs_truncate_the_prompt(llm, kwargs):
+    [cut] = llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+    [short] = llm.generate({"prompt_token_ids": PROMPT[-4:]}, _greedy(), use_tqdm=False)
+    assert list(cut.prompt_token_ids) == PROMPT[-4:]
+    assert cut.outputs[0].token_ids == short.outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"padding": True}, "'padding'"),
+    ({"max_length": 4}, "truncate_prompt_tokens"),
+    ({"truncation": "only_second", "max_length": 4}, "truncation"),
+    ({"truncation": True}, "max_length"),
+])
+def test_tokenization_kwargs_not_read_are_refused_by_name(llm, kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+
+
+def test_tokenization_kwargs_add_special_tokens(bos_llm):
+    tok = bos_llm.get_tokenizer()
+    plain = tok.encode(TEXT, add_special_tokens=False)
+    default, without = (bos_llm.generate(TEXT, _greedy(1), use_tqdm=False, tokenization_kwargs=kw)[0]
+                        for kw in (None, {"add_special_tokens": False}))
+    assert list(default.prompt_token_ids) == [BOS, *plain]
+    assert list(without.prompt_token_ids) == plain and without.prompt == TEXT
+    [upper] = bos_llm.generate(TEXT.upper(), _greedy(1), use_tqdm=False,
+                               tokenization_kwargs={"do_lower_case": True, "add_special_tokens": False})
+    assert list(upper.prompt_token_ids) == plain
+    messages = [{"role": "user", "content": TEXT}]
+    chat = [list(bos_llm.chat(messages, _greedy(1), use_tqdm=False, tokenization_kwargs=kw)[0].prompt_token_ids)
+            for kw in (None, {"add_special_tokens": True})]
+    assert chat == [plain, [BOS, *plain]]  # the template's text, and the BOS on top of it (vLLM's)
+
+
+def test_tokenization_kwargs_of_pooling(tiny_model_dir):
+    with LLM(tiny_model_dir("llama"), runner="pooling", convert="embed", **ENGINE) as pooler:
+        cut, short = (pooler.embed({"prompt_token_ids": p}, use_tqdm=False, tokenization_kwargs=kw)[0]
+                      for p, kw in ((PROMPT, {"truncate_prompt_tokens": 4}), (PROMPT[-4:], None)))
+        assert list(cut.prompt_token_ids) == PROMPT[-4:]
+        assert cut.outputs.embedding == pytest.approx(short.outputs.embedding)
+        with pytest.raises(ValueError, match="'padding'"):
+            pooler.encode({"prompt_token_ids": PROMPT}, pooling_task="embed", tokenization_kwargs={"padding": 1})
+
+
+# -- beam_search and collective_rpc ------------------------------------------------------------
+
+def test_beam_search_concurrency_limit_gives_the_same_beams(llm):
+    prompts = [{"prompt_token_ids": PROMPT[:n]} for n in (3, 5, 7)]
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+
+    def beams(outs):
+        return [[(s.tokens, round(s.cum_logprob, 5)) for s in o.sequences] for o in outs]
+
+    whole = beams(llm.beam_search(prompts, params))
+    assert beams(llm.beam_search(prompts, params, None, False, 2)) == whole
+    assert beams(llm.beam_search(prompts, params, use_tqdm=True, concurrency_limit=1)) == whole
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        llm.beam_search(prompts, params, concurrency_limit=0)
+
+
+def test_collective_rpc_takes_vllms_kwargs(llm, tmp_path):
+    [files] = llm.collective_rpc("save_sharded_state", kwargs={"path": str(tmp_path)})
+    assert files and all(os.path.exists(f) for f in files)
+    with pytest.raises(ValueError, match="timeout"):
+        llm.collective_rpc("kv_block_bytes", timeout=5)
+    with pytest.raises(ValueError, match="unexpected keyword argument 'nope'"):
+        llm.collective_rpc("kv_block_bytes", kwargs={"nope": 1})
+
+
+def test_world_size_and_cache_resets_of_vllm(llm):
+    assert (llm.get_world_size(), llm.get_world_size(include_dp=False)) == (1, 1)
+    llm.reset_mm_cache()
+    llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False)
+    assert llm.reset_prefix_cache(reset_running_requests=False, reset_connector=False)
+    with pytest.raises(ValueError, match="reset_running_requests"):
+        llm.reset_prefix_cache(reset_running_requests=True)
+
+
+# -- SamplingParams' newer names -------------------------------------------------------------
+
+@pytest.mark.parametrize("name,neutral,acting", [
+    ("logprob_token_ids", None, [1]), ("prompt_logprob_token_ids", None, [1]), ("prompt_logprob_start", 0, 3),
+    ("flat_logprobs", False, True), ("thinking_token_budget", -1, 64), ("repetition_detection", None, {"min_count": 2}),
+    ("routed_experts_prompt_start", 0, 5), ("trace_decode_token_ids", None, [1, 2]),
+])
+def test_newer_sampling_params_are_neutral_or_refused_by_name(name, neutral, acting):
+    SamplingParams(**{name: neutral})
+    with pytest.raises(ValueError, match=f"{name}=.*not supported by tessellm"):
+        SamplingParams(**{name: acting})
+
+
+def test_vllm_conversions_of_sampling_params():
+    assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
+    p = SamplingParams.from_optional(logit_bias={"5": 250.0, 7: float("-inf")}, temperature=None)
+    assert (p.logit_bias, p.temperature) == ({5: 100.0, 7: -100.0}, 1.0)
+    with pytest.raises(ValueError, match="logit_bias keys"):
+        SamplingParams.from_optional(logit_bias={"five": 1.0})
+
+
+def test_stream_interval_and_skip_clone_change_nothing(llm):
+    plain = _ids(llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False))
+    extra = _greedy(stream_interval=3, skip_clone=True, skip_reading_prefix_cache=True)
+    assert _ids(llm.generate({"prompt_token_ids": PROMPT}, extra, use_tqdm=False)) == plain
+    with pytest.raises(ValueError, match="stream_interval"):
+        SamplingParams(stream_interval=0)
+
+
+# -- the server's request fields (validation only: no server needed) --------------------------
+
+THINK_TEMPLATE = ("{% if enable_thinking is defined and enable_thinking %}c{% endif %}"
+                  "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.mark.parametrize("effort,kwargs,thinks", [
+    (None, None, False), ("high", None, True), ("low", None, True), ("none", None, False),
+    ("max", {"enable_thinking": False}, False),  # the request's own template kwargs win
+])
+def test_reasoning_effort_sets_enable_thinking(bos_llm, effort, kwargs, thinks):
+    """vLLM's rule: ``reasoning_effort`` also sets ``enable_thinking`` (effort != "none") for
+    templates that think only when asked; it was passed through alone (such a template never
+    thought)."""
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": TEXT}], reasoning_effort=effort,
+                                chat_template_kwargs=kwargs)
+    tok = bos_llm.get_tokenizer()
+    template_kwargs = reasoning_template_kwargs(req, kwargs, harmony=False)
+    ids = render_chat(tok, [{"role": "user", "content": TEXT}], chat_template=THINK_TEMPLATE,
+                      template_kwargs=template_kwargs)
+    assert ids == tok.encode(("c" if thinks else "") + TEXT, add_special_tokens=False)
+    if effort is not None:
+        assert template_kwargs["reasoning_effort"] == effort
+
+
+def test_served_chat_prompt_follows_reasoning_effort_and_tool_exclusion(bos_llm):
+    """Through the real app (in process, AsyncLLM + engine core): the prompt a chat request
+    renders, with vLLM's ``reasoning_effort`` rule and ``--exclude-tools-when-tool-choice-none``."""
+    import asyncio
+
+    from tessellm.entrypoints.openai.api_server import build_app
+    from tessellm.entrypoints.openai.server_config import ServerConfig
+    from tests.server.in_process import serve
+
+    template = ("{% if enable_thinking is defined and enable_thinking %}c{% endif %}{% if tools %}b{% endif %}"
+                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    tok = bos_llm.get_tokenizer()
+
+    async def prompt_ids(client, **body):
+        r = await client.post("/v1/chat/completions", json={
+            "model": "m", "messages": [{"role": "user", "content": TEXT}], "max_tokens": 1,
+            "return_token_ids": True, **body})
+        assert r.status_code == 200, r.text
+        return r.json()["prompt_token_ids"]
+
+    async def scenario(client, engine):
+        import httpx
+
+        got = [await prompt_ids(client, reasoning_effort=e) for e in ("high", "none")]
+        got.append(await prompt_ids(client, tools=tools, tool_choice="none"))
+        excluding = build_app(engine, ServerConfig(["m"], chat_template=template,
+                                                   exclude_tools_when_tool_choice_none=True))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=excluding), base_url="http://t",
+                                     timeout=120) as other:
+            got.append(await prompt_ids(other, tools=tools, tool_choice="none"))
+            got.append(await prompt_ids(other, tools=tools, tool_choice="required"))
+        return got
+
+    args = bos_llm.engine.args
+    got = asyncio.run(serve(args, scenario, with_engine=True, config=ServerConfig(["m"], chat_template=template)))
+    assert got == [tok.encode(t + TEXT, add_special_tokens=False) for t in ("c", "", "b", "", "b")]
+
+
+def test_reasoning_effort_beyond_gpt_oss_levels_is_refused_there():
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], reasoning_effort="max")
+    with pytest.raises(OpenAIError, match="reasoning_effort 'max'"):
+        reasoning_template_kwargs(req, None, harmony=True)
+
+
+@pytest.mark.parametrize("cls,field,neutral,acting", [
+    (CompletionRequest, "routed_experts_prompt_start", 0, 3),
+    (ChatCompletionRequest, "routed_experts_prompt_start", 0, 3),
+    (ChatCompletionRequest, "return_prompt_text", False, True),
+])
+def test_newer_request_fields_neutral_or_refused_by_name(cls, field, neutral, acting):
+    body = {"prompt": "x"} if cls is CompletionRequest else {"messages": [{"role": "user", "content": "x"}]}
+    check_unsupported(cls(**body, **{field: neutral}, return_token_offsets=True, return_mm_kwargs=False))
+    with pytest.raises(OpenAIError, match=f"'{field}' is not supported"):
+        check_unsupported(cls(**body, **{field: acting}))
+
+
+# -- engine flags ------------------------------------------------------------------------------
+
+def test_newer_engine_flags(capsys):
+    parser = build_parser()
+    parser.parse_args(["serve", "--cudagraph-capture-sizes", "1", "2", "--max-cudagraph-capture-size", "8",
+                       "--attention-config", "{}", "--nnodes", "1", "--no-enable-dbo", "--stream-interval", "4"])
+    from tessellm.entrypoints.serve import _server_config
+
+    args = parser.parse_args(["serve", "--fingerprint-mode", "none", "--cohere-format", "cmd3",
+                              "--enable-offline-docs", "--exclude-tools-when-tool-choice-none"])
+    assert _server_config(args).exclude_tools_when_tool_choice_none
+    for argv, hint in ((["--attention-backend", "FLASH_ATTN"], "--device"),
+                       (["--fingerprint-mode", "full"], "system_fingerprint")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", *argv])
+        assert hint in capsys.readouterr().err
+    _, kwargs = pop_vllm_kwargs({"max_cudagraph_capture_size": 8, "enable_return_routed_experts": False}, "m")
+    assert kwargs == {}
+    plain = vllm_engine_kwargs("m")
+    assert vllm_engine_kwargs("m", fully_sharded_loras=True, lora_dtype="auto", shutdown_timeout=5) == plain
+    with pytest.raises(ValueError, match=r"LLM\(lora_dtype=...\).*dtype="):
+        vllm_engine_kwargs("m", lora_dtype="float16")
+    with pytest.raises(ValueError, match=r"LLM\(nnodes=...\): 2 is not supported.*Ray"):
+        pop_vllm_kwargs({"nnodes": 2}, "m")
