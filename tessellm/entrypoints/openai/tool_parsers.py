@@ -52,6 +52,7 @@ from tessellm.entrypoints.openai.tool_parsers_vllm import (ChatCompletionRequest
                                                            ToolParserManager, make_tool_call_id)
 from tessellm.entrypoints.openai.tool_parsers_xml import XML_PARSERS
 from tessellm.reasoning.holdback import hold_back
+from tessellm.reasoning.split import AnswerEnvelope
 
 
 class HermesParser(ToolParser):
@@ -80,14 +81,19 @@ class LongcatParser(HermesParser):
 
 class Ernie45Parser(HermesParser):
     """ERNIE-4.5: Hermes calls; the newlines before the first ``<tool_call>`` are not content
-    (held back while streaming: a call may follow them)."""
+    (held back while streaming: a call may follow them). The content's ``<response>`` ...
+    ``</response>`` envelope is dropped as the ``ernie45`` reasoning parser drops it
+    (``AnswerEnvelope``: the open tag where the content opens with it after newlines, the
+    content cut at the close tag), as vLLM's parser drops both tags."""
 
     name = "ernie45"
+    RESPONSE = ("<response>", "</response>")
 
     def parse(self, text: str, final: bool) -> ParseResult:
         result = super().parse(text, final)
         if result.calls or not final:
             result.content = result.content.rstrip("\n")
+        result.content = AnswerEnvelope(*self.RESPONSE)(result.content, final)
         return result
 
 
@@ -181,6 +187,10 @@ class ForcedParser(ToolParser):
         marker = next((m for m in self.opened if text.startswith(m)), "")
         return text[len(marker):]
 
+    def may_open(self, text: str, final: bool) -> bool:
+        """Whether ``text``, while streaming, may still become an opening marker (held back)."""
+        return not final and any(m.startswith(text) and m != text for m in self.opened)
+
 
 class RequiredParser(ForcedParser):
     """``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}`` (constrained)."""
@@ -188,6 +198,8 @@ class RequiredParser(ForcedParser):
     name = "required"
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        if self.may_open(text, final):
+            return ParseResult("")
         forced = self.forced_text(text)
         pos = skip_ws(forced, 0)
         if pos < len(forced) and forced[pos] != "[":
@@ -197,7 +209,9 @@ class RequiredParser(ForcedParser):
 
 
 class NamedParser(ForcedParser):
-    """A named ``tool_choice``: the whole output is that function's arguments."""
+    """A named ``tool_choice``: the whole output is that function's arguments. An output with
+    nothing but whitespace there (one that ended while still thinking, the reasoning parser's
+    answer empty) calls nothing, and has no content: vLLM's parser returns no call for it."""
 
     name = "named"
     partial_arguments = True
@@ -207,7 +221,10 @@ class NamedParser(ForcedParser):
         self.function_name = function_name
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        return ParseResult("", [ParsedToolCall(self.function_name, self.forced_text(text))])
+        arguments = self.forced_text(text)
+        if not arguments.strip() or self.may_open(text, final):
+            return ParseResult("")
+        return ParseResult("", [ParsedToolCall(self.function_name, arguments)])
 
 
 class HarmonyToolParser(ToolParser):
