@@ -39,6 +39,7 @@ from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedTool
                                                            decode_at, next_call, partial_name, skip_ws,
                                                            tagged_calls)
 from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_inkling import INKLING_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_kimi_k3 import KIMI_K3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
@@ -266,7 +267,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
     "ernie45": Ernie45Parser, "granite4": Granite4Parser,
     **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
-    **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS,
+    **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS, **INKLING_PARSERS,
 }
 
 
