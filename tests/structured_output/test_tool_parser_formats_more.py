@@ -127,7 +127,8 @@ RECORDED = [
      + _ink("call", '{"name": "get_time"}'), "Let me check.", [("get_current_weather", W), ("get_time", {})]),
     ("inkling", INK["text"] + "It is " + INK["stop"] + _ink("text", "sunny.") + _ink("raw", " (raw)")
      + _ink("error", " [no tool]"), "It is sunny. (raw) [no tool]", []),
-    ("inkling", INK["call"] + '{"name": "f", "args": {"a": [1, "<|end"]}}' + INK["end"] + "\n", "", [("f", {"a": [1, "<|end"]})]),
+    ("inkling", INK["call"] + '{"name": "f", "args": {"a": [1, "<|end"]}}' + INK["end"] + "\n", "",
+     [("f", {"a": [1, "<|end"]})]),
     ("inkling", "Plain text, no blocks.", "Plain text, no blocks.", []),
     ("inkling", INK["think"] + "Hmm " + INK["text"] + "still thinking" + INK["end"] + _ink("text", "4"), "4", []),
     ("inkling", INK["think"] + "Call:" + INK["call"] + '{"name": "f", "args": {}}' + INK["end"], "", [("f", {})]),

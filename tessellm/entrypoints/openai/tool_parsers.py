@@ -14,7 +14,7 @@ here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` th
 (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``, more tagged formats (``deepseek_v4``,
 ``hy_v3``, ``functiongemma``, ``gigachat3``, ...) in ``tool_parsers_tagged.py`` and Kimi K3's
 XTML channels in ``tool_parsers_kimi_k3.py``, MiniMax-M3's nested elements in
-``tool_parsers_minimax_m3.py``. A vLLM parser from
+``tool_parsers_minimax_m3.py``, Inkling's typed blocks in ``tool_parsers_inkling.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser, call_from_object,
-                                                           decode_at, partial_name, skip_ws)
+from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
+                                                           call_from_object, decode_at, partial_name, skip_ws)
 from tessellm.reasoning.holdback import held_back
 
 MODEL = "<|message_model|>"
