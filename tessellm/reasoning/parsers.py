@@ -66,6 +66,9 @@ class ReasoningParser:
     inline: bool = False  # the thinking stays in ``content``, ``start`` put back before it
     trim_newline: bool = False  # one "\n" right before and one right after the end marker dropped
     reasoning_label: str = ""  # dropped where the reasoning opens with it (Gemma 4's "thought\n")
+    # vLLM's parser engine: a start marker met inside the thinking and an end marker met in the
+    # answer (after the thinking ended) are dropped, not text
+    drop_strays: bool = False
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -108,7 +111,7 @@ _DEEPSEEK_V3 = dict(implicit_start=True, thinking_kwargs=("thinking", "enable_th
 _HUNYUAN = dict(implicit_start=True, thinking_kwargs=("reasoning_effort",), thinking_off=("no_think",))
 # Qwen3's: implicit start unless enable_thinking is false; <tool_call> ends the thinking too
 _QWEN3 = dict(implicit_start=True, thinking_kwargs=("enable_thinking",), thinking_default=True,
-              end_kept=("<tool_call>",))
+              end_kept=("<tool_call>",), drop_strays=True)
 _COHERE = dict(implicit_start=False, start="<|START_THINKING|>", end="<|END_THINKING|>",
                answer_open="<|START_RESPONSE|>", answer_close="<|END_RESPONSE|>")
 
@@ -121,29 +124,30 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_v3", **_DEEPSEEK_V3),  # DeepSeek-V3.1: R1's rule with thinking on
     ReasoningParser("holo2", **_DEEPSEEK_V3, thinking_default=True),
     ReasoningParser("ernie45", implicit_start=True, answer_open="<response>", answer_close="</response>"),
-    ReasoningParser("glm45", **_DEEPSEEK_V3, thinking_default=True),  # vLLM's holo2 rule for it
+    ReasoningParser("glm45", **_DEEPSEEK_V3, thinking_default=True, drop_strays=True),  # holo2's rule
     ReasoningParser("granite", implicit_start=False, **_GRANITE),
     ReasoningParser("kimi_k2", implicit_start=True, thinking_kwargs=("thinking",), thinking_default=True,
-                    end_kept=("<|tool_calls_section_begin|>",)),
+                    end_kept=("<|tool_calls_section_begin|>",), drop_strays=True),
     ReasoningParser("hunyuan_a13b", implicit_start=False, start="<think>\n", end="\n</think>\n<answer>\n",
                     answer_close="\n</answer>"),
     ReasoningParser("minimax_m2", implicit_start=True),
     ReasoningParser("minimax_m2_append_think", implicit_start=True, inline=True),
-    ReasoningParser("mistral", implicit_start=False, start="[THINK]", end="[/THINK]"),
+    ReasoningParser("mistral", implicit_start=False, start="[THINK]", end="[/THINK]", drop_strays=True),
     ReasoningParser("olmo3", implicit_start=True),
-    ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>"),
+    ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>", drop_strays=True),
     ReasoningParser("step3", implicit_start=True),
     ReasoningParser("step3p5", implicit_start=True, trim_newline=True),
     ReasoningParser("cohere_command3", **_COHERE),
     ReasoningParser("cohere_command4", **_COHERE),
-    ReasoningParser("deepseek_v4", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<｜DSML｜tool_calls>",)),
+    ReasoningParser("deepseek_v4", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<｜DSML｜tool_calls>",),
+                    drop_strays=True),
     ReasoningParser("gemma4", implicit_start=False, start="<|channel>", end="<channel|>",
-                    end_kept=("<|tool_call>",), reasoning_label="thought\n"),
+                    end_kept=("<|tool_call>",), reasoning_label="thought\n", drop_strays=True),
     ReasoningParser("hy_v3", **_HUNYUAN),  # thinking only with a reasoning_effort other than no_think
     ReasoningParser("hy_v4", **_HUNYUAN, thinking_default=True),  # its template's default effort: high
     ReasoningParser("kimi_k3", implicit_start=False, start="<|open|>think<|sep|>", end="<|close|>think<|sep|>",
                     thinking_kwargs=("thinking", "enable_thinking"), thinking_default=True),
-    ReasoningParser("ling3", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<tool_call>",)),
+    ReasoningParser("ling3", **_DEEPSEEK_V3, thinking_default=True, end_kept=("<tool_call>",), drop_strays=True),
     ReasoningParser("minimax_m3", implicit_start=False, start="<mm:think>", end="</mm:think>"),
     ReasoningParser("nemotron_v3", **_QWEN3),
     ReasoningParser("poolside_v1", **_DEEPSEEK_V3),  # deepseek_v3's rule (Laguna)

@@ -15,7 +15,10 @@ held back from both; each returned string only grows, so a stream sends their ne
 keeps the thinking in the answer, its start marker put back (``minimax_m2_append_think``);
 one with ``trim_newline`` drops a newline just before and just after the end marker (step3p5);
 one with a ``reasoning_label`` drops it where the reasoning opens with it (Gemma 4's
-``<|channel>thought\n`` ...: a reasoning that may still become the label is held back).
+``<|channel>thought\n`` ...: a reasoning that may still become the label is held back); one
+with ``drop_strays`` drops a start marker met anywhere in the reasoning and an end marker met
+in the answer (``<think>a<think>b</think>c</think>d``: reasoning ``ab``, answer ``cd``; a
+piece that may still become one is held back).
 
 When each spelling of the end marker is one token, the split ends the thinking where the first
 of those tokens among the output's ids is, as the engine core's grammar gate does (the same
@@ -45,6 +48,19 @@ def _unlabelled(reasoning: str, label: str, complete: bool) -> str:
     if reasoning.startswith(label):
         return reasoning[len(label):]
     return "" if not complete and label.startswith(reasoning) else reasoning
+
+
+def _dropped(text: str, markers: Sequence[str], complete: bool) -> str:
+    """``text`` without any of ``markers`` (a parser's stray ones); while not ``complete``, also
+    without a trailing piece that could still become one."""
+    pieces, pos = [], 0
+    while hits := [(i, m) for m in markers if (i := text.find(m, pos)) >= 0]:
+        at, marker = min(hits)
+        pieces.append(text[pos:at])
+        pos = at + len(marker)
+    rest = text[pos:]
+    pieces.append(rest if complete else rest[:len(rest) - held_back(rest, markers)])
+    return "".join(pieces)
 
 
 class _Finder:
@@ -116,8 +132,12 @@ class ReasoningSplit:
             return None, text if self.phase == ANSWER else self.parser.start + text
         reasoning, answer = self._split(text, token_ids, final)
         label = self.parser.reasoning_label
+        complete = final or self._end.at is not None  # the reasoning is all there
         if label and reasoning:
-            reasoning = _unlabelled(reasoning, label, final or self._end.at is not None)
+            reasoning = _unlabelled(reasoning, label, complete)
+        if self.parser.drop_strays and reasoning is not None:
+            reasoning = _dropped(reasoning, self.parser.starts, complete)
+            answer = _dropped(answer, (self.parser.end, *self.parser.end_alts), final)
         return reasoning, self._answer(answer, final)
 
     def _split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:

@@ -219,6 +219,23 @@ def test_forced_tool_choice_after_a_tool_call_that_ended_the_thinking(servers, c
     assert [f for _, _, f in deltas if f] == [finish]
 
 
+def test_named_tool_choice_cut_off_while_thinking_calls_nothing(servers):
+    """The output ends (max_tokens) before the thinking does: no call, no content, as vLLM's
+    parser now answers (it returned the named call with "" arguments before), whole and
+    streamed; the finish reason stays "length"."""
+    srv = servers("qwen3", "qwen")
+    body = {"tools": [PARIS], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+            "max_tokens": 7}
+    out = _chat(srv, "[noend]", **body)["choices"][0]
+    m = out["message"]
+    assert m["reasoning"] == " Step by step Step by step Step"
+    assert (m.get("content"), m.get("tool_calls") or []) == (None, [])
+    assert out["finish_reason"] == "length"
+    deltas = _check_stream_matches(srv, "[noend]", m, **body)
+    assert not [tc for _, d, _ in deltas for tc in d.get("tool_calls") or []]
+    assert [f for _, _, f in deltas if f] == ["length"]
+
+
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
           "additionalProperties": False}
 

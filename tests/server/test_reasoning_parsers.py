@@ -5,6 +5,8 @@ so no marker or envelope piece ever leaks, and the last call equals the whole sp
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tessellm.reasoning import ANSWER, REASONING, UNDECIDED, ReasoningSplit, ThinkMarkers, get_reasoning_parser
@@ -190,3 +192,89 @@ def test_the_phase_the_server_sends_the_engine_core_is_checked():
     assert SamplingParams(reasoning_phase=ANSWER).reasoning_phase == "answer"
     with pytest.raises(ValueError, match="reasoning_phase must be reasoning, answer or undecided"):
         SamplingParams(reasoning_phase="maybe")
+
+
+STRAYS = [  # vLLM's parser engine drops a start marker inside the thinking, an end marker in the answer
+    ("qwen3", REASONING, "<think>Add<think> them.</think>It is</think> 4.", ("Add them.", "It is 4.")),
+    ("qwen3", REASONING, "Add them.<think></think>\n</think>It is 4.", ("Add them.", "\nIt is 4.")),
+    ("qwen3", REASONING, "Call it.<tool_call>f</think>", ("Call it.", "<tool_call>f")),
+    ("mimo", REASONING, "Add<think> them.</think>4", ("Add them.", "4")),
+    ("nemotron_v3", REASONING, "Add<think> them.</think></think>4", ("Add them.", "4")),
+    ("seed_oss", REASONING, "A<seed:think>dd.</seed:think>4</seed:think>", ("Add.", "4")),
+    ("glm45", REASONING, "<think>Add<think>.</think>4</think>!", ("Add.", "4!")),
+    ("glm47", REASONING, "Add<think>.</think>4</think>", ("Add.", "4")),
+    ("ling3", REASONING, "Add<think>.</think>4</think>", ("Add.", "4")),
+    ("kimi_k2", REASONING, "Add<think>.</think>4</think>", ("Add.", "4")),
+    ("deepseek_v4", REASONING, "Add<think>.</think>4</think>", ("Add.", "4")),
+    ("gemma4", UNDECIDED, "<|channel>thought\nAdd<|channel>.<channel|>4<channel|>", ("Add.", "4")),
+    ("mistral", UNDECIDED, "[THINK]Add[THINK].[/THINK]4[/THINK]", ("Add.", "4")),
+    ("qwen3", REASONING, "Add <thin and more", ("Add <thin and more", "")),  # not a marker: kept
+    # no thinking in the output: nothing is stray
+    ("mistral", UNDECIDED, "It is[/THINK] 4.", (None, "It is[/THINK] 4.")),
+    ("qwen3", ANSWER, "It is</think> 4.", (None, "It is</think> 4.")),
+    # the parsers vLLM does not run through its engine keep them as text
+    ("deepseek_r1", REASONING, "Add<think>.</think>4</think>", ("Add<think>.", "4</think>")),
+    ("olmo3", REASONING, "Add<think>.</think>4</think>", ("Add<think>.", "4</think>")),
+]
+
+
+@pytest.mark.parametrize("name,phase,text,expected", STRAYS, ids=[f"{c[0]}-{i}" for i, c in enumerate(STRAYS)])
+def test_stray_markers_whole_and_streamed(name, phase, text, expected):
+    test_whole_and_streamed_split(name, phase, text, expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stray_markers_random_chunkings(seed):
+    """Each STRAYS output cut at random places: each call's strings are prefixes of the whole
+    split's, and the last call equals it."""
+    rng = random.Random(seed)
+    for name, phase, text, expected in STRAYS:
+        markers = ThinkMarkers.from_tokenizer(get_reasoning_parser(name), CharTokenizer())
+        split = ReasoningSplit(markers, phase)
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, min(8, len(text) - 1)))) + [len(text)]
+        for cut in cuts:
+            reasoning, answer = split.split(text[:cut], [], final=cut == len(text))
+            assert (expected[0] or "").startswith(reasoning or "") and expected[1].startswith(answer), (name, cut)
+        assert (reasoning, answer) == expected, (name, cuts)
+
+
+class MarkerTokenizer(CharTokenizer):
+    """Each of ``markers`` one token (as Qwen3's ``<think>`` and ``</think>`` are), the rest a
+    token per character."""
+
+    def __init__(self, markers):
+        self.ids = {m: 1_000_000 + i for i, m in enumerate(markers)}
+        self.texts = {i: m for m, i in self.ids.items()}
+
+    def encode(self, text, add_special_tokens=False):
+        ids, pos = [], 0
+        while pos < len(text):
+            marker = next((m for m in self.ids if text.startswith(m, pos)), None)
+            ids.append(self.ids[marker] if marker else ord(text[pos]))
+            pos += len(marker) if marker else 1
+        return ids
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.texts.get(i) or chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("qwen3", "<think>Add<think> them.</think>It is</think> 4.", ("Add them.", "It is 4.")),
+    ("qwen3", "Add.<think></think><tool_call>f</think>", ("Add.", "<tool_call>f")),
+    ("seed_oss", "A<seed:think>dd.</seed:think>4</seed:think>", ("Add.", "4")),
+    ("kimi_k2", "Add<think>.</think>4</think>", ("Add.", "4")),
+])
+def test_stray_markers_token_by_token(name, text, expected):
+    """Single-token markers (the ids decide where the thinking ends): fed one token at a time,
+    the stray ones never reach either field and the last call equals the whole split."""
+    parser = get_reasoning_parser(name)
+    tok = MarkerTokenizer((*parser.starts, *parser.ends))
+    markers = ThinkMarkers.from_tokenizer(parser, tok)
+    assert markers.end_token_ids is not None
+    ids = tok.encode(text)
+    assert ReasoningSplit(markers, REASONING).split(text, ids, final=True) == expected
+    split = ReasoningSplit(markers, REASONING)
+    for n in range(1, len(ids) + 1):
+        reasoning, answer = split.split(tok.decode(ids[:n]), ids[:n], final=n == len(ids))
+        assert expected[0].startswith(reasoning) and expected[1].startswith(answer), n
+    assert (reasoning, answer) == expected

@@ -112,6 +112,11 @@ RECORDED = [
      + "}\n</tool_call>\n<tool_call>\n" + '{"name": "get_time", "arguments": {}}\n</tool_call>\n', "I will check.",
      [("get_current_weather", W), ("get_time", {})]),
     ("ernie45", "Paris is sunny.\n\n", "Paris is sunny.\n\n", []),
+    # the <response> envelope is dropped (as vLLM's): the newlines before it, its tags, what follows it
+    ("ernie45", "\n\n<response>\nParis is sunny.\n</response>\n", "\nParis is sunny.\n", []),
+    ("ernie45", "<response>\nI will check.\n</response>\n\n<tool_call>\n" + '{"name": "get_time", "arguments": {}}'
+     "\n</tool_call>\n", "\nI will check.\n", [("get_time", {})]),
+    ("ernie45", "<response>It is <b>4</b>.", "It is <b>4</b>.", []),  # cut off before its close tag
     ("gemma4", "Sure.<|tool_call>call:get_current_weather{city:" + Q + "Dallas" + Q + ",state:" + Q + "TX" + Q
      + ",unit:" + Q + "fahrenheit" + Q + "}<tool_call|><|tool_call>call:get_time{}<tool_call|>", "Sure.",
      [("get_current_weather", W), ("get_time", {})]),
@@ -131,6 +136,14 @@ RECORDED = [
     ("lfm2", "A<|tool_call_start|>[] oops<|tool_call_end|>", "A<|tool_call_start|>[] oops<|tool_call_end|>",
      []),  # an empty list is no call, while streaming too (the stream had sent "A oops")
     ("lfm2", "<|tool_call_start|>[f(x=1)] oops<|tool_call_end|>", " oops<|tool_call_end|>", [("f", {"x": 1})]),
+    # LFM2's echo of the call after the end token, through the next end token: dropped (as vLLM's)
+    ("lfm2", "Checking.<|tool_call_start|>[f(x=1)]<|tool_call_end|>[f(x=1)]<|tool_call_end|>\nDone.",
+     "Checking.\nDone.", [("f", {"x": 1})]),
+    ("lfm2", "<|tool_call_start|>[f(x=1)]<|tool_call_end|>\n<|tool_call_start|>[f(x=1)]<|tool_call_end|>"
+     " [f(x=1)]<|tool_call_end|>", "", [("f", {"x": 1})]),
+    ("lfm2", "<|tool_call_start|>[f(x=1)]<|tool_call_end|>\n[f(x=1)", "\n[f(x=1)", [("f", {"x": 1})]),  # no end
+    ("lfm2", "<|tool_call_start|>[f(x=1)]<|tool_call_end|> It is <b>4</b><|tool_call_end|>",
+     " It is <b>4</b><|tool_call_end|>", [("f", {"x": 1})]),  # prose first: all of it content
 
     ("granite4", 'Sure.<tool_call>{"name": "get_current_weather", "arguments": ' + WJ + '}</tool_call>\nThen:'
      '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Sure.\nThen:",

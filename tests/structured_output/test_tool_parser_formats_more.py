@@ -24,6 +24,14 @@ K3_TOOLS, K3_END = "<|open|>tools<|sep|>", "<|close|>tools<|sep|>"
 K3_RESPONSE = ("<|open|>response<|sep|>", "<|close|>response<|sep|>")
 ACTION = ("<|START_ACTION|>", "<|END_ACTION|>")
 NS = "]<]minimax[>["
+INK = {"model": "<|message_model|>", "text": "<|content_text|>", "think": "<|content_thinking|>",
+       "call": "<|content_invoke_tool_json|>", "raw": "<|content_invoke_tool_text|>", "error": "<|content_tool_error|>",
+       "end": "<|end_message|>", "stop": "<|content_model_end_sampling|>"}
+
+
+def _ink(kind: str, body: str, header: str = "") -> str:
+    """One Inkling block; the output's first block opens after the prompt's <|message_model|>."""
+    return INK["model"] + header + INK[kind] + body + INK["end"]
 
 
 def _m3(*invokes: str) -> str:
@@ -113,6 +121,17 @@ RECORDED = [
     ("poolside_v1", "Sure.<tool_call>get_current_weather\n<arg_key>city</arg_key>\n<arg_value>Dallas</arg_value>\n"
      "<arg_key>days</arg_key>\n<arg_value>3</arg_value>\n</tool_call>", "Sure.",
      [("get_current_weather", {"city": "Dallas", "days": 3})]),
+    # Inkling: blocks in any order; the thinking is not content, a header (a function name) neither
+    ("inkling", INK["think"] + "I should look it up." + INK["end"] + _ink("text", "Let me check.")
+     + _ink("call", '{"name": "get_current_weather", "args": ' + WJ + "}", header="get_current_weather")
+     + _ink("call", '{"name": "get_time"}'), "Let me check.", [("get_current_weather", W), ("get_time", {})]),
+    ("inkling", INK["text"] + "It is " + INK["stop"] + _ink("text", "sunny.") + _ink("raw", " (raw)")
+     + _ink("error", " [no tool]"), "It is sunny. (raw) [no tool]", []),
+    ("inkling", INK["call"] + '{"name": "f", "args": {"a": [1, "<|end"]}}' + INK["end"] + "\n", "",
+     [("f", {"a": [1, "<|end"]})]),
+    ("inkling", "Plain text, no blocks.", "Plain text, no blocks.", []),
+    ("inkling", INK["think"] + "Hmm " + INK["text"] + "still thinking" + INK["end"] + _ink("text", "4"), "4", []),
+    ("inkling", INK["think"] + "Call:" + INK["call"] + '{"name": "f", "args": {}}' + INK["end"], "", [("f", {})]),
 ]
 
 
@@ -173,6 +192,23 @@ def test_a_malformed_call_is_content(name, text):
     assert calls == [] and content == text
 
 
+@pytest.mark.parametrize("text,content,calls", [
+    (_ink("call", '{"name": "f"}') + _ink("text", "and") + _ink("call", "{oops}") + _ink("call", '{"name": "g"}'),
+     'and{oops}{"name": "g"}', [("f", {})]),
+    (_ink("call", '{"args": {}}'), '{"args": {}}', []),  # no name
+    (INK["call"] + '{"name": "f", "args": ', '{"name": "f", "args": ', []),  # cut off
+])
+def test_inkling_a_tool_block_that_is_not_a_call(text, content, calls):
+    """It and every tool block after it are content, each where it stands (markers dropped);
+    the calls before it stay calls. Streamed: the content reassembles to the same (the call
+    being written when it turned out not to be one had its name sent: it cannot be withdrawn)."""
+    got_content, got_calls = ToolCallView(get_tool_parser("inkling")).final(text)
+    assert (got_content or "", _calls(got_calls)) == (content, calls)
+    for step in (1, 3, 17):
+        streamed, _ = _stream(get_tool_parser("inkling"), text, step)
+        assert streamed == content
+
+
 def test_minimax_m3_reads_nested_arguments_by_the_tool_schema():
     """vLLM's order example: scalars typed, objects nested, an array of items, an object of
     additional properties, a repeated name collected in a list."""
@@ -212,7 +248,7 @@ def test_cohere_command_keeps_the_models_call_ids():
 
 
 ADDED_NAMES = ("deepseek_v4", "hy_v3", "functiongemma", "gigachat3", "kimi_k3", "cohere_command3", "cohere_command4",
-               "step3p5", "poolside_v1", "solar_open2", "minimax_m3", "minicpm5")
+               "step3p5", "poolside_v1", "solar_open2", "minimax_m3", "minicpm5", "inkling")
 
 
 def test_every_added_name_is_registered():
@@ -231,6 +267,8 @@ ADVERSARIAL = [
     _100kb("<|tool_call:start|>f\n", "<|tool_arg:start|>a<|tool_arg:value|>"), _100kb("", "<|tool_call:start|>"),
     _100kb(NS + "<tool_call>", NS + '<invoke name="f">'), _100kb(M3_INVOKE, NS + "<a>"),
     _100kb(M3_INVOKE, NS + "<a>1" + NS + "</a>"), _100kb("", NS),
+    _100kb("", INK["model"]), _100kb("", INK["call"] + "{" + INK["end"]), _100kb(INK["call"], '{"name": "'),
+    _100kb("", INK["text"] + "a" + INK["end"]), _100kb(INK["think"], INK["text"]), _100kb("", "<|content_"),
 ]
 ADDED = [TOOL_PARSERS[n] for n in ADDED_NAMES]
 

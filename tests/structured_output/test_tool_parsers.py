@@ -118,6 +118,29 @@ def test_named_streams_arguments_as_they_grow():
     assert content == "" and calls[0]["name"] == "get_weather" and calls[0]["arguments"] == text
 
 
+@pytest.mark.parametrize("text", ["", " ", "\n\n", "<tool_call>", "<tool_call>\n "])
+def test_named_with_no_arguments_calls_nothing(text):
+    """An output that ended while still thinking (its answer empty, or a marker that opened
+    it and nothing after) calls nothing: vLLM's parser returns no call (it returned one with
+    "" arguments before), whole and streamed."""
+    parser = NamedParser("get_weather")
+    parser.opened = ("<tool_call>",)
+    assert ToolCallView(parser).final(text) == ("", [])
+    for step in (1, 2):
+        assert _stream(NamedParser("get_weather"), text.removeprefix("<tool_call>"), step) == ("", [])
+    text += ' {"city": "Paris"}'  # the call, once its arguments start
+    _, calls = ToolCallView(parser).final(text)
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", parser.forced_text(text))]
+    rng = random.Random(len(text))
+    for _ in range(4):
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 6)))
+        streamer = NamedParser("get_weather")
+        streamer.opened = ("<tool_call>",)
+        content, streamed = _stream(streamer, text, cuts)
+        assert content == "" and [(c["name"], c["arguments"]) for c in streamed] == [
+            ("get_weather", parser.forced_text(text))]
+
+
 def test_invalid_call_falls_back_to_content():
     text = "<tool_call>{not json}</tool_call>"
     content, calls = ToolCallView(HermesParser()).final(text)

@@ -14,7 +14,7 @@ here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` th
 (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``, more tagged formats (``deepseek_v4``,
 ``hy_v3``, ``functiongemma``, ``gigachat3``, ...) in ``tool_parsers_tagged.py`` and Kimi K3's
 XTML channels in ``tool_parsers_kimi_k3.py``, MiniMax-M3's nested elements in
-``tool_parsers_minimax_m3.py``. A vLLM parser from
+``tool_parsers_minimax_m3.py``, Inkling's typed blocks in ``tool_parsers_inkling.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
@@ -39,6 +39,7 @@ from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedTool
                                                            decode_at, next_call, partial_name, skip_ws,
                                                            tagged_calls)
 from tessellm.entrypoints.openai.tool_parsers_gemma4 import GEMMA4_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_inkling import INKLING_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_kimi_k3 import KIMI_K3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
@@ -52,6 +53,7 @@ from tessellm.entrypoints.openai.tool_parsers_vllm import (ChatCompletionRequest
                                                            ToolParserManager, make_tool_call_id)
 from tessellm.entrypoints.openai.tool_parsers_xml import XML_PARSERS
 from tessellm.reasoning.holdback import hold_back
+from tessellm.reasoning.split import AnswerEnvelope
 
 
 class HermesParser(ToolParser):
@@ -80,14 +82,19 @@ class LongcatParser(HermesParser):
 
 class Ernie45Parser(HermesParser):
     """ERNIE-4.5: Hermes calls; the newlines before the first ``<tool_call>`` are not content
-    (held back while streaming: a call may follow them)."""
+    (held back while streaming: a call may follow them). The content's ``<response>`` ...
+    ``</response>`` envelope is dropped as the ``ernie45`` reasoning parser drops it
+    (``AnswerEnvelope``: the open tag where the content opens with it after newlines, the
+    content cut at the close tag), as vLLM's parser drops both tags."""
 
     name = "ernie45"
+    RESPONSE = ("<response>", "</response>")
 
     def parse(self, text: str, final: bool) -> ParseResult:
         result = super().parse(text, final)
         if result.calls or not final:
             result.content = result.content.rstrip("\n")
+        result.content = AnswerEnvelope(*self.RESPONSE)(result.content, final)
         return result
 
 
@@ -181,6 +188,10 @@ class ForcedParser(ToolParser):
         marker = next((m for m in self.opened if text.startswith(m)), "")
         return text[len(marker):]
 
+    def may_open(self, text: str, final: bool) -> bool:
+        """Whether ``text``, while streaming, may still become an opening marker (held back)."""
+        return not final and any(m.startswith(text) and m != text for m in self.opened)
+
 
 class RequiredParser(ForcedParser):
     """``tool_choice: "required"``: a JSON array of ``{"name", "parameters"}`` (constrained)."""
@@ -188,6 +199,8 @@ class RequiredParser(ForcedParser):
     name = "required"
 
     def parse(self, text: str, final: bool) -> ParseResult:
+        if self.may_open(text, final):
+            return ParseResult("")
         forced = self.forced_text(text)
         pos = skip_ws(forced, 0)
         if pos < len(forced) and forced[pos] != "[":
@@ -197,7 +210,9 @@ class RequiredParser(ForcedParser):
 
 
 class NamedParser(ForcedParser):
-    """A named ``tool_choice``: the whole output is that function's arguments."""
+    """A named ``tool_choice``: the whole output is that function's arguments. An output with
+    nothing but whitespace there (one that ended while still thinking, the reasoning parser's
+    answer empty) calls nothing, and has no content: vLLM's parser returns no call for it."""
 
     name = "named"
     partial_arguments = True
@@ -207,7 +222,10 @@ class NamedParser(ForcedParser):
         self.function_name = function_name
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        return ParseResult("", [ParsedToolCall(self.function_name, self.forced_text(text))])
+        arguments = self.forced_text(text)
+        if not arguments.strip() or self.may_open(text, final):
+            return ParseResult("")
+        return ParseResult("", [ParsedToolCall(self.function_name, arguments)])
 
 
 class HarmonyToolParser(ToolParser):
@@ -249,7 +267,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama4_json": Llama3JsonParser, "mistral": MistralParser, "openai": HarmonyToolParser, "longcat": LongcatParser,
     "ernie45": Ernie45Parser, "granite4": Granite4Parser,
     **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
-    **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS,
+    **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS, **INKLING_PARSERS,
 }
 
 

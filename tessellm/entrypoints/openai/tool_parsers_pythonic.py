@@ -217,7 +217,11 @@ class Olmo3Parser(PythonicParser):
 
 class Lfm2Parser(PythonicParser):
     """LFM2 / LFM2.5: the call list between ``<|tool_call_start|>`` and ``<|tool_call_end|>``;
-    text before and after it is content."""
+    text before and after it is content, less the model's echo of the call: after the block's
+    end token, text that opens (after whitespace) with ``[`` or ``<`` runs through the next
+    ``<|tool_call_end|>`` and is dropped with it, as often as it recurs (vLLM drops the text
+    through the last such orphan end token). While streaming, such text is held back until its
+    end token comes; an output that ends first keeps it as content."""
 
     name = "lfm2"
     TAG, END = "<|tool_call_start|>", "<|tool_call_end|>"
@@ -236,7 +240,23 @@ class Lfm2Parser(PythonicParser):
             return ParseResult(text)  # not a call list (an empty one neither): all of it content
         if scan.end < 0:
             return ParseResult(text[:start], calls + [ParsedToolCall(scan.partial, None)])
-        return ParseResult(text[:start] + next_call(text, scan.end, final, (), (self.END,))[1], calls)
+        return ParseResult(text[:start] + self._after(text, scan.end, final), calls)
+
+    def _after(self, text: str, pos: int, final: bool) -> str:
+        """The content after the call list that ends at ``pos``: with its end token right
+        after it, past the echoes that follow (each through its own end token)."""
+        p = _skip(text, pos)
+        if not text.startswith(self.END, p):
+            return next_call(text, pos, final, (), (self.END,))[1]
+        pos = p + len(self.END)
+        while (p := _skip(text, pos)) < len(text) and text[p] in "[<":
+            end = text.find(self.END, p)
+            if end < 0:
+                if not final:
+                    return ""  # maybe an echo: held back until its end token
+                break
+            pos = end + len(self.END)
+        return next_call(text, pos, final, (), ())[1]
 
 
 PYTHONIC_PARSERS = {"pythonic": PythonicParser, "llama4_pythonic": Llama4PythonicParser, "olmo3": Olmo3Parser,
