@@ -188,14 +188,18 @@ ADVERSARIAL = [
 
 
 def _parses_fast(parser_cls, text: str) -> None:
-    """A fresh ``parser_cls`` parses ``text`` (partial and final) in under 50 ms."""
+    """A fresh ``parser_cls`` parses ``text`` (partial and final) in well under a second.
+
+    A guard against super-linear scans (a backtracking regex or a rescan per character), not a
+    benchmark: a linear parse of 100 kB takes ~5-20 ms here, a quadratic one seconds to minutes,
+    so the bar sits far above the linear time (50 ms failed on an overloaded 2-core machine)."""
     for final in (False, True):
         best = float("inf")
         for _ in range(3):  # the best of three: the shared CI machine may preempt one run
             t0 = time.perf_counter()
             parser_cls().parse(text, final)
             best = min(best, time.perf_counter() - t0)
-        assert best < 0.05, f"{parser_cls.name} on {text[:40]!r}...: {best * 1e3:.1f} ms"
+        assert best < 0.5, f"{parser_cls.name} on {text[:40]!r}...: {best * 1e3:.1f} ms"
 
 
 @pytest.mark.parametrize("parser_cls", [HermesParser, Llama3JsonParser, MistralParser, RequiredParser])
