@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from tessellm.backends.reference.moe import local_expert_ids
+from tessellm.backends.reference.moe import dequantize_bnb4_experts, local_expert_ids
 from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize
@@ -152,16 +152,12 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
     """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, as many experts at
     a time as ``CHUNK_ELEMENTS`` holds (a fixed count per shape: no host sync)."""
     count, n, half = used.numel(), codes.shape[1], codes.shape[2]
-    bs = 2 * half // absmax.shape[2]
     out = torch.empty(count, n, 2 * half, dtype=dtype, device=codes.device)
-    table = code.float()
     step = max(1, CHUNK_ELEMENTS // max(1, 2 * n * half))
     for u in range(0, count, step):
         ids = used[u:u + step]
-        q = codes.index_select(0, ids)
-        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(ids.numel(), n, -1, bs)
-        scale = absmax.index_select(0, ids)
-        out[u:u + step] = (table[q.int()] * scale[..., None]).view(ids.numel(), n, -1).to(dtype)
+        out[u:u + step] = dequantize_bnb4_experts(codes.index_select(0, ids),
+                                                  absmax.index_select(0, ids), code, dtype)
     return out
 
 
