@@ -16,7 +16,11 @@ hidden or intermediate size), which is required; a rank's part (``w13``'s rows, 
 inputs under tensor parallelism) must then be whole blocks too (L a multiple of ``bs``).
 Double-quantized absmaxes arrive widened to float32 (``bnb_stored.py``): 4.5 bits a weight.
 
-One step (``forward``): route as the contract does; the experts the step routes to, padded to
+One step: where the ops declare ``fused_moe_bnb4`` (plugin API 26; the Triton backends: their
+decode kernels read the codes, ``kernels/moe/decode_bnb4.py``) the layer hands them the codes,
+the absmaxes as ``w13_scale`` / ``w2_scale`` and the table as ``bnb4_code``, as it hands int4
+experts over (``fused_applies``; ``TESSELLM_BNB_MOE_FUSED=0`` keeps the path below). Else
+(``dense_experts``): route as the contract does; the experts the step routes to, padded to
 a fixed count ``U = min(E, T * k)`` (a shape known ahead: no host sync, so graphs can capture
 it), are dequantized in the hidden dtype, then the backend's ``fused_experts`` multiplies
 them with each routed id renumbered into ``0..U)``::
@@ -36,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from tessellm import envs
 from tessellm.backends.reference.moe import dequantize_bnb4_experts, local_expert_ids
 from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
 from tessellm.quantization.bnb_stored import StoredBnb
@@ -122,6 +127,12 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
     # on the layer's device: on the CPU it took ~0.1 s an expert projection (18k of them in
     # Qwen3-30B-A3B: the load did not finish)
     return quantize_on_load(materialize(tensor).float(), moe.w13.device)
+
+
+def fused_applies(ops) -> bool:
+    """Whether the layer passes its packed experts to ``ops``' bnb4 variant: declared
+    (``fused_moe_bnb4``) and not turned off (``TESSELLM_BNB_MOE_FUSED=0``)."""
+    return bool(getattr(ops, "fused_moe_bnb4", False)) and envs.bnb_moe_fused() is not False
 
 
 def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):

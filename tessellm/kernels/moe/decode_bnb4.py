@@ -149,7 +149,7 @@ def _tiles(k_dim: int, bs: int, interpreted: bool, rows: int) -> dict:
     (as ``decode_int4``'s words), a power of two of blocks, at most the row's; as many warps as
     give every thread 16 bytes of the step's codes."""
     blocks = k_dim // bs
-    step_bytes = 64 if interpreted else 2048 // rows
+    step_bytes = 128 if interpreted else 2048 // rows
     nb = max(1, min(triton.next_power_of_2(blocks), step_bytes // (bs // 2)))
     nb = 1 << (nb.bit_length() - 1)  # a power of two
     warps = 1 if interpreted else max(1, min(8, rows * nb * (bs // 2) // 512))
@@ -166,7 +166,7 @@ def fused_moe_bnb4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
     launches; ``topk_ids`` local expert ids (in range). ``up_rows`` / ``down_rows``: weight
     rows a program of each kernel (default ``BNB4_DECODE_ROWS``; benchmarks sweep them)."""
     interp = envs.triton_interpret()
-    default = (16, 16) if interp else BNB4_DECODE_ROWS  # interpreted: few, large programs
+    default = (64, 64) if interp else BNB4_DECODE_ROWS  # interpreted: few, large programs
     up_rows, down_rows = up_rows or default[0], down_rows or default[1]
     t, k = topk_ids.shape
     h, inter = w13.shape[2] * 2, w2.shape[2] * 2
