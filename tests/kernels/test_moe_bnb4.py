@@ -165,3 +165,42 @@ def test_qwen3_30b_a3b_sized_experts_on_a_gpu(tokens):
     got = fused_moe_triton(*(t.cuda() for t in (x, weights, ids.to(torch.int32), w13, w2, a13,
                                                 a2)), bnb4_code=code.cuda())
     torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-2)
+
+
+_COMPILE = """
+import json
+from tessellm.kernels.moe import bnb4_dequant as dq, decode_bnb4 as db
+from tests.kernels.offline_compile import compile_sm90_ptx
+
+ptrs = {"x_ptr": "*bf16", "ids_ptr": "*i32", "w_ptr": "*u8", "a_ptr": "*fp32",
+        "code_ptr": "*fp32", "act_ptr": "*bf16", "weights_ptr": "*fp32", "out_ptr": "*bf16",
+        "hit_ptr": "*i32"}
+done = []
+for inter in (768, 1536):  # Qwen3-30B-A3B's (12 blocks a down row: masked), Qwen1.5-MoE's
+    up, down = db.BNB4_DECODE_ROWS
+    for fn, k, rows in ((db._moe_up_bnb4_kernel, 2048, up), (db._moe_down_bnb4_kernel, inter,
+                                                                down)):
+        tiles = db._tiles(k, 64, False, rows)
+        warps = tiles.pop("num_warps")
+        ptx = compile_sm90_ptx(fn, ptrs, dict(tiles, TOP_K=8, USE_PDL=True), warps)
+        done.append([fn.__name__, inter, "griddepcontrol" in ptx])
+block_n, nb, warps = dq.DEQUANT_TILE
+ptx = compile_sm90_ptx(dq._dequant_bnb4_kernel, ptrs,
+                       dict(BS=64, HAS_HIT=True, BLOCK_N=block_n, NB=nb), warps)
+done.append(["dequant", 0, "st.global" in ptx])
+print("RESULT" + json.dumps(done))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The decode kernels at their GPU tiles (Qwen3-30B-A3B's shapes, PDL on) and the
+    dequantization kernel, compiled for an H100 (offline, no GPU): the interpreter runs them on
+    the CPU, never the compiler."""
+    import json
+
+    from tests.kernels.offline_compile import run_compile_script
+
+    proc = run_compile_script(_COMPILE)
+    assert proc.returncode == 0 and "RESULT" in proc.stdout, proc.stderr[-3000:]
+    done = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(done) == 5 and all(ok for *_, ok in done), done
