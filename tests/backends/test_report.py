@@ -38,7 +38,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     cpu = text[text.index("\ncpu: "):]
     assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
     assert "  overridden by: fastattn (TESSELLM_OVERRIDES)" in cpu
-    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, fused experts, recurrent verify, verify graphs]" in cpu
+    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, bnb4 experts, fused experts, recurrent verify, verify graphs]" in cpu
     assert "graph:     none (eager)" in cpu
     rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]
     assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm
