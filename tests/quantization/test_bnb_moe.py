@@ -4,7 +4,9 @@ checkpoints whose every linear (experts and routers too) bitsandbytes quantized 
 transformers' greedy tokens on the dequantized checkpoint; the experts stay packed (4 bits a
 weight, nothing dense); a dense checkpoint with ``quantization="bitsandbytes"`` quantizes its
 experts to NF4 as bitsandbytes does; two tensor-parallel ranks generate as one device; bad
-input is refused with one sentence.
+input is refused with one sentence. Ops declaring ``fused_moe_bnb4`` (plugin API 26: every
+in-tree backend's) get the packed codes (the Triton ops' decode kernels read them); others keep
+the layer's dense path (``moe_bnb.dense_experts``).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def _experts(model) -> list[FusedMoE]:
                           ("qwen2-moe", "nf4", False), ("olmoe", "nf4", True),
                           ("deepseek-v3", "nf4", True)])
 def test_bnb_moe_serves_the_dequantized_model(checkpoints, arch, quant_type, double_quant):
-    """Greedy float32 tokens of the bnb checkpoint (experts dequantized per routed expert) are
-    HF transformers' on the dequantized checkpoint."""
+    """Greedy float32 tokens of the bnb checkpoint (the cpu ops' bnb4 variant: each touched
+    expert dequantized) are HF transformers' on the dequantized checkpoint."""
     from tests.conftest import hf_greedy
 
     _, bnb_dir, deq_dir = checkpoints(arch, quant_type, double_quant)
