@@ -138,13 +138,17 @@ def test_dequant_path_matches_reference(budget_mb, expert_map, monkeypatch):
 
 
 def test_bnb4_code_with_another_quantization_is_refused():
-    """bnb4 codes with ``int4`` (or fp8 blocks) at once: one sentence naming the clash."""
+    """bnb4 codes with ``int4`` (or fp8 blocks) at once, or rows that are not whole blocks of
+    a power-of-two size: one sentence naming the problem."""
     w13, a13 = _experts(2, 128, 64, seed=0)
     w2, a2 = _experts(2, 64, 64, seed=1)
     weights, ids = route(torch.randn(1, 2), 1)
     with pytest.raises(ValueError, match="bnb4_code.*does not combine with int4"):
         fused_moe_triton(torch.randn(1, 64), weights, ids.int(), w13, w2, a13, a2,
                          bnb4_code=torch.tensor(NF4_CODE), int4=True)
+    with pytest.raises(ValueError, match="w2's bnb4 rows of 64 inputs with 3 absmaxes"):
+        fused_moe_triton(torch.randn(1, 64), weights, ids.int(), w13, w2, a13,
+                         torch.ones(2, 64, 3), bnb4_code=torch.tensor(NF4_CODE))
 
 
 @pytest.mark.gpu

@@ -36,6 +36,14 @@ def fused_moe_bnb4(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: t
     if w13_absmax is None or w2_absmax is None or w13.dtype != torch.uint8:
         raise ValueError("fused_moe: bnb4_code needs uint8 w13 / w2 codes [E, N, K/2] and their "
                          "float32 absmaxes [E, N, K/bs] as w13_scale / w2_scale.")
+    for name, w, absmax in (("w13", w13, w13_absmax), ("w2", w2, w2_absmax)):
+        k, blocks = w.shape[2] * 2, absmax.shape[2]
+        bs = k // max(1, blocks)
+        if blocks == 0 or k != bs * blocks or bs < 2 or bs & (bs - 1):
+            raise ValueError(f"fused_moe: {name}'s bnb4 rows of {k} inputs with {blocks} absmaxes "
+                             "are not whole blocks of a power-of-two size (bitsandbytes' "
+                             "blocksizes, 64 in released models); dequantize such experts and "
+                             "pass them dense.")
     t = topk_ids.shape[0]
     num_experts = w13.shape[0]
     if activation is not None and activation.kind == "silu":
