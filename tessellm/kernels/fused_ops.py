@@ -62,7 +62,8 @@ class TritonOps:
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):
         """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``);
         ``variant``: keyword-only ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape``,
-        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros`` (and ``w13_perm``), ``bnb4_code``."""
+        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros`` (and ``w13_perm``),
+        ``bnb4_code``."""
         from tessellm.kernels.moe import fused_moe
 
         return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,

@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit MoE experts: kept packed (4 bits a weight), dequantized per routed expert.
+"""bitsandbytes 4-bit MoE experts: kept packed (4 bits a weight), multiplied packed by ops that
+declare it, else dequantized per routed expert.
 
 In memory, per expert the rows of the float layout (``w13``: gate rows then up rows; L: this
 rank's slice of the intermediate size), each row's K inputs as bnb stores them (two codes a
@@ -16,8 +17,9 @@ hidden or intermediate size), which is required; a rank's part (``w13``'s rows, 
 inputs under tensor parallelism) must then be whole blocks too (L a multiple of ``bs``).
 Double-quantized absmaxes arrive widened to float32 (``bnb_stored.py``): 4.5 bits a weight.
 
-One step: where the ops declare ``fused_moe_bnb4`` (plugin API 26; the Triton backends: their
-decode kernels read the codes, ``kernels/moe/decode_bnb4.py``) the layer hands them the codes,
+One step: where the ops declare ``fused_moe_bnb4`` (plugin API 26; every in-tree backend's:
+the Triton ones' decode kernels read the codes, ``kernels/moe/decode_bnb4.py``) the layer
+hands them the codes,
 the absmaxes as ``w13_scale`` / ``w2_scale`` and the table as ``bnb4_code``, as it hands int4
 experts over (``fused_applies``; ``TESSELLM_BNB_MOE_FUSED=0`` keeps the path below). Else
 (``dense_experts``): route as the contract does; the experts the step routes to, padded to
@@ -42,7 +44,7 @@ import torch
 
 from tessellm import envs
 from tessellm.backends.reference.moe import dequantize_bnb4_experts, local_expert_ids
-from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
+from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize
 
