@@ -426,6 +426,22 @@ def moe_int4_dequant_tokens() -> Optional[int]:
     return _whole("TESSELLM_MOE_INT4_DEQUANT_TOKENS", 0, "tokens (0: never dequantize)")
 
 
+def moe_bnb4_decode_tokens() -> Optional[int]:
+    """TESSELLM_MOE_BNB4_DECODE_TOKENS: up to this many tokens the Triton fused MoE's
+    bitsandbytes 4-bit experts run its decode kernels on the packed codes
+    (``kernels/moe/decode_bnb4.py``), beyond it the dequantized path (``bnb4_dequant.py``); 0
+    turns the decode kernels off; unset: the module's default (``BNB4_DECODE_MAX_TOKENS``)."""
+    return _whole("TESSELLM_MOE_BNB4_DECODE_TOKENS", 0, "tokens (0: always dequantize)")
+
+
+def bnb_moe_fused() -> Optional[bool]:
+    """TESSELLM_BNB_MOE_FUSED: "0" keeps bitsandbytes 4-bit MoE experts on the layer's dense
+    path (the routed experts dequantized in torch, then the backend's plain ``fused_experts``;
+    ``layers/moe_bnb.py``) even where the ops declare ``fused_moe_bnb4``; "1" or unset: the
+    ops' bnb4 variant where declared (benchmarks compare the two)."""
+    return _switch("TESSELLM_BNB_MOE_FUSED")
+
+
 def fp8_lean_w8a8() -> Optional[bool]:
     """TESSELLM_FP8_LEAN_W8A8: "0" takes the fp8 W8A8 prefill GEMM's checks and views again
     every call (the path before 2026-12-04; benchmarks), "1" caches them per weight (default)."""

@@ -117,7 +117,8 @@ def _flags(piece: str, result) -> list[str]:
                                                   ("expert map", "fused_moe_expert_map"),
                                                   ("int4 experts", "fused_moe_int4"),
                                                   ("int4 act order",
-                                                   "fused_moe_int4_act_order"))
+                                                   "fused_moe_int4_act_order"),
+                                                  ("bnb4 experts", "fused_moe_bnb4"))
                         if getattr(result, attr, False)]
             at = flags.index("fused MoE") + 1
             flags[at:at] = variants

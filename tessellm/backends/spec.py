@@ -117,6 +117,11 @@ an AWQ / GPTQ weight's codes re-laid for the backend's kernels once at load.
 backend's GEMMs queued on the current stream leave ``sms`` multiprocessors free, held while a
 split decode step's layers are queued (``decode_overlap_sm_carveout``); plugins of versions 1
 to 24 keep working (the carve-out is ignored with a warning).
+26 = bitsandbytes 4-bit MoE experts: ``FusedOps.fused_moe`` / ``fused_experts`` take
+keyword-only ``bnb4_code`` (the layer's 16-entry NF4 / FP4 table) with uint8 codes and float32
+block absmaxes where the ops object declares ``fused_moe_bnb4 = True``; plugins of versions 1
+to 25 keep working (the layer dequantizes the routed experts and calls their plain
+``fused_experts``, ``layers/moe_bnb.py``).
 
 Ownership
 ---------
@@ -153,7 +158,7 @@ if TYPE_CHECKING:
 
 PROJECT_NAME = "tessellm"
 ENTRY_POINT_GROUP = "tessellm.backends"
-TESSELLM_PLUGIN_API = 25
+TESSELLM_PLUGIN_API = 26
 # The module attribute a plugin sets to the API version it needs (default: 1).
 API_REQUIRED_ATTR = "TESSELLM_PLUGIN_API_REQUIRED"
 # The module attribute listing backends (by name) this plugin may answer hooks for although
@@ -704,6 +709,15 @@ class FusedOps(Protocol):
     # contiguous), so its gate / up rows multiply ``hidden[t, w13_perm[e]]`` (the down
     # projection's order is folded into w13's rows at load); conformance
     # ``test_fused_moe_int4_act_order``.
+    # Variant (bitsandbytes 4-bit experts), only where the ops object sets ``fused_moe_bnb4 =
+    # True`` (plugin API 26; else the layer dequantizes the routed experts and passes them
+    # dense): keyword-only ``bnb4_code`` (float32 ``[16]``, the layer's NF4 or FP4 table) with
+    # uint8 ``w13 [E, 2I, H/2]`` / ``w2 [E, H, I/2]`` (two codes a byte along the inputs, high
+    # nibble first) and float32 absmaxes ``w13_scale [E, 2I, H/bs]`` / ``w2_scale [E, H,
+    # I/bs]``, one per block of bs inputs of a row: ``W = code[q] * absmax`` in float32,
+    # rounded to hidden's dtype (``reference/moe.dequantize_bnb4_experts``). For ``fused_moe``
+    # and ``fused_experts`` alike, with ``expert_map``; conformance
+    # ``test_fused_moe_bnb4_experts``.
     #
     # Mamba2 mixer ops, all three together where the ops object declares ``supports_mamba2 =
     # True`` (a model with Mamba layers is refused at load otherwise). Oracles and exact

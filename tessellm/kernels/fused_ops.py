@@ -46,6 +46,9 @@ class TritonOps:
     fused_moe_int4 = True
     # GPTQ act-order int4 experts (``w13_perm``): the first GEMM gathers x in each expert's order
     fused_moe_int4_act_order = True
+    # bitsandbytes 4-bit experts (``bnb4_code``): the decode kernels read the packed codes
+    # (``kernels/moe/decode_bnb4.py``), more tokens dequantize a chunk for the grouped GEMMs
+    fused_moe_bnb4 = True
 
     def __init_subclass__(cls, **kwargs):
         """A subclass (a plugin's ops may build on these) that defines one of an optional
@@ -59,7 +62,8 @@ class TritonOps:
                   renormalize=True, w13_scale=None, w2_scale=None, **variant):
         """Grouped GEMMs over expert-sorted token blocks (``tessellm/kernels/moe``);
         ``variant``: keyword-only ``activation``, ``w13_bias``, ``w2_bias``, ``block_shape``,
-        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros`` (and ``w13_perm``)."""
+        ``expert_map``, ``int4`` with ``w13_zeros`` / ``w2_zeros`` (and ``w13_perm``),
+        ``bnb4_code``."""
         from tessellm.kernels.moe import fused_moe
 
         return fused_moe(hidden, router_logits, w13, w2, top_k, scoring, renormalize,

@@ -38,6 +38,7 @@ FUSED_OPS_FLAGS: Mapping[str, tuple[tuple[str, ...], Any]] = {
     "fused_moe_expert_map": (MOE_OPS, False),  # keyword expert_map
     "fused_moe_int4": (MOE_OPS, False),  # keywords int4, w13_zeros, w2_zeros (API 15)
     "fused_moe_int4_act_order": (MOE_OPS, False),  # keyword w13_perm (API 20)
+    "fused_moe_bnb4": (MOE_OPS, False),  # keyword bnb4_code: bitsandbytes 4-bit experts (API 26)
     "mamba_strided_inputs": (MAMBA_TOKEN_OPS, False),  # row-strided x and dt (API 17)
     "mamba_state_saves": (("mamba_chunk_scan",), False),  # keyword snapshots (API 21)
     "gated_delta_state_saves": (("gated_delta_chunk",), False),  # keyword snapshots (API 22)

@@ -25,7 +25,8 @@ attention stay sliced as above. Each rank reads only its experts' checkpoint ten
 fp8 experts (``quant``: ``moe_fp8.ExpertQuant``) keep e4m3 codes with a scale per row or per
 block (``moe_fp8.py``) and hand them to ``fused_moe`` / ``fused_experts``; block scales go with
 ``block_shape`` only to ops declaring ``fused_moe_block_fp8``, else the reference loop runs them.
-bitsandbytes 4-bit experts stay packed and are dequantized per routed expert each step, then run
+bitsandbytes 4-bit experts stay packed: ops declaring ``fused_moe_bnb4`` multiply the codes
+(keyword ``bnb4_code``); for others they are dequantized per routed expert each step, then run
 dense through ``fused_experts`` (``moe_bnb.py``).
 """
 
@@ -151,6 +152,7 @@ class FusedMoE(nn.Module):
         self.top_k, self.scoring, self.renormalize = top_k, scoring, renormalize
         self.quant = quant
         self.awaiting_scale: set = set()  # fp8 codes loaded whose scale has not come yet
+        self._bnb_dense = False  # bnb4 experts dequantized each step (moe_bnb.dense_experts)
         self._quant_args: tuple = ()
         self._op_kwargs: dict = {}  # block_shape (fp8 blocks) or activation (not SiLU)
         self.activation = activation
@@ -164,8 +166,9 @@ class FusedMoE(nn.Module):
             moe_int4.allocate(self, quant, num_experts, hidden)
             moe_int4.expect(self)
             self._op_kwargs = {"int4": True}
-        elif quant.kind == "bnb4":  # dequantized per routed expert, then dense (moe_bnb.py)
+        elif quant.kind == "bnb4":  # the ops' bnb4 variant, or dense per step (moe_bnb.py)
             moe_bnb.allocate(self, quant, num_experts, hidden)
+            self._bnb_dense = not moe_bnb.fused_applies(ops)
         else:
             moe_fp8.allocate(self, quant, num_experts, hidden)
             if quant.kind == "fp8_block":
@@ -182,10 +185,14 @@ class FusedMoE(nn.Module):
                 self._moe, self._experts = fused_moe_reference, fused_experts_reference
 
     def _scales(self) -> tuple:
+        if self.quant is not None and self.quant.kind == "bnb4":
+            return (self.w13_absmax, self.w2_absmax)
         return () if self.quant is None else (self.w13_scale, self.w2_scale)
 
     def _kwargs(self) -> dict:
         kwargs = self._op_kwargs
+        if self.quant is not None and self.quant.kind == "bnb4":  # the table as it is now
+            kwargs = dict(kwargs, bnb4_code=self.code)
         if "int4" in kwargs:  # the zero codes as they are now (moved)
             kwargs = dict(kwargs, w13_zeros=self.w13_zeros, w2_zeros=self.w2_zeros)
             if self.w13_perm is not None:  # GPTQ act order (layers/moe_int4.py)
@@ -202,7 +209,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """This rank's partial ``[T, H]`` (the whole result when not tensor-parallel)."""
-        if self.quant is not None and self.quant.kind == "bnb4":
+        if self._bnb_dense:
             weights, ids = route(router_logits, self.top_k, self.scoring, self.renormalize)
             return self.forward_routed(hidden, weights, ids)
         return self._moe(hidden, router_logits, self.w13, self.w2, self.top_k, self.scoring,
@@ -212,7 +219,7 @@ class FusedMoE(nn.Module):
                        topk_ids: torch.Tensor) -> torch.Tensor:
         """As ``forward`` with the routing done by the caller (``[T, k]`` weights, as given,
         and global expert ids): a router the contract's scorings do not describe (DeepSeek's)."""
-        if self.quant is not None and self.quant.kind == "bnb4":
+        if self._bnb_dense:
             weights, ids, w13, w2 = moe_bnb.dense_experts(self, topk_weights, topk_ids,
                                                           hidden.dtype)
             return self._experts(hidden, weights, ids, w13, w2)

@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit MoE experts: kept packed (4 bits a weight), dequantized per routed expert.
+"""bitsandbytes 4-bit MoE experts: kept packed (4 bits a weight), multiplied packed by ops that
+declare it, else dequantized per routed expert.
 
 In memory, per expert the rows of the float layout (``w13``: gate rows then up rows; L: this
 rank's slice of the intermediate size), each row's K inputs as bnb stores them (two codes a
@@ -16,7 +17,12 @@ hidden or intermediate size), which is required; a rank's part (``w13``'s rows, 
 inputs under tensor parallelism) must then be whole blocks too (L a multiple of ``bs``).
 Double-quantized absmaxes arrive widened to float32 (``bnb_stored.py``): 4.5 bits a weight.
 
-One step (``forward``): route as the contract does; the experts the step routes to, padded to
+One step: where the ops declare ``fused_moe_bnb4`` (plugin API 26; every in-tree backend's:
+the Triton ones' decode kernels read the codes, ``kernels/moe/decode_bnb4.py``) the layer
+hands them the codes,
+the absmaxes as ``w13_scale`` / ``w2_scale`` and the table as ``bnb4_code``, as it hands int4
+experts over (``fused_applies``; ``TESSELLM_BNB_MOE_FUSED=0`` keeps the path below). Else
+(``dense_experts``): route as the contract does; the experts the step routes to, padded to
 a fixed count ``U = min(E, T * k)`` (a shape known ahead: no host sync, so graphs can capture
 it), are dequantized in the hidden dtype, then the backend's ``fused_experts`` multiplies
 them with each routed id renumbered into ``0..U)``::
@@ -36,8 +42,9 @@ from typing import Optional
 
 import torch
 
-from tessellm.backends.reference.moe import local_expert_ids
-from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight, quantize_bnb4
+from tessellm import envs
+from tessellm.backends.reference.moe import dequantize_bnb4_experts, local_expert_ids
+from tessellm.quantization.bnb import FP4_CODE, NF4_CODE, Bnb4Weight
 from tessellm.quantization.bnb_stored import StoredBnb
 from tessellm.quantization.sharding import materialize
 
@@ -124,6 +131,12 @@ def _segment(moe, tensor, where: str) -> Bnb4Weight:
     return quantize_on_load(materialize(tensor).float(), moe.w13.device)
 
 
+def fused_applies(ops) -> bool:
+    """Whether the layer passes its packed experts to ``ops``' bnb4 variant: declared
+    (``fused_moe_bnb4``) and not turned off (``TESSELLM_BNB_MOE_FUSED=0``)."""
+    return bool(getattr(ops, "fused_moe_bnb4", False)) and envs.bnb_moe_fused() is not False
+
+
 def dense_experts(moe, weights: torch.Tensor, topk_ids: torch.Tensor, dtype):
     """``(weights, ids, w13, w2)``: the routed experts dequantized in ``dtype`` and the
     routing renumbered into them (module docstring)."""
@@ -152,16 +165,12 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
     """Experts ``used`` of ``codes [E, N, K/2]`` as ``dtype`` ``[U, N, K]``, as many experts at
     a time as ``CHUNK_ELEMENTS`` holds (a fixed count per shape: no host sync)."""
     count, n, half = used.numel(), codes.shape[1], codes.shape[2]
-    bs = 2 * half // absmax.shape[2]
     out = torch.empty(count, n, 2 * half, dtype=dtype, device=codes.device)
-    table = code.float()
     step = max(1, CHUNK_ELEMENTS // max(1, 2 * n * half))
     for u in range(0, count, step):
         ids = used[u:u + step]
-        q = codes.index_select(0, ids)
-        q = torch.stack([q >> 4, q & 0xF], dim=-1).view(ids.numel(), n, -1, bs)
-        scale = absmax.index_select(0, ids)
-        out[u:u + step] = (table[q.int()] * scale[..., None]).view(ids.numel(), n, -1).to(dtype)
+        out[u:u + step] = dequantize_bnb4_experts(codes.index_select(0, ids),
+                                                  absmax.index_select(0, ids), code, dtype)
     return out
 
 

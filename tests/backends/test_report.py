@@ -38,7 +38,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     cpu = text[text.index("\ncpu: "):]
     assert "attention: fast-cpu (Fast) from plugin 'fastattn'" in cpu
     assert "  overridden by: fastattn (TESSELLM_OVERRIDES)" in cpu
-    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, fused experts, recurrent verify, verify graphs]" in cpu
+    assert "ops:       CpuOps (CpuOps) from plugin 'cpu' [linear, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, bnb4 experts, fused experts, recurrent verify, verify graphs]" in cpu
     assert "graph:     none (eager)" in cpu
     rocm = text[text.index("\nrocm: "):text.index("\ntpu: ")]
     assert "attention: triton-rocm (RocmTritonAttentionKernel) from plugin 'rocm'" in rocm
@@ -47,7 +47,7 @@ def test_verbose_shows_which_plugin_provides_each_piece():
     # FusedOps.linear for 1-2 row products, the all-reduce fused with the norm after it)
     assert "(TritonAttentionKernel) from plugin 'cuda' [graph capture, sliding window, " \
            "fuses rotary, logit soft-cap, attention sinks, key limits]" in cuda
-    assert "(CudaOps) from plugin 'cuda' [linear, linear + SiLU, all-reduce + norm, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, fused experts, fp8 act fold, gated RMSNorm, recurrent verify, verify graphs]" in cuda
+    assert "(CudaOps) from plugin 'cuda' [linear, linear + SiLU, all-reduce + norm, fused MoE, block-fp8 experts, expert map, int4 experts, int4 act order, bnb4 experts, fused experts, fp8 act fold, gated RMSNorm, recurrent verify, verify graphs]" in cuda
     assert "graph:     hip-graphs" in rocm and "fp8 -> fp8 (RocmFp8LinearMethod)" in rocm
     assert "lora:      triton (TritonLoRAOps) from plugin 'cuda' [graph capture]" in cuda
     assert "lora:      reference LoRA ops (no plugin answered)" in cpu

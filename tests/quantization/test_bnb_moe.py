@@ -4,7 +4,9 @@ checkpoints whose every linear (experts and routers too) bitsandbytes quantized 
 transformers' greedy tokens on the dequantized checkpoint; the experts stay packed (4 bits a
 weight, nothing dense); a dense checkpoint with ``quantization="bitsandbytes"`` quantizes its
 experts to NF4 as bitsandbytes does; two tensor-parallel ranks generate as one device; bad
-input is refused with one sentence.
+input is refused with one sentence. Ops declaring ``fused_moe_bnb4`` (plugin API 26: every
+in-tree backend's) get the packed codes (the Triton ops' decode kernels read them); others keep
+the layer's dense path (``moe_bnb.dense_experts``).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ def _experts(model) -> list[FusedMoE]:
                           ("qwen2-moe", "nf4", False), ("olmoe", "nf4", True),
                           ("deepseek-v3", "nf4", True)])
 def test_bnb_moe_serves_the_dequantized_model(checkpoints, arch, quant_type, double_quant):
-    """Greedy float32 tokens of the bnb checkpoint (experts dequantized per routed expert) are
-    HF transformers' on the dequantized checkpoint."""
+    """Greedy float32 tokens of the bnb checkpoint (the cpu ops' bnb4 variant: each touched
+    expert dequantized) are HF transformers' on the dequantized checkpoint."""
     from tests.conftest import hf_greedy
 
     _, bnb_dir, deq_dir = checkpoints(arch, quant_type, double_quant)
@@ -174,6 +176,108 @@ def test_routed_experts_only_dequantized():
         torch.testing.assert_close(rank1(x, logits), want, rtol=0, atol=1e-6)
 
 
+def _quantized(e: int, n: int, k: int, seed: int):
+    """``(codes [e, n, k/2], absmax [e, n, k/64], dequantized [e, n, k])`` of random experts
+    quantized to NF4 as bitsandbytes does."""
+    from tessellm.quantization.bnb import quantize_bnb4
+
+    torch.manual_seed(seed)
+    segs = [quantize_bnb4(w) for w in torch.randn(e, n, k) * 0.1]
+    return (torch.stack([s.qweight for s in segs]),
+            torch.stack([s.absmax.view(n, -1) for s in segs]),
+            torch.stack([s.dequantize() for s in segs]))
+
+
+def _layer(ops, parts13, parts2, **kw) -> FusedMoE:
+    """A bnb4 ``FusedMoE`` of 8 experts (H 64) holding the given codes and absmaxes (its
+    rank's part where ``kw`` asks for tensor or expert parallelism)."""
+    from tessellm.layers.moe_fp8 import ExpertQuant
+
+    moe = FusedMoE(8, 64, kw.pop("intermediate", 64), 2, ops=ops,
+                   quant=ExpertQuant("bnb4", group_size=64), **kw)
+    for name, (codes, absmax) in (("w13", parts13), ("w2", parts2)):
+        getattr(moe, name).data.copy_(codes)
+        getattr(moe, f"{name}_absmax").data.copy_(absmax)
+    return moe
+
+
+@pytest.mark.interpreted
+@pytest.mark.parametrize("tokens", [1, 20])
+def test_packed_experts_reach_ops_that_declare_bnb4(tokens, monkeypatch):
+    """Ops declaring ``fused_moe_bnb4`` (the Triton ops, interpreted on host tensors) get the
+    packed codes, no dense copy: at 1 token their decode kernels read them, at 20 the routed
+    experts are dequantized for the grouped GEMMs; the reference on the dequantized experts,
+    whole, and at 1 token under expert parallelism (rank 1: experts 4..7) and tensor
+    parallelism (two ranks' partial sums, each expert's intermediate rows cut in whole
+    blocks)."""
+    from tessellm.backends.reference.moe import fused_moe_reference
+    from tessellm.distributed.parallel_state import TensorParallel
+    from tessellm.kernels.fused_ops import TritonOps
+    from tessellm.layers import moe_bnb
+
+    def no_dense(*args):
+        raise AssertionError("the dense path ran")
+
+    monkeypatch.setattr(moe_bnb, "dense_experts", no_dense)
+    ops = TritonOps()
+    q13, a13, d13 = _quantized(8, 256, 64, seed=1)  # I = 128: two ranks hold 64 rows each
+    q2, a2, d2 = _quantized(8, 64, 128, seed=2)
+    g = torch.Generator().manual_seed(tokens)
+    x, logits = torch.randn(tokens, 64, generator=g), torch.randn(tokens, 8, generator=g)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    whole = _layer(ops, (q13, a13), (q2, a2), intermediate=128)
+    assert not whole._bnb_dense
+    want = fused_moe_reference(x, logits, d13, d2, 2)
+    torch.testing.assert_close(whole(x, logits), want, **tol)
+    if tokens > 1:  # the parallel layouts once (the dequantized path's: tests/kernels)
+        return
+    ep = _layer(ops, (q13[4:], a13[4:]), (q2[4:], a2[4:]), intermediate=128,
+                tp=TensorParallel(rank=1, size=2), expert_parallel=True)
+    want_ep = fused_moe_reference(x, logits, d13[4:], d2[4:], 2, expert_map=ep.expert_map)
+    torch.testing.assert_close(ep(x, logits), want_ep, **tol)
+    total = torch.zeros_like(want)
+    for r in range(2):
+        rows = torch.cat([torch.arange(r * 64, r * 64 + 64), torch.arange(128 + r * 64,
+                                                                          192 + r * 64)])
+        rank = _layer(ops, (q13[:, rows], a13[:, rows]),
+                      (q2[:, :, r * 32:r * 32 + 32], a2[:, :, r:r + 1]), intermediate=128,
+                      tp=TensorParallel(rank=r, size=2))
+        total += rank(x, logits)
+    torch.testing.assert_close(total, want, **tol)
+
+
+def test_ops_without_bnb4_keep_the_dense_path(monkeypatch):
+    """A plugin's ops subclassing the reference with its own ``fused_experts`` (written before
+    API 26) does not inherit ``fused_moe_bnb4``: the layer dequantizes the routed experts and
+    hands them over dense, as ``TESSELLM_BNB_MOE_FUSED=0`` asks of any ops."""
+    from tessellm.backends.reference.moe import fused_experts_reference, fused_moe_reference
+    from tessellm.backends.reference.ops import ReferenceOps
+
+    seen = []
+
+    class Api25Ops(ReferenceOps):
+        def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
+                          w2_scale=None, **variant):
+            seen.append(w13.dtype)
+            return fused_experts_reference(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
+                                           w2_scale, **variant)
+
+    q13, a13, d13 = _quantized(8, 128, 64, seed=3)
+    q2, a2, d2 = _quantized(8, 64, 64, seed=4)
+    x, logits = torch.randn(2, 64), torch.randn(2, 8)
+    want = fused_moe_reference(x, logits, d13, d2, 2)
+    assert ReferenceOps.fused_moe_bnb4 and not Api25Ops.fused_moe_bnb4
+    moe = _layer(Api25Ops(), (q13, a13), (q2, a2))
+    torch.testing.assert_close(moe(x, logits), want, rtol=0, atol=1e-6)
+    assert seen == [torch.float32]  # dense experts
+    monkeypatch.setenv("TESSELLM_BNB_MOE_FUSED", "0")
+    assert _layer(ReferenceOps(), (q13, a13), (q2, a2))._bnb_dense
+    monkeypatch.setenv("TESSELLM_BNB_MOE_FUSED", "1")
+    fused = _layer(ReferenceOps(), (q13, a13), (q2, a2))
+    assert not fused._bnb_dense
+    torch.testing.assert_close(fused(x, logits), want, rtol=0, atol=1e-6)
+
+
 def test_experts_dequantized_in_chunks(monkeypatch):
     """Several experts a chunk (``CHUNK_ELEMENTS``), a short last chunk, or one a chunk: the
     same dense experts, in the order ``used`` names them."""
@@ -249,8 +353,10 @@ def test_bnb_moe_refusals(checkpoints):
 @pytest.mark.slow  # ~1 min interpreted
 @pytest.mark.interpreted
 def test_bnb_moe_on_the_cuda_backend_kernels(checkpoints):
-    """The cuda backend (Triton, interpreted on host tensors without a GPU): the routed experts
-    dequantized, then its fused MoE kernel: HF's greedy tokens on the dequantized checkpoint."""
+    """The cuda backend (Triton, interpreted on host tensors without a GPU): its fused MoE's
+    bnb4 variant (the decode kernels on the packed codes at decode, the routed experts
+    dequantized for the grouped GEMMs at prefill): HF's greedy tokens on the dequantized
+    checkpoint."""
     from tests.conftest import hf_greedy
 
     _, bnb_dir, deq_dir = checkpoints("mixtral")

@@ -19,7 +19,7 @@ def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str =
                       block_shape=None, expert_map=None, **int4) -> torch.Tensor:
     """``FusedOps.fused_moe`` with the reference's variants (``reference/moe.py``: an
     ``ExpertActivation``, per-expert biases, block-wise fp8 scales, an ``expert_map``, int4
-    experts: ``int4``, ``w13_zeros``, ``w2_zeros``, ``w13_perm``)."""
+    experts: ``int4``, ``w13_zeros``, ``w2_zeros``, ``w13_perm``; bnb4 experts: ``bnb4_code``)."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return grouped_experts(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                            activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
@@ -29,10 +29,11 @@ def fused_moe_grouped(hidden, router_logits, w13, w2, top_k: int, scoring: str =
 def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_scale=None, *,
                     activation=SILU, w13_bias=None, w2_bias=None,
                     block_shape=None, expert_map=None, int4=False, w13_zeros=None,
-                    w2_zeros=None, w13_perm=None) -> torch.Tensor:
+                    w2_zeros=None, w13_perm=None, bnb4_code=None) -> torch.Tensor:
     """``FusedOps.fused_experts``: the grouped product with the routing given (``[T, k]``).
-    fp8 experts (per channel, or per block with ``block_shape``) and int4 experts (``int4``:
-    AWQ / GPTQ codes with group scales and ``*_zeros``, GPTQ act order's ``w13_perm``) are
+    fp8 experts (per channel, or per block with ``block_shape``), int4 experts (``int4``:
+    AWQ / GPTQ codes with group scales and ``*_zeros``, GPTQ act order's ``w13_perm``) and
+    bitsandbytes 4-bit experts (``bnb4_code``: codes with block absmaxes as the scales) are
     dequantized one touched expert at a time (W8A16 / W4A16): the weights stay quantized in
     memory. ``expert_map`` (global id -> local id or -1): pairs of experts held elsewhere sort
     first, as -1, and are skipped."""
@@ -51,9 +52,11 @@ def grouped_experts(hidden, topk_weights, topk_ids, w13, w2, w13_scale=None, w2_
         if n == 0:
             continue
         up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype,
-                                  block_shape, None if w13_zeros is None else w13_zeros[e], int4)
+                                  block_shape, None if w13_zeros is None else w13_zeros[e], int4,
+                                  bnb4_code)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
-                                  block_shape, None if w2_zeros is None else w2_zeros[e], int4)
+                                  block_shape, None if w2_zeros is None else w2_zeros[e], int4,
+                                  bnb4_code)
         xe = x[start:start + n]
         if w13_perm is not None:  # GPTQ act-order int4 experts: inputs in w13's stored order
             xe = xe[:, w13_perm[e].long()]

@@ -98,6 +98,7 @@ class CpuOps(ReferenceOps):
     fused_moe_expert_map = True  # expert parallelism: other ranks' experts' pairs skipped
     fused_moe_int4 = True  # AWQ / GPTQ int4 experts dequantized per touched expert
     fused_moe_int4_act_order = True  # GPTQ act order (w13_perm): the inputs gathered per expert
+    fused_moe_bnb4 = True  # bitsandbytes 4-bit experts dequantized per touched expert
 
     def __init__(self):
         # id(weight) -> (weight, its version counter when packed, the packed weight)

@@ -42,6 +42,14 @@ group, so that each group's inputs are contiguous), so its gate / up rows multip
 ``hidden[t, w13_perm[e]]``; the down projection's act order is folded into the rows of ``w13``
 at load (``layers/moe_int4.py``) and needs nothing here.
 
+bitsandbytes 4-bit experts (keyword-only ``bnb4_code``, float32 ``[16]``: the layer's NF4 or FP4
+table; ``layers/moe_bnb.py``): ``w13`` uint8 ``[E, 2I, H/2]`` and ``w2`` uint8 ``[E, H, I/2]``,
+each row's inputs two codes a byte (high nibble first); ``w13_scale [E, 2I, H/bs]`` / ``w2_scale
+[E, H, I/bs]`` the float32 absmax of each block of bs inputs of a row (bs from the shapes,
+64 in every released model)::
+
+    W[e, n, k] = code[q[e, n, k]] * absmax[e, n, k // bs]   (float32, then cast)
+
 Expert parallelism (keyword-only ``expert_map``, an int tensor ``[E_global]``: global expert
 id -> this rank's local index into ``w13`` / ``w2``, or -1 where another rank holds it): the
 routing runs over all ``E_global`` logits as before, then each (token, slot) pair whose expert
@@ -120,10 +128,14 @@ def route(router_logits: torch.Tensor, top_k: int, scoring: str = "softmax",
 
 def dequantize_experts(w: torch.Tensor, scale: Optional[torch.Tensor], dtype,
                        block_shape=None, zeros: Optional[torch.Tensor] = None,
-                       int4: bool = False) -> torch.Tensor:
+                       int4: bool = False,
+                       bnb4_code: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w`` as ``dtype``: fp8 weights times their per-output-channel ``scale`` ``[E, N]``, or
     with ``block_shape`` their block scales ``[E, Nb, Kb]``, or with ``int4`` packed int4 codes
-    ``[..., N, K/8]`` with group scales and ``zeros`` (float32 products, then cast)."""
+    ``[..., N, K/8]`` with group scales and ``zeros``, or with ``bnb4_code`` bitsandbytes 4-bit
+    codes ``[..., N, K/2]`` with block absmaxes (float32 products, then cast)."""
+    if bnb4_code is not None:
+        return dequantize_bnb4_experts(w, scale, bnb4_code, dtype)
     if int4:
         return dequantize_int4(w, scale, zeros, dtype)
     if scale is None:
@@ -148,6 +160,16 @@ def dequantize_int4(w: torch.Tensor, scale: torch.Tensor, zeros: Optional[torch.
     return ((q.float() - z) * scale.float().repeat_interleave(group, -1)).to(dtype)
 
 
+def dequantize_bnb4_experts(w: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                            dtype) -> torch.Tensor:
+    """bitsandbytes 4-bit experts ``w [..., N, K/2]`` (module docstring) as ``dtype``
+    ``[..., N, K]``: ``code[q] * absmax`` in float32, then cast."""
+    q = torch.stack([w >> 4, w & 0xF], dim=-1)  # [..., N, K/2, 2]: input 2j, then 2j + 1
+    q = q.reshape(*w.shape[:-1], absmax.shape[-1], -1)  # [..., N, K/bs, bs]
+    weights = code.float()[q.long()] * absmax.float()[..., None]
+    return weights.reshape(*w.shape[:-1], -1).to(dtype)
+
+
 def local_expert_ids(ids: torch.Tensor, expert_map: Optional[torch.Tensor]) -> torch.Tensor:
     """Global expert ids ``[T, k]`` -> this rank's local ids, -1 for experts held elsewhere
     (``ids`` unchanged without an ``expert_map``)."""
@@ -167,14 +189,16 @@ def fused_moe_reference(hidden: torch.Tensor, router_logits: torch.Tensor, w13: 
                         expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                         w13_zeros: Optional[torch.Tensor] = None,
                         w2_zeros: Optional[torch.Tensor] = None,
-                        w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        w13_perm: Optional[torch.Tensor] = None,
+                        bnb4_code: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loop over experts; returns ``[T, H]`` in hidden's dtype. Experts run in hidden's
     dtype (as HF transformers does), their weighted outputs are summed in float32."""
     weights, ids = route(router_logits, top_k, scoring, renormalize)
     return fused_experts_reference(hidden, weights, ids, w13, w2, w13_scale, w2_scale,
                                    activation=activation, w13_bias=w13_bias, w2_bias=w2_bias,
                                    block_shape=block_shape, expert_map=expert_map, int4=int4,
-                                   w13_zeros=w13_zeros, w2_zeros=w2_zeros, w13_perm=w13_perm)
+                                   w13_zeros=w13_zeros, w2_zeros=w2_zeros, w13_perm=w13_perm,
+                                   bnb4_code=bnb4_code)
 
 
 def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
@@ -188,7 +212,8 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
                             expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                             w13_zeros: Optional[torch.Tensor] = None,
                             w2_zeros: Optional[torch.Tensor] = None,
-                            w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            w13_perm: Optional[torch.Tensor] = None,
+                            bnb4_code: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The oracle of the optional ``FusedOps.fused_experts``: ``fused_moe_reference`` with the
     routing done by the caller (``topk_weights`` float32 and ``topk_ids`` ``[T, k]``: DeepSeek's
     grouped top-k, ``models/moe_routing.py``). Each weight multiplies its expert's output as
@@ -201,9 +226,11 @@ def fused_experts_reference(hidden: torch.Tensor, topk_weights: torch.Tensor,
         if token_idx.numel() == 0:
             continue
         up13 = dequantize_experts(w13[e], None if w13_scale is None else w13_scale[e], dtype,
-                                  block_shape, None if w13_zeros is None else w13_zeros[e], int4)
+                                  block_shape, None if w13_zeros is None else w13_zeros[e], int4,
+                                  bnb4_code)
         down = dequantize_experts(w2[e], None if w2_scale is None else w2_scale[e], dtype,
-                                  block_shape, None if w2_zeros is None else w2_zeros[e], int4)
+                                  block_shape, None if w2_zeros is None else w2_zeros[e], int4,
+                                  bnb4_code)
         x = hidden[token_idx]
         if w13_perm is not None:  # GPTQ act order: the inputs in w13's stored order
             x = x[:, w13_perm[e].long()]

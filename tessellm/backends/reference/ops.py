@@ -61,6 +61,8 @@ class ReferenceOps:
     fused_moe_int4 = True
     # GPTQ act-order int4 experts (keyword ``w13_perm``, plugin API 20) are taken.
     fused_moe_int4_act_order = True
+    # bitsandbytes 4-bit experts (keyword ``bnb4_code``, plugin API 26) are taken.
+    fused_moe_bnb4 = True
 
     def fused_experts(self, hidden, topk_weights, topk_ids, w13, w2, w13_scale=None,
                       w2_scale=None, **variant):

@@ -24,12 +24,13 @@ class XlaOps(ReferenceOps):
                                     w2_scale, **variant)
 
     # every variant of reference/moe.py: activations and biases, block fp8, expert parallelism,
-    # AWQ / GPTQ int4, GPTQ act order
+    # AWQ / GPTQ int4, GPTQ act order, bitsandbytes 4-bit
     fused_moe_activations = ("silu", "swiglu_oai", "relu2")
     fused_moe_block_fp8 = True
     fused_moe_expert_map = True
     fused_moe_int4 = True
     fused_moe_int4_act_order = True  # GPTQ act order's w13_perm (plugin API 20)
+    fused_moe_bnb4 = True  # bitsandbytes 4-bit experts' bnb4_code (plugin API 26)
 
 
 class XlaLoRAOps(ReferenceLoRAOps):

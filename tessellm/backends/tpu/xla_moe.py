@@ -63,7 +63,8 @@ def static_fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor,
                          expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                          w13_zeros: Optional[torch.Tensor] = None,
                          w2_zeros: Optional[torch.Tensor] = None,
-                         w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         w13_perm: Optional[torch.Tensor] = None,
+                         bnb4_code: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``FusedOps.fused_experts`` in static shapes: the routing given (``[T, k]`` weights as
     they are, global ids), the variants of ``reference/moe.py`` (GPTQ act order's ``w13_perm``:
     each expert's inputs gathered in its stored order, as the reference does); returns
@@ -72,7 +73,7 @@ def static_fused_experts(hidden: torch.Tensor, topk_weights: torch.Tensor,
     valid = ids >= 0  # False: an expert another rank holds
     ids = ids.clamp(min=0)  # an index that exists; its weight is masked off
     experts = _Experts(w13, w2, w13_scale, w2_scale, w13_bias, w2_bias, w13_zeros, w2_zeros,
-                       block_shape, int4, activation, hidden.dtype, w13_perm)
+                       block_shape, int4, activation, hidden.dtype, w13_perm, bnb4_code)
     tokens, k = ids.shape
     if tokens * k < w13.shape[0]:
         out = _gathered(hidden, topk_weights, ids, valid, experts)
@@ -86,8 +87,9 @@ class _Experts:
     for the gathered form, a slice for the dense one)."""
 
     def __init__(self, w13, w2, s13, s2, b13, b2, z13, z2, block_shape, int4, activation, dtype,
-                 perm=None):
+                 perm=None, code=None):
         self.w13, self.w2, self.s13, self.s2, self.perm = w13, w2, s13, s2, perm
+        self.code = code  # bnb4 experts' table (``reference/moe.py``)
         self.b13, self.b2, self.z13, self.z2 = b13, b2, z13, z2
         self.block_shape, self.int4, self.act, self.dtype = block_shape, int4, activation, dtype
 
@@ -95,8 +97,9 @@ class _Experts:
         return self.w13.shape[0]
 
     def sizes(self) -> tuple[int, int, int]:
-        """(N rows of w13, H, I) as the experts compute them (int4: 8 codes a word)."""
-        pack = 8 if self.int4 else 1
+        """(N rows of w13, H, I) as the experts compute them (int4: 8 codes a word, bnb4: 2 a
+        byte)."""
+        pack = 8 if self.int4 else 2 if self.code is not None else 1
         return self.w13.shape[1], self.w2.shape[1], self.w2.shape[2] * pack
 
     def weights(self, pick) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,9 +108,9 @@ class _Experts:
             return None if t is None else _take(t, pick)
 
         w13 = dequantize_experts(take(self.w13), take(self.s13), self.dtype, self.block_shape,
-                                 take(self.z13), self.int4)
+                                 take(self.z13), self.int4, self.code)
         w2 = dequantize_experts(take(self.w2), take(self.s2), self.dtype, self.block_shape,
-                                take(self.z2), self.int4)
+                                take(self.z2), self.int4, self.code)
         return w13, w2
 
     def gate_up(self, hidden: torch.Tensor, w13: torch.Tensor, pick) -> torch.Tensor:

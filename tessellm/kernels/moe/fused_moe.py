@@ -310,7 +310,8 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
                      expert_map: Optional[torch.Tensor] = None, int4: bool = False,
                      w13_zeros: Optional[torch.Tensor] = None,
                      w2_zeros: Optional[torch.Tensor] = None,
-                     w13_perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     w13_perm: Optional[torch.Tensor] = None,
+                     bnb4_code: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``hidden [T, H]``, routing ``topk_weights`` / ``topk_ids`` ``[T, k]``, experts ``w13
     [E, 2I, H]`` and ``w2 [E, H, I]`` (fp8 with ``*_scale [E, N]``, or hidden's dtype);
     returns ``[T, H]`` in hidden's dtype. ``tiles``: the grouped GEMMs' launch parameters
@@ -338,9 +339,21 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
     (no ``tiles``, no other variant) the int4 decode kernels run instead (``decode_int4.py``),
     and from ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens (no ``tiles``) the experts are
     dequantized a chunk at a time into a transient workspace for the 16-bit grouped GEMMs
-    (``_fused_moe_int4_dequant``).
+    (``_fused_moe_dequant``).
     ``w13_perm`` ``[E, H]`` int32 (GPTQ act order, ``reference/moe.py``): each expert's first
-    GEMM gathers the hidden columns in its order."""
+    GEMM gathers the hidden columns in its order.
+
+    ``bnb4_code`` (bitsandbytes 4-bit experts, ``reference/moe.py``: uint8 codes ``[E, N,
+    K/2]``, ``*_scale`` the float32 block absmaxes ``[E, N, K/bs]``): ``bnb4_moe.py``."""
+    if bnb4_code is not None:
+        from tessellm.kernels.moe.bnb4_moe import fused_moe_bnb4
+
+        return fused_moe_bnb4(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
+                              bnb4_code, tiles, activation=activation, w13_bias=w13_bias,
+                              w2_bias=w2_bias, expert_map=expert_map,
+                              others=dict(block_shape=block_shape, int4=int4,
+                                          w13_zeros=w13_zeros, w2_zeros=w2_zeros,
+                                          w13_perm=w13_perm))
     t, k = topk_ids.shape
     if activation is not None and activation.kind == "silu":
         activation = None
@@ -367,10 +380,16 @@ def fused_moe_triton(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids:
         topk_ids = torch.where(held, local, num_experts).to(torch.int32)
     if int4 and tiles is None and moe_int4_dequant_applies(t, hidden.device):
         # many tokens: the experts dequantized (a chunk at a time) and the 16-bit GEMMs
-        return _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale,
-                                       w2_scale, w13_zeros, w2_zeros, w13_perm, activation,
-                                       w13_bias, w2_bias, expert_map is not None,
-                                       num_experts if expert_map is None else expert_map.shape[0])
+        def dequant13(lo, hi, hit):
+            return dequantize_int4_experts(w13, w13_scale, w13_zeros, hidden.dtype, lo, hi, hit)
+
+        def dequant2(lo, hi, hit):
+            return dequantize_int4_experts(w2, w2_scale, w2_zeros, hidden.dtype, lo, hi, hit)
+
+        return _fused_moe_dequant(hidden, topk_weights, topk_ids, w13, w2, 8, dequant13,
+                                  dequant2, w13_perm, activation, w13_bias, w2_bias,
+                                  expert_map is not None,
+                                  num_experts if expert_map is None else expert_map.shape[0])
     tc = tiles is None and int4 and plain and _int4_tc_both(w13, w13_scale, w2, w2_scale)
     tiles = _grouped_tiles(tiles, t * k, num_experts if expert_map is None else expert_map.shape[0],
                            hidden, int4, tc)
@@ -445,11 +464,15 @@ def _int4_tc_both(w13, w13_scale, w2, w2_scale) -> bool:
                for w, s in ((w13, w13_scale), (w2, w2_scale)))
 
 
-def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, w2_scale,
-                            w13_zeros, w2_zeros, w13_perm, activation, w13_bias, w2_bias,
-                            some_elsewhere: bool, global_experts: int) -> torch.Tensor:
-    """``fused_moe_triton``'s int4 product from ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens
-    (``int4_dequant.py``), the 16-bit tiles: for each chunk of experts (``expert_chunk``: all of
+def _fused_moe_dequant(hidden, topk_weights, topk_ids, w13, w2, pack: int, dequant13, dequant2,
+                       w13_perm, activation, w13_bias, w2_bias, some_elsewhere: bool,
+                       global_experts: int) -> torch.Tensor:
+    """``fused_moe_triton``'s product on packed experts (``pack`` inputs an element of ``w13``
+    / ``w2``: int4's 8 a word, bnb4's 2 a byte) through the 16-bit tiles: int4 from
+    ``int4_dequant.MOE_INT4_DEQUANT_TOKENS`` tokens (``int4_dequant.py``), bnb4 beyond its
+    decode kernels (``bnb4_dequant.py``). ``dequant13`` / ``dequant2``: ``(lo, hi, hit) ->``
+    experts ``lo:hi`` of that weight in hidden's dtype (those ``hit`` 0 unwritten). For each
+    chunk of experts (``expert_chunk``: all of
     them where their 16-bit weights fit ``MOE_INT4_DEQUANT_WORKSPACE_MB``) the chunk's pairs
     aligned (every other pair takes no row), its w13 dequantized into a workspace and GEMM 1;
     then (the activation apart on the 16-bit rule's large tiles) for each chunk its w2
@@ -468,19 +491,20 @@ def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, 
     hit = torch.zeros(num_experts + 1, dtype=torch.int32, device=dev)  # [E]: pairs held elsewhere
     hit.index_fill_(0, ids.reshape(-1).long(), 1)  # experts no pair routes to stay unwritten
     perm = None if w13_perm is None else w13_perm.to(torch.int32)
-    chunk = expert_chunk(num_experts, 8 * max(w13[0].numel(), w2[0].numel()),
+    chunk = expert_chunk(num_experts, pack * max(w13[0].numel(), w2[0].numel()),
                          hidden.element_size())
     spans = [(lo, min(num_experts, lo + chunk)) for lo in range(0, num_experts, chunk)]
     part = (lambda x, lo, hi: None if x is None else x[lo:hi])  # noqa: E731
     aligns = []
-    out1 = torch.empty(t * k, w2.shape[2] * 8 if fuse else w13.shape[1], dtype=dtype, device=dev)
+    out1 = torch.empty(t * k, w2.shape[2] * pack if fuse else w13.shape[1], dtype=dtype,
+                       device=dev)
     tiles1 = dict(tiles, BLOCK_N=max(16, tiles["BLOCK_N"] // 2)) if fuse else tiles
     for lo, hi in spans:
         # the chunk's experts as 0 .. hi - lo - 1, every other pair hi - lo (no row)
         ids_c = ids if len(spans) == 1 else torch.where((ids >= lo) & (ids < hi), ids - lo,
                                                         hi - lo)
         aligns.append(align_by_expert_triton(ids_c, hi - lo, tiles["BLOCK_M"]))
-        ws = dequantize_int4_experts(w13, w13_scale, w13_zeros, dtype, lo, hi, hit)
+        ws = dequant13(lo, hi, hit)
         p13 = None if perm is None else perm[lo:hi].contiguous()
         _expert_gemm(hidden, ws, None, None, *aligns[-1], out1, k, tiles1, silu_mul=fuse,
                      bias=part(w13_bias, lo, hi), activation=activation if fuse else None,
@@ -489,13 +513,13 @@ def _fused_moe_int4_dequant(hidden, topk_weights, topk_ids, w13, w2, w13_scale, 
     if fuse:
         act = out1
     else:
-        act = _silu_and_mul(out1, w2.shape[2] * 8) if activation is None else activation(out1)
+        act = _silu_and_mul(out1, w2.shape[2] * pack) if activation is None else activation(out1)
         del out1
     c2 = (torch.zeros if some_elsewhere else torch.empty)(t * k, w2.shape[1], dtype=dtype,
                                                           device=dev)
     weights = topk_weights.to(torch.float32).contiguous().view(-1)
     for (lo, hi), align in zip(spans, aligns):
-        ws = dequantize_int4_experts(w2, w2_scale, w2_zeros, dtype, lo, hi, hit)
+        ws = dequant2(lo, hi, hit)
         _expert_gemm(act, ws, None, weights, *align, c2, 1, tiles, bias=part(w2_bias, lo, hi))
         del ws
     return _sum_topk(c2, t, k, dtype)

@@ -2,7 +2,8 @@
 sigmoid routing, top-k 1/2/8, experts that receive no token, and fp8 per-channel experts; and
 ``fused_experts`` (optional: the same with the routing given); the declared variants (gpt-oss's
 clamped SwiGLU with biases, Nemotron-H's ungated relu2, block-wise fp8, expert parallelism's
-``expert_map``, AWQ / GPTQ int4 experts, GPTQ act-order int4 experts)."""
+``expert_map``, AWQ / GPTQ int4 experts, GPTQ act-order int4 experts, bitsandbytes 4-bit
+experts)."""
 
 from __future__ import annotations
 
@@ -326,4 +327,57 @@ def test_fused_moe_int4_act_order(target, tokens):
         if getattr(ops, "fused_experts", None) is not None:
             weights, ids = route(logits, 2)
             got = ops.fused_experts(xd.to(dev), weights.to(dev), ids.to(dev), *args, **kw_dev)
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+
+
+def _bnb4_experts(e, n, k, seed):
+    """Random ``[E, N, K]`` weights quantized to bitsandbytes 4-bit in the contract's layout
+    (``reference/moe.py``): ``(codes uint8 [E, N, K/2], absmax float32 [E, N, K/64])``."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.uint8)
+    return codes, (torch.rand(e, n, k // 64, generator=g) + 1) / k ** 0.5
+
+
+@pytest.mark.parametrize("tokens, table", [(1, "fp4"), (9, "nf4"), (40, "nf4")])
+def test_fused_moe_bnb4_experts(target, tokens, table):
+    """bitsandbytes 4-bit experts (optional, declared by ``fused_moe_bnb4``, plugin API 26):
+    uint8 codes two a byte (high nibble first), float32 absmaxes a block of 64 inputs (w2's
+    rows 2 blocks: the NF4 / FP4 table given as ``bnb4_code``), through ``fused_moe`` and
+    ``fused_experts``, with an ``expert_map`` where declared."""
+    from tessellm.backends.reference.moe import route
+    from tessellm.quantization.bnb import FP4_CODE, NF4_CODE
+
+    e, h, i = 8, 64, 128
+    q13, a13 = _bnb4_experts(e, 2 * i, h, seed=160 + tokens)
+    q2, a2 = _bnb4_experts(e, h, i, seed=161 + tokens)
+    code = torch.tensor(NF4_CODE if table == "nf4" else FP4_CODE)
+    g = torch.Generator().manual_seed(162 + tokens)
+    x, logits = torch.randn(tokens, h, generator=g), torch.randn(tokens, e, generator=g)
+    dev = target.device
+    for dtype in (torch.float32, target.low_precision_dtype):
+        ops = _moe_ops(target, dtype)
+        if not getattr(ops, "fused_moe_bnb4", False):
+            pytest.skip(f"{target.name}'s fused_moe does not declare fused_moe_bnb4 (the layer "
+                        "dequantizes bnb4 experts and passes them dense)")
+        xd = x.to(dtype)
+        want = fused_moe_reference(xd, logits, q13, q2, 2, "softmax", True, a13, a2,
+                                   bnb4_code=code)
+        args = [t.to(dev) for t in (q13, q2, a13, a2)]
+        got = ops.fused_moe(xd.to(dev), logits.to(dev), args[0], args[1], 2, "softmax", True,
+                            args[2], args[3], bnb4_code=code.to(dev))
+        assert got.dtype == dtype and got.shape == x.shape
+        torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+        if getattr(ops, "fused_experts", None) is not None:
+            weights, ids = route(logits, 2)
+            got = ops.fused_experts(xd.to(dev), weights.to(dev), ids.to(dev), *args,
+                                    bnb4_code=code.to(dev))
+            torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
+        if getattr(ops, "fused_moe_expert_map", False):  # experts 4..7 held here
+            expert_map = torch.tensor([-1] * 4 + [0, 1, 2, 3], dtype=torch.int32)
+            local = [t[4:] for t in (q13, q2, a13, a2)]
+            want = fused_moe_reference(xd, logits, *local[:2], 2, "softmax", True, *local[2:],
+                                       bnb4_code=code, expert_map=expert_map)
+            got = ops.fused_moe(xd.to(dev), logits.to(dev), *[t.to(dev) for t in local[:2]], 2,
+                                "softmax", True, *[t.to(dev) for t in local[2:]],
+                                bnb4_code=code.to(dev), expert_map=expert_map.to(dev))
             torch.testing.assert_close(got.cpu(), want, **_moe_tolerance(dtype))
