@@ -133,6 +133,7 @@ class Sampler:
         out = SamplerOutput(tokens)
         if self.compute_nans:
             out.num_nans = count_nans(raw, logits, scaled, point)
+        del scaled, point  # [B, V] float32: not held through the logprobs (peak memory)
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out
@@ -173,11 +174,14 @@ class Sampler:
         raw = logits.float()
         edited = self._edit_logits(raw, batch)  # once: custom processors apply once a step
         target, scaled, point = self._target_probs(edited, batch)
+        if self.compute_nans:
+            num_nans = count_nans(raw, edited, scaled, point)
+        del scaled, point  # [B, V] float32: not held through rejection sampling and the logprobs
         tokens = rejection_sample(target, draft_ids, draft_probs, has_draft_probs, self.generator,
                                   batch.seeds)
         out = SamplerOutput(tokens)
         if self.compute_nans:
-            out.num_nans = count_nans(raw, edited, scaled, point)
+            out.num_nans = num_nans
         if batch.max_num_logprobs is not None:
             self._logprobs(raw, tokens, batch, out)
         return out

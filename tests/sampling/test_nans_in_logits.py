@@ -6,6 +6,8 @@ processor on a tiny model (tests.sampling.logits_procs.NanProcessor)."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -99,6 +101,43 @@ def test_nans_from_processors_that_keep_the_argmax_are_counted_where_sampled():
     assert sampler(logits.clone(), batch).num_nans.tolist() == [0, 1]
     verified = sampler.verify(logits.clone(), batch, drafts, torch.full((2, 16), 1 / 16), torch.tensor([True, False]))
     assert verified.num_nans.tolist() == [0, 1]
+
+
+class _KeepsArgmaxWatched:
+    """A processor that keeps the argmax and changes nothing, keeping a weak reference to the
+    scaled logits it is applied to (the tensor ``_scaled`` returns)."""
+
+    changes_argmax = False
+    keeps_argmax = True
+
+    def apply(self, logits: torch.Tensor, argmax_invariant: bool) -> torch.Tensor:
+        self.scaled = weakref.ref(logits)
+        return logits
+
+
+class _WatchingSampler(Sampler):
+    """Records whether the scaled logits are still alive when the logprobs are computed."""
+
+    def _logprobs(self, raw, tokens, batch, out) -> None:
+        self.scaled_alive = batch.processors.scaled() is not None
+        super()._logprobs(raw, tokens, batch, out)
+
+
+@pytest.mark.parametrize("compute_nans", [False, True])
+def test_the_scaled_logits_are_not_held_through_the_logprobs(compute_nans):
+    """The NaN count reads each sampled row's scaled logits ([B, V] float32); the sampler lets
+    them go before the logprobs' own [B, V] work, count or not, so the peak memory of a step
+    is what it was before the count (nothing new kept while TESSELLM_COMPUTE_NANS_IN_LOGITS is
+    off). Sampling and verifying drafts alike."""
+    logits, drafts = torch.randn(2, 16), torch.tensor([3, -1])
+    batch = SamplingBatch(temperature=torch.tensor([0.0, 1.0]), all_greedy=False, top_p=None,
+                          top_k=None, min_p=None, processors=_KeepsArgmaxWatched(), max_num_logprobs=2)
+    sampler = _WatchingSampler(torch.device("cpu"), compute_nans=compute_nans)
+    assert sampler(logits.clone(), batch).sampled_logprob is not None
+    assert sampler.scaled_alive is False
+    sampler.scaled_alive = None
+    sampler.verify(logits.clone(), batch, drafts, torch.full((2, 16), 1 / 16), torch.tensor([True, False]))
+    assert sampler.scaled_alive is False
 
 
 def _corrupted(llm) -> list:
