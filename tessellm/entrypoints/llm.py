@@ -159,6 +159,7 @@ class LLM:
             bound = inspect.signature(getattr(Worker, method)).bind(None, *args, **(kwargs or {}))
         except TypeError as exc:
             raise ValueError(f"collective_rpc({method!r}): {exc}.") from None
+        bound.apply_defaults()  # a keyword after a defaulted one it skips stays positional
         if bound.kwargs:
             raise ValueError(f"collective_rpc({method!r}): keyword-only arguments "
                              f"{', '.join(bound.kwargs)} cannot be sent to the workers.")

@@ -126,6 +126,9 @@ def test_beam_search_concurrency_limit_gives_the_same_beams(llm):
 def test_collective_rpc_takes_vllms_kwargs(llm, tmp_path):
     [files] = llm.collective_rpc("save_sharded_state", kwargs={"path": str(tmp_path)})
     assert files and all(os.path.exists(f) for f in files)
+    # a keyword past a defaulted parameter it leaves out (pattern) is sent in its place too
+    [files] = llm.collective_rpc("save_sharded_state", kwargs={"path": str(tmp_path / "b"), "max_size": 1 << 30})
+    assert files and all(os.path.exists(f) for f in files)
     with pytest.raises(ValueError, match="timeout"):
         llm.collective_rpc("kv_block_bytes", timeout=5)
     with pytest.raises(ValueError, match="unexpected keyword argument 'nope'"):
