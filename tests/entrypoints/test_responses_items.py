@@ -11,7 +11,8 @@ from pydantic import TypeAdapter
 
 from openai.types.responses import ResponseOutputItem, ResponseStreamEvent
 from tessellm.entrypoints.openai.errors import OpenAIError
-from tessellm.entrypoints.openai.responses.input import rename_error, to_chat_request
+from tessellm.entrypoints.openai.responses.input import check_unsupported, rename_error, to_chat_request
+from tessellm.entrypoints.openai.sampling import reasoning_template_kwargs
 from tessellm.entrypoints.openai.responses.items import ItemBuilder
 from tessellm.entrypoints.openai.responses.protocol import ResponsesRequest
 
@@ -53,6 +54,23 @@ def test_a_call_after_an_assistant_message_joins_it():
                        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}])
     assert [m.role for m in req.messages] == ["user", "assistant"]
     assert req.messages[1].content == "let me look" and req.messages[1].tool_calls[0].id == "c"
+
+
+@pytest.mark.parametrize("effort,thinks", [("none", False), ("minimal", True), ("xhigh", True)])
+def test_every_reasoning_effort_of_the_chat_path_is_taken(effort, thinks):
+    """reasoning.effort takes what the chat request's reasoning_effort takes (the openai
+    package's values), with its enable_thinking rule ("none" turns Qwen 3's thinking off); only
+    gpt-oss's template refuses the levels it lacks, named in this API's words."""
+    body = ResponsesRequest.model_validate({"input": "hi", "reasoning": {"effort": effort}})
+    check_unsupported(body)
+    req = to_chat_request(body)
+    assert req.reasoning_effort == effort
+    kwargs = reasoning_template_kwargs(req, {}, harmony=False)
+    assert kwargs == {"reasoning_effort": effort, "enable_thinking": thinks}
+    with pytest.raises(OpenAIError) as info:
+        reasoning_template_kwargs(req, {}, harmony=True)
+    renamed = rename_error(info.value)
+    assert renamed.param == "reasoning.effort" and f"reasoning.effort {effort!r}" in renamed.message
 
 
 def test_chat_errors_say_this_apis_fields():

@@ -272,7 +272,7 @@ def test_sdk_parse_with_a_pydantic_model(client):
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools.0.type"),
     ({"input": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0.function"),
     ({"input": "hi", "tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
-    ({"input": "hi", "reasoning": {"effort": "minimal"}}, "reasoning.effort"),
+    ({"input": "hi", "reasoning": {"effort": "extreme"}}, "reasoning.effort"),
     ({"input": "hi", "max_output_tokens": 5000}, "max_output_tokens"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}},

@@ -92,6 +92,14 @@ def test_analysis_is_a_reasoning_item_and_final_a_message(srv):
     assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
 
 
+def test_an_effort_gpt_oss_lacks_is_a_400_naming_reasoning_effort(srv):
+    r = httpx.post(f"{srv.url}/v1/responses", json=_body("hi", reasoning={"effort": "minimal"}),
+                   headers=srv.headers, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "reasoning.effort"
+    assert "gpt-oss's levels" in r.json()["error"]["message"]
+
+
 def test_commentary_call_is_a_function_call_item(srv):
     r = _post(srv, "[tool]", tools=[TOOL])
     assert [i["type"] for i in r["output"]] == ["reasoning", "function_call"]

@@ -31,7 +31,6 @@ from tessellm.entrypoints.openai.responses.protocol import (INCLUDE_ACCEPTED, LO
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text")
-_EFFORTS = ("low", "medium", "high")  # what chat templates (gpt-oss's) know
 
 
 def check_unsupported(req: ResponsesRequest) -> None:
@@ -48,10 +47,8 @@ def check_unsupported(req: ResponsesRequest) -> None:
     if req.text is not None and req.text.verbosity not in (None, "medium"):
         raise bad_request("text.verbosity other than 'medium' is not supported by tessellm; remove it.",
                           "text.verbosity", "unsupported_parameter")
-    effort = req.reasoning.effort if req.reasoning is not None else None
-    if effort not in (None, *_EFFORTS):
-        raise bad_request(f"reasoning.effort {effort!r} is not supported; use 'low', 'medium' or 'high'.",
-                          "reasoning.effort", "unsupported_parameter")
+    # reasoning.effort: every value the chat path's reasoning_effort takes (sampling.py's
+    # reasoning_template_kwargs, which refuses gpt-oss's missing levels as reasoning.effort)
 
 
 def input_items(req: ResponsesRequest) -> list[dict]:

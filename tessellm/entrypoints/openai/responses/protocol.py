@@ -35,7 +35,8 @@ class TextConfig(_Strict):
 
 
 class ReasoningConfig(_Strict):
-    # the chat template's reasoning_effort (gpt-oss's writes "Reasoning: high")
+    # the chat request's reasoning_effort: given to the chat template (gpt-oss's writes
+    # "Reasoning: high"; it takes low / medium / high only), with enable_thinking = effort != "none"
     effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
     summary: Optional[Literal["auto", "concise", "detailed"]] = None  # accepted; no summaries are written
     generate_summary: Optional[Literal["auto", "concise", "detailed"]] = None  # its older name
