@@ -206,9 +206,11 @@ class SamplingParams:
         bias = kwargs.get("logit_bias")
         if bias:
             try:
-                kwargs["logit_bias"] = {int(k): min(100.0, max(-100.0, v)) for k, v in bias.items()}
+                keys = [int(k) for k in bias]
             except (TypeError, ValueError):
                 raise ValueError(f"logit_bias keys must be token ids, got {list(bias)!r}.") from None
+            # a value that is no number, or NaN, is left as given: __post_init__ refuses it by token
+            kwargs["logit_bias"] = {k: _clamp_bias(v) for k, v in zip(keys, bias.values())}
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     @property
@@ -233,6 +235,13 @@ class SamplingParams:
 
 
 # vLLM's fields accepted only at the value that changes nothing: (name, neutral values, the fix)
+def _clamp_bias(value):
+    """A logit_bias value clamped to [-100, 100] as vLLM's ``from_optional`` does."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return value
+    return min(100.0, max(-100.0, value))
+
+
 _VLLM_NEUTRAL = (
     ("detokenize", (True,), "the text is always produced; read the output's token_ids"),
     ("spaces_between_special_tokens", (True,), "special tokens are decoded as the tokenizer "

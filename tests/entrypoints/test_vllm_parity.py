@@ -163,6 +163,9 @@ def test_vllm_conversions_of_sampling_params():
     assert (p.logit_bias, p.temperature) == ({5: 100.0, 7: -100.0}, 1.0)
     with pytest.raises(ValueError, match="logit_bias keys"):
         SamplingParams.from_optional(logit_bias={"five": 1.0})
+    for value in ("high", float("nan")):  # refused by token, not called a bad key nor made -100
+        with pytest.raises(ValueError, match="logit_bias value for token 5 must be a number"):
+            SamplingParams.from_optional(logit_bias={"5": value})
 
 
 def test_stream_interval_and_skip_clone_change_nothing(llm):
