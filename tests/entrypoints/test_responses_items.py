@@ -56,7 +56,7 @@ def test_a_call_after_an_assistant_message_joins_it():
     assert req.messages[1].content == "let me look" and req.messages[1].tool_calls[0].id == "c"
 
 
-@pytest.mark.parametrize("effort,thinks", [("none", False), ("minimal", True), ("xhigh", True)])
+@pytest.mark.parametrize("effort,thinks", [("none", False), ("minimal", True), ("xhigh", True), ("max", True)])
 def test_every_reasoning_effort_of_the_chat_path_is_taken(effort, thinks):
     """reasoning.effort takes what the chat request's reasoning_effort takes (the openai
     package's values), with its enable_thinking rule ("none" turns Qwen 3's thinking off); only

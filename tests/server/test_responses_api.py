@@ -72,6 +72,15 @@ def test_text_input_equals_chat(http):
     assert resp["store"] is False and resp["metadata"] == {}
 
 
+@pytest.mark.parametrize("effort", ["none", "xhigh"])
+def test_reasoning_effort_equals_chats(http, effort):
+    """reasoning.effort as the chat request's reasoning_effort (any of the openai package's
+    values; SmolLM2's template reads neither it nor enable_thinking), echoed in the response."""
+    resp = _post(http, input="Name a colour.", max_output_tokens=6, reasoning={"effort": effort})
+    chat = _chat(http, [{"role": "user", "content": "Name a colour."}], max_tokens=6, reasoning_effort=effort)
+    assert resp["reasoning"]["effort"] == effort and _text(resp) == chat["message"]["content"]
+
+
 def test_instructions_and_message_list_equal_chat(http):
     items = [{"role": "user", "content": "Name a fruit."},
              {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Apple."}]},

@@ -37,7 +37,7 @@ class TextConfig(_Strict):
 class ReasoningConfig(_Strict):
     # the chat request's reasoning_effort: given to the chat template (gpt-oss's writes
     # "Reasoning: high"; it takes low / medium / high only), with enable_thinking = effort != "none"
-    effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
+    effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]] = None
     summary: Optional[Literal["auto", "concise", "detailed"]] = None  # accepted; no summaries are written
     generate_summary: Optional[Literal["auto", "concise", "detailed"]] = None  # its older name
 
