@@ -45,3 +45,14 @@ def test_a_failed_response_is_not_continued(failed, retry):
     assert err.message.startswith(f"Previous response {failed!r} failed (Internal server error): its "
                                   "output is partial and cannot be continued; "), err.message
     assert retry in err.message
+
+
+def test_a_failed_response_whose_earlier_turn_was_dropped_names_no_turn_to_continue():
+    """The retry hint names only a turn that is still stored (the least recently used goes
+    first): with resp_1 dropped, continuing from it would be a previous_response_not_found."""
+    store = _store()
+    store.delete("resp_1")
+    with pytest.raises(OpenAIError) as info:
+        store.history("resp_2")
+    assert "'resp_1', is no longer stored: send the conversation in input" in info.value.message
+    assert "continue from" not in info.value.message

@@ -73,7 +73,7 @@ class ResponseStore:
                                   "previous_response_id", "previous_response_not_found")
             seen.add(rid)
             if stored.response.get("status") == "failed":
-                raise _failed_previous(rid, stored)
+                raise _failed_previous(rid, stored, stored.previous_id in self._items)
             turns.append(stored)
             rid = stored.previous_id
         items: list[dict] = []
@@ -82,12 +82,18 @@ class ResponseStore:
         return items
 
 
-def _failed_previous(response_id: str, stored: StoredResponse):
-    """The 400 for continuing a failed response: its output is what came before the failure."""
+def _failed_previous(response_id: str, stored: StoredResponse, continued_kept: bool):
+    """The 400 for continuing a failed response: its output is what came before the failure.
+    ``continued_kept``: the response it continued is still stored (one to retry from)."""
     error = (stored.response.get("error") or {}).get("message")
     why = f" ({error})" if error else ""
-    retry = (f"continue from the last completed response, {stored.previous_id!r} (the one it continued), "
-             "to retry that turn" if stored.previous_id is not None
-             else "send that turn again without previous_response_id")
+    if stored.previous_id is None:
+        retry = "send that turn again without previous_response_id"
+    elif continued_kept:
+        retry = (f"continue from the last completed response, {stored.previous_id!r} (the one it "
+                 "continued), to retry that turn")
+    else:
+        retry = (f"the response it continued, {stored.previous_id!r}, is no longer stored: send the "
+                 "conversation in input")
     return bad_request(f"Previous response {response_id!r} failed{why}: its output is partial and "
                        f"cannot be continued; {retry}.", "previous_response_id", "previous_response_failed")
