@@ -149,6 +149,13 @@ def test_bnb4_code_with_another_quantization_is_refused():
     with pytest.raises(ValueError, match="w2's bnb4 rows of 64 inputs with 3 absmaxes"):
         fused_moe_triton(torch.randn(1, 64), weights, ids.int(), w13, w2, a13,
                          torch.ones(2, 64, 3), bnb4_code=torch.tensor(NF4_CODE))
+    # dense w2, a table that is not 16 entries, absmaxes of other rows: refused, never read
+    code = torch.tensor(NF4_CODE)
+    for bad in (dict(w2=w2.float()), dict(bnb4_code=code[:8]), dict(w2_scale=a2[:, :32]),
+                dict(w13_scale=a13[:1])):
+        args = {**dict(w13=w13, w2=w2, w13_scale=a13, w2_scale=a2, bnb4_code=code), **bad}
+        with pytest.raises(ValueError, match="bnb4_code .the 16-entry NF4 / FP4 table. needs uint8"):
+            fused_moe_triton(torch.randn(1, 64), weights, ids.int(), **args)
 
 
 @pytest.mark.gpu

@@ -141,6 +141,24 @@ def test_named_with_no_arguments_calls_nothing(text):
             ("get_weather", parser.forced_text(text))]
 
 
+@pytest.mark.parametrize("text", ["", " ", "\n\n"])
+def test_named_whole_response_with_no_arguments_has_no_content(text):
+    """The chat response's message for a named tool_choice whose answer is only whitespace: no
+    call and content null (vLLM clears a named call's content; it was "", the parser's text)."""
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.serving_chat import _ChatView
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
+                                tools=[{"type": "function", "function": {"name": "get_weather"}}],
+                                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    view = _ChatView(None, req, "m", "id", ToolPlan(req, None))
+    message, reason = view.message(text, "stop")
+    assert (message.content, message.tool_calls or None, reason) == (None, None, "stop")
+    message, reason = view.message(' {"city": "Paris"}', "stop")
+    assert message.content is None and [c.function.name for c in message.tool_calls] == ["get_weather"]
+
+
 def test_invalid_call_falls_back_to_content():
     text = "<tool_call>{not json}</tool_call>"
     content, calls = ToolCallView(HermesParser()).final(text)

@@ -337,6 +337,8 @@ class _ChatView:
             return ChatResponseMessage(content=content, **extra), reason
         parsed, calls = view.final(content or "")
         content = parsed if content is not None or calls else None  # all reasoning: none, as above
+        if self.plan.mode == "named" and not calls:
+            content = None  # an answer of only whitespace: no call and, as vLLM's, no content
         return (ChatResponseMessage(content=content, tool_calls=calls, **extra),
                 self.tool_reason(bool(calls), reason))
 

@@ -33,9 +33,12 @@ def fused_moe_bnb4(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: t
     if given:
         raise ValueError(f"fused_moe: bnb4_code (bitsandbytes 4-bit experts) does not combine "
                          f"with {', '.join(given)}; pass the bnb4 codes and absmaxes alone.")
-    if w13_absmax is None or w2_absmax is None or w13.dtype != torch.uint8:
-        raise ValueError("fused_moe: bnb4_code needs uint8 w13 / w2 codes [E, N, K/2] and their "
-                         "float32 absmaxes [E, N, K/bs] as w13_scale / w2_scale.")
+    if (w13_absmax is None or w2_absmax is None or w13.dtype != torch.uint8
+            or w2.dtype != torch.uint8 or code.numel() != 16
+            or w13_absmax.shape[:2] != w13.shape[:2] or w2_absmax.shape[:2] != w2.shape[:2]):
+        raise ValueError("fused_moe: bnb4_code (the 16-entry NF4 / FP4 table) needs uint8 w13 / "
+                         "w2 codes [E, N, K/2] and their float32 absmaxes [E, N, K/bs] as "
+                         "w13_scale / w2_scale.")
     for name, w, absmax in (("w13", w13, w13_absmax), ("w2", w2, w2_absmax)):
         k, blocks = w.shape[2] * 2, absmax.shape[2]
         bs = k // max(1, blocks)

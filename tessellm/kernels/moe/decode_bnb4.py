@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from tessellm import envs
+from tessellm.kernels.moe.decode_int4 import decode_operands
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Weight rows a program of the up and the down kernel (``fused_moe_bnb4_decode``'s ``up_rows``
@@ -170,16 +171,12 @@ def fused_moe_bnb4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
     up_rows, down_rows = up_rows or default[0], down_rows or default[1]
     t, k = topk_ids.shape
     h, inter = w13.shape[2] * 2, w2.shape[2] * 2
-    hidden = hidden.contiguous()
-    dev, dtype = hidden.device, hidden.dtype
-    out = torch.empty(t, h, dtype=dtype, device=dev)
+    hidden, weights, ids, act, out = decode_operands(hidden, topk_weights, topk_ids, h, inter)
     if t == 0:
         return out
-    weights = topk_weights.to(torch.float32).contiguous()
-    ids = topk_ids.contiguous()
+    dev = hidden.device
     a13, a2 = w13_absmax.float().contiguous(), w2_absmax.float().contiguous()
     table = code.float().contiguous()
-    act = torch.empty(t * k, inter, dtype=dtype, device=dev)
     up = _tiles(h, h // a13.shape[2], interp, up_rows)
     _moe_up_bnb4_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
         hidden, ids, w13, a13, table, act, inter, a13.shape[2], hidden.stride(0), w13.stride(0),

@@ -167,6 +167,18 @@ def _tiles(k_dim: int, group: int, interpreted: bool, rows: int) -> dict:
                 EVEN_K=kwords % block_kw == 0, GROUP=group, num_warps=warps)
 
 
+def decode_operands(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                    h: int, inter: int) -> tuple:
+    """The packed decode kernels' operands (int4's and ``decode_bnb4.py``'s): ``(hidden,
+    weights, ids, act, out)``, hidden and the routing contiguous (weights float32), the
+    activations ``[T * k, inter]`` and the output ``[T, h]`` allocated in hidden's dtype."""
+    t, k = topk_ids.shape
+    hidden = hidden.contiguous()
+    act = torch.empty(t * k, inter, dtype=hidden.dtype, device=hidden.device)
+    out = torch.empty(t, h, dtype=hidden.dtype, device=hidden.device)
+    return hidden, topk_weights.to(torch.float32).contiguous(), topk_ids.contiguous(), act, out
+
+
 def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
                           topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                           w13_scale: torch.Tensor, w2_scale: torch.Tensor,
@@ -183,18 +195,14 @@ def fused_moe_int4_decode(hidden: torch.Tensor, topk_weights: torch.Tensor,
     up_rows, down_rows = up_rows or default[0], down_rows or default[1]
     t, k = topk_ids.shape
     h, inter = w13.shape[2] * 8, w2.shape[2] * 8
-    hidden = hidden.contiguous()
-    dev, dtype = hidden.device, hidden.dtype
-    out = torch.empty(t, h, dtype=dtype, device=dev)
+    hidden, weights, ids, act, out = decode_operands(hidden, topk_weights, topk_ids, h, inter)
     if t == 0:
         return out
-    weights = topk_weights.to(torch.float32).contiguous()
-    ids = topk_ids.contiguous()
+    dev = hidden.device
     w13_scale, w2_scale = w13_scale.contiguous(), w2_scale.contiguous()
     z13 = w13_zeros.contiguous() if w13_zeros is not None else w13_scale
     z2 = w2_zeros.contiguous() if w2_zeros is not None else w2_scale
     perm = ids if w13_perm is None else w13_perm.to(torch.int32).contiguous()
-    act = torch.empty(t * k, inter, dtype=dtype, device=dev)
     up = _tiles(h, h // w13_scale.shape[2], interp, up_rows)
     _moe_up_int4_kernel[(triton.cdiv(inter, up["BLOCK_N"]), t * k)](
         hidden, ids, w13, w13_scale, z13, act, perm, inter, h // 8, hidden.stride(0),

@@ -342,12 +342,13 @@ def _bnb4_experts(e, n, k, seed):
 def test_fused_moe_bnb4_experts(target, tokens, table):
     """bitsandbytes 4-bit experts (optional, declared by ``fused_moe_bnb4``, plugin API 26):
     uint8 codes two a byte (high nibble first), float32 absmaxes a block of 64 inputs (w2's
-    rows 2 blocks: the NF4 / FP4 table given as ``bnb4_code``), through ``fused_moe`` and
-    ``fused_experts``, with an ``expert_map`` where declared."""
+    rows 3 blocks: a count that is not a power of two, as Qwen3-30B-A3B's 12; the NF4 / FP4
+    table given as ``bnb4_code``), through ``fused_moe`` and ``fused_experts``, with an
+    ``expert_map`` where declared."""
     from tessellm.backends.reference.moe import route
     from tessellm.quantization.bnb import FP4_CODE, NF4_CODE
 
-    e, h, i = 8, 64, 128
+    e, h, i = 8, 64, 192
     q13, a13 = _bnb4_experts(e, 2 * i, h, seed=160 + tokens)
     q2, a2 = _bnb4_experts(e, h, i, seed=161 + tokens)
     code = torch.tensor(NF4_CODE if table == "nf4" else FP4_CODE)
