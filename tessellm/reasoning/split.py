@@ -24,7 +24,8 @@ When each spelling of the end marker is one token, the split ends the thinking w
 of those tokens among the output's ids is, as the engine core's grammar gate does (the same
 characters spelled from other tokens are text: Qwen3's ``<tool_call>`` written in pieces).
 
-Linear: each call searches only the text no earlier call searched (the marker's length back).
+Linear: each call searches only the text no earlier call searched (the marker's length back),
+the stray markers too.
 """
 
 from __future__ import annotations
@@ -50,17 +51,39 @@ def _unlabelled(reasoning: str, label: str, complete: bool) -> str:
     return "" if not complete and label.startswith(reasoning) else reasoning
 
 
-def _dropped(text: str, markers: Sequence[str], complete: bool) -> str:
-    """``text`` without any of ``markers`` (a parser's stray ones); while not ``complete``, also
-    without a trailing piece that could still become one."""
-    pieces, pos = [], 0
-    while hits := [(i, m) for m in markers if (i := text.find(m, pos)) >= 0]:
-        at, marker = min(hits)
-        pieces.append(text[pos:at])
-        pos = at + len(marker)
-    rest = text[pos:]
-    pieces.append(rest if complete else rest[:len(rest) - held_back(rest, markers)])
-    return "".join(pieces)
+class _Strays:
+    """A growing text without any of ``markers`` (a parser's stray ones); while not
+    ``complete``, also without a trailing piece that could still become one. Each character is
+    searched about once: the kept text before ``pos`` is settled and not searched again."""
+
+    def __init__(self, markers: Sequence[str]):
+        self.markers = tuple(markers)
+        self._longest = max(map(len, self.markers))
+        self.reset()
+
+    def reset(self) -> None:
+        self.pos = 0  # the text before this is settled: its kept part is ``self.kept``
+        self.kept: list[str] = []
+        self._seen = ""  # the settled text's last characters: a grown text still has them
+
+    def __call__(self, text: str, complete: bool) -> str:
+        if len(text) < self.pos or not text.startswith(self._seen, self.pos - len(self._seen)):
+            self.reset()  # not the text seen before, grown: start over
+        pos = self.pos
+        while hits := [(i, m) for m in self.markers if (i := text.find(m, pos)) >= 0]:
+            at, marker = min(hits)
+            self.kept.append(text[pos:at])
+            pos = at + len(marker)
+        # no marker starts before len - longest + 1 that is not already found: settled text
+        settled = max(pos, len(text) - self._longest + 1)
+        if settled > pos:
+            self.kept.append(text[pos:settled])
+        self.pos, self._seen = settled, text[max(0, settled - self._longest):settled]
+        rest = text[settled:]
+        tail = rest if complete else rest[:len(rest) - held_back(rest, self.markers)]
+        if len(self.kept) > 1:
+            self.kept = ["".join(self.kept)]
+        return (self.kept[0] if self.kept else "") + tail
 
 
 class _Finder:
@@ -125,6 +148,9 @@ class ReasoningSplit:
         self._end_ids = markers.end_token_ids  # None: the text decides
         self._ids_seen = 0
         self._end_token: Optional[str] = None  # the spelling of the first end token among the ids
+        if self.parser.drop_strays:
+            self._stray_starts = _Strays(self.parser.starts)
+            self._stray_ends = _Strays((self.parser.end, *self.parser.end_alts))
 
     def split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:
         """``(reasoning, answer)``; reasoning None when the output has none."""
@@ -136,8 +162,8 @@ class ReasoningSplit:
         if label and reasoning:
             reasoning = _unlabelled(reasoning, label, complete)
         if self.parser.drop_strays and reasoning is not None:
-            reasoning = _dropped(reasoning, self.parser.starts, complete)
-            answer = _dropped(answer, (self.parser.end, *self.parser.end_alts), final)
+            reasoning = self._stray_starts(reasoning, complete)
+            answer = self._stray_ends(answer, final)
         return reasoning, self._answer(answer, final)
 
     def _split(self, text: str, token_ids: Sequence[int], final: bool) -> tuple[Optional[str], str]:

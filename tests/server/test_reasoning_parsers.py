@@ -278,3 +278,32 @@ def test_stray_markers_token_by_token(name, text, expected):
         reasoning, answer = split.split(tok.decode(ids[:n]), ids[:n], final=n == len(ids))
         assert expected[0].startswith(reasoning) and expected[1].startswith(answer), n
     assert (reasoning, answer) == expected
+
+
+def test_stray_markers_streamed_search_each_character_about_once(monkeypatch):
+    """A long thinking with strays, streamed 4 characters a call: each call searches only the
+    text after what earlier calls settled (the longest marker's length back, plus the new
+    characters), not the whole output; the last call equals the whole split."""
+    from tessellm.reasoning import split as split_module
+
+    searched, starts_over = [], []  # characters each call had left to search; start-overs
+    call, reset = split_module._Strays.__call__, split_module._Strays.reset
+
+    def counted(self, text, complete):
+        searched.append(len(text) - self.pos)
+        return call(self, text, complete)
+
+    def counted_reset(self):
+        starts_over.append(self)
+        reset(self)
+
+    monkeypatch.setattr(split_module._Strays, "__call__", counted)
+    monkeypatch.setattr(split_module._Strays, "reset", counted_reset)
+    text = "step <think>" * 400 + "done</think>" + "ans</think>wer " * 300
+    markers = ThinkMarkers.from_tokenizer(get_reasoning_parser("qwen3"), CharTokenizer())
+    split = ReasoningSplit(markers, REASONING)
+    for cut in range(4, len(text) + 4, 4):
+        out = split.split(text[:cut], [], final=cut >= len(text))
+    assert len(starts_over) == 2  # each of the two made once, never started over
+    assert max(searched) <= 4 + len("</think>") and sum(searched) < 3 * len(text), max(searched)
+    assert out == ReasoningSplit(markers, REASONING).split(text, [], final=True) == ("step " * 400 + "done", "answer " * 300)
