@@ -74,11 +74,42 @@ def test_tokenization_kwargs_truncate_the_prompt(llm, kwargs):
     ({"padding": True}, "'padding'"),
     ({"max_length": 4}, "truncate_prompt_tokens"),
     ({"truncation": "only_second", "max_length": 4}, "truncation"),
-    ({"truncation": True}, "max_length"),
+    ({"truncation": True, "max_length": 0}, "max_length must be an integer >= 1"),
 ])
 def test_tokenization_kwargs_not_read_are_refused_by_name(llm, kwargs, named):
     with pytest.raises(ValueError, match=named):
         llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    # vLLM silently takes max_length (or the context) over truncate_prompt_tokens here
+    ({"truncate_prompt_tokens": 6, "truncation": True, "max_length": 4}, "truncate_prompt_tokens=6 and truncation=True"),
+    ({"truncate_prompt_tokens": 6, "truncation": True}, "truncate_prompt_tokens=6 and truncation=True"),
+    # vLLM keeps truncate_prompt_tokens for False, drops it for "do_not_truncate"
+    ({"truncate_prompt_tokens": 4, "truncation": False}, "truncation=False .* and truncate_prompt_tokens=4"),
+    ({"truncate_prompt_tokens": 4, "truncation": "do_not_truncate"}, "and truncate_prompt_tokens=4"),
+    ({"truncation": False, "max_length": 4}, "truncation=False .* and max_length=4"),
+])
+def test_tokenization_kwargs_conflicting_cuts_are_refused_naming_both(llm, kwargs, named):
+    """The two spellings of a cut in one call: were silently resolved (truncation=True's
+    max_length won, truncation=False dropped truncate_prompt_tokens); now refused."""
+    with pytest.raises(ValueError, match=named):
+        llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+
+
+def test_tokenization_kwargs_agreeing_cuts_and_truncation_alone(llm):
+    """The same cut spelled both ways is taken; ``truncation=True`` without ``max_length`` keeps
+    as many tokens as the context holds (vLLM's default max_length; was refused)."""
+    [both] = llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs={
+        "truncate_prompt_tokens": 4, "truncation": True, "max_length": 4})
+    assert list(both.prompt_token_ids) == PROMPT[-4:]
+    long = PROMPT * 60  # 600 tokens, past the context
+    [whole] = llm.generate({"prompt_token_ids": long}, _greedy(1), use_tqdm=False,
+                           tokenization_kwargs={"truncation": True})
+    [minus_one] = llm.generate({"prompt_token_ids": long}, _greedy(1), use_tqdm=False,
+                               tokenization_kwargs={"truncate_prompt_tokens": -1})
+    assert list(whole.prompt_token_ids) == list(minus_one.prompt_token_ids)
+    assert len(whole.prompt_token_ids) < len(long) and list(whole.prompt_token_ids) == long[-len(whole.prompt_token_ids):]
 
 
 def test_tokenization_kwargs_add_special_tokens(bos_llm):
