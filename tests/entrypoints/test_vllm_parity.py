@@ -199,6 +199,23 @@ def test_vllm_conversions_of_sampling_params():
             SamplingParams.from_optional(logit_bias={"5": value})
 
 
+def test_temperature_edges_as_vllm(llm, caplog):
+    """vLLM's SamplingParams: a temperature in (0, 0.01) is raised to 0.01 with a warning (it was
+    sampled at the value given; below 1e-5 it was greedy), one above 2 is refused (it was sampled
+    at); 0 stays greedy."""
+    with caplog.at_level("WARNING", logger="tessellm.core.sampling_params"):
+        tiny = SamplingParams(temperature=1e-6, max_tokens=4, ignore_eos=True, seed=5)
+    assert (tiny.temperature, tiny.is_greedy) == (0.01, False)
+    assert "raised to 0.01" in caplog.text
+    assert SamplingParams(temperature=0).temperature == 0 and SamplingParams(temperature=2.0).temperature == 2.0
+    for bad in (2.5, float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\]"):
+            SamplingParams(temperature=bad)
+    [out] = llm.generate({"prompt_token_ids": PROMPT}, tiny, use_tqdm=False)
+    [same] = llm.generate({"prompt_token_ids": PROMPT}, tiny.clone(temperature=0.01), use_tqdm=False)
+    assert out.outputs[0].token_ids == same.outputs[0].token_ids  # sampled at 0.01, seeded alike
+
+
 def test_stream_interval_and_skip_clone_change_nothing(llm):
     plain = _ids(llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False))
     extra = _greedy(stream_interval=3, skip_clone=True, skip_reading_prefix_cache=True)
