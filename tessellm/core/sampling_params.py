@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -12,6 +13,10 @@ from tessellm.kv_transfer.params import check_kv_transfer_params
 from tessellm.structured_output.params import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+_MIN_TEMPERATURE = 0.01  # vLLM's: a temperature in (0, 0.01) is raised to it (inf / NaN in the softmax)
+_MAX_TEMPERATURE = 2.0  # vLLM's (and OpenAI's) upper bound
+
+logger = logging.getLogger(__name__)
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -112,6 +117,11 @@ class SamplingParams:
             self.top_k = 0
         if self.seed == -1:  # vLLM's: -1 is no seed (a new random draw each time), as UIs send it
             self.seed = None
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < _MIN_TEMPERATURE:
+            logger.warning("temperature %s is below %s, which may give NaN or inf logits; raised to %s "
+                           "(as vLLM does). Use 0 for greedy sampling.", self.temperature,
+                           _MIN_TEMPERATURE, _MIN_TEMPERATURE)
+            self.temperature = _MIN_TEMPERATURE
         for name in ("logprobs", "prompt_logprobs"):  # vLLM's: True is 1
             if getattr(self, name) is True:
                 setattr(self, name, 1)
@@ -138,7 +148,8 @@ class SamplingParams:
 
     def _validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}.")
-        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}.")
+        _check(0 <= self.temperature <= _MAX_TEMPERATURE,
+               f"temperature must be in [0, {_MAX_TEMPERATURE:g}] (vLLM's bound), got {self.temperature}.")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
         _check(isinstance(self.top_k, int) and self.top_k >= 0,
                f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}.")

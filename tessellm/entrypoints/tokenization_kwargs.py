@@ -6,7 +6,8 @@ The keys vLLM reads, and what each does here:
     truncate_prompt_tokens   keep the prompt's last k tokens (-1: as many as the context holds),
                              as ``SamplingParams`` / ``PoolingParams.truncate_prompt_tokens``
     truncation + max_length  HF's spelling of it: ``truncation=True`` keeps the last
-                             ``max_length`` tokens; ``truncation=False`` cuts nothing
+                             ``max_length`` tokens (without max_length: as many as the
+                             context holds, vLLM's); ``truncation=False`` cuts nothing
     add_special_tokens       a text prompt is encoded with (default) or without the tokenizer's
                              BOS etc.; token-id prompts are never changed. In ``chat``: the
                              tokenizer's special tokens on top of the template's text
@@ -14,7 +15,12 @@ The keys vLLM reads, and what each does here:
     needs_detokenization     accepted, no effect (the prompt's text is kept when it is given)
 
 vLLM warns about any other key and goes on; here it is a ValueError naming it, so a setting
-never silently does nothing.
+never silently does nothing. Where vLLM's answer depends on the spelling or silently drops one
+of two settings, the combination is refused naming both (``_merged_truncation``).
+
+The cut keeps the prompt's *last* tokens, as vLLM's generate runner does (its tokenizer is
+loaded with ``truncation_side="left"``). vLLM's pooling runner loads it with ``"right"`` and
+keeps the *first* tokens; tessellm keeps the last ones there too (docs/vllm_parity.md).
 """
 
 from __future__ import annotations
@@ -43,21 +49,7 @@ class TokenizationKwargs:
         if unknown:
             raise ValueError(f"{where}(tokenization_kwargs=...): {', '.join(map(repr, unknown))} not "
                              f"supported; the keys tessellm reads: {', '.join(_KEYS)}.")
-        truncate = kwargs.get("truncate_prompt_tokens")
-        truncation, max_length = kwargs.get("truncation"), kwargs.get("max_length")
-        if truncation in (True, "longest_first"):
-            if max_length is None:
-                raise ValueError(f"{where}(tokenization_kwargs=...): truncation=True needs max_length "
-                                 "(the prompt tokens to keep), or give truncate_prompt_tokens.")
-            truncate = max_length
-        elif truncation in (False, "do_not_truncate"):
-            truncate = None
-        elif truncation is not None:
-            raise ValueError(f"{where}(tokenization_kwargs=...): truncation={truncation!r} is not "
-                             "supported; use True (keep the last max_length tokens) or False.")
-        elif max_length is not None:
-            raise ValueError(f"{where}(tokenization_kwargs=...): max_length applies with truncation=True; "
-                             "to keep a prompt's last k tokens give truncate_prompt_tokens=k.")
+        truncate = _merged_truncation(kwargs, where)
         add = kwargs.get("add_special_tokens")
         if add is not None and not isinstance(add, bool):
             raise ValueError(f"{where}(tokenization_kwargs=...): add_special_tokens must be true or false.")
@@ -84,3 +76,40 @@ class TokenizationKwargs:
         ids = tokenizer.encode(encoded, add_special_tokens=self.add_special_tokens is not False)
         rest = prompt if isinstance(prompt, dict) else {}
         return {**rest, "prompt": text, "prompt_token_ids": ids}
+
+
+def _merged_truncation(kwargs: dict, where: str) -> Optional[int]:
+    """``truncate_prompt_tokens`` with HF's ``truncation`` / ``max_length`` folded in.
+
+    vLLM (``TokenizeParams.with_kwargs``): ``truncation=True`` takes ``max_length`` (default:
+    the context) over any ``truncate_prompt_tokens`` of the same call; ``truncation=False``
+    keeps ``truncate_prompt_tokens`` but ``"do_not_truncate"`` drops it; ``max_length`` without
+    ``truncation=True`` is a prompt-length limit. Here: the two spellings must agree or the call
+    is refused naming both; ``max_length`` is only read with ``truncation=True``."""
+    truncate = kwargs.get("truncate_prompt_tokens")
+    truncation, max_length = kwargs.get("truncation"), kwargs.get("max_length")
+    prefix = f"{where}(tokenization_kwargs=...)"
+    if truncation is None:
+        if max_length is not None:
+            raise ValueError(f"{prefix}: max_length applies with truncation=True; to keep a prompt's last k "
+                             "tokens give truncate_prompt_tokens=k (or truncation=True, max_length=k).")
+        return truncate
+    if truncation in (False, "do_not_truncate"):
+        if truncate is not None or max_length is not None:
+            given = "truncate_prompt_tokens" if truncate is not None else "max_length"
+            raise ValueError(f"{prefix}: truncation={truncation!r} (cut nothing) and {given}={kwargs[given]!r} "
+                             "contradict each other; give one of them.")
+        return None
+    if truncation not in (True, "longest_first"):
+        raise ValueError(f"{prefix}: truncation={truncation!r} is not supported; use True (keep the last "
+                         "max_length tokens) or False.")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"{prefix}: max_length must be an integer >= 1 (the prompt tokens to keep), "
+                         f"got {max_length!r}.")
+    cut = -1 if max_length is None else max_length  # vLLM: max_length defaults to the context
+    if truncate is not None and truncate != cut:
+        keeps = "as many as the context holds" if max_length is None else f"max_length={max_length!r}"
+        raise ValueError(f"{prefix}: truncate_prompt_tokens={truncate!r} and truncation=True ({keeps}) "
+                         "ask for different cuts; give one of them.")
+    return cut

@@ -74,11 +74,42 @@ def test_tokenization_kwargs_truncate_the_prompt(llm, kwargs):
     ({"padding": True}, "'padding'"),
     ({"max_length": 4}, "truncate_prompt_tokens"),
     ({"truncation": "only_second", "max_length": 4}, "truncation"),
-    ({"truncation": True}, "max_length"),
+    ({"truncation": True, "max_length": 0}, "max_length must be an integer >= 1"),
 ])
 def test_tokenization_kwargs_not_read_are_refused_by_name(llm, kwargs, named):
     with pytest.raises(ValueError, match=named):
         llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    # vLLM silently takes max_length (or the context) over truncate_prompt_tokens here
+    ({"truncate_prompt_tokens": 6, "truncation": True, "max_length": 4}, "truncate_prompt_tokens=6 and truncation=True"),
+    ({"truncate_prompt_tokens": 6, "truncation": True}, "truncate_prompt_tokens=6 and truncation=True"),
+    # vLLM keeps truncate_prompt_tokens for False, drops it for "do_not_truncate"
+    ({"truncate_prompt_tokens": 4, "truncation": False}, "truncation=False .* and truncate_prompt_tokens=4"),
+    ({"truncate_prompt_tokens": 4, "truncation": "do_not_truncate"}, "and truncate_prompt_tokens=4"),
+    ({"truncation": False, "max_length": 4}, "truncation=False .* and max_length=4"),
+])
+def test_tokenization_kwargs_conflicting_cuts_are_refused_naming_both(llm, kwargs, named):
+    """The two spellings of a cut in one call: were silently resolved (truncation=True's
+    max_length won, truncation=False dropped truncate_prompt_tokens); now refused."""
+    with pytest.raises(ValueError, match=named):
+        llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs=kwargs)
+
+
+def test_tokenization_kwargs_agreeing_cuts_and_truncation_alone(llm):
+    """The same cut spelled both ways is taken; ``truncation=True`` without ``max_length`` keeps
+    as many tokens as the context holds (vLLM's default max_length; was refused)."""
+    [both] = llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False, tokenization_kwargs={
+        "truncate_prompt_tokens": 4, "truncation": True, "max_length": 4})
+    assert list(both.prompt_token_ids) == PROMPT[-4:]
+    long = PROMPT * 60  # 600 tokens, past the context
+    [whole] = llm.generate({"prompt_token_ids": long}, _greedy(1), use_tqdm=False,
+                           tokenization_kwargs={"truncation": True})
+    [minus_one] = llm.generate({"prompt_token_ids": long}, _greedy(1), use_tqdm=False,
+                               tokenization_kwargs={"truncate_prompt_tokens": -1})
+    assert list(whole.prompt_token_ids) == list(minus_one.prompt_token_ids)
+    assert len(whole.prompt_token_ids) < len(long) and list(whole.prompt_token_ids) == long[-len(whole.prompt_token_ids):]
 
 
 def test_tokenization_kwargs_add_special_tokens(bos_llm):
@@ -166,6 +197,23 @@ def test_vllm_conversions_of_sampling_params():
     for value in ("high", float("nan")):  # refused by token, not called a bad key nor made -100
         with pytest.raises(ValueError, match="logit_bias value for token 5 must be a number"):
             SamplingParams.from_optional(logit_bias={"5": value})
+
+
+def test_temperature_edges_as_vllm(llm, caplog):
+    """vLLM's SamplingParams: a temperature in (0, 0.01) is raised to 0.01 with a warning (it was
+    sampled at the value given; below 1e-5 it was greedy), one above 2 is refused (it was sampled
+    at); 0 stays greedy."""
+    with caplog.at_level("WARNING", logger="tessellm.core.sampling_params"):
+        tiny = SamplingParams(temperature=1e-6, max_tokens=4, ignore_eos=True, seed=5)
+    assert (tiny.temperature, tiny.is_greedy) == (0.01, False)
+    assert "raised to 0.01" in caplog.text
+    assert SamplingParams(temperature=0).temperature == 0 and SamplingParams(temperature=2.0).temperature == 2.0
+    for bad in (2.5, float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match=r"temperature must be in \[0, 2\]"):
+            SamplingParams(temperature=bad)
+    [out] = llm.generate({"prompt_token_ids": PROMPT}, tiny, use_tqdm=False)
+    [same] = llm.generate({"prompt_token_ids": PROMPT}, tiny.clone(temperature=0.01), use_tqdm=False)
+    assert out.outputs[0].token_ids == same.outputs[0].token_ids  # sampled at 0.01, seeded alike
 
 
 def test_stream_interval_and_skip_clone_change_nothing(llm):

@@ -2,12 +2,16 @@
 
 In-process: the app's /ready only turns 200 once the front end has read the core's "warm"
 message, which the core sends after its warm-up steps; before the output handler runs it cannot
-have read it, so the first answer is 503 whatever the timing.
+have read it, so the first answer is 503 whatever the timing. Once warm, a core that is alive
+but does not answer (here: stopped with SIGSTOP, as a core stuck in a long step would be) makes
+/ready a 503 "not ready" that says to retry, not one that says the engine is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -36,8 +40,24 @@ async def _scenario():
             assert report["requests"] >= 1 and report["steps"] >= 1, report
             metrics = (await c.get("/metrics")).text
             assert 'tessellm:triton_compilations_after_ready{model_name="m"} 0.0' in metrics
+            await _unanswering_core_is_not_ready_for_now(c, engine)
     finally:
         await engine.shutdown()
+
+
+async def _unanswering_core_is_not_ready_for_now(c: httpx.AsyncClient, engine: AsyncLLM) -> None:
+    """The core alive and warm but silent past /ready's ping wait (10 s): 503 "not ready" with
+    Retry-After 5 (it may come back), /health still 200; answering again, /ready is 200."""
+    [pid] = engine.cores.pids()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = await c.get("/ready", timeout=60)
+        assert (await c.get("/health")).status_code == 200  # alive: a probe must not restart it
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.status_code == 503 and r.json() == {"status": "not ready", "reason": "no answer"}, r.text
+    assert r.headers["retry-after"] == "5"
+    assert (await c.get("/ready", timeout=60)).status_code == 200
 
 
 def test_ready_only_after_warmup():

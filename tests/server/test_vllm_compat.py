@@ -332,10 +332,13 @@ def test_text_parts_join_with_newlines(http):
 
 
 def test_temperature_over_two(http):
-    """vLLM bounds temperature below only (OpenAI stops at 2): a script sending 3.0 to vLLM got
-    an answer, here it was a 400."""
-    r = http.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2,
-                                           "temperature": 3.0, "seed": 1})
+    """Current vLLM refuses a temperature above 2 (older vLLM sampled at it, and so did tessellm):
+    a 400 naming temperature. One below 0.01 is raised to 0.01 and answered."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, "seed": 1}
+    r = http.post("/v1/completions", json={**body, "temperature": 3.0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature", r.text
+    assert "temperature must be in [0, 2]" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={**body, "temperature": 0.001})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
 

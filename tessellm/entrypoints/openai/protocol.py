@@ -49,7 +49,7 @@ class _SamplingFields(_Request):
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = Field(None, ge=0)  # no upper bound (vLLM; OpenAI stops at 2)
+    temperature: Optional[float] = Field(None, ge=0)  # <= 2: SamplingParams' check (vLLM's message)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     user: Optional[str] = None  # accepted; no effect
     # vLLM extras
