@@ -1,5 +1,5 @@
-"""The suite's pytest-xdist scheduling (tests/conftest.py): shared units, and what happens when a
-worker dies. Imports neither torch nor tessellm, so tests/test_xdist_scheduling.py runs it in a
+"""The suite's pytest-xdist scheduling (tests/conftest.py): shared units, the longest first, and
+what happens when a worker dies. Imports neither torch nor tessellm, so tests/test_xdist_scheduling.py runs it in a
 small synthetic suite.
 
 A worker that dies (the OOM killer, a segfault, ``os.kill(pid, 9)``):
