@@ -27,7 +27,8 @@ import torch  # noqa: E402, F401
 
 from tessellm import envs as _envs  # noqa: E402
 from tessellm.loader.transformers_classes import TransformersTooOld, dtype_kwargs  # noqa: E402
-from tests.xdist_scheduling import keep_channel_out_of_forks, make_scheduler  # noqa: E402
+from tests.xdist_scheduling import (SHARED_UNITS, keep_channel_out_of_forks, make_scheduler,  # noqa: E402
+                                    read_unit_seconds)
 
 # Time, not coverage: Triton's interpreter without re-patching triton.language at each nested
 # jit call (tests/triton_interpreter.py); TESSELLM_TESTS_TRITON_REPATCH=1 keeps Triton's own.
@@ -134,32 +135,19 @@ def pytest_terminal_summary(terminalreporter):
             f"{counts['forked_new']} by a new forkserver, {counts['spawned']} spawned")
 
 
-# Test files that run whole on one worker under pytest-xdist (``--dist loadfile``), one after
-# another: unit name -> path prefixes.
-# - "ray cluster": the files that start a local Ray cluster (ray.init, or the `serve --ray`
-#   launcher). Two clusters at once on a 2-core machine would each claim the cores Ray counts for
-#   its actors and placement (the fleets ask for num_cpus=2), and share Ray's session directory.
-# - "server": time, not correctness. tests/server/conftest.py's session servers (``server``, the
-#   default one most of those files use, and ``tools_server``) start once per worker process that
-#   uses them (~10 s each on a busy 2-core machine); on one worker, once.
-# - "bundled hf model": the same for ``bundled_hf_model`` (HF's load of the bundled GGUF, ~11 s),
-#   the oracle of these two files.
-# A unit of many tests is handed out early (xdist's --loadscope-reorder, its default: units by
-# test count, most first), so a big unit does not make a long tail at the run's end.
-_SHARED_UNITS = {
-    "ray cluster": ("tests/ray/", "tests/distributed/test_ray_executor.py"),
-    "server": ("tests/server/",),
-    "bundled hf model": ("tests/loader/test_gguf_loader.py", "tests/models/test_default_model.py"),
-}
+# Test files that share a costly fixture run on one worker (SHARED_UNITS), the longest units
+# first (tests/unit_seconds.json): tests/xdist_scheduling.py.
+_UNIT_SECONDS = read_unit_seconds(os.path.join(os.path.dirname(__file__), "unit_seconds.json"))
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which may not be installed
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadfile`` (.ci/run), with the files of each ``_SHARED_UNITS`` entry as one
+    """``--dist loadfile`` (.ci/run), with the files of each ``SHARED_UNITS`` entry as one
     unit: each test file runs whole on one worker (its module fixtures, an engine or a server,
-    are built once), and the files of a shared unit all on the same one. A dead worker's
-    running test fails once (tests/xdist_scheduling.py). Other modes are xdist's own."""
-    return make_scheduler(config, log, _SHARED_UNITS)
+    are built once), and the files of a shared unit all on the same one; the longest units
+    first. A dead worker's running test fails once (tests/xdist_scheduling.py). Other modes
+    are xdist's own."""
+    return make_scheduler(config, log, SHARED_UNITS, _UNIT_SECONDS)
 
 
 def pytest_configure(config):

@@ -1,9 +1,10 @@
 """tests/xdist_scheduling.py (the suite's pytest-xdist scheduling) on a small synthetic suite: a
 worker killed while its forked child lives ends the run at once, its test reported failed once,
-the rest of its unit run elsewhere."""
+the rest of its unit run elsewhere; the units measured longest run first."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,12 +20,13 @@ pytest.importorskip("xdist")
 REPO = Path(__file__).resolve().parents[1]
 
 CONFTEST = f"""
-import sys
+import os, sys
 sys.path.insert(0, {str(REPO)!r})
-from tests.xdist_scheduling import keep_channel_out_of_forks, make_scheduler
+from tests.xdist_scheduling import keep_channel_out_of_forks, make_scheduler, read_unit_seconds
 
 def pytest_xdist_make_scheduler(config, log):
-    return make_scheduler(config, log, {{"pair": ("test_pair_",)}})
+    return make_scheduler(config, log, {{"pair": ("test_pair_",)}},
+                          read_unit_seconds(os.environ.get("UNIT_SECONDS", "absent.json")))
 
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
@@ -91,3 +93,33 @@ def test_a_killed_worker_fails_its_test_once_and_the_run_ends(tmp_path):
                  "test_pair_b.py::test_b1", "test_other.py::test_c1"):
         assert f"PASSED {test}" in out, out
     assert "1 failed, 4 passed" in out, out
+
+
+def test_the_longest_units_run_first(tmp_path):
+    """One worker, so the order is the hand-out order: by the measured seconds (the pair unit,
+    then the file of one long test, then a file not measured, counted at per_test a test), not
+    xdist's most-tests-first; a --durations=0 report gives those seconds."""
+    from tests.xdist_scheduling import unit_seconds_from_log
+
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(CONFTEST)
+    (suite / "test_pair_a.py").write_text("def test_a1():\n    pass\n")
+    (suite / "test_pair_b.py").write_text("def test_b1():\n    pass\n")
+    (suite / "test_long.py").write_text("def test_long():\n    pass\n")
+    (suite / "test_many.py").write_text("".join(f"def test_m{i}():\n    pass\n" for i in range(6)))
+    (suite / "test_new.py").write_text("".join(f"def test_n{i}():\n    pass\n" for i in range(3)))
+    report = ("30.00s call     test_pair_a.py::test_a1\n5.00s setup    test_pair_b.py::test_b1\n"
+              "20.00s call     test_long.py::test_long\n0.50s call     test_many.py::test_m0\n")
+    measured = unit_seconds_from_log(report, {"pair": ("test_pair_",)})
+    assert measured.units == {"pair": 35.0, "test_long.py": 20.0, "test_many.py": 0.5}
+    assert measured.per_test == 55.5 / 4 and measured.estimate("test_new.py", 3) == 3 * 55.5 / 4
+    (tmp_path / "units.json").write_text(json.dumps({"per_test": 1.0, "units": measured.units}))
+    env = dict(os.environ, UNIT_SECONDS=str(tmp_path / "units.json"), PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "xdist", "-n", "1", "--dist", "loadfile",
+                          "-p", "no:cacheprovider", str(suite)],
+                         cwd=suite, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ran = [m[1] for m in re.finditer(r"PASSED (test_\w+)\.py", run.stdout)]
+    files = [f for i, f in enumerate(ran) if f not in ran[:i]]
+    assert files == ["test_pair_a", "test_pair_b", "test_long", "test_new", "test_many"], run.stdout

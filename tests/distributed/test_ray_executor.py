@@ -30,8 +30,9 @@ def reference(tiny_model_dir):
         return path, _tokens(llm)
 
 
-@pytest.mark.parametrize("tp,pp,async_scheduling", [(2, 1, False), (1, 2, False), (2, 2, False),
-                                                    (2, 1, True)])
+# (1, 2): pipeline stages alone; (2, 2) runs them too, each of two ranks (time: slow).
+@pytest.mark.parametrize("tp,pp,async_scheduling", [(2, 1, False), pytest.param(1, 2, False, marks=pytest.mark.slow),
+                                                    (2, 2, False), (2, 1, True)])
 def test_ray_matches_one_process(ray_cluster, reference, tp, pp, async_scheduling):
     """Async: each actor returns a step's tokens only with the next step's launch (or a flush)."""
     path, expected = reference

@@ -69,10 +69,14 @@ def _launcher() -> list[str]:
     return [sys.executable, "-m", "tessellm.entrypoints.serve", "serve"]
 
 
-def start_server(extra_args: list[str] = (), env: dict | None = None, api_key_flag: bool = True) -> Server:
+def start_server(extra_args: list[str] = (), env: dict | None = None, api_key_flag: bool = True,
+                 kernel_warmup: bool = True) -> Server:
+    """``kernel_warmup=False``: ``--no-kernel-warmup`` (``server_factory``'s default)."""
     port = _free_port()
     log = tempfile.NamedTemporaryFile(prefix="tessellm-server-", suffix=".log", delete=False)
     args = [*_launcher(), "--host", "127.0.0.1", "--port", str(port), *SERVER_ARGS, *extra_args]
+    if not kernel_warmup:
+        args.append("--no-kernel-warmup")
     if api_key_flag:
         args += ["--api-key", API_KEY]
     proc_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
@@ -119,9 +123,14 @@ _SESSION_WIDE: list[Server] = []
 @pytest.fixture(scope="session")
 def server_factory():
     """Start extra servers (e.g. one a test may break); each is stopped at the end of the
-    module that started it (``_stop_the_modules_servers``), or of the session."""
-    def start(extra_args=(), env=None, api_key_flag=True) -> Server:
-        srv = start_server(list(extra_args), env, api_key_flag)
+    module that started it (``_stop_the_modules_servers``), or of the session.
+
+    Time, not coverage: they start without the kernel warm-up (``--no-kernel-warmup``; ~2.5 s
+    of each start on 2 cores, a 1024-token prefill among its steps) unless asked
+    (``kernel_warmup=True``). Serving's default, warm-up on, is the session ``server``'s, which
+    most server test files use, and test_ready_after_warmup.py checks /ready waits for it."""
+    def start(extra_args=(), env=None, api_key_flag=True, kernel_warmup=False) -> Server:
+        srv = start_server(list(extra_args), env, api_key_flag, kernel_warmup)
         _STARTED.append(srv)
         return srv
 

@@ -1,7 +1,10 @@
 """``tessellm serve -dp 2``: one API server over two engine-core processes, end to end over HTTP
 (a tiny random Llama with a tiny tokenizer: two cores start in seconds). Requests reach both cores, streaming and non-streaming answers agree,
-/metrics labels each engine, and a killed core fails /health and the in-flight stream clearly.
-Greedy equality with one engine and the balancer's policy: tests/distributed/test_data_parallel.py.
+/metrics labels each engine, each core loads ``--logits-processors`` by name, and a killed core
+fails /health and the in-flight stream clearly. Greedy equality with one engine and the
+balancer's policy: tests/distributed/test_data_parallel.py.
+
+One server for the module (two cores start: time), the test that kills a core last.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import os
 import signal
 
 import httpx
+import pytest
 
+PROCS = "tests.sampling.logits_procs"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small",
            "The three primary colors are"]
 
@@ -48,8 +53,38 @@ def _tiny_model(path: str) -> str:
     return path
 
 
-def test_data_parallel_server(server_factory, tmp_path):
-    srv = server_factory([_tiny_model(str(tmp_path / "model")), "-dp", "2"])
+@pytest.fixture(scope="module")
+def dp_server(server_factory, tmp_path_factory):
+    """Two cores, each with the dummy processor (it changes only the rows that ask for it)."""
+    model = _tiny_model(str(tmp_path_factory.mktemp("dp") / "model"))
+    return server_factory([model, "-dp", "2", "--logits-processors", f"{PROCS}:DummyLogitsProcessor"])
+
+
+def test_data_parallel_cores_apply_the_processor(dp_server):
+    """Each engine core loads the processor by name; requests on both cores are forced where
+    they ask, and a refused argument is a 400 from whichever core checks it."""
+    srv = dp_server
+    body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 0}
+
+    def forced(target: int) -> list[str]:
+        r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=120,
+                       json={**body, "vllm_xargs": {"target_token": target}})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]["tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(forced, [28, 29, 28, 29] * 2))
+    assert all(len(set(tokens)) == 1 and len(tokens) == 4 for tokens in answers)
+    assert answers[0] == answers[2] != answers[1] == answers[3]
+    assert all(e["requests_sent_total"] > 0 for e in srv.stats()["engines"])  # both cores served
+    r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=120,
+                   json={**body, "vllm_xargs": {"target_token": "x"}})
+    assert r.status_code == 400 and "target_token must be a non-negative integer" in r.json()["error"]["message"]
+
+
+def test_data_parallel_server(dp_server):
+    """Last: it kills a core."""
+    srv = dp_server
     stats = srv.stats()
     assert stats["data_parallel_size"] == 2 and len({e["pid"] for e in stats["engines"]}) == 2
     assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 200

@@ -78,29 +78,3 @@ def test_a_failed_stream_ends_with_an_error_event_then_done(http, path, body):
     assert all("error" not in json.loads(e) for e in events[:-2])  # chunks before it (chat: the role)
     assert _complete(http).status_code == 200
 
-
-def test_data_parallel_cores_apply_the_processor(server_factory, tmp_path):
-    """``-dp 2``: each engine core loads the processor by name; requests on both cores are
-    forced where they ask, and a refused argument is a 400 from whichever core checks it."""
-    import concurrent.futures
-
-    from tests.server.test_data_parallel_server import _tiny_model
-
-    srv = server_factory([_tiny_model(str(tmp_path / "model")), "-dp", "2", "--logits-processors",
-                          f"{PROCS}:DummyLogitsProcessor"])
-    body = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "logprobs": 0}
-
-    def forced(target: int) -> list[str]:
-        r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=120,
-                       json={**body, "vllm_xargs": {"target_token": target}})
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["logprobs"]["tokens"]
-
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(forced, [28, 29, 28, 29] * 2))
-    assert all(len(set(tokens)) == 1 and len(tokens) == 4 for tokens in answers)
-    assert answers[0] == answers[2] != answers[1] == answers[3]
-    assert all(e["requests_sent_total"] > 0 for e in srv.stats()["engines"])  # both cores served
-    r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=120,
-                   json={**body, "vllm_xargs": {"target_token": "x"}})
-    assert r.status_code == 400 and "target_token must be a non-negative integer" in r.json()["error"]["message"]

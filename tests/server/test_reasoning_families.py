@@ -31,7 +31,8 @@ def _served(tmp_path, parser: str, *flags: str, **model):
     """A server of ``parser`` on a thinking model made with ``model``; stopped at once after
     (each holds ~2 GB)."""
     path = make_thinking_model(str(tmp_path / parser), **model)
-    srv = start_server([path, "--served-model-name", "m", "--reasoning-parser", parser, *flags])
+    srv = start_server([path, "--served-model-name", "m", "--reasoning-parser", parser, *flags],
+                       kernel_warmup=False)
     try:
         yield srv
     finally:
