@@ -76,6 +76,16 @@ def _row_dot(w_rows, x_row, same, koff, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def silu_mul_store(g, u, act_row, rn, I):
+    """The up kernels' epilogue: ``silu(g) * u`` into ``act_row[rn]`` (rows below ``I``), at
+    the reference's rounding points (gate / up, SiLU, product in the activation dtype)."""
+    dt = act_row.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
+    tl.store(act_row + rn, a.to(dt), mask=rn < I)
+
+
+@triton.jit
 def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, logits_ptr, weights_ptr, I, H, E,
                    stride_xm, stride_we, stride_wn, stride_se, stride_am, stride_l,
                    TOP_K: tl.constexpr, HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr,
@@ -115,10 +125,7 @@ def _moe_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, act_ptr, logits_ptr, weights_pt
     if HAS_SCALE:
         g *= tl.load(s_ptr + expert * stride_se + rn_ld)
         u *= tl.load(s_ptr + expert * stride_se + I + rn_ld)
-    dt = act_ptr.dtype.element_ty
-    g = g.to(dt).to(tl.float32)  # the reference's rounding points: gate/up, SiLU, product
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
-    tl.store(act_ptr + p.to(tl.int64) * stride_am + rn, a.to(dt), mask=rn < I)
+    silu_mul_store(g, u, act_ptr + p.to(tl.int64) * stride_am, rn, I)
 
 
 @triton.jit

@@ -38,6 +38,7 @@ import triton.language as tl
 
 from tessellm import envs
 from tessellm.kernels.moe.decode_int4 import decode_operands
+from tessellm.kernels.moe.decode import silu_mul_store
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Weight rows a program of the up and the down kernel (``fused_moe_bnb4_decode``'s ``up_rows``
@@ -112,10 +113,7 @@ def _moe_up_bnb4_kernel(x_ptr, ids_ptr, w_ptr, a_ptr, code_ptr, act_ptr, I, KB, 
                                EVEN_K)
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
-    dt = act_ptr.dtype.element_ty
-    g = g.to(dt).to(tl.float32)  # the reference's rounding points: gate/up, SiLU, product
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
-    tl.store(act_ptr + p.to(tl.int64) * stride_am + rn, a.to(dt), mask=rn < I)
+    silu_mul_store(g, u, act_ptr + p.to(tl.int64) * stride_am, rn, I)
 
 
 @triton.jit

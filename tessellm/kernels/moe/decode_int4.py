@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from tessellm import envs
+from tessellm.kernels.moe.decode import silu_mul_store
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Weight rows a program of the up and the down kernel (``fused_moe_int4_decode``'s
@@ -113,10 +114,7 @@ def _moe_up_int4_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, act_ptr, perm_ptr, 
                                KWORDS, GROUP, HAS_ZEROS, WPG, NG, EVEN_K, perm_row, HAS_PERM)
     g = tl.sum(acc_g, axis=1)
     u = tl.sum(acc_u, axis=1)
-    dt = act_ptr.dtype.element_ty
-    g = g.to(dt).to(tl.float32)  # the reference's rounding points: gate/up, SiLU, product
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32) * u.to(dt).to(tl.float32)
-    tl.store(act_ptr + p.to(tl.int64) * stride_am + rn, a.to(dt), mask=rn < I)
+    silu_mul_store(g, u, act_ptr + p.to(tl.int64) * stride_am, rn, I)
 
 
 @triton.jit
