@@ -22,6 +22,8 @@ class EngineCoreOutput:
     stop_reason: Optional[object] = None  # the stop token id that ended it (or why: abort, error)
     logprobs: Optional[list] = None  # per new token: (token_id, logprob, rank, [(id, lp), ...])
     prompt_logprobs: Optional[list] = None  # per prompt position (first is None)
+    # prompt_logprob_token_ids' scores, one list per scored prompt row (no leading None)
+    prompt_token_id_logprobs: Optional[list] = None
     # Prompt tokens found in the prefix cache at first schedule (the OpenAI usage's
     # ``cached_tokens``); the only meaning "cached" has in a request's counters.
     num_cached_tokens: int = 0

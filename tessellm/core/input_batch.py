@@ -25,6 +25,8 @@ class RunnerRequest:
     num_computed_tokens: int  # tokens with K/V in the cache before the current step
     row: int = -1  # this request's row in the persistent block table
     prompt_logprobs: list = field(default_factory=list)  # accumulated over prefill chunks
+    # prompt_logprob_token_ids' scores, one list per scored prompt row, accumulated likewise
+    prompt_id_rows: list = field(default_factory=list)
     num_pending: int = 0  # tokens sampled by launched steps, not yet in token_ids
     spec_token_ids: list[int] = field(default_factory=list)  # drafts the current step verifies
     draft_probs: object = None  # float32 [k, vocab] tensor: the drafts' distribution; None: point masses

@@ -101,7 +101,7 @@ def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Op
         logits_indices, sample_start = qsl[1:].astype(np.int64) - 1, range(s + 1)
     else:
         logits_indices, sample_start = _sampled(qsl, num_sampled)
-    plp = [i for i, st in enumerate(states) if st.params.prompt_logprobs is not None]
+    plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows]
     return HostInputs(ids, positions, slots, (c + n).astype(np.int32), qsl, table, logits_indices,
                       sample_start, feed, _num_decodes(counts), all_decode,
                       _prompt_logprob_rows(states, counts, qsl, plp), bool(plp))
@@ -143,10 +143,15 @@ def _num_decodes(counts: list[int]) -> int:
 
 
 def _prompt_logprob_rows(states, counts, qsl, plp: list[int]) -> list:
+    """(state, first hidden row, first prompt position, rows) of the prompt rows this step
+    computes that need logits: every one for prompt logprobs, those from
+    ``prompt_logprob_start`` for prefill scoring alone."""
     rows = []
     for i in plp:
         st, n = states[i], counts[i]
         c, p = st.num_computed_tokens, st.num_prompt_tokens
-        if c < p - 1:
-            rows.append((st, int(qsl[i]), c, min(n, p - 1 - c)))
+        lo = c if st.params.prompt_logprobs is not None else max(c, st.params.prompt_logprob_start or 0)
+        hi = min(c + n, p - 1)
+        if lo < hi:
+            rows.append((st, int(qsl[i]) + lo - c, lo, hi - lo))
     return rows

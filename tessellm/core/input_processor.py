@@ -184,9 +184,10 @@ class InputProcessor:
             if not (isinstance(token, int) and 0 <= token < vocab):
                 raise RequestParamError(f"logit_bias token id {token} is outside the vocabulary "
                                         f"[0, {vocab}); use this model's token ids.", "logit_bias")
-        for field in ("allowed_token_ids", "bad_words_token_ids"):
+        for field in ("allowed_token_ids", "bad_words_token_ids", "logprob_token_ids",
+                      "prompt_logprob_token_ids"):
             value = getattr(params, field) or ()
-            tokens = value if field == "allowed_token_ids" else [t for word in value for t in word]
+            tokens = value if field != "bad_words_token_ids" else [t for word in value for t in word]
             bad = [t for t in tokens if not 0 <= t < vocab]
             if bad:
                 raise RequestParamError(f"{field} has {bad[0]}, outside the vocabulary [0, {vocab}); "
@@ -258,6 +259,10 @@ class InputProcessor:
         if embeds is not None and params.prompt_logprobs is not None:
             raise RequestParamError("prompt_logprobs need prompt tokens; a prompt_embeds prompt has "
                                     "none. Drop prompt_logprobs.", "prompt_logprobs")
+        if embeds is not None and params.prompt_logprob_token_ids is not None:
+            raise RequestParamError("prompt_logprob_token_ids score prompt tokens; a prompt_embeds "
+                                    "prompt has none. Drop prompt_logprob_token_ids.",
+                                    "prompt_logprob_token_ids")
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
                                       cache_salt=salt, lora_request=lora, mm_features=mm,

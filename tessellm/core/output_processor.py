@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from tessellm.core.detokenizer import IncrementalDetokenizer
 from tessellm.core.outputs import CompletionOutput, GrowingPrefix, Logprob, RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
@@ -53,6 +55,8 @@ class _RequestState:
     pooled: Optional[list] = None  # its raw pooled vector from the core, once it came
     lora_request: Optional[object] = None  # its adapter, shown on its outputs
     sent_prompt_logprobs: bool = False  # output_kind DELTA: an earlier output carried them
+    prompt_token_id_logprobs: Optional[object] = None  # numpy float32 [rows, ids], once it came
+    sent_prompt_token_id_logprobs: bool = False  # as sent_prompt_logprobs
     kv_transfer_params: Optional[dict] = None  # its KV connector's, with its finish
 
     @property
@@ -86,8 +90,9 @@ class OutputProcessor:
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
                                                params.stop, params.include_stop_str_in_output,
                                                params.min_tokens)
-            samples.append(_Sample(i, cid, detok, logprobs=[] if params.logprobs is not None else None,
-                                   cumulative_logprob=0.0 if params.logprobs is not None else None,
+            wants = params.num_logprobs is not None  # logprobs, or logprob_token_ids alone
+            samples.append(_Sample(i, cid, detok, logprobs=[] if wants else None,
+                                   cumulative_logprob=0.0 if wants else None,
                                    times=RequestStateStats(arrival_time=arrival,
                                                            num_prompt_tokens=len(prompt_token_ids))))
             self.core_to_parent[cid] = (request_id, i)
@@ -166,6 +171,8 @@ class OutputProcessor:
             state.kv_transfer_params = out.kv_transfer_params
         if out.prompt_logprobs is not None and state.prompt_logprobs is None:
             state.prompt_logprobs = [None] + [self._logprob_dict(e) for e in out.prompt_logprobs[1:]]
+        if out.prompt_token_id_logprobs is not None and state.prompt_token_id_logprobs is None:
+            state.prompt_token_id_logprobs = np.asarray(out.prompt_token_id_logprobs, dtype=np.float32)
         finished = out.finish_reason is not None
         new_ids, hit = out.new_token_ids, None
         if sample.detok is not None:
@@ -175,8 +182,9 @@ class OutputProcessor:
                 new_ids = new_ids[:sample.detok.num_kept]
         sample.token_ids.extend(new_ids)
         if out.logprobs and sample.logprobs is not None:
+            by_ids = bool(state.params.logprob_token_ids)
             for entry in out.logprobs[:len(new_ids)]:
-                sample.logprobs.append(self._logprob_dict(entry))
+                sample.logprobs.append(self._ids_dict(entry) if by_ids else self._logprob_dict(entry))
                 sample.cumulative_logprob += entry[1]
         if hit is not None:
             sample.finish_reason, sample.stop_reason = "stop", hit
@@ -188,6 +196,16 @@ class OutputProcessor:
         token, logprob, rank, top = entry
         result = {tid: Logprob(lp, r + 1, self._token_text(tid)) for r, (tid, lp) in enumerate(top)}
         result[token] = Logprob(logprob, rank, self._token_text(token))
+        return result
+
+    def _ids_dict(self, entry) -> dict[int, Logprob]:
+        """vLLM's dict of a logprob_token_ids position: the sampled token first with its rank
+        in the vocabulary, then each requested id with rank = its place in the list (1-based);
+        a sampled token that is also requested takes the requested entry's rank, as in vLLM."""
+        token, logprob, rank, top = entry
+        result = {token: Logprob(logprob, rank, self._token_text(token))}
+        for r, (tid, lp) in enumerate(top):
+            result[tid] = Logprob(lp, r + 1, self._token_text(tid))
         return result
 
     def _token_text(self, token_id: int) -> Optional[str]:
@@ -205,10 +223,15 @@ class OutputProcessor:
         if state.params.output_kind == RequestOutputKind.DELTA:  # vLLM's: in the first output only
             prompt_logprobs = None if state.sent_prompt_logprobs else prompt_logprobs
             state.sent_prompt_logprobs = prompt_logprobs is not None or state.sent_prompt_logprobs
+        scores = state.prompt_token_id_logprobs
+        if state.params.output_kind == RequestOutputKind.DELTA:
+            scores = None if state.sent_prompt_token_id_logprobs else scores
+            state.sent_prompt_token_id_logprobs = scores is not None or state.sent_prompt_token_id_logprobs
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,
                              state.finished, prompt_logprobs, state.num_cached_tokens,
                              metrics=state.samples[0].times, lora_request=state.lora_request,
-                             kv_transfer_params=state.kv_transfer_params)
+                             kv_transfer_params=state.kv_transfer_params,
+                             prompt_token_id_logprobs=scores)
 
     def _completion(self, state: _RequestState, s: _Sample) -> CompletionOutput:
         """One sample's output, a snapshot: nothing in it changes after it is returned. Its

@@ -96,6 +96,11 @@ class RequestOutput:
     encoder_prompt: Optional[str] = None
     encoder_prompt_token_ids: Optional[list[int]] = None
     multi_modal_placeholders: dict = field(default_factory=dict)
+    # vLLM's prefill scoring (SamplingParams.prompt_logprob_token_ids): numpy float32
+    # [rows, len(ids)], row i the logprobs of the ids at prompt row prompt_logprob_start + i
+    # (scoring prompt token prompt_logprob_start + i + 1); None when not asked or no row is
+    # scored. In the first output of a DELTA request only, as prompt_logprobs.
+    prompt_token_id_logprobs: Optional[object] = None
 
     def add(self, newer: "RequestOutput") -> None:
         """vLLM's: fold a later DELTA output of this request into this one (what a consumer that
@@ -113,4 +118,6 @@ class RequestOutput:
                                                                           c.stop_reason)
         self.finished, self.num_cached_tokens, self.metrics = newer.finished, newer.num_cached_tokens, newer.metrics
         self.prompt_logprobs = self.prompt_logprobs or newer.prompt_logprobs
+        if self.prompt_token_id_logprobs is None:
+            self.prompt_token_id_logprobs = newer.prompt_token_id_logprobs
         self.kv_transfer_params = newer.kv_transfer_params or self.kv_transfer_params

@@ -6,6 +6,7 @@ import enum
 import time
 from typing import Iterable, Optional
 
+from tessellm.core.repetition import RepetitionDetector
 from tessellm.core.sampling_params import SamplingParams
 
 
@@ -20,6 +21,8 @@ class RequestStatus(enum.IntEnum):
     # vLLM's FINISHED_ERROR: the engine failed this request on its own (a custom logits
     # processor raised in its step); retryable, a 500 at the server (docs/openai_api.md).
     FINISHED_ERROR = 6
+    # vLLM's FINISHED_REPETITION: the output ends in a repeated pattern (repetition_detection).
+    FINISHED_REPETITION = 7
 
     @property
     def is_finished(self) -> bool:
@@ -35,6 +38,7 @@ _FINISH_REASON = {
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
+    RequestStatus.FINISHED_REPETITION: "repetition",  # vLLM's FinishReason.REPETITION
 }
 
 
@@ -103,6 +107,10 @@ class Request:
         # Structured output: the request's grammar matcher (structured_output.RequestGrammar,
         # opaque here), None when unconstrained. Advanced by Scheduler.update per sampled token.
         self.grammar = None
+        # repetition_detection's counters (core/repetition.py), fed every appended output token
+        # by Scheduler.update; None when the request does not ask for it.
+        rep = getattr(sampling_params, "repetition_detection", None)
+        self.repetition = RepetitionDetector(rep) if rep is not None and rep.enabled else None
         # Images (tessellm.multimodal.inputs.MultiModalFeature, plain data), in prompt order:
         # their placeholders' positions and content hashes; empty for a text prompt.
         self.mm_features = list(mm_features or ())
@@ -115,8 +123,9 @@ class Request:
 
     @property
     def computes_every_prompt_token(self) -> bool:
-        """Prompt logprobs and per-token pooling read every prompt position: no prefix hit."""
-        return (self.sampling_params.prompt_logprobs is not None
+        """Prompt logprobs, prefill scoring and per-token pooling read every prompt position:
+        no prefix hit (vLLM's skip_reading_prefix_cache for them)."""
+        return (self.sampling_params.needs_prompt_rows
                 or (self.pooling_task or "").startswith("token_"))
 
     @property

@@ -51,13 +51,17 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
             state.spec_token_ids = []
         state.token_ids.extend(accepted)
         out.sampled[state.request_id] = accepted
-        k = state.params.logprobs
-        if k is not None and lp is not None:
-            out.logprobs[state.request_id] = [(tok, lp[0][r], lp[1][r], _top(lp, r, k))
+        k, ids = state.params.logprobs, state.params.logprob_token_ids
+        if (k is not None or ids) and lp is not None:
+            out.logprobs[state.request_id] = [(tok, lp[0][r], lp[1][r],
+                                               _ids_top(lp, r, ids) if ids else _top(lp, r, k))
                                               for r, tok in zip(range(first, end), accepted)]
         if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
             out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
             state.prompt_logprobs = []
+        if state.prompt_id_rows and len(state.prompt_id_rows) == num_scored_rows(state):
+            out.prompt_token_id_logprobs[state.request_id] = state.prompt_id_rows
+            state.prompt_id_rows = []
 
 
 def _host_logprobs(result) -> Optional[tuple]:
@@ -68,9 +72,17 @@ def _host_logprobs(result) -> Optional[tuple]:
     full = {}
     if result.full_rows:
         full = dict(zip(result.full_rows, zip(result.full_ids.tolist(), result.full_logprobs.tolist())))
+    ids = {}
+    if result.id_rows:
+        ids = dict(zip(result.id_rows, result.id_logprobs.tolist()))
     return (result.sampled_logprob.tolist(), result.sampled_rank.tolist(),
             result.topk_ids.tolist() if result.topk_ids is not None else None,
-            result.topk_logprobs.tolist() if result.topk_logprobs is not None else None, full)
+            result.topk_logprobs.tolist() if result.topk_logprobs is not None else None, full, ids)
+
+
+def _ids_top(lp: tuple, row: int, ids: list[int]) -> list:
+    """Row ``row``'s (id, logprob) pairs of the request's ``logprob_token_ids``, in its order."""
+    return list(zip(ids, lp[5][row]))  # zip stops at len(ids): the padding is dropped
 
 
 def _top(lp: tuple, row: int, k: int) -> list:
@@ -93,14 +105,37 @@ def prompt_logprobs(model, hidden: torch.Tensor, rows: list, chunk: int = 256) -
 
 
 def _prompt_logprobs(model, hidden: torch.Tensor, state, row0: int, start: int, n: int) -> None:
-    """``n`` prompt rows from ``row0`` (prompt positions from ``start``) into ``state``."""
+    """``n`` prompt rows from ``row0`` (prompt positions from ``start``) into ``state``: the
+    prompt logprobs (``state.prompt_logprobs``) and the prefill scores of
+    ``prompt_logprob_token_ids`` at positions from ``prompt_logprob_start`` (one gather,
+    ``state.prompt_id_rows``)."""
+    params = state.params
     logits = model.compute_logits(hidden[row0:row0 + n]).float()
     logprobs = torch.log_softmax(logits, dim=-1)
+    if params.prompt_logprob_token_ids is not None:
+        skip = max(0, (params.prompt_logprob_start or 0) - start)
+        if skip < n:
+            ids = torch.tensor(params.prompt_logprob_token_ids, device=logprobs.device)
+            state.prompt_id_rows.extend(logprobs[skip:, ids].tolist())
+    k = params.prompt_logprobs
+    if k is None:
+        return
     targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
     chosen = logprobs.gather(-1, targets[:, None])
     ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
-    k = state.params.prompt_logprobs
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
     for j in range(n):
         top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
         state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+
+
+def num_scored_rows(state) -> int:
+    """The prompt rows ``prompt_logprob_token_ids`` scores: ``prompt_logprob_start`` to the row
+    before the last (row i predicts prompt token i + 1; the last row predicts the output)::
+
+        prompt:  t0 t1 t2 t3 t4      start = 2
+        rows:          r2 r3         -> 2 rows, scoring t3 and t4
+    """
+    if state.params.prompt_logprob_token_ids is None:
+        return 0
+    return max(0, state.num_prompt_tokens - 1 - (state.params.prompt_logprob_start or 0))

@@ -68,6 +68,10 @@ class SamplingBatch:
     # the other rows keep their small top-k and host copy. None: no such row.
     full_logprob_rows: Optional[list[int]] = None
     full_num_logprobs: int = 0
+    # Rows asking logprob_token_ids (no top k for them) and their ids, int64 [R, W] (W: the
+    # longest list; shorter ones padded with 0, cut off on the host). None: no such row.
+    id_logprob_rows: Optional[list[int]] = None
+    id_logprob_ids: Optional[torch.Tensor] = None
     # The largest top_k when every row has one (host int, no device sync): top-k/top-p then
     # look at that many candidates (``topk``) instead of sorting the whole vocabulary.
     top_k_max: Optional[int] = None
@@ -89,6 +93,9 @@ class SamplerOutput:
     full_ids: Optional[torch.Tensor] = None
     full_logprobs: Optional[torch.Tensor] = None
     full_rows: Optional[list[int]] = None
+    # The logprob_token_ids rows' (SamplingBatch.id_logprob_rows) logprobs of their ids [R, W].
+    id_logprobs: Optional[torch.Tensor] = None
+    id_rows: Optional[list[int]] = None
     # int64 [B]: NaN logits per row (the model's, or a custom processor's), with compute_nans
     # (TESSELLM_COMPUTE_NANS_IN_LOGITS); None when not counted.
     num_nans: Optional[torch.Tensor] = None
@@ -299,6 +306,10 @@ class Sampler:
             rows = torch.tensor(batch.full_logprob_rows, device=logprobs.device)
             out.full_logprobs, out.full_ids = logprobs[rows].topk(batch.full_num_logprobs, dim=-1)
             out.full_rows = batch.full_logprob_rows
+        if batch.id_logprob_rows:  # one gather: [R, W] of the [B, V] logprobs
+            rows = torch.tensor(batch.id_logprob_rows, device=logprobs.device)
+            out.id_logprobs = logprobs[rows].gather(-1, batch.id_logprob_ids)
+            out.id_rows = batch.id_logprob_rows
 
     def _rank(self, logprobs: torch.Tensor, chosen: torch.Tensor, top: Optional[torch.Tensor]) -> torch.Tensor:
         """int64 [B]: how many tokens have a larger logprob than the sampled one (``chosen``

@@ -49,21 +49,30 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
         batch.allowed_masks = [_disallowed(rows[i], device, vocab_size) for i in allowed]
     batch.seeds = [(i, seed_for_position(p.seed, out_pos(i))) for i, p in enumerate(params)
                    if p.seed is not None and not p.is_greedy] or None
-    _add_logprobs(batch, params, vocab_size)
+    _add_logprobs(batch, params, vocab_size, device)
     return batch
 
 
-def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int) -> None:
+def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: torch.device) -> None:
     """Rows asking the whole vocabulary (logprobs=-1, made ``vocab_size`` by the front end) go
-    to ``full_logprob_rows``; ``max_num_logprobs`` is the others' largest count."""
-    wanted = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
-    if not wanted:
+    to ``full_logprob_rows``; ``max_num_logprobs`` is the others' largest count. Rows with
+    ``logprob_token_ids`` ask no top k: their ids go to ``id_logprob_ids``, one padded row each
+    (one host-to-device copy of ``rows x max ids`` ints a step)."""
+    with_ids = [(i, p.logprob_token_ids) for i, p in enumerate(params) if p.logprob_token_ids]
+    wanted = [(i, p.logprobs) for i, p in enumerate(params)
+              if p.logprobs is not None and not p.logprob_token_ids]
+    if not wanted and not with_ids:
         return
     full = [(i, k) for i, k in wanted if k >= vocab_size]
     batch.max_num_logprobs = max((k for _, k in wanted if k < vocab_size), default=0)
     if full:
         batch.full_logprob_rows = [i for i, _ in full]
         batch.full_num_logprobs = max(k for _, k in full)
+    if with_ids:
+        width = max(len(ids) for _, ids in with_ids)
+        batch.id_logprob_rows = [i for i, _ in with_ids]
+        batch.id_logprob_ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids in with_ids],
+                                            dtype=torch.int64, device=device)
 
 
 def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from tessellm.core.repetition import RepetitionDetectionParams
 from tessellm.core.scheduler_config import check_truncate_prompt_tokens
 from tessellm.kv_transfer.params import check_kv_transfer_params
 from tessellm.structured_output.params import StructuredOutputsParams
@@ -15,6 +16,7 @@ from tessellm.structured_output.params import StructuredOutputsParams
 _GREEDY_EPS = 1e-5
 _MIN_TEMPERATURE = 0.01  # vLLM's: a temperature in (0, 0.01) is raised to it (inf / NaN in the softmax)
 _MAX_TEMPERATURE = 2.0  # vLLM's (and OpenAI's) upper bound
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's bound on len(logprob_token_ids)
 
 logger = logging.getLogger(__name__)
 
@@ -79,14 +81,24 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logits_processors: Optional[list] = None
     guided_decoding: Optional[object] = None  # vLLM's older name: moved to structured_outputs
+    # vLLM's: the logprobs of exactly these token ids at every output position, with the
+    # sampled token's (in place of the top-k; at most MAX_LOGPROB_TOKEN_IDS; logprobs, if set,
+    # must equal their number). Each position's dict: the sampled token with its rank in the
+    # vocabulary, then these ids with rank = their place in this list (1-based), as vLLM's.
+    logprob_token_ids: Optional[list[int]] = None
+    # vLLM's prefill scoring: the logprobs of these token ids at every prompt row from
+    # prompt_logprob_start (row i predicts prompt token i + 1; 0 if None) to the row before the
+    # last; in RequestOutput.prompt_token_id_logprobs, float32 [rows, len(ids)] (no leading None).
+    prompt_logprob_token_ids: Optional[list[int]] = None
+    prompt_logprob_start: Optional[int] = None
     # vLLM's names for features tessellm does not have: only at the value that changes nothing
     # (_VLLM_NEUTRAL), so a script that sets them is refused by name, never silently changed
-    logprob_token_ids: Optional[list] = None
-    prompt_logprob_token_ids: Optional[list] = None
-    prompt_logprob_start: Optional[int] = None
     flat_logprobs: bool = False
     thinking_token_budget: Optional[int] = None  # -1 (vLLM's "unlimited") is None
-    repetition_detection: Optional[object] = None
+    # vLLM's: stop the request (finish reason "repetition") when its output ends with min_count
+    # copies of one pattern (core/repetition.py); a RepetitionDetectionParams or a dict of its
+    # fields (converted), None or all 0: off
+    repetition_detection: Optional[RepetitionDetectionParams] = None
     routed_experts_prompt_start: int = 0
     trace_decode_token_ids: Optional[list] = None
     # vLLM's, accepted with no effect on the output: outputs stream every step whatever
@@ -136,6 +148,7 @@ class SamplingParams:
                f"reasoning_phase must be reasoning, answer or undecided, got {self.reasoning_phase!r}.")
         if self.bad_words is not None:
             self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words)
+        self.repetition_detection = RepetitionDetectionParams.coerce(self.repetition_detection)
         if self.guided_decoding is not None:  # vLLM's older name (GuidedDecodingParams)
             _check(self.structured_outputs is None, "give structured_outputs or guided_decoding "
                    "(vLLM's older name for it), not both.")
@@ -191,6 +204,34 @@ class SamplingParams:
             _check(getattr(self, name) in neutral, f"{name}={getattr(self, name)!r} is not supported by "
                    f"tessellm (a vLLM setting): {fix}.")
         self._validate_token_lists()
+        self._validate_logprob_token_ids()
+
+    def _validate_logprob_token_ids(self) -> None:
+        """vLLM's rules (``_validate_logprobs``); the vocabulary bound is the engine's
+        (InputProcessor), the server's --max-logprobs bound the server's."""
+        ids = self.logprob_token_ids
+        if ids is not None:
+            _check(isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in ids),
+                   f"logprob_token_ids must be a list of token ids (integers), got {ids!r}.")
+            _check(len(ids) <= MAX_LOGPROB_TOKEN_IDS, f"logprob_token_ids has {len(ids)} ids, over the "
+                   f"limit of {MAX_LOGPROB_TOKEN_IDS} (vLLM's); ask for fewer.")
+            _check(self.logprobs is None or self.logprobs == len(ids), "when both logprobs and "
+                   f"logprob_token_ids are set, logprobs must equal len(logprob_token_ids); got "
+                   f"logprobs={self.logprobs}, len(logprob_token_ids)={len(ids)}. Leave logprobs unset.")
+            self.logprob_token_ids = list(ids) or None  # [] asks nothing (vLLM's num_logprobs)
+        ids = self.prompt_logprob_token_ids
+        if ids is not None:
+            _check(isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in ids),
+                   f"prompt_logprob_token_ids must be a list of token ids (integers), got {ids!r}.")
+            _check(len(ids) > 0, "prompt_logprob_token_ids must not be empty; give the ids to score "
+                   "or leave it unset.")
+            _check(len(set(ids)) == len(ids), "prompt_logprob_token_ids must not contain duplicates.")
+            self.prompt_logprob_token_ids = list(ids)
+        start = self.prompt_logprob_start
+        _check(start is None or (isinstance(start, int) and not isinstance(start, bool) and start >= 0),
+               f"prompt_logprob_start must be a non-negative integer, got {start!r}.")
 
     def _validate_token_lists(self) -> None:
         if self.allowed_token_ids is not None:
@@ -223,6 +264,19 @@ class SamplingParams:
             # a value that is no number, or NaN, is left as given: __post_init__ refuses it by token
             kwargs["logit_bias"] = {k: _clamp_bias(v) for k, v in zip(keys, bias.values())}
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    @property
+    def num_logprobs(self) -> Optional[int]:
+        """vLLM's: the sample logprobs asked per output token (None: none); ``logprob_token_ids``
+        alone asks for their number."""
+        if self.logprobs is not None:
+            return self.logprobs
+        return len(self.logprob_token_ids) if self.logprob_token_ids else None
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """The runner computes logits at prompt rows (prompt logprobs or prefill scoring)."""
+        return self.prompt_logprobs is not None or self.prompt_logprob_token_ids is not None
 
     @property
     def is_greedy(self) -> bool:
@@ -260,15 +314,9 @@ _VLLM_NEUTRAL = (
     ("logits_processors", (None, []), "per-request callables are not supported (nor in vLLM v1); "
      "give batch-level processors to the engine, LLM(logits_processors=[Cls]), and select them per "
      "request with extra_args (docs/logits_processors.md)"),
-    ("logprob_token_ids", (None,), "ask for logprobs=-1 (the whole vocabulary) and read the ids you "
-     "need, or logprobs=k for the top k"),
-    ("prompt_logprob_token_ids", (None,), "ask for prompt_logprobs=-1 and read the ids you need"),
-    ("prompt_logprob_start", (None, 0), "ask for prompt_logprobs and skip the rows you do not need"),
     ("flat_logprobs", (False,), "logprobs come as vLLM's default list of dicts"),
     ("thinking_token_budget", (None,), "cap the whole output with max_tokens; a reasoning parser "
      "(--reasoning-parser) splits the thinking from the answer"),
-    ("repetition_detection", (None,), "stop repetitive output with max_tokens, stop strings or "
-     "repetition_penalty / frequency_penalty"),
     ("routed_experts_prompt_start", (0,), "tessellm does not return routed experts"),
     ("trace_decode_token_ids", (None, []), "score a fixed continuation with prompt_logprobs on "
      "prompt + continuation"),

@@ -116,6 +116,7 @@ class SchedulerUpdate:
         return EngineCoreOutput(rid, appended, req.status.finish_reason, req.stop_reason,
                                 logprobs[:len(appended)] if logprobs is not None else None,
                                 result.prompt_logprobs.get(rid),
+                                result.prompt_token_id_logprobs.get(rid),
                                 num_cached_tokens=max(req.num_cached_tokens, 0),
                                 kv_transfer_params=req.kv_transfer_params_out,
                                 num_nans_in_logits=result.num_nans_in_logits.get(rid, 0),
@@ -151,4 +152,9 @@ class SchedulerUpdate:
             return RequestStatus.FINISHED_LENGTH
         if req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        if req.repetition is not None:  # vLLM's order: after the length checks
+            repeated = req.repetition.add(req.all_token_ids, req.num_prompt_tokens)
+            if repeated and req.num_output_tokens >= params.min_tokens:
+                req.stop_reason = "repetition_detected"
+                return RequestStatus.FINISHED_REPETITION
         return None

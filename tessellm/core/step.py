@@ -173,6 +173,9 @@ class ModelRunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list] = field(default_factory=dict)  # per accepted token (id, lp, rank, top)
     prompt_logprobs: dict[str, list] = field(default_factory=dict)  # per prompt position, first None
+    # prompt_logprob_token_ids' scores: request id -> one list of logprobs per scored prompt
+    # row (SamplingParams.prompt_logprob_start on), in the step that computed the last of them
+    prompt_token_id_logprobs: dict[str, list] = field(default_factory=dict)
     # Speculative decoding: request id -> draft tokens the proposer made for the next step
     # (the scheduler puts them in Request.spec_token_ids). Absent: none.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)

@@ -148,7 +148,7 @@ class LaunchedSteps:
             host = buffer[:n]
             host.copy_(result.token_ids, non_blocking=True)
             for name in ("sampled_logprob", "sampled_rank", "topk_ids", "topk_logprobs",
-                         "full_ids", "full_logprobs", "num_nans"):
+                         "full_ids", "full_logprobs", "id_logprobs", "num_nans"):
                 value = getattr(result, name)
                 if value is not None:
                     setattr(result, name, value.to("cpu", non_blocking=True))

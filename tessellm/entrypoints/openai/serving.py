@@ -303,7 +303,7 @@ def _event(chunk: BaseModel, include_usage: bool) -> str:
 def finish_reason(reason: Optional[str]) -> Optional[str]:
     """The engine's reasons as OpenAI's: stop or length (an abort never reaches a client: one
     the core makes, naming why, is the request's error, AsyncLLM._route; an "error" is a 500,
-    ``raise_if_error``)."""
+    ``raise_if_error``); vLLM's "repetition" (repetition_detection) as it is."""
     if reason is None:
         return None
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "repetition") else "stop"

@@ -1,0 +1,131 @@
+"""vLLM's logprob_token_ids / prompt_logprob_token_ids: the logprobs of chosen ids at every
+output (resp. prompt) position equal HF transformers' log-softmax there (float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessellm import LLM, SamplingParams
+from tessellm.core.sampling_params import MAX_LOGPROB_TOKEN_IDS
+
+IDS = [7, 300, 42, 5]  # 300 first: the dict's order follows the list, not the ids
+
+
+@pytest.fixture(scope="module")
+def llm_and_hf(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir("llama")
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=8, enable_prefix_caching=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return llm, hf
+
+
+def _hf_logprobs(hf, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([tokens])).logits[0].float(), -1)
+
+
+def _check_positions(ref, prompt, completion, ids):
+    """Each output position's dict: the sampled token (its vocabulary rank) then ``ids`` with
+    rank = their place in the list, values HF's log-softmax."""
+    for i, (tok, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert list(entry) == [tok] + [t for t in ids if t != tok]
+        for r, tid in enumerate(ids):
+            assert entry[tid].logprob == pytest.approx(row[tid].item(), abs=1e-4)
+            assert entry[tid].rank == r + 1
+        if tok not in ids:
+            assert entry[tok].rank == int((row > row[tok]).sum()) + 1
+        assert entry[tok].logprob == pytest.approx(row[tok].item(), abs=1e-4)
+
+
+def test_logprob_token_ids_match_hf_in_a_mixed_batch(llm_and_hf):
+    llm, hf = llm_and_hf
+    prompts = [[5, 77, 31, 200, 9], [11, 12, 13], [40, 41, 42, 43, 44, 45]]
+    params = [SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprob_token_ids=IDS),
+              SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=len(IDS[:2]),
+                             logprob_token_ids=IDS[:2])]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for out, prompt, p in zip(outs, prompts, params):
+        co = out.outputs[0]
+        ref = _hf_logprobs(hf, prompt + list(co.token_ids))
+        assert list(co.token_ids) == [int(ref[len(prompt) - 1 + i].argmax()) for i in range(5)]
+        if p.logprob_token_ids:
+            _check_positions(ref, prompt, co, p.logprob_token_ids)
+        else:  # the top-k request beside them is unchanged: its top 2 and the sampled token
+            for i, entry in enumerate(co.logprobs):
+                top = ref[len(prompt) - 1 + i].topk(2)
+                assert set(entry) == set(top.indices.tolist())
+        assert co.cumulative_logprob == pytest.approx(
+            sum(e[t].logprob for t, e in zip(co.token_ids, co.logprobs)), abs=1e-4)
+
+
+def test_logprob_token_ids_with_sampling_and_n(llm_and_hf):
+    """n > 1 at temperature 1: each sample's positions are scored given its own tokens."""
+    llm, hf = llm_and_hf
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    params = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=7, ignore_eos=True,
+                            logprob_token_ids=IDS)
+    out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert len(out.outputs) == 2
+    for co in out.outputs:
+        _check_positions(_hf_logprobs(hf, prompt + list(co.token_ids)), prompt, co, IDS)
+
+
+def test_prompt_logprob_token_ids_match_hf_with_chunks_and_cache(llm_and_hf):
+    """Rows prompt_logprob_start .. len(prompt) - 2 (row i scores prompt token i + 1), over
+    prefill chunks of 8 tokens; the same prompt again (a prefix-cache hit for others) scores the
+    same, and prompt_logprobs beside them are unchanged."""
+    import numpy as np
+
+    llm, hf = llm_and_hf
+    prompt = list(range(20, 39))  # 19 tokens: 3 chunks
+    ref = _hf_logprobs(hf, prompt)
+    for start in (0, 5, 17, 18):
+        params = SamplingParams(max_tokens=2, temperature=0, prompt_logprob_token_ids=IDS,
+                                prompt_logprob_start=start or None, prompt_logprobs=1 if start == 5 else None)
+        for _ in range(2):
+            out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+            scores = out.prompt_token_id_logprobs
+            if start == 18:  # no row before the last one: nothing scored (vLLM: None)
+                assert scores is None
+                continue
+            assert scores.dtype == np.float32 and scores.shape == (len(prompt) - 1 - start, len(IDS))
+            want = ref[start:len(prompt) - 1][:, IDS].numpy()
+            np.testing.assert_allclose(scores, want, atol=1e-4)
+            if start == 5:
+                assert out.prompt_logprobs[1][prompt[1]].logprob == pytest.approx(ref[0, prompt[1]].item(),
+                                                                                 abs=1e-4)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"logprob_token_ids": [1, 10**6]}, "logprob_token_ids has 1000000, outside the vocabulary"),
+    ({"prompt_logprob_token_ids": [-1]}, "prompt_logprob_token_ids has -1, outside the vocabulary"),
+])
+def test_out_of_vocabulary_ids_are_refused(llm_and_hf, changes, match):
+    llm, _ = llm_and_hf
+    with pytest.raises(ValueError, match=match):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2, **changes), use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2  # the engine serves on
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"logprob_token_ids": list(range(MAX_LOGPROB_TOKEN_IDS + 1))}, "over the limit of 128"),
+    ({"logprob_token_ids": [1, 2], "logprobs": 3}, "logprobs must equal len"),
+    ({"logprob_token_ids": [1, "2"]}, "must be a list of token ids"),
+    ({"prompt_logprob_token_ids": []}, "must not be empty"),
+    ({"prompt_logprob_token_ids": [4, 4]}, "must not contain duplicates"),
+    ({"prompt_logprob_token_ids": [4], "prompt_logprob_start": -1}, "non-negative"),
+])
+def test_bad_values_are_refused_in_one_sentence(changes, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**changes)
+
+
+def test_empty_logprob_token_ids_ask_nothing():
+    assert SamplingParams(logprob_token_ids=[]).num_logprobs is None
+    assert SamplingParams(logprob_token_ids=[3, 4]).num_logprobs == 2
