@@ -86,17 +86,3 @@ class RepetitionDetector:
                 self.runs[length] = 0
         return found
 
-
-def has_repetition(output: Sequence[int], params: RepetitionDetectionParams) -> bool:
-    """The rule stated directly on a whole output (the reference the detector is tested
-    against): some pattern length's last ``min_count`` blocks are equal."""
-    if not params.enabled:
-        return False
-    for length in range(max(1, params.min_pattern_size), params.max_pattern_size + 1):
-        span = length * params.min_count
-        if span > len(output):
-            return False
-        tail = list(output[len(output) - span:])
-        if all(tail[i] == tail[i % length] for i in range(span)):
-            return True
-    return False

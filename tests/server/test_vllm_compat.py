@@ -154,7 +154,6 @@ def test_unhandled_error_keeps_the_connection():
 _REFUSED = [  # vLLM extras tessellm does not implement: (field, neutral value, a value that acts)
     ("length_penalty", 1.0, 0.5),  # without use_beam_search (tests/server/test_beam_search_server.py)
     ("spaces_between_special_tokens", True, False),
-    ("logprob_token_ids", None, [1]),
     ("logits_processors", None, ["my.Processor"]), ("guided_whitespace_pattern", None, " *"),
     ("structural_tag", None, "{}"),
 ]

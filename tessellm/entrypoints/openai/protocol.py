@@ -82,12 +82,16 @@ class _SamplingFields(_Request):
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
     # vLLM's: merged into SamplingParams.extra_args, for custom extensions
     vllm_xargs: Optional[dict[str, Union[str, int, float, list[Union[str, int, float]]]]] = None
+    # vLLM's: the logprobs of exactly these ids (and the sampled token's) at every generated
+    # position, in place of the top k; needs logprobs (completions: a number, any; chat: true)
+    logprob_token_ids: Optional[list[int]] = None
+    # vLLM's RepetitionDetectionParams as an object: {"max_pattern_size", "min_pattern_size",
+    # "min_count"}; stops the output with finish_reason "repetition" (core/repetition.py)
+    repetition_detection: Optional[dict[str, Any]] = None
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     spaces_between_special_tokens: bool = True
-    logprob_token_ids: Optional[list[int]] = None
     watermarking: Optional[bool] = None
     thinking_token_budget: Optional[int] = None
-    repetition_detection: Optional[Any] = None
     routed_experts_prompt_start: int = 0  # tessellm returns no routed experts
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
@@ -230,10 +234,8 @@ UNSUPPORTED: dict[str, tuple] = {
     "service_tier": (None, "auto", "default"),
     # vLLM extras
     "spaces_between_special_tokens": (True,),
-    "logprob_token_ids": (None,),
     "watermarking": (None, False),
     "thinking_token_budget": (None, -1),
-    "repetition_detection": (None,),
     "ec_transfer_params": (None,),
     "logits_processors": (None, []),
     "guided_whitespace_pattern": (None,),

@@ -70,7 +70,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    finish_reason: Optional[Literal["stop", "length", "repetition"]] = None
     stop_reason: Optional[Union[int, str]] = None  # vLLM: the stop string or token id (None: EOS, length)
     # vLLM extras, only when asked for (this choice is also a stream chunk's)
     prompt_logprobs: Optional[PromptLogprobs] = None  # request field prompt_logprobs
@@ -144,7 +144,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls", "repetition"]] = None
     stop_reason: Optional[Union[int, str]] = None  # vLLM: the stop string or token id
     token_ids: Optional[list[int]] = None  # vLLM's return_token_ids
 
@@ -211,7 +211,7 @@ class ChatStreamChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: Optional[ChatChoiceLogProbs] = None
-    finish_reason: Optional[Literal["stop", "length", "tool_calls"]] = None
+    finish_reason: Optional[Literal["stop", "length", "tool_calls", "repetition"]] = None
     stop_reason: Optional[Union[int, str]] = None
     token_ids: Optional[list[int]] = None  # return_token_ids: this chunk's new tokens
 

@@ -117,6 +117,7 @@ def check_unsupported(req: BaseModel) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true.", "top_logprobs")
+    _check_logprob_token_ids(req)
     if req.prompt_logprobs and req.stream:
         raise bad_request("prompt_logprobs are not available with stream=true (as in vLLM); ask for them "
                           "in a request that is not streamed.", "prompt_logprobs")
@@ -133,6 +134,26 @@ def check_unsupported(req: BaseModel) -> None:
                           "best_of", "unsupported_parameter")
 
 
+def _check_logprob_token_ids(req) -> None:
+    """vLLM's rules for ``logprob_token_ids`` at the server: they replace the top k of a
+    request that asks for logprobs, on generated positions, outside beam search."""
+    if not req.logprob_token_ids:
+        return
+    if req.use_beam_search:
+        raise bad_request("logprob_token_ids is not supported with beam search; drop one of them.",
+                          "logprob_token_ids", "unsupported_parameter")
+    if isinstance(req, ChatCompletionRequest):
+        if not req.logprobs:
+            raise bad_request("logprob_token_ids requires logprobs to be true.", "logprob_token_ids")
+        return
+    if req.logprobs is None:
+        raise bad_request("logprob_token_ids requires logprobs to be set (any number: the listed ids "
+                          "replace the top logprobs).", "logprob_token_ids")
+    if req.echo_only:
+        raise bad_request("logprob_token_ids is not supported with echo and max_tokens 0: no output "
+                          "token is generated.", "logprob_token_ids")
+
+
 def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: ServerConfig,
                  info) -> None:
     """The server's limits, and what the engine (``info``: its EngineInfo) takes: logprob
@@ -145,6 +166,8 @@ def check_limits(req: Union[CompletionRequest, ChatCompletionRequest], config: S
     if n > config.max_n:
         raise bad_request(f"n is {n}, over this server's limit of {config.max_n} (--max-n).", "n")
     num_logprobs, field = _num_logprobs(req)
+    if req.logprob_token_ids:  # vLLM's: the listed ids replace the top k, whose count is not used
+        num_logprobs = None
     for value, name in ((num_logprobs, field), (req.prompt_logprobs, "prompt_logprobs")):
         _check_logprobs_limit(value, name, config.max_logprobs, info.vocab_size)
     max_tokens, field = requested_max_tokens(req)
@@ -226,8 +249,10 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=pick("repetition_penalty", 1.0),
-            logprobs=num_logprobs,
+            logprobs=None if req.logprob_token_ids else num_logprobs,
+            logprob_token_ids=req.logprob_token_ids or None,
             prompt_logprobs=_prompt_logprobs(req, num_logprobs),
+            repetition_detection=req.repetition_detection,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),

@@ -352,8 +352,11 @@ class _ChatView:
         result = []
         for tid, entry in zip(token_ids, entries):
             chosen = entry.get(tid)
-            top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None),
-                         key=lambda kv: kv[1].rank)[:self.top]
+            if self.req.logprob_token_ids:  # vLLM's: all of them, the sampled token first
+                top = list(entry.items())
+            else:
+                top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None),
+                             key=lambda kv: kv[1].rank)[:self.top]
             token = self._text(tid, chosen)
             result.append(ChatLogProb(token=token, logprob=json_logprob(chosen.logprob if chosen else float("-inf")),
                                       bytes=list(token.encode("utf-8")),

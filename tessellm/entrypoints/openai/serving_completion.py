@@ -204,9 +204,12 @@ class _CompletionView:
                 lp.top_logprobs.append(None)
                 continue
             lp.token_logprobs.append(json_logprob(entry[tid].logprob) if tid in entry else None)
-            top = sorted(((t, l) for t, l in entry.items()
-                          if top_k is None or t == tid or (l.rank or 0) <= top_k),
-                         key=lambda kv: kv[1].rank or 0)
+            if top_k is None and self.req.logprob_token_ids:  # vLLM's: all of them, the token first
+                top = list(entry.items())
+            else:
+                top = sorted(((t, l) for t, l in entry.items()
+                              if top_k is None or t == tid or (l.rank or 0) <= top_k),
+                             key=lambda kv: kv[1].rank or 0)
             lp.top_logprobs.append({self._token(t, entry): json_logprob(l.logprob) for t, l in top})
         return offset
 
