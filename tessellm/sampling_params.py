@@ -1,16 +1,17 @@
 """vLLM's ``vllm.sampling_params`` names, for code written against it:
 ``from tessellm.sampling_params import SamplingParams, StructuredOutputsParams, RequestOutputKind,
-BeamSearchParams``
+BeamSearchParams, RepetitionDetectionParams``
 (and ``GuidedDecodingParams``, vLLM's older name for ``StructuredOutputsParams``)."""
 
 from typing import Optional
 
+from tessellm.core.repetition import RepetitionDetectionParams
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.beam_search import BeamSearchParams
 from tessellm.structured_output.params import StructuredOutputsParams
 
 __all__ = ["SamplingParams", "StructuredOutputsParams", "GuidedDecodingParams", "RequestOutputKind",
-           "BeamSearchParams"]
+           "BeamSearchParams", "RepetitionDetectionParams"]
 
 
 def GuidedDecodingParams(*, backend: Optional[str] = None, whitespace_pattern: Optional[str] = None,  # noqa: N802

@@ -129,3 +129,34 @@ def test_bad_values_are_refused_in_one_sentence(changes, match):
 def test_empty_logprob_token_ids_ask_nothing():
     assert SamplingParams(logprob_token_ids=[]).num_logprobs is None
     assert SamplingParams(logprob_token_ids=[3, 4]).num_logprobs == 2
+
+
+def test_speculative_steps_score_and_stop_every_accepted_token(tiny_model_dir, llm_and_hf):
+    """Replay drafts all accepted (k + 1 tokens a step): each accepted token's position has its
+    ids' logprobs as without speculation, and repetition_detection stops on the token that
+    completes the repetition, dropping the rest of its step."""
+    from tessellm.core.repetition import RepetitionDetectionParams
+
+    llm, _ = llm_and_hf
+    prompt = [100, 200, 300]  # the tiny model's greedy output loops after it
+    plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprob_token_ids=IDS)
+    want = llm.generate({"prompt_token_ids": prompt}, plain, use_tqdm=False)[0].outputs[0]
+    rep = RepetitionDetectionParams(max_pattern_size=8, min_pattern_size=2, min_count=3)
+    stopped = llm.generate({"prompt_token_ids": prompt}, plain.clone(repetition_detection=rep),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "repetition" and len(stopped.token_ids) < len(want.token_ids)
+    records = [{"prompt_token_ids": prompt, "output_token_ids": list(want.token_ids)}]
+    spec = LLM(tiny_model_dir("llama"), dtype="float32", block_size=4, num_kv_blocks=256,
+               speculative_config={"method": "replay", "num_speculative_tokens": 4, "replay_records": records})
+    try:
+        got = spec.generate({"prompt_token_ids": prompt}, plain, use_tqdm=False)[0].outputs[0]
+        stats = spec.engine.core.scheduler.spec_stats
+        assert stats.num_accepted_tokens == stats.num_draft_tokens > 0
+        assert list(got.token_ids) == list(want.token_ids)
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert list(a) == list(b) and all(a[t].logprob == pytest.approx(b[t].logprob, abs=1e-5) for t in a)
+        cut = spec.generate({"prompt_token_ids": prompt}, plain.clone(repetition_detection=rep),
+                            use_tqdm=False)[0].outputs[0]
+        assert list(cut.token_ids) == list(stopped.token_ids) and cut.finish_reason == "repetition"
+    finally:
+        spec.shutdown()
