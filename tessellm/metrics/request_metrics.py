@@ -26,7 +26,7 @@ from tessellm.metrics.corrupted_log import CorruptedLog
 from tessellm.metrics.names import PREFIX
 from tessellm.metrics.stats import FinishedRequest, IterationStats, PromptTokenStats
 
-FINISH_REASONS = ("stop", "length", "abort", "error")  # vLLM's label values
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")  # vLLM's label values (FinishReason)
 
 # family (no prefix) -> (doc, tessellm's buckets or "tokens"), observed per finished sequence
 # from the FinishedRequest field of the same name as the dict's third element

@@ -136,7 +136,7 @@ class FinishedRequest:
     scheduled: no times; scheduled but no token: only ``queued_time``).
     """
 
-    finish_reason: str  # "stop", "length", "abort" or "error"
+    finish_reason: str  # "stop", "length", "abort", "error" or "repetition"
     e2e_latency: float  # arrival to the final output, seconds
     queue_time: Optional[float]  # tessellm's: arrival to first scheduled (wall); None if never scheduled
     num_prompt_tokens: int

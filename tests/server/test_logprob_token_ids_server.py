@@ -91,6 +91,9 @@ def test_repetition_detection_stops_with_finish_reason_repetition(http):
     choice = r.json()["choices"][0]
     assert choice["token_ids"] == full[:k]
     assert (choice["finish_reason"], choice["stop_reason"]) == ("repetition", "repetition_detected")
+    counted = [line for line in http.get("/metrics").text.splitlines()
+               if line.startswith("tessellm:request_success_total{") and 'finished_reason="repetition"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1  # vLLM's label value
     chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 4,
                                                    "repetition_detection": {}}).json()
     assert chat["choices"][0]["finish_reason"] in ("stop", "length")  # all 0: off
