@@ -41,6 +41,17 @@ def test_completions_return_the_listed_ids_at_every_position(http):
             else:
                 assert top[key] <= min(base["top_logprobs"][pos].values()) + 1e-4
     assert all(f"token_id:{t}" in got["top_logprobs"][0] for t in top0[1:4])
+    streamed = []  # the same, streamed: each chunk's positions
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True,
+            "return_tokens_as_token_ids": True, "logprobs": 1, "logprob_token_ids": ids}
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                lp = json.loads(line[6:])["choices"][0]["logprobs"]
+                streamed += lp["top_logprobs"] if lp else []
+    assert [list(t) for t in streamed] == [list(t) for t in got["top_logprobs"]]
+    assert all(a == pytest.approx(b, abs=1e-5) for x, y in zip(streamed, got["top_logprobs"])
+               for a, b in zip(x.values(), y.values()))
 
 
 def test_chat_streamed_and_n_samples(http):
