@@ -85,7 +85,6 @@ class SamplingParams:
     prompt_logprob_token_ids: Optional[list] = None
     prompt_logprob_start: Optional[int] = None
     flat_logprobs: bool = False
-    thinking_token_budget: Optional[int] = None  # -1 (vLLM's "unlimited") is None
     repetition_detection: Optional[object] = None
     routed_experts_prompt_start: int = 0
     trace_decode_token_ids: Optional[list] = None
@@ -105,6 +104,16 @@ class SamplingParams:
     # chat_template_kwargs; the engine core's grammar gate starts there. None: the engine core
     # reads it off the prompt itself (offline LLM.generate).
     reasoning_phase: Optional[str] = None
+    # vLLM's: at most this many tokens of thinking (counted after the reasoning start marker,
+    # in the prompt too), then the end marker is forced and the model answers
+    # (tessellm/reasoning/budget.py, docs/reasoning.md); 0 forces it at once; None or -1: no cap.
+    thinking_token_budget: Optional[int] = None
+    # The markers' token ids, filled by the front end (InputProcessor) from the engine's
+    # reasoning parser or --reasoning-config when a budget is set: each spelling of the start,
+    # and of the end (the first is the one forced; the others, such as Qwen3's <tool_call>,
+    # also end the thinking).
+    thinking_start_ids: Optional[list[list[int]]] = None
+    thinking_end_ids: Optional[list[list[int]]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
@@ -209,6 +218,15 @@ class SamplingParams:
                f"null, got {type(self.kv_transfer_params).__name__}.")
         if self.kv_transfer_params is not None:
             check_kv_transfer_params(self.kv_transfer_params)  # a malformed key: named
+        budget = self.thinking_token_budget
+        _check(budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0),
+               f"thinking_token_budget must be an integer >= 0, or -1 / null for no cap, got {budget!r}.")
+        for name in ("thinking_start_ids", "thinking_end_ids"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, (list, tuple)) and value and all(
+                       isinstance(m, (list, tuple)) and m and all(isinstance(t, int) and t >= 0 for t in m)
+                       for m in value)),
+                   f"{name} must be a list of non-empty lists of token ids (the front end fills it).")
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":
@@ -235,9 +253,9 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
-        """The sampler reads this request's output so far (penalties, bad words): the runner
-        resolves steps in flight first."""
-        return self.needs_penalties or bool(self.bad_words_token_ids)
+        """The sampler reads this request's output so far (penalties, bad words, a thinking
+        budget): the runner resolves steps in flight first."""
+        return self.needs_penalties or bool(self.bad_words_token_ids) or self.thinking_token_budget is not None
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace
@@ -265,8 +283,6 @@ _VLLM_NEUTRAL = (
     ("prompt_logprob_token_ids", (None,), "ask for prompt_logprobs=-1 and read the ids you need"),
     ("prompt_logprob_start", (None, 0), "ask for prompt_logprobs and skip the rows you do not need"),
     ("flat_logprobs", (False,), "logprobs come as vLLM's default list of dicts"),
-    ("thinking_token_budget", (None,), "cap the whole output with max_tokens; a reasoning parser "
-     "(--reasoning-parser) splits the thinking from the answer"),
     ("repetition_detection", (None,), "stop repetitive output with max_tokens, stop strings or "
      "repetition_penalty / frequency_penalty"),
     ("routed_experts_prompt_start", (0,), "tessellm does not return routed experts"),

@@ -179,7 +179,7 @@ def test_world_size_and_cache_resets_of_vllm(llm):
 
 @pytest.mark.parametrize("name,neutral,acting", [
     ("logprob_token_ids", None, [1]), ("prompt_logprob_token_ids", None, [1]), ("prompt_logprob_start", 0, 3),
-    ("flat_logprobs", False, True), ("thinking_token_budget", -1, 64), ("repetition_detection", None, {"min_count": 2}),
+    ("flat_logprobs", False, True), ("repetition_detection", None, {"min_count": 2}),
     ("routed_experts_prompt_start", 0, 5), ("trace_decode_token_ids", None, [1, 2]),
 ])
 def test_newer_sampling_params_are_neutral_or_refused_by_name(name, neutral, acting):

@@ -80,13 +80,15 @@ class _SamplingFields(_Request):
     length_penalty: Optional[float] = None  # beam search only (None: 1.0)
     # lower is served first; non-zero needs --scheduling-policy priority (core/request_queue.py)
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
+    # vLLM's: at most this many thinking tokens, then the reasoning end marker is forced
+    # (SamplingParams.thinking_token_budget; -1 or null: no cap; docs/reasoning.md)
+    thinking_token_budget: Optional[int] = None
     # vLLM's: merged into SamplingParams.extra_args, for custom extensions
     vllm_xargs: Optional[dict[str, Union[str, int, float, list[Union[str, int, float]]]]] = None
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     spaces_between_special_tokens: bool = True
     logprob_token_ids: Optional[list[int]] = None
     watermarking: Optional[bool] = None
-    thinking_token_budget: Optional[int] = None
     repetition_detection: Optional[Any] = None
     routed_experts_prompt_start: int = 0  # tessellm returns no routed experts
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
@@ -232,7 +234,6 @@ UNSUPPORTED: dict[str, tuple] = {
     "spaces_between_special_tokens": (True,),
     "logprob_token_ids": (None,),
     "watermarking": (None, False),
-    "thinking_token_budget": (None, -1),
     "repetition_detection": (None,),
     "ec_transfer_params": (None,),
     "logits_processors": (None, []),
