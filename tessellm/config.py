@@ -276,10 +276,9 @@ class EngineArgs:
         from tessellm.reasoning.parsers import check_reasoning_parser
 
         check_reasoning_parser(self.reasoning_parser, self.reasoning_parser_plugin)
-        from tessellm.reasoning.budget import parse_reasoning_config
+        from tessellm.reasoning.budget import check_reasoning_config
 
-        named = (parse_reasoning_config(self.reasoning_config) or {}).get("reasoning_parser")
-        check_reasoning_parser(named or None, self.reasoning_parser_plugin)
+        check_reasoning_config(self.reasoning_config, self.reasoning_parser, self.reasoning_parser_plugin)
         from tessellm.pooling.config import check_runner_args, parse_pooler_override
 
         check_runner_args(self.runner, self.task, self.convert)

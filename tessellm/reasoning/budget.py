@@ -66,10 +66,16 @@ def parse_reasoning_config(value) -> Optional[dict]:
     for key, item in value.items():
         if item is not None and not isinstance(item, str):
             raise ValueError(f"reasoning_config {key} must be a string, got {item!r}.")
-    if bool(value.get("reasoning_start_str")) != bool(value.get("reasoning_end_str")) and not value.get("reasoning_parser"):
-        raise ValueError("reasoning_config needs both reasoning_start_str and reasoning_end_str (or a "
-                         "reasoning_parser to take the missing one from).")
     return dict(value)
+
+
+def check_reasoning_config(value, reasoning_parser: Optional[str], plugin: Optional[str]) -> None:
+    """At start-up: a ``--reasoning-config`` must name both markers, with what the reasoning
+    parser gives."""
+    if value is not None and thinking_strings(reasoning_parser, plugin, value) is None:
+        raise ValueError("reasoning_config needs both reasoning_start_str and reasoning_end_str (or a "
+                         "reasoning parser, --reasoning-parser or its reasoning_parser key, to take the "
+                         "missing one from).")
 
 
 def thinking_strings(reasoning_parser: Optional[str], plugin: Optional[str],
