@@ -8,6 +8,8 @@ n-gram drafts that run past the cut, n > 1, one- and two-token end markers."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -173,3 +175,25 @@ def test_chunked_prefill_async_preemption_drafts_and_n_agree(models):
     ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 2}
     outs, core = _generate(models["single"], prompt, [7], speculative_config=ngram)
     assert outs == [[expected]] and core.scheduler.spec_stats.num_accepted_tokens > 0
+
+
+def test_llm_chat_and_a_json_answer_after_a_cut_thinking(models):
+    """``LLM.chat`` takes the budget as ``generate`` does; a JSON schema constrains the answer
+    that follows the forced ``</think>`` (the grammar gate sees it as a natural one)."""
+    pytest.importorskip("xgrammar")
+    from tessellm.structured_output.params import StructuredOutputsParams
+
+    llm = LLM(models["single"], device="cpu", max_model_len=160, block_size=4, reasoning_parser="deepseek_r1")
+    try:
+        params = SamplingParams(max_tokens=60, temperature=0, thinking_token_budget=3)
+        [out] = llm.chat([{"role": "user", "content": "<think>[long]"}], params, use_tqdm=False)
+        assert out.outputs[0].text == "".join(FILLER[:2]) + ANSWER
+        schema = {"type": "object", "properties": {"a": {"enum": ["yes", "no"]}}, "required": ["a"],
+                  "additionalProperties": False}
+        params = params.clone(structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+        [out] = llm.chat([{"role": "user", "content": "<think>[long]"}], params, use_tqdm=False)
+        thinking, marker, answer = out.outputs[0].text.partition("</think>")
+        assert (thinking, marker) == ("".join(FILLER[:2]), "</think>")
+        assert json.loads(answer) in ({"a": "yes"}, {"a": "no"})
+    finally:
+        llm.shutdown()
