@@ -116,12 +116,20 @@ def marker_ids(tokenizer, strings: Sequence[str]) -> list[list[int]]:
 
 
 def _last_index(seq: Sequence[int], pattern: Sequence[int], lo: int = 0) -> int:
-    """Where the last copy of ``pattern`` in ``seq[lo:]`` starts; -1: none."""
-    m, first = len(pattern), pattern[0]
-    for i in range(len(seq) - m, lo - 1, -1):
-        if seq[i] == first and list(seq[i:i + m]) == list(pattern):
-            return i
-    return -1
+    """Where the last copy of ``pattern`` in ``seq[lo:]`` starts; -1: none. The candidates (the
+    pattern's last token) are found from the end by ``list.index`` (a long prompt without the
+    marker costs one pass in C, not a Python loop)."""
+    pattern, rev = list(pattern), list(seq[lo:])[::-1]
+    j = 0
+    while True:
+        try:
+            j = rev.index(pattern[-1], j)
+        except ValueError:
+            return -1
+        start = len(seq) - j - len(pattern)
+        if start >= lo and list(seq[start:start + len(pattern)]) == pattern:
+            return start
+        j += 1
 
 
 OUTSIDE, THINKING, FORCING = 0, 1, 2

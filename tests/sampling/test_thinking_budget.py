@@ -197,3 +197,18 @@ def test_llm_chat_and_a_json_answer_after_a_cut_thinking(models):
         assert json.loads(answer) in ({"a": "yes"}, {"a": "no"})
     finally:
         llm.shutdown()
+
+
+def test_the_prompt_search_finds_the_last_copy():
+    """``_last_index`` (reverse ``list.index`` over candidates) against a plain scan."""
+    import random
+
+    from tessellm.reasoning.budget import _last_index
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        seq = [rng.randint(0, 3) for _ in range(rng.randint(0, 12))]
+        pattern = [rng.randint(0, 3) for _ in range(rng.randint(1, 3))]
+        lo = rng.randint(0, 5)
+        want = next((i for i in range(len(seq) - len(pattern), lo - 1, -1) if seq[i:i + len(pattern)] == pattern), -1)
+        assert _last_index(seq, pattern, lo) == want, (seq, pattern, lo)
