@@ -7,11 +7,12 @@ block there, so the output is all answer), and whether the client wants the reas
 (``include_reasoning: false`` drops it; usage still counts its tokens). A parser with a
 ``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
 choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
-class that is not a plain start/end pair; an ``InklingSplit`` for Inkling's typed blocks). Tool calls are parsed from the answer only: a call
-marker written while thinking is text, except the parser's kept ends (``end_kept``: qwen3's
-``<tool_call>``, kimi_k2's section), which end the thinking and open the answer, so that call is
-a call; a forced tool_choice's grammar starts after such a marker, and its parser skips it
-(``kept_ends``, ``ToolPlan.after_thinking``).
+class that is not a plain start/end pair; an ``InklingSplit`` for Inkling's typed blocks, which
+leaves its blocks in the answer for the ``inkling`` tool parser, ``read_by``). Tool calls are
+parsed from the answer only: a call marker written while thinking is text, except the parser's
+kept ends (``end_kept``: qwen3's ``<tool_call>``, kimi_k2's section), which end the thinking and
+open the answer, so that call is a call; a forced tool_choice's grammar starts after such a
+marker, and its parser skips it (``kept_ends``, ``ToolPlan.after_thinking``).
 """
 
 from __future__ import annotations
