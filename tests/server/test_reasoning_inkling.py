@@ -71,18 +71,24 @@ def test_thinking_budget_markers():
 
 # -- end to end ---------------------------------------------------------------------------------
 
-CHAINS = {"[ink]": [THINK, " Look", " it", " up.", END, M, TEXT, " Sunny.", "<|content_model_end_sampling|>", "</s>"]}
+SAMPLING_END = "<|content_model_end_sampling|>"
+CALL_JSON = '{"name": "get_weather", "args": {"city": "SF"}}'
+CHAINS = {"[ink]": [THINK, " Look", " it", " up.", END, M, TEXT, " Sunny.", SAMPLING_END, "</s>"],
+          "[call]": [CALL, CALL_JSON, SAMPLING_END]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
 @pytest.fixture(scope="module")
 def srv(server_factory, tmp_path_factory):
     model = make_thinking_model(str(tmp_path_factory.mktemp("inkling")), special_markers=True,
                                 markers=(THINK, END), chains=CHAINS)
-    return server_factory([model, "--served-model-name", "m", "--reasoning-parser", "inkling"])
+    return server_factory([model, "--served-model-name", "m", "--reasoning-parser", "inkling",
+                           "--enable-auto-tool-choice", "--tool-call-parser", "inkling"])
 
 
-def _message(srv, **body):
-    body = {"model": "m", "messages": [{"role": "user", "content": "[ink]"}], "max_tokens": 20,
+def _message(srv, trigger="[ink]", **body):
+    body = {"model": "m", "messages": [{"role": "user", "content": trigger}], "max_tokens": 20,
             "temperature": 0, **body}
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=120)
     assert r.status_code == 200, r.text
@@ -106,3 +112,14 @@ def test_inkling_served_whole_streamed_and_with_a_budget(srv):
     # a budget of 1: one thinking token, then <|end_message|> forced; the model goes on
     m = _message(srv, thinking_token_budget=1)
     assert (m["reasoning"], m["content"]) == (" Look", " Sunny.")
+
+
+def test_inkling_tool_blocks_reach_the_inkling_tool_parser(srv):
+    """With tools the split leaves the blocks in the answer, so the JSON block is a call; the
+    thinking stays reasoning."""
+    m = _message(srv, "[call]", tools=TOOLS)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]] == [
+        ("get_weather", '{"city": "SF"}')]
+    assert not m.get("content") and m.get("reasoning") is None
+    m = _message(srv, tools=TOOLS)
+    assert (m["reasoning"], m["content"], m.get("tool_calls") or []) == (" Look it up.", " Sunny.", [])
