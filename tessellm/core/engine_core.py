@@ -384,6 +384,11 @@ class EngineCore(EngineSleep, EngineProfile):
             raise ValueError("The request carries kv_transfer_params but the engine runs without a "
                              "KV connector; start it with --kv-transfer-config (docs/kv_transfer.md) "
                              "or leave kv_transfer_params out.")
+        params = req.sampling_params
+        if params.thinking_token_budget is not None and not (params.thinking_start_ids and params.thinking_end_ids):
+            raise ValueError("The request has a thinking_token_budget but not the reasoning markers' ids "
+                             "(SamplingParams.thinking_start_ids / thinking_end_ids, which the front end "
+                             "fills); submit it through LLM / AsyncLLM / the server, or set them.")
         lora = None
         if req.lora_request is not None:
             from tessellm.lora.request import LoRARequest

@@ -212,3 +212,16 @@ def test_the_prompt_search_finds_the_last_copy():
         lo = rng.randint(0, 5)
         want = next((i for i in range(len(seq) - len(pattern), lo - 1, -1) if seq[i:i + len(pattern)] == pattern), -1)
         assert _last_index(seq, pattern, lo) == want, (seq, pattern, lo)
+
+
+def test_the_engine_core_refuses_a_budget_without_marker_ids(models):
+    """A request that skipped the front end (no marker ids) is refused, never fails a step."""
+    from tessellm.core.engine_core import EngineCoreRequest
+
+    llm = LLM(models["single"], device="cpu", max_model_len=160, block_size=4, reasoning_parser="deepseek_r1")
+    try:
+        req = EngineCoreRequest("raw", [5, 6], SamplingParams(max_tokens=4, thinking_token_budget=2), 0.0)
+        with pytest.raises(ValueError, match="thinking_start_ids / thinking_end_ids"):
+            llm.engine.core.add_request(req)
+    finally:
+        llm.shutdown()
