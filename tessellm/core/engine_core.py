@@ -34,8 +34,8 @@ from tessellm.lora.request import lora_off_error
 from tessellm.metrics.kv_residency import KVResidency
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
-from tessellm.reasoning.parsers import resolve_reasoning_parser
 from tessellm.reasoning.budget import thinking_strings
+from tessellm.reasoning.parsers import resolve_reasoning_parser
 from tessellm.sample.logits_processor.load import engine_classes, validate_request
 from tessellm.structured_output.manager import StructuredOutputManager
 

@@ -3,11 +3,11 @@
 Order of operations (vLLM's): allowed_token_ids, then bad words, logit bias and min-tokens
 masking, then custom logits processors that change the argmax, then penalties, then the token a
 thinking budget forces (every other token of that row -inf), on the raw logits; greedy rows take
-the argmax there. Random rows then divide by temperature, drop tokens
-under min_p (of the whole vocabulary's softmax: vLLM's built-in argmax-invariant processor, the
-first of them), go through the argmax-invariant custom processors, apply top-k and top-p (top-p's
-mass counted over what min_p left), and sample with the exponential trick (``argmax(p / q)``,
-``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
+the argmax there. Random rows then divide by temperature, drop tokens under min_p (of the whole
+vocabulary's softmax: vLLM's built-in argmax-invariant processor, the first of them), go through
+the argmax-invariant custom processors, apply top-k and top-p (top-p's mass counted over what
+min_p left), and sample with the exponential trick (``argmax(p / q)``, ``q ~ Exp(1)``), which
+needs no host sync. Logprobs are the log-softmax of the *raw* logits
 (before any processing), as vLLM reports them.
 
 A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
@@ -379,7 +379,8 @@ def _drop_below_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor
 
 def _has_edits(batch: SamplingBatch) -> bool:
     return bool(batch.logit_bias or batch.banned or batch.forced or batch.allowed_rows
-                or batch.repetition is not None or (batch.processors is not None and batch.processors.changes_argmax))
+                or batch.repetition is not None
+                or (batch.processors is not None and batch.processors.changes_argmax))
 
 
 def _nonzero_columns(probs: torch.Tensor, skip: torch.Tensor) -> Candidates:
