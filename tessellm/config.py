@@ -147,6 +147,11 @@ class EngineArgs:
     # A Python file registering vLLM-style reasoning parsers (tessellm/reasoning/plugins.py),
     # loaded in the server and the engine core; its names join --reasoning-parser's.
     reasoning_parser_plugin: Optional[str] = None
+    # vLLM's ReasoningConfig (a dict or its JSON): {"reasoning_start_str": "<think>",
+    # "reasoning_end_str": "</think>", "reasoning_parser": NAME}, the markers a request's
+    # thinking_token_budget counts after and forces (tessellm/reasoning/budget.py); unset keys
+    # come from the reasoning parser. None: the parser's markers.
+    reasoning_config: Optional[object] = None
     # Embedding models (tessellm.pooling, docs/pooling.md): "generate", "pooling", or "auto"
     # (a bare *Model architecture pools); task="embed" and convert="embed" are vLLM's older
     # spellings of runner="pooling"; convert="classify" serves a *ForCausalLM as a classifier.
@@ -271,6 +276,9 @@ class EngineArgs:
         from tessellm.reasoning.parsers import check_reasoning_parser
 
         check_reasoning_parser(self.reasoning_parser, self.reasoning_parser_plugin)
+        from tessellm.reasoning.budget import check_reasoning_config
+
+        check_reasoning_config(self.reasoning_config, self.reasoning_parser, self.reasoning_parser_plugin)
         from tessellm.pooling.config import check_runner_args, parse_pooler_override
 
         check_runner_args(self.runner, self.task, self.convert)

@@ -34,6 +34,7 @@ from tessellm.lora.request import lora_off_error
 from tessellm.metrics.kv_residency import KVResidency
 from tessellm.multimodal.encoder_budget import encoder_budget_args
 from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
+from tessellm.reasoning.budget import thinking_strings
 from tessellm.reasoning.parsers import resolve_reasoning_parser
 from tessellm.sample.logits_processor.load import engine_classes, validate_request
 from tessellm.structured_output.manager import StructuredOutputManager
@@ -90,6 +91,10 @@ class EngineInfo:
     pooling: dict = field(default_factory=dict)
     # The reasoning parser in force: --reasoning-parser, or openai_gptoss for a gpt-oss model.
     reasoning_parser: Optional[str] = None
+    # [starts, ends]: the spellings that open and end a model's thinking (the first end is the
+    # one a thinking_token_budget forces), from --reasoning-config or the reasoning parser
+    # (tessellm/reasoning/budget.py); None: a budget is refused.
+    thinking_markers: Optional[list] = None
     # enable_prompt_embeds: the hidden size prompt embeddings must have; 0: they are refused.
     prompt_embeds_hidden_size: int = 0
     # Each rank's device ("cuda:2"), in rank order (data parallelism: /debug/stats shows them).
@@ -224,6 +229,9 @@ class EngineCore(EngineSleep, EngineProfile):
                                kv_producers=(None if self.scheduler.connector is None
                                              else self.scheduler.connector.allowed_producers()),
                                scheduling_policy=args.scheduling_policy)
+        markers = thinking_strings(self.info.reasoning_parser, getattr(args, "reasoning_parser_plugin", None),
+                                   getattr(args, "reasoning_config", None))
+        self.info.thinking_markers = None if markers is None else [list(m) for m in markers]
         # Grammars of constrained requests: compiled in a thread pool, masks filled per step.
         self.structured = StructuredOutputManager(
             lambda: _load_tokenizer(self.source, args.tokenizer), self.vocab_size, self.eos_token_ids,
@@ -376,6 +384,11 @@ class EngineCore(EngineSleep, EngineProfile):
             raise ValueError("The request carries kv_transfer_params but the engine runs without a "
                              "KV connector; start it with --kv-transfer-config (docs/kv_transfer.md) "
                              "or leave kv_transfer_params out.")
+        params = req.sampling_params
+        if params.thinking_token_budget is not None and not (params.thinking_start_ids and params.thinking_end_ids):
+            raise ValueError("The request has a thinking_token_budget but not the reasoning markers' ids "
+                             "(SamplingParams.thinking_start_ids / thinking_end_ids, which the front end "
+                             "fills); submit it through LLM / AsyncLLM / the server, or set them.")
         lora = None
         if req.lora_request is not None:
             from tessellm.lora.request import LoRARequest

@@ -40,6 +40,9 @@ class RunnerRequest:
     # The prompt was given as embeddings (its token ids are placeholders: penalties skip them);
     # stays True after ``prompt_embeds`` is dropped once the prompt is computed.
     embeds_prompt: bool = False
+    # A thinking_token_budget's place (tessellm.reasoning.budget.ThinkingBudget): made at the
+    # first sampled step, caught up with the accepted tokens each step after.
+    thinking: object = None
 
     @property
     def num_tokens(self) -> int:

@@ -12,6 +12,7 @@ from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import check_prompt_fits
 from tessellm.core.scheduler_config import RequestParamError, prompt_tokens_to_keep
 from tessellm.kv_transfer.params import check_producer
+from tessellm.reasoning.budget import REFUSAL, marker_ids
 
 PromptType = Union[str, list[int], dict]
 
@@ -40,6 +41,7 @@ class InputProcessor:
 
             adopt_chat_template(tokenizer, info)
         self._valid_specs: dict[str, None] = {}  # cache keys of structured outputs that parsed
+        self._thinking_ids: Optional[dict] = None  # the reasoning markers' ids (a thinking budget's)
         # Set when the engine cannot constrain to this tokenizer's vocabulary (set_tokenizer on a
         # data-parallel engine): every constrained request is refused with it.
         self.structured_refusal: Optional[str] = None
@@ -219,6 +221,22 @@ class InputProcessor:
                     words.append(ids)
         return words
 
+    def _thinking_marker_ids(self) -> dict:
+        """``thinking_start_ids`` / ``thinking_end_ids`` for a request with a thinking budget:
+        the engine's markers (its reasoning parser's or --reasoning-config's) tokenized once."""
+        if self._thinking_ids is None:
+            markers = getattr(self.info, "thinking_markers", None)
+            if not markers:
+                raise RequestParamError(REFUSAL, "thinking_token_budget")
+            if self.tokenizer is None:
+                raise RequestParamError("thinking_token_budget needs the model's tokenizer to find the "
+                                        "reasoning markers, and this model has no tokenizer files; drop "
+                                        "thinking_token_budget.", "thinking_token_budget")
+            starts, ends = markers
+            self._thinking_ids = {"thinking_start_ids": marker_ids(self.tokenizer, starts),
+                                  "thinking_end_ids": marker_ids(self.tokenizer, ends)}
+        return self._thinking_ids
+
     def _check_allowed_left(self, params: SamplingParams) -> None:
         """Refuse allowed_token_ids that other bans empty from the start (the sampler would
         have nothing to sample; it then takes token 0, sampler._point_rows)."""
@@ -249,6 +267,8 @@ class InputProcessor:
         arrival = time.time() if arrival_time is None else arrival_time
         if params.bad_words:
             params = params.clone(bad_words_token_ids=self._bad_words_token_ids(params))
+        if params.thinking_token_budget is not None:
+            params = params.clone(**self._thinking_marker_ids())
         params = self._whole_vocab_logprobs(params)
         self._check_vocab(params)
         if params.structured_outputs is not None:

@@ -1,12 +1,13 @@
 """Sampling on the device: every SamplingParams field, per row, in one batch.
 
 Order of operations (vLLM's): allowed_token_ids, then bad words, logit bias and min-tokens
-masking, then custom logits processors that change the argmax, then penalties, on the raw
-logits; greedy rows take the argmax there. Random rows then divide by temperature, drop tokens
-under min_p (of the whole vocabulary's softmax: vLLM's built-in argmax-invariant processor, the
-first of them), go through the argmax-invariant custom processors, apply top-k and top-p (top-p's
-mass counted over what min_p left), and sample with the exponential trick (``argmax(p / q)``,
-``q ~ Exp(1)``), which needs no host sync. Logprobs are the log-softmax of the *raw* logits
+masking, then custom logits processors that change the argmax, then penalties, then the token a
+thinking budget forces (every other token of that row -inf), on the raw logits; greedy rows take
+the argmax there. Random rows then divide by temperature, drop tokens under min_p (of the whole
+vocabulary's softmax: vLLM's built-in argmax-invariant processor, the first of them), go through
+the argmax-invariant custom processors, apply top-k and top-p (top-p's mass counted over what
+min_p left), and sample with the exponential trick (``argmax(p / q)``, ``q ~ Exp(1)``), which
+needs no host sync. Logprobs are the log-softmax of the *raw* logits
 (before any processing), as vLLM reports them.
 
 A filtered row samples from its *candidates* (``sampling_filters``): the tokens top-k, top-p or
@@ -75,6 +76,9 @@ class SamplingBatch:
     # The largest top_k when every row has one (host int, no device sync): top-k/top-p then
     # look at that many candidates (``topk``) instead of sorting the whole vocabulary.
     top_k_max: Optional[int] = None
+    # Rows a thinking budget forces (tessellm/reasoning/budget.py) and the token each must take:
+    # after every other edit, the row is -inf but for that token. None: no row is forced.
+    forced: Optional[tuple[list[int], list[int]]] = None
     # Custom logits processors (tessellm.sample.logits_processor.state.LogitsProcessors), their
     # batch already updated to these rows; None: none configured (nothing per step).
     processors: Optional[object] = None
@@ -151,7 +155,7 @@ class Sampler:
         applied; ``logits`` itself is not written."""
         processors = batch.processors is not None and batch.processors.changes_argmax
         edited = _keep_allowed(logits, batch)  # first, as vLLM
-        if (batch.logit_bias or batch.banned or processors) and edited is logits:
+        if (batch.logit_bias or batch.banned or processors or batch.forced) and edited is logits:
             edited = logits.clone()
         logits = edited
         for row, ids, values in batch.logit_bias or ():
@@ -168,6 +172,10 @@ class Sampler:
             logits = torch.where(seen, penalised, logits)
             logits = logits - batch.frequency[:, None] * batch.output_counts
             logits = logits - batch.presence[:, None] * (batch.output_counts > 0).float()
+        if batch.forced is not None:  # last, as vLLM applies its thinking budget after penalties
+            rows, tokens = (torch.tensor(x, device=logits.device) for x in batch.forced)
+            logits[rows] = -float("inf")
+            logits[rows, tokens] = 0.0
         return logits
 
     @torch.no_grad()
@@ -381,7 +389,8 @@ def _drop_below_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor
 
 
 def _has_edits(batch: SamplingBatch) -> bool:
-    return bool(batch.logit_bias or batch.banned or batch.allowed_rows or batch.repetition is not None
+    return bool(batch.logit_bias or batch.banned or batch.forced or batch.allowed_rows
+                or batch.repetition is not None
                 or (batch.processors is not None and batch.processors.changes_argmax))
 
 

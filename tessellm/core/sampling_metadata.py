@@ -11,18 +11,19 @@ Per-step Python work is per row (one per request without drafts), never per voca
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from tessellm.core.input_batch import RunnerRequest
 from tessellm.core.sampler import SamplingBatch, seed_for_position
+from tessellm.reasoning.budget import forced_token
 
 
 def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int], int], device: torch.device,
                          vocab_size: int, eos_token_ids: tuple[int, ...]) -> SamplingBatch:
     """``rows[i]`` samples the token at output index ``out_pos(i)`` (0 = first output token);
-    asked only for rows with a seed or ``min_tokens``."""
+    asked only for rows with a seed, ``min_tokens``, bad words or a thinking budget."""
     params = [r.params for r in rows]
     all_greedy = all(p.is_greedy for p in params)
     temperature = None if all_greedy else torch.tensor(
@@ -43,6 +44,7 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
     batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
                         for i, p in enumerate(params) if p.logit_bias] or None
     batch.banned = _banned(rows, out_pos, eos_token_ids) or None
+    batch.forced = _forced(rows, out_pos)
     allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if allowed:
         batch.allowed_rows = allowed
@@ -109,6 +111,18 @@ def _banned(rows: Sequence[RunnerRequest], out_pos, eos_token_ids) -> list[tuple
         if ids:
             banned.append((i, sorted(ids)))
     return banned
+
+
+def _forced(rows: Sequence[RunnerRequest], out_pos) -> Optional[tuple[list[int], list[int]]]:
+    """``(rows, token ids)`` a thinking budget forces this step (the end marker's next token)."""
+    forced_rows, tokens = [], []
+    for i, r in enumerate(rows):
+        if r.params.thinking_token_budget is not None:
+            token = forced_token(r, out_pos(i))
+            if token is not None:
+                forced_rows.append(i)
+                tokens.append(token)
+    return (forced_rows, tokens) if forced_rows else None
 
 
 def bad_word_bans(r: RunnerRequest, pos: int) -> set[int]:

@@ -94,7 +94,6 @@ class SamplingParams:
     # vLLM's names for features tessellm does not have: only at the value that changes nothing
     # (_VLLM_NEUTRAL), so a script that sets them is refused by name, never silently changed
     flat_logprobs: bool = False
-    thinking_token_budget: Optional[int] = None  # -1 (vLLM's "unlimited") is None
     # vLLM's: stop the request (finish reason "repetition") when its output ends with min_count
     # copies of one pattern (core/repetition.py); a RepetitionDetectionParams or a dict of its
     # fields (converted), None or all 0: off
@@ -117,6 +116,16 @@ class SamplingParams:
     # chat_template_kwargs; the engine core's grammar gate starts there. None: the engine core
     # reads it off the prompt itself (offline LLM.generate).
     reasoning_phase: Optional[str] = None
+    # vLLM's: at most this many tokens of thinking (counted after the reasoning start marker,
+    # in the prompt too), then the end marker is forced and the model answers
+    # (tessellm/reasoning/budget.py, docs/reasoning.md); 0 forces it at once; None or -1: no cap.
+    thinking_token_budget: Optional[int] = None
+    # The markers' token ids, filled by the front end (InputProcessor) from the engine's
+    # reasoning parser or --reasoning-config when a budget is set: each spelling of the start,
+    # and of the end (the first is the one forced; the others, such as Qwen3's <tool_call>,
+    # also end the thinking).
+    thinking_start_ids: Optional[list[list[int]]] = None
+    thinking_end_ids: Optional[list[list[int]]] = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # an int after msgpack: converted
     extra: dict = field(default_factory=dict, repr=False)  # free-form, ignored by the engine
 
@@ -250,6 +259,15 @@ class SamplingParams:
                f"null, got {type(self.kv_transfer_params).__name__}.")
         if self.kv_transfer_params is not None:
             check_kv_transfer_params(self.kv_transfer_params)  # a malformed key: named
+        budget = self.thinking_token_budget
+        _check(budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0),
+               f"thinking_token_budget must be an integer >= 0, or -1 / null for no cap, got {budget!r}.")
+        for name in ("thinking_start_ids", "thinking_end_ids"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, (list, tuple)) and value and all(
+                       isinstance(m, (list, tuple)) and m and all(isinstance(t, int) and t >= 0 for t in m)
+                       for m in value)),
+                   f"{name} must be a list of non-empty lists of token ids (the front end fills it).")
 
     @classmethod
     def from_optional(cls, **kwargs) -> "SamplingParams":
@@ -289,9 +307,9 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
-        """The sampler reads this request's output so far (penalties, bad words): the runner
-        resolves steps in flight first."""
-        return self.needs_penalties or bool(self.bad_words_token_ids)
+        """The sampler reads this request's output so far (penalties, bad words, a thinking
+        budget): the runner resolves steps in flight first."""
+        return self.needs_penalties or bool(self.bad_words_token_ids) or self.thinking_token_budget is not None
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace
@@ -315,8 +333,6 @@ _VLLM_NEUTRAL = (
      "give batch-level processors to the engine, LLM(logits_processors=[Cls]), and select them per "
      "request with extra_args (docs/logits_processors.md)"),
     ("flat_logprobs", (False,), "logprobs come as vLLM's default list of dicts"),
-    ("thinking_token_budget", (None,), "cap the whole output with max_tokens; a reasoning parser "
-     "(--reasoning-parser) splits the thinking from the answer"),
     ("routed_experts_prompt_start", (0,), "tessellm does not return routed experts"),
     ("trace_decode_token_ids", (None, []), "score a fixed continuation with prompt_logprobs on "
      "prompt + continuation"),

@@ -126,6 +126,10 @@ HELP = {
     "reasoning_parser_plugin": "a Python file registering reasoning parsers written to vLLM's interface "
                                "(@ReasoningParserManager.register_module(\"NAME\"), imported from "
                                "tessellm.reasoning.plugins); name one with --reasoning-parser NAME",
+    "reasoning_config": "vLLM's reasoning config as JSON: the markers a request's thinking_token_budget "
+                        "counts after and forces, e.g. '{\"reasoning_start_str\": \"<think>\", "
+                        "\"reasoning_end_str\": \"</think>\"}' (default: the --reasoning-parser's own; "
+                        "docs/reasoning.md)",
     "runner": "auto, generate or pooling (embedding models, /v1/embeddings; *ForSequenceClassification: "
               "/classify, /score, /rerank; auto: a bare *Model or a classifier pools, others generate; "
               "docs/pooling.md)",

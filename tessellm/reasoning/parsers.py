@@ -69,6 +69,9 @@ class ReasoningParser:
     # vLLM's parser engine: a start marker met inside the thinking and an end marker met in the
     # answer (after the thinking ended) are dropped, not text
     drop_strays: bool = False
+    # Typed message blocks in any order (Inkling's): the server splits them with
+    # ``inkling.InklingSplit``; ``start`` / ``end`` are the thinking block's kind and end markers
+    blocks: bool = False
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -115,6 +118,10 @@ _QWEN3 = dict(implicit_start=True, thinking_kwargs=("enable_thinking",), thinkin
 _COHERE = dict(implicit_start=False, start="<|START_THINKING|>", end="<|END_THINKING|>",
                answer_open="<|START_RESPONSE|>", answer_close="<|END_RESPONSE|>")
 
+# Inkling's typed blocks (inkling.py): a thinking block is <|content_thinking|> ... <|end_message|>
+_INKLING = dict(implicit_start=False, start="<|content_thinking|>", end="<|end_message|>",
+                end_alts=("<|content_model_end_sampling|>",), blocks=True)
+
 REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_r1", implicit_start=True),
     ReasoningParser("qwen3", **_QWEN3),
@@ -132,6 +139,7 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
                     answer_close="\n</answer>"),
     ReasoningParser("minimax_m2", implicit_start=True),
     ReasoningParser("minimax_m2_append_think", implicit_start=True, inline=True),
+    ReasoningParser("inkling", **_INKLING),
     ReasoningParser("mistral", implicit_start=False, start="[THINK]", end="[/THINK]", drop_strays=True),
     ReasoningParser("olmo3", implicit_start=True),
     ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>", drop_strays=True),

@@ -28,6 +28,7 @@ NON_DEFAULT = {
     "limit_mm_per_prompt": '{"image": 2}', "allowed_local_media_path": "/tmp",
     "allowed_media_domains": "example.com,cdn.example.org", "disable_chunked_mm_input": True,
     "reasoning_parser": "qwen3", "reasoning_parser_plugin": "/tmp/my_parsers.py",
+    "reasoning_config": '{"reasoning_start_str": "<t>", "reasoning_end_str": "</t>"}',
     "runner": "pooling", "task": "embed", "convert": "embed",
     "pooler_config": '{"pooling_type": "MEAN"}', "override_pooler_config": '{"normalize": false}',
     "hf_overrides": '{"num_labels": 1}', "model_loader_extra_config": '{}',

@@ -178,7 +178,7 @@ def test_world_size_and_cache_resets_of_vllm(llm):
 # -- SamplingParams' newer names -------------------------------------------------------------
 
 @pytest.mark.parametrize("name,neutral,acting", [
-    ("flat_logprobs", False, True), ("thinking_token_budget", -1, 64),
+    ("flat_logprobs", False, True),
     ("routed_experts_prompt_start", 0, 5), ("trace_decode_token_ids", None, [1, 2]),
 ])
 def test_newer_sampling_params_are_neutral_or_refused_by_name(name, neutral, acting):

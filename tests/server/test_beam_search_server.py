@@ -83,7 +83,7 @@ def test_chat_stream_sends_the_beams(http):
 
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.5), ("stop", ["x"]), ("seed", 3),
-                                         ("bad_words", ["x"])])
+                                         ("bad_words", ["x"]), ("thinking_token_budget", 4)])
 @pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": PROMPT}),
                                        ("/v1/chat/completions", {"messages": CHAT})])
 def test_fields_beam_search_does_not_apply_are_400(http, path, body, field, value):

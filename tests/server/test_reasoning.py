@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import _launcher
-from tests.server.thinking_model import CHAINS, TOOL_IN_THOUGHT, make_thinking_model
+from tests.server.thinking_model import CHAINS, FILLER, TOOL_IN_THOUGHT, make_thinking_model
 
 pytest.importorskip("xgrammar")
 
@@ -289,3 +289,38 @@ def test_a_response_message_sent_back_keeps_its_thinking_for_the_template(server
         text = httpx.post(f"{srv.url}/detokenize", headers=srv.headers, timeout=60,
                           json={"model": "m", "tokens": r.json()["tokens"]}).json()["prompt"]
         assert text == "[think]<think> Let me see.</think>" + ANSWER
+
+
+def test_thinking_token_budget_cuts_the_reasoning_whole_and_streamed(servers):
+    """``thinking_token_budget``: "<think>[long]" opens the block in the prompt (its "[long]" is
+    the first thinking token) and would think 40 tokens; the budget forces ``</think>`` after N
+    and the model answers. Streamed as whole; -1 is no budget; two-token markers alike."""
+    free = "".join(FILLER)
+    for markers in ("single", "split"):
+        srv = servers("deepseek_r1", markers)
+        for budget, reasoning in ((5, "".join(FILLER[:4])), (0, ""), (-1, free), (None, free)):
+            body = {"max_tokens": 60} if budget is None else {"max_tokens": 60, "thinking_token_budget": budget}
+            m = _chat(srv, "<think>[long]", **body)["choices"][0]["message"]
+            assert (m["reasoning"] or "", m["content"]) == (reasoning, ANSWER), (markers, budget)
+            if reasoning:
+                _check_stream_matches(srv, "<think>[long]", m, **body)
+            else:  # an empty thinking: the whole response says "", the stream sends no reasoning delta
+                deltas = _stream(srv, "<think>[long]", **body)
+                assert (_joined(deltas, "reasoning"), _joined(deltas, "content")) == (None, ANSWER)
+    srv = servers("deepseek_r1")
+    r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, timeout=120, json={
+        "model": "m", "prompt": "<think>[long]", "max_tokens": 60, "temperature": 0, "thinking_token_budget": 3})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "".join(FILLER[:2]) + "</think>" + ANSWER
+    r = httpx.post(f"{srv.url}/v1/chat/completions", headers=srv.headers, timeout=120, json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "thinking_token_budget": -2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
+
+
+def test_thinking_token_budget_without_reasoning_markers_is_a_400(http):
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                "max_tokens": 4, "thinking_token_budget": 8})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "thinking_token_budget" and "--reasoning-parser" in error["message"]
+    assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 4, "thinking_token_budget": -1}).status_code == 200

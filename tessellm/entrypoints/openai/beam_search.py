@@ -27,7 +27,7 @@ _NOT_APPLIED = {
     "top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0), "seed": (None,),
     "presence_penalty": (None, 0.0), "frequency_penalty": (None, 0.0), "repetition_penalty": (None, 1.0),
     "logit_bias": (None, {}), "allowed_token_ids": (None,), "bad_words": (None, []),
-    "prompt_logprobs": (None,), "best_of": (None, 1),
+    "prompt_logprobs": (None,), "best_of": (None, 1), "thinking_token_budget": (None, -1),
 }
 
 

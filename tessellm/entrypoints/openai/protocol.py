@@ -80,6 +80,9 @@ class _SamplingFields(_Request):
     length_penalty: Optional[float] = None  # beam search only (None: 1.0)
     # lower is served first; non-zero needs --scheduling-policy priority (core/request_queue.py)
     priority: int = Field(0, ge=_INT64_MIN, le=_INT64_MAX)
+    # vLLM's: at most this many thinking tokens, then the reasoning end marker is forced
+    # (SamplingParams.thinking_token_budget; -1 or null: no cap; docs/reasoning.md)
+    thinking_token_budget: Optional[int] = None
     # vLLM's: merged into SamplingParams.extra_args, for custom extensions
     vllm_xargs: Optional[dict[str, Union[str, int, float, list[Union[str, int, float]]]]] = None
     # vLLM's: the logprobs of exactly these ids (and the sampled token's) at every generated
@@ -91,7 +94,6 @@ class _SamplingFields(_Request):
     # vLLM extras accepted only at their neutral value (UNSUPPORTED)
     spaces_between_special_tokens: bool = True
     watermarking: Optional[bool] = None
-    thinking_token_budget: Optional[int] = None
     routed_experts_prompt_start: int = 0  # tessellm returns no routed experts
     kv_transfer_params: Optional[Any] = None  # a KV connector's (SamplingParams.kv_transfer_params)
     ec_transfer_params: Optional[Any] = None
@@ -235,7 +237,6 @@ UNSUPPORTED: dict[str, tuple] = {
     # vLLM extras
     "spaces_between_special_tokens": (True,),
     "watermarking": (None, False),
-    "thinking_token_budget": (None, -1),
     "ec_transfer_params": (None,),
     "logits_processors": (None, []),
     "guided_whitespace_pattern": (None,),

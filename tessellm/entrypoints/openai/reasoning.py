@@ -7,11 +7,12 @@ block there, so the output is all answer), and whether the client wants the reas
 (``include_reasoning: false`` drops it; usage still counts its tokens). A parser with a
 ``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
 choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
-class that is not a plain start/end pair). Tool calls are parsed from the answer only: a call
-marker written while thinking is text, except the parser's kept ends (``end_kept``: qwen3's
-``<tool_call>``, kimi_k2's section), which end the thinking and open the answer, so that call is
-a call; a forced tool_choice's grammar starts after such a marker, and its parser skips it
-(``kept_ends``, ``ToolPlan.after_thinking``).
+class that is not a plain start/end pair; an ``InklingSplit`` for Inkling's typed blocks, which
+leaves its blocks in the answer for the ``inkling`` tool parser, ``read_by``). Tool calls are
+parsed from the answer only: a call marker written while thinking is text, except the parser's
+kept ends (``end_kept``: qwen3's ``<tool_call>``, kimi_k2's section), which end the thinking and
+open the answer, so that call is a call; a forced tool_choice's grammar starts after such a
+marker, and its parser skips it (``kept_ends``, ``ToolPlan.after_thinking``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Optional, Sequence
 
 from tessellm.reasoning import ReasoningSplit, ThinkMarkers, get_reasoning_parser
 from tessellm.reasoning.plugins import PluginParser, PluginSplit
+from tessellm.reasoning.inkling import InklingSplit
+from tessellm.reasoning.inkling import initial_state as inkling_state
+from tessellm.reasoning.parsers import PROMPT_TAIL_TOKENS
 
 
 def reasoning_fields(reasoning: Optional[str], include: bool) -> dict:
@@ -45,6 +49,10 @@ class ReasoningPlan:
         if parser is not None:
             self.markers = ThinkMarkers.from_tokenizer(parser, tokenizer)
             self.phase = self.markers.initial_phase(tokenizer, prompt_token_ids, parser.thinking(template_kwargs))
+            if parser.blocks:  # Inkling's typed blocks: where the output starts, from the prompt's end
+                tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
+                self.block_state = inkling_state(tail)
+        self.keep_blocks = False  # Inkling: the answer keeps its blocks for the inkling tool parser
 
     @classmethod
     def for_request(cls, engine, req, prompt_token_ids, template_kwargs=None) -> Optional["ReasoningPlan"]:
@@ -64,6 +72,11 @@ class ReasoningPlan:
             if self.markers.keep_special_tokens:
                 params.skip_special_tokens = False
 
+    def read_by(self, tool_parser) -> None:
+        """The request's tool parser (None: none) reads the answer: the ``inkling`` one reads
+        Inkling's blocks, so the split leaves them in (``InklingSplit.keep_blocks``)."""
+        self.keep_blocks = getattr(tool_parser, "name", None) == "inkling"
+
     @property
     def kept_ends(self) -> tuple[str, ...]:
         """The markers that end the thinking and stay in the answer (qwen3's ``<tool_call>``):
@@ -74,6 +87,8 @@ class ReasoningPlan:
         """A fresh split for one choice: ``split(text, token_ids, final) -> (reasoning, answer)``."""
         if self.plugin is not None:
             return PluginSplit(self.plugin.instance(self.tokenizer, self.template_kwargs), self.request)
+        if self.markers.parser.blocks:
+            return InklingSplit(self.block_state, self.keep_blocks)
         return ReasoningSplit(self.markers, self.phase)
 
     def fields(self, reasoning: Optional[str]) -> dict:

@@ -258,6 +258,7 @@ def to_sampling_params(req, max_tokens: int, vocab_size: int,
             logit_bias=_logit_bias(req.logit_bias, vocab_size),
             allowed_token_ids=req.allowed_token_ids,
             bad_words=req.bad_words or None,
+            thinking_token_budget=req.thinking_token_budget,
             structured_outputs=structured,
             kv_transfer_params=req.kv_transfer_params,
             extra_args=dict(req.vllm_xargs) if req.vllm_xargs else None,  # vLLM's: merged there

@@ -126,6 +126,7 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
                                                                  template_kwargs)
     if reasoning is not None:
         reasoning.adjust(params)
+        reasoning.read_by(plan.parser)
         plan.after_thinking(reasoning.kept_ends)
     harmony_plan = None
     if harmony:

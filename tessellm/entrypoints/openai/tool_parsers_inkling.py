@@ -10,9 +10,9 @@ name) runs to the block's kind marker and is not content; the output opens in on
 ends with ``<|message_model|>``): text with no kind marker after it is content. A text block
 (``<|content_text|>``), and the raw-tool and tool-error blocks (``<|content_invoke_tool_text|>``,
 ``<|content_tool_error|>``), are content, markers dropped; a JSON tool block is a call, its
-``args`` object the arguments (``{}`` when absent); a thinking block is neither (vLLM's
-``inkling`` reasoning parser, which returns it as reasoning, is not ported). Content that is
-only whitespace is none.
+``args`` object the arguments (``{}`` when absent); a thinking block is neither (with
+``--reasoning-parser inkling`` it is the reasoning: tessellm/reasoning/inkling.py, which leaves
+the other blocks to this parser). Content that is only whitespace is none.
 
 A tool block that is not a call (not a JSON object with a ``name``, once it is closed or the
 output is final; or past ``MAX_CALLS``) is content, its text where it stands, and so is every

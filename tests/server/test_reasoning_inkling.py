@@ -1,0 +1,125 @@
+"""``--reasoning-parser inkling`` (tessellm/reasoning/inkling.py): Inkling's typed blocks split
+into reasoning (the thinking blocks) and answer, whole and cut at every character (a stream's
+strings only grow and end where the whole ones are), with the ``inkling`` tool parser reading
+the blocks the split leaves, where the output starts from the prompt's last marker, and end to
+end on a server over a tiny bigram model that writes Inkling's blocks (with a thinking budget
+that forces ``<|end_message|>``)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tessellm.entrypoints.openai.tool_parsers_inkling import InklingParser
+from tessellm.reasoning.budget import thinking_strings
+from tessellm.reasoning.inkling import CONTENT, HEADER, THINKING, InklingSplit, initial_state
+from tests.server.thinking_model import make_thinking_model
+
+M, THINK, TEXT, CALL, END = ("<|message_model|>", "<|content_thinking|>", "<|content_text|>",
+                             "<|content_invoke_tool_json|>", "<|end_message|>")
+OUTPUT = (f"{THINK}I should look it up. \n{END}{M}{TEXT}Let me check.{END}"
+          f'{M}get_weather{CALL}{{"name": "get_weather", "args": {{"city": "SF"}}}}{END}'
+          f"{M}{THINK}Then answer.{END}{M}{TEXT} Done.<|content_model_end_sampling|>")
+
+
+def _streamed(split_factory, text):
+    """Every prefix through a fresh split (as a stream's calls): each string only grows."""
+    split = split_factory()
+    prev = ("", "")
+    for i in range(len(text) + 1):
+        reasoning, answer = split.split(text[:i], [], final=False)
+        assert (reasoning or "").startswith(prev[0]) and answer.startswith(prev[1]), text[:i]
+        prev = (reasoning or "", answer)
+    return prev
+
+
+def test_thinking_blocks_are_the_reasoning_text_blocks_the_answer():
+    reasoning, answer = InklingSplit(HEADER).split(OUTPUT)
+    assert reasoning == "I should look it up.Then answer."  # each block less its trailing whitespace
+    assert answer == 'Let me check.{"name": "get_weather", "args": {"city": "SF"}} Done.'
+    assert _streamed(lambda: InklingSplit(HEADER), OUTPUT) == (reasoning, answer)
+
+
+def test_the_tool_parser_reads_the_blocks_the_split_leaves():
+    reasoning, answer = InklingSplit(HEADER, keep_blocks=True).split(OUTPUT)
+    assert THINK not in answer and reasoning == "I should look it up.Then answer."
+    parsed = InklingParser().parse(answer, final=True)
+    assert parsed.content == "Let me check. Done."
+    assert [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", '{"city": "SF"}')]
+    assert _streamed(lambda: InklingSplit(HEADER, keep_blocks=True), OUTPUT) == (reasoning, answer)
+
+
+def test_where_the_output_starts_and_edge_blocks():
+    assert initial_state(f"{M}{TEXT}hi{END}{M}") == HEADER
+    assert initial_state(f"{M}{THINK}partial thought") == THINKING
+    assert initial_state(f"{M}{TEXT}") == CONTENT
+    assert InklingSplit(THINKING).split(f"more thought {END}{M}{TEXT}Hi") == ("more thought", "Hi")
+    assert InklingSplit(CONTENT).split("Hi there") == (None, "Hi there")
+    assert InklingSplit(HEADER).split(f"{TEXT}  {END}") == (None, "")  # only whitespace: none
+    # a thinking block left open ends at a tool block; a second thinking marker inside is dropped
+    text = f'{THINK}a{THINK}b{CALL}{{"name": "f"}}{END}'
+    assert InklingSplit(HEADER).split(text) == ("ab", '{"name": "f"}')
+    kept = InklingSplit(HEADER, keep_blocks=True).split(text)[1]
+    assert [c.name for c in InklingParser().parse(kept, final=True).calls] == ["f"]
+    # cut off inside the thinking: all reasoning, no answer
+    assert InklingSplit(HEADER).split(f"{THINK}still going", final=True) == ("still going", "")
+
+
+def test_thinking_budget_markers():
+    assert thinking_strings("inkling", None) == ((THINK,), (END, "<|content_model_end_sampling|>"))
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+SAMPLING_END = "<|content_model_end_sampling|>"
+CALL_JSON = '{"name": "get_weather", "args": {"city": "SF"}}'
+CHAINS = {"[ink]": [THINK, " Look", " it", " up.", END, M, TEXT, " Sunny.", SAMPLING_END, "</s>"],
+          "[call]": [CALL, CALL_JSON, SAMPLING_END]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory, tmp_path_factory):
+    model = make_thinking_model(str(tmp_path_factory.mktemp("inkling")), special_markers=True,
+                                markers=(THINK, END), chains=CHAINS)
+    return server_factory([model, "--served-model-name", "m", "--reasoning-parser", "inkling",
+                           "--enable-auto-tool-choice", "--tool-call-parser", "inkling"])
+
+
+def _message(srv, trigger="[ink]", **body):
+    body = {"model": "m", "messages": [{"role": "user", "content": trigger}], "max_tokens": 20,
+            "temperature": 0, **body}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]
+
+
+def test_inkling_served_whole_streamed_and_with_a_budget(srv):
+    m = _message(srv)
+    assert (m["reasoning"], m["reasoning_content"], m["content"]) == (" Look it up.", " Look it up.", " Sunny.")
+    body = {"model": "m", "messages": [{"role": "user", "content": "[ink]"}], "max_tokens": 20,
+            "temperature": 0, "stream": True}
+    reasoning, content = [], []
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers,
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in httpx.Response(200, content=line[6:]).json()["choices"]:
+                    reasoning.append(choice["delta"].get("reasoning") or "")
+                    content.append(choice["delta"].get("content") or "")
+    assert ("".join(reasoning), "".join(content)) == (" Look it up.", " Sunny.")
+    # a budget of 1: one thinking token, then <|end_message|> forced; the model goes on
+    m = _message(srv, thinking_token_budget=1)
+    assert (m["reasoning"], m["content"]) == (" Look", " Sunny.")
+
+
+def test_inkling_tool_blocks_reach_the_inkling_tool_parser(srv):
+    """With tools the split leaves the blocks in the answer, so the JSON block is a call; the
+    thinking stays reasoning."""
+    m = _message(srv, "[call]", tools=TOOLS)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]] == [
+        ("get_weather", '{"city": "SF"}')]
+    assert not m.get("content") and m.get("reasoning") is None
+    m = _message(srv, tools=TOOLS)
+    assert (m["reasoning"], m["content"], m.get("tool_calls") or []) == (" Look it up.", " Sunny.", [])
