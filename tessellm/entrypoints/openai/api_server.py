@@ -8,8 +8,8 @@ LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/invocations`` (vLLM's: chat, completion or embedding by the body's shape), ``/load`` (vLLM's:
 requests in flight), ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
-engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
-``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
+engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers, within half a second:
+``AsyncLLM.readiness``; 503 with ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
 ``/debug/stats`` (the core's scheduler stats, fresh); with TESSELLM_SERVER_DEV_MODE=1 sleep
 mode's ``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/reset_prefix_cache`` and ``/load_weights``
@@ -176,10 +176,11 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         if not engine.is_dead and not engine.warm:
             return JSONResponse({"status": "warming up", "reason": "the engine is running its warm-up"},
                                 status_code=503, headers={"Retry-After": "5"})
-        if await engine.is_ready():
+        reason = await engine.readiness()  # within half a second: never waits out a step
+        if reason is None:
             return JSONResponse({"status": "ready"})
         dead = engine.is_dead or not engine.cores.is_alive()  # for good: no Retry-After
-        return JSONResponse({"status": "not ready", "reason": engine.dead_reason or "no answer"},
+        return JSONResponse({"status": "not ready", "reason": reason},
                             status_code=503, headers={} if dead else {"Retry-After": "5"})
 
     @app.get("/version")
