@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from contextlib import asynccontextmanager
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +49,8 @@ from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeR
 from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
 from tessellm.entrypoints.openai.sampling import check_model, merged_template_kwargs
 from tessellm.entrypoints.openai.server_config import ServerConfig
-from tessellm.entrypoints.openai.responses.serving import create_response
+from tessellm.entrypoints.openai.responses.serving import (cancel_response, create_response, delete_response,
+                                                            not_stored, stream_stored)
 from tessellm.entrypoints.openai.responses.store import ResponseStore
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
@@ -226,11 +228,6 @@ def _check_generates(engine: AsyncLLM) -> None:
         raise bad_request(str(exc), None, "wrong_runner") from None
 
 
-def _no_response(response_id: str, store: ResponseStore) -> OpenAIError:
-    why = "" if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
-    return OpenAIError(f"No response with id {response_id!r} is stored{why}.", 404, "response_id", "not_found")
-
-
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     def card(name: str) -> ModelCard:
         lora = config.lora_for(name)
@@ -266,17 +263,21 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         return await create_response(engine, config, responses_store, await _json_body(request), request)
 
     @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str):
+    async def get_response(response_id: str, stream: bool = False, starting_after: Optional[int] = None):
+        if stream:  # a background stream's events (vLLM's resume: after starting_after)
+            return stream_stored(responses_store, response_id, starting_after, config.sse_keepalive_s)
         stored = responses_store.get(response_id)
         if stored is None:
-            raise _no_response(response_id, responses_store)
+            raise not_stored(response_id, responses_store)
         return stored.response
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_a_response(response_id: str):
+        return await cancel_response(responses_store, response_id)
+
     @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str):
-        if not responses_store.delete(response_id):
-            raise _no_response(response_id, responses_store)
-        return {"id": response_id, "object": "response", "deleted": True}
+    async def delete_a_response(response_id: str):
+        return await delete_response(responses_store, response_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
