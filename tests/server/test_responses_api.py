@@ -69,6 +69,9 @@ def test_text_input_equals_chat(http):
     assert _text(resp) == chat["message"]["content"] and _text(resp)
     usage = resp["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] and usage["output_tokens"] <= 12
+    assert usage["output_tokens_details"] == {"reasoning_tokens": 0, "tool_output_tokens": 0,  # vLLM's keys
+                                              "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []}
+    assert usage["input_tokens_details"]["input_tokens_per_turn"] == []
     assert resp["store"] is False and resp["metadata"] == {}
 
 

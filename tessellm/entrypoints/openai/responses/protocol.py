@@ -189,10 +189,17 @@ OutputItem = Union[MessageItem, ReasoningItem, FunctionCallItem]
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache_write_tokens: int = 0  # OpenAI's explicit cache writes: none here (the prefix cache is automatic)
+    # vLLM's per-turn figures of its built-in tool loop; one turn here, for which vLLM's own
+    # non-harmony path sends them empty, as here
+    input_tokens_per_turn: list[int] = Field(default_factory=list)
+    cached_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class OutputTokensDetails(BaseModel):
     reasoning_tokens: int = 0
+    tool_output_tokens: int = 0  # vLLM's: tokens of built-in tools' output (none run here)
+    output_tokens_per_turn: list[int] = Field(default_factory=list)
+    tool_output_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class ResponseUsage(BaseModel):
