@@ -228,8 +228,8 @@ def test_background_stream_is_resumed_after_a_sequence_number(srv):
                 replay.append(EVENTS.validate_python(json.loads(line[6:])))
     assert replay == events[3:]
     assert _get(srv, rid).json()["status"] == "completed"
-    fg = _post(srv, "[final]")
-    r = _get(srv, fg["id"], stream="true")
-    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    for made in (_post(srv, "[final]"), _post(srv, "[final]", background=True)):  # no events recorded
+        r = _get(srv, made["id"], stream="true")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
     bad = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", background=True, store=False))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "background"

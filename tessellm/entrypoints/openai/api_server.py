@@ -1,6 +1,8 @@
 """The OpenAI-compatible FastAPI app.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (responses/serving.py), ``/v1/embeddings`` (an embedding
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (responses/serving.py; with
+``--responses-store-size``, ``GET`` / ``DELETE /v1/responses/{id}`` and ``POST
+/v1/responses/{id}/cancel``), ``/v1/embeddings`` (an embedding
 engine, ``--runner pooling``: serving_embedding.py), ``/classify`` (a sequence classifier:
 serving_classify.py), ``/pooling`` (either, per token too: serving_pooling.py), ``/score``,
 ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank`` (a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;

@@ -27,8 +27,9 @@ KEEPALIVE = ": keep-alive\n\n"
 
 
 class BackgroundRun:
-    def __init__(self, response_id: str):
+    def __init__(self, response_id: str, streamed: bool):
         self.response_id = response_id
+        self.streamed = streamed  # stream: true too: its events are recorded for followers
         self.events: list[str] = []  # SSE text of each event, in sequence_number order (streamed)
         self.changed = asyncio.Event()  # set on each new event and at the end
         self.done = False

@@ -114,7 +114,7 @@ class _Detached:
 def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heartbeat: float):
     """Store the response ``queued`` and run it on; the answer is that response, or (streamed)
     the run's events as they come."""
-    run = BackgroundRun(result.id)
+    run = BackgroundRun(result.id, bool(result.req.stream))
     result.store.runs[result.id] = run
     result.keep(result.response(None, None, "queued"))
 
@@ -168,7 +168,7 @@ def stream_stored(store: ResponseStore, response_id: str, starting_after: Option
     if store.get(response_id) is None:
         raise not_stored(response_id, store)
     run = store.runs.get(response_id)
-    if run is None or not run.events and run.done:
+    if run is None or not run.streamed:
         raise bad_request(f"Response {response_id!r} was not created with background and stream true, so it "
                           "has no events to stream; GET it without stream.", "stream")
     first = 0 if starting_after is None else starting_after + 1
