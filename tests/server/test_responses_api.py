@@ -214,6 +214,8 @@ def test_vllm_extras_of_this_audit_equal_chats(http):
     assert (echoed["service_tier"], echoed["max_tool_calls"], echoed["background"]) == ("flex", 3, False)
     assert echoed["presence_penalty"] == 0.5 and echoed["frequency_penalty"] == 0.0
     assert "kv_transfer_params" not in echoed
+    no_tools = _post(http, input=ask, max_output_tokens=2, tool_choice="auto", tools=[])  # vLLM: "none"
+    assert no_tools["tool_choice"] == "none" and no_tools["tools"] == []
 
 
 def test_partial_assistant_message_is_continued(http):

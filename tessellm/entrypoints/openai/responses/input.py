@@ -83,7 +83,8 @@ def to_chat_request(req: ResponsesRequest, history: list[dict] = (),
     try:
         return ChatCompletionRequest(
             model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=_tool_choice(req.tool_choice),
+            temperature=req.temperature, top_p=req.top_p, tools=tools,
+            tool_choice=_tool_choice(req.tool_choice, bool(tools)),
             parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
             reasoning_effort=effort, stream=bool(req.stream), user=req.user, logprobs=logprobs,
             top_logprobs=(req.top_logprobs or 0) if logprobs else None,
@@ -133,7 +134,10 @@ def _tool(i: int, tool: dict) -> ChatTool:
                                                 parameters=t.parameters, strict=t.strict))
 
 
-def _tool_choice(choice):
+def _tool_choice(choice, has_tools: bool):
+    """``"auto"`` with no tools is ``"none"`` (vLLM's; a chat request's is a 400)."""
+    if choice == "auto" and not has_tools:
+        return None
     if choice is None or isinstance(choice, str):
         return choice
     if choice.get("type") != "function" or not isinstance(choice.get("name"), str):

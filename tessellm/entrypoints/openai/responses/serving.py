@@ -230,7 +230,7 @@ class _Result:
             reasoning=req.reasoning.model_dump() if req.reasoning is not None else None,
             temperature=params.temperature, top_p=params.top_p, text={"format": text_format},
             top_logprobs=req.top_logprobs,
-            tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
+            tool_choice=req.tool_choice if req.tools and req.tool_choice else ("auto" if req.tools else "none"),
             tools=[{"description": None, "parameters": None, "strict": None, **t} for t in req.tools or []],
             usage=self.usage(builder, out) if out is not None else None, user=req.user,
             metadata=req.metadata or {}, store=self.store is not None,
