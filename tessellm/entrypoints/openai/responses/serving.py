@@ -296,7 +296,9 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
         out = chunks.final
         for event in builder.finish(result.item_status(out)):
             yield sse(event)
-        final = result.keep(result.response(builder, out))
+        final = result.response(builder, out)
+        final.kv_transfer_params = getattr(out, "kv_transfer_params", None)  # as a whole response's
+        final = result.keep(final)
         yield sse({"type": f"response.{final.status}", "response": final.model_dump()})
     except Exception as exc:  # noqa: BLE001 - becomes the stream's last events
         err = engine_error(exc)
