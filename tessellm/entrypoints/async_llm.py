@@ -62,6 +62,12 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 500  # the output handler checks the core is alive after this much silence
 _SET_TOKENIZER_TIMEOUT_S = 120.0  # each core loads the tokenizer from disk
 _CANCEL_WAIT_S = 10  # shutdown() from another thread waits this long for the handlers to end
+# readiness(): a busy core heard from this recently needs no ping; an idle core must answer a ping
+# within _READY_WAIT_S; a busy one (requests or a core call in it) is stuck only once a ping has
+# waited _STUCK_AFTER_S (a long step answers late, not never). Well under a probe's 1 s timeout.
+_FRESH_S = 1.0
+_READY_WAIT_S = 0.5
+_STUCK_AFTER_S = 10.0
 
 
 class RequestStream:
@@ -159,6 +165,9 @@ class AsyncLLM:
         self.streams: dict[str, RequestStream] = {}
         self.stat_loggers: list[StatLogger] = []
         self.last_message_time = time.monotonic()
+        self.heard = [0.0] * self.cores.size  # each core's last message (time.monotonic())
+        self._pings: dict[int, tuple[float, int, asyncio.Future]] = {}  # core -> (sent, call id, answer)
+        self.stuck_after_s = _STUCK_AFTER_S  # readiness(): a busy core silent this long is stuck
         self.dead_reason: Optional[str] = None
         self.sleeping = False  # sleep mode: the cores refuse requests until wake_up (core_call)
         self.sleep_level = 0  # 0 awake, else the level some core still sleeps at (core_call)
@@ -408,17 +417,66 @@ class AsyncLLM:
     async def reset_prefix_cache(self) -> bool:
         return bool(await self.core_call("reset_prefix_cache"))
 
-    async def is_ready(self, timeout: float = 10.0) -> bool:
-        """Every core is alive, warmed up and answers (recent outputs count as an answer)."""
-        if self.is_dead or not self.cores.is_alive() or not self.warm:
-            return False
-        if self.streams and time.monotonic() - self.last_message_time < 1.0:
-            return True
-        try:
-            await self.call("ping", timeout)
-        except (asyncio.TimeoutError, EngineDeadError):
-            return False
-        return True
+    async def is_ready(self, timeout: float = _READY_WAIT_S) -> bool:
+        """Every core is alive, warmed up and answers (``readiness``; ``timeout``: its wait)."""
+        return await self.readiness(timeout) is None
+
+    async def readiness(self, wait: float = _READY_WAIT_S) -> Optional[str]:
+        """None when every core is alive, warm and answering, else why not; returns within
+        ``wait`` seconds (/ready: a readiness probe's timeout is 1 s), never waiting out a step.
+
+        A busy core heard from in the last second answers for itself. Any other is pinged (one ping
+        in flight per core, kept across calls) and given ``wait`` seconds to answer. Unanswered
+        then, an idle core is not ready (it answers between steps, at once when idle), a busy
+        one (requests or a core call in it: a long step answers late) only once its ping has
+        waited ``stuck_after_s`` (the core is stuck)."""
+        if self.is_dead:
+            return self.dead_reason
+        if not self.cores.is_alive():
+            return self.cores.dead_core() or "an engine core exited"
+        if not self.warm:
+            return "warming up"
+        self._ensure_handler()
+        now, loads = time.monotonic(), self.cores.loads()
+        quiet = [core for core in range(self.cores.size)
+                 if not loads[core] or now - self.heard[core] >= _FRESH_S]
+        if not quiet:
+            return None
+        pending = [self._ping(core) for core in quiet]
+        await asyncio.wait(pending, timeout=wait)
+        if self.is_dead:  # it died meanwhile (the pings' futures hold the error)
+            return self.dead_reason
+        loads, calls = self.cores.loads(), len(self._calls) - len(self._pings)
+        for core in quiet:
+            ping = self._pings.get(core)
+            if ping is None or ping[2].done():  # answered (its done callback may not have run yet)
+                continue
+            silent = time.monotonic() - ping[0]
+            name = self.cores.name(core)
+            if not loads[core] and calls <= 0:
+                return f"the {name} is idle but did not answer a ping within {wait:g} s"
+            if silent >= self.stuck_after_s:
+                return f"the {name} is busy and has not answered for {silent:.0f} s"
+        return None
+
+    def _ping(self, core: int) -> asyncio.Future:
+        """The core's ping in flight, or a new one; answered, it leaves ``_pings``."""
+        if core in self._pings:
+            return self._pings[core][2]
+        call_id = next(self._call_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._pings[core] = (time.monotonic(), call_id, future)
+
+        def answered(f: asyncio.Future) -> None:
+            self._calls.pop(call_id, None)
+            if self._pings.get(core, (0, None))[1] == call_id:
+                del self._pings[core]
+            if not f.cancelled():
+                f.exception()  # retrieved: a dead engine's error is readiness()'s dead_reason
+        future.add_done_callback(answered)
+        self.cores.send_call(core, call_id, "ping")
+        return future
 
     async def wait_until_warm(self, timeout: Optional[float] = None) -> None:
         """Return once every core has finished its warm-up (e.g. before a Ray Serve replica says it
@@ -462,7 +520,7 @@ class AsyncLLM:
                         raw = client.output.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self.last_message_time = time.monotonic()
+                    self.last_message_time = self.heard[core] = time.monotonic()
                     self._handle(core, unpack(raw))
         except asyncio.CancelledError:
             raise

@@ -24,6 +24,26 @@ def test_health_ready_version(server):
     assert "tessellm:kv_cache_usage_perc" in metrics
 
 
+def test_ready_while_the_core_is_busy(server):
+    """/ready during a long generation: each probe 200 "ready" (the core's outputs, or its
+    ping answered between steps, vouch for it), and the generation goes on to its last token.
+    test_ready_after_warmup.py covers a core frozen in a step (200 without waiting for it)."""
+    answers, chunks = [], 0
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=server.headers, timeout=120,
+                      json={"prompt": "Once upon a time", "max_tokens": 120, "ignore_eos": True,
+                            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            chunks += 1
+            if chunks % 30 == 1 and event["choices"]:
+                probe = httpx.get(f"{server.url}/ready", timeout=30)
+                answers.append((probe.status_code, probe.json()))
+    assert answers and all(a == (200, {"status": "ready"}) for a in answers), answers
+    assert event["usage"]["completion_tokens"] == 120
+
+
 def test_tokenize_detokenize_roundtrip(http):
     r = http.post("/tokenize", json={"model": MODEL, "prompt": "Hello world, tessellm!"})
     assert r.status_code == 200, r.text

@@ -4,11 +4,14 @@ requests carry no ``vllm_xargs``: /v1/responses and beam search (``use_beam_sear
 streamed, the client gets vLLM's HTTP 500 error object; streamed, /v1/responses ends with vLLM's
 ``error`` event then OpenAI's ``response.failed`` (status "failed" with an error; stored, so
 GET answers it, but it cannot be continued), beam search with the error object then
-``[DONE]``. The next request is served."""
+``[DONE]``. The next request is served. A background response (``background: true``) that
+fails is stored ``failed``; one cancelled while it runs stops its engine request and reads
+``cancelled``."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -93,4 +96,45 @@ def test_beam_search_failed_stream_ends_with_the_error_then_done(http):
         data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]" and json.loads(data[-2]) == INTERNAL_ERROR
     assert all("error" not in json.loads(d) for d in data[:-2])
+    _served(http)
+
+
+def _until_done(http, rid: str) -> dict:
+    for _ in range(2400):
+        body = http.get(f"/v1/responses/{rid}").json()
+        if body["status"] not in ("queued", "in_progress"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"{rid} never finished: {body['status']}")
+
+
+def test_background_failed_is_stored_failed(http):
+    r = http.post("/v1/responses", json={**ASK, "temperature": POISON_TEMPERATURE, "background": True})
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+    done = _until_done(http, r.json()["id"])
+    assert done["status"] == "failed" and done["error"] == {"code": "server_error", "message": "Internal server error"}
+    _served(http)
+
+
+def test_background_cancel_stops_the_request(http):
+    """cancel: a background response still running stops (its engine request aborted: the core
+    runs nothing after) and reads cancelled; cancelling it again, or a response made without
+    background, is a 400; continuing it is a 400 (while it ran: wait; cancelled: partial)."""
+    long = {**ASK, "temperature": 0, "max_output_tokens": 900, "ignore_eos": True, "background": True}
+    rid = http.post("/v1/responses", json=long).json()["id"]
+    early = http.post("/v1/responses", json={**ASK, "temperature": 0, "previous_response_id": rid})
+    assert early.status_code == 400 and early.json()["error"]["code"] == "previous_response_in_progress", early.text
+    c = http.post(f"/v1/responses/{rid}/cancel")
+    assert c.status_code == 200 and c.json()["status"] == "cancelled", c.text
+    assert http.get(f"/v1/responses/{rid}").json()["status"] == "cancelled"
+    stats = http.get("/debug/stats").json()  # /debug/stats asks the core: after the abort reached it
+    assert stats["num_requests"] == 0 and stats["stats"]["num_running"] == 0, stats
+    again = http.post(f"/v1/responses/{rid}/cancel")
+    assert again.status_code == 400 and "that is cancelled" in again.json()["error"]["message"]
+    later = http.post("/v1/responses", json={**ASK, "temperature": 0, "previous_response_id": rid})
+    assert later.status_code == 400 and f"'{rid}' was cancelled" in later.json()["error"]["message"]
+    sync = http.post("/v1/responses", json={**ASK, "temperature": 0}).json()
+    refused = http.post(f"/v1/responses/{sync['id']}/cancel")
+    assert refused.status_code == 400 and "without background" in refused.json()["error"]["message"]
+    assert http.post("/v1/responses/resp_nope/cancel").status_code == 404
     _served(http)

@@ -1,7 +1,7 @@
 """vLLM's per-request ``kv_transfer_params`` at the OpenAI server: without a KV connector (or
 not a JSON object) a 400 naming it, the server still serving; a ``ZmqPeerConnector``
 producer's response to a ``do_remote_decode`` request carries ``kv_transfer_params`` at its
-top level (completions and chat), naming where its blocks are; a malformed key is a 400
+top level (completions, chat and responses), naming where its blocks are; a malformed key is a 400
 naming it. A vLLM disaggregation proxy's flow through ``examples/disagg_proxy.py``: the
 prefill request to the producer server, its response's params with the whole request to a
 consumer server with no ``kv_peer`` (its ``allowed_producers`` listing the producer's host), which fetches the prompt's blocks from that producer over
@@ -58,22 +58,28 @@ def test_kv_transfer_params_without_a_connector_is_400(http, path, body, value, 
 
 
 def test_a_producers_response_carries_kv_transfer_params(producer):
-    """vLLM's field at the response's top level, for /v1/completions and /v1/chat/completions:
+    """vLLM's field at the response's top level, for /v1/completions, /v1/chat/completions and
+    /v1/responses:
     the keys a proxy passes on (docs/kv_transfer.md); none without do_remote_decode; a
     malformed key a 400 naming it, the server still serving."""
     srv, port = producer
     with httpx.Client(base_url=srv.url, headers=srv.headers, timeout=120) as p:
-        for path, body in (("/v1/completions", {"prompt": LONG}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]})):
-            body = {"model": MODEL, **body, "max_tokens": 1, "temperature": 0}
+        for path, body in (("/v1/completions", {"prompt": LONG, "max_tokens": 1}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "max_tokens": 1}),
+                           ("/v1/responses", {"input": LONG, "max_output_tokens": 1})):  # vLLM's too
+            body = {"model": MODEL, **body, "temperature": 0}
             r = p.post(path, json={**body, "kv_transfer_params": PROXY_PARAMS})
             assert r.status_code == 200, r.text
-            params, prompt_tokens = r.json()["kv_transfer_params"], r.json()["usage"]["prompt_tokens"]
+            usage = r.json()["usage"]
+            params, prompt_tokens = r.json()["kv_transfer_params"], usage.get("prompt_tokens", usage.get("input_tokens"))
             assert params == {"do_remote_prefill": True, "do_remote_decode": False,
                               "remote_engine_id": params["remote_engine_id"], "remote_host": "127.0.0.1",
                               "remote_port": port, "tp_size": 1,
                               "remote_num_tokens": prompt_tokens // 16 * 16}
             assert "kv_transfer_params" not in p.post(path, json=body).json()
+        with p.stream("POST", "/v1/responses", json={**body, "stream": True, "kv_transfer_params": PROXY_PARAMS}) as s:
+            last = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")][-1]
+        assert last["type"] == "response.incomplete" and last["response"]["kv_transfer_params"]["remote_port"] == port
         r = p.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 1,
                                             "kv_transfer_params": {"do_remote_prefill": True,
                                                                    "remote_host": "h", "remote_port": "x"}})

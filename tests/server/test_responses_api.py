@@ -69,6 +69,9 @@ def test_text_input_equals_chat(http):
     assert _text(resp) == chat["message"]["content"] and _text(resp)
     usage = resp["usage"]
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] and usage["output_tokens"] <= 12
+    assert usage["output_tokens_details"] == {"reasoning_tokens": 0, "tool_output_tokens": 0,  # vLLM's keys
+                                              "output_tokens_per_turn": [], "tool_output_tokens_per_turn": []}
+    assert usage["input_tokens_details"]["input_tokens_per_turn"] == []
     assert resp["store"] is False and resp["metadata"] == {}
 
 
@@ -192,6 +195,69 @@ def test_vllm_sampling_extras(http):
     assert _text(stopped) == greedy[:greedy.index(word)] and stopped["id"] == "resp_abc"
 
 
+def test_vllm_extras_of_this_audit_equal_chats(http):
+    """logit_bias, include_stop_str_in_output and chat_template_kwargs reach the chat path (the
+    same text as /v1/chat/completions with them); service_tier and max_tool_calls are echoed, as
+    vLLM does, with the penalties as sampled."""
+    ask, messages = "Describe the sea.", [{"role": "user", "content": "Describe the sea."}]
+    greedy = _text(_post(http, input=ask, max_output_tokens=8))
+    first = http.post("/tokenize", json={"model": MODEL, "prompt": greedy, "add_special_tokens": False}).json()
+    bias = {str(first["tokens"][0]): -100}
+    biased = _post(http, input=ask, max_output_tokens=8, logit_bias=bias)
+    assert _text(biased) != greedy
+    assert _text(biased) == _chat(http, messages, max_tokens=8, logit_bias=bias)["message"]["content"]
+    word = greedy.split()[2]
+    kept = _post(http, input=ask, max_output_tokens=8, stop=[word], include_stop_str_in_output=True)
+    assert _text(kept) == greedy[:greedy.index(word) + len(word)]
+    echoed = _post(http, input=ask, max_output_tokens=2, service_tier="flex", max_tool_calls=3,
+                   presence_penalty=0.5, chat_template_kwargs={"unused": 1}, session_id="s1")
+    assert (echoed["service_tier"], echoed["max_tool_calls"], echoed["background"]) == ("flex", 3, False)
+    assert echoed["presence_penalty"] == 0.5 and echoed["frequency_penalty"] == 0.0
+    assert "kv_transfer_params" not in echoed
+    no_tools = _post(http, input=ask, max_output_tokens=2, tool_choice="auto", tools=[])  # vLLM: "none"
+    assert no_tools["tool_choice"] == "none" and no_tools["tools"] == []
+
+
+def test_partial_assistant_message_is_continued(http):
+    """vLLM's partial completion: a last assistant message whose status is in_progress (or
+    incomplete) is continued, not closed: the prompt and text of chat's continue_final_message."""
+    start = "The sea is"
+    items = [{"role": "user", "content": "Describe the sea."},
+             {"type": "message", "role": "assistant", "status": "in_progress",
+              "content": [{"type": "output_text", "text": start}]}]
+    resp = _post(http, input=items, max_output_tokens=8)
+    messages = [{"role": "user", "content": "Describe the sea."}, {"role": "assistant", "content": start}]
+    chat = _chat(http, messages, max_tokens=8, continue_final_message=True, add_generation_prompt=False)
+    assert _text(resp) == chat["message"]["content"] and _text(resp)
+    closed = _post(http, input=[items[0], {**items[1], "status": "completed"}, items[0]], max_output_tokens=1)
+    assert resp["usage"]["input_tokens"] < closed["usage"]["input_tokens"]  # no turn closed, none opened
+    tokens = http.post("/tokenize", json={"model": MODEL, "messages": messages, "continue_final_message": True,
+                                          "add_generation_prompt": False}).json()
+    assert resp["usage"]["input_tokens"] == tokens["count"]
+
+
+def test_reasoning_item_with_no_message_after_it_is_a_message_of_its_own(http):
+    """As vLLM builds it: a reasoning item not followed by an assistant message (here the last
+    item) becomes an assistant message holding that reasoning, not dropped."""
+    items = [{"role": "user", "content": "Name a fruit."},
+             {"type": "reasoning", "summary": [], "content": [{"type": "reasoning_text", "text": "Think."}]}]
+    resp = _post(http, input=items, max_output_tokens=1)
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "", "reasoning": "Think."}]
+    tokens = http.post("/tokenize", json={"model": MODEL, "messages": messages}).json()
+    assert resp["usage"]["input_tokens"] == tokens["count"]
+
+
+def test_truncation_auto_keeps_the_prompts_end(http):
+    """truncation "auto" (vLLM's truncate_prompt_tokens -1): an input over the context loses
+    its start, leaving max_output_tokens of room; "disabled" (the default) is a 400."""
+    long = "word " * 1500  # over the test server's 1024-token context
+    r = http.post("/v1/responses", json={"model": MODEL, "input": long, "max_output_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+    resp = _post(http, input=long, max_output_tokens=4, truncation="auto")
+    assert resp["usage"]["input_tokens"] == 1024 - 4 and resp["truncation"] == "auto"
+    assert resp["usage"]["output_tokens"] <= 4
+
+
 def test_output_text_logprobs_whole_and_streamed(http):
     body = dict(input="Name a color.", max_output_tokens=8, include=["message.output_text.logprobs"], top_logprobs=2)
     resp = _post(http, **body)
@@ -295,12 +361,20 @@ def test_sdk_parse_with_a_pydantic_model(client):
     ({"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 6}, "top_logprobs"),
     ({"input": "hi", "include": ["message.output_text.logprobs"], "tools": [WEATHER], "tool_choice": "required"},
      "include"),
-    ({"input": "hi", "include": ["file_search_call.results"]}, "include"),
+    ({"input": "hi", "include": ["web_search_call.action.sources"]}, "include"),  # not in vLLM's list either
     ({"input": "hi", "min_p": 3}, "min_p"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
      "input"),  # a text-only model
     ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file_1"}]}]},
      "input.0.content.0.image_url"),
+    ({"input": "hi", "background": True}, "background"),  # no --responses-store-size here
+    ({"input": "hi", "enable_response_messages": True}, "enable_response_messages"),
+    ({"input": "hi", "previous_response": {"id": "resp_1"}}, "previous_response"),
+    ({"input": "hi", "previous_input_messages": [{"role": "user", "content": "x"}]}, "previous_input_messages"),
+    ({"input": [{"type": "reasoning", "encrypted_content": "gAAA", "summary": []}]}, "input.0.encrypted_content"),
+    ({"input": "hi", "max_tool_calls": -1}, "max_tool_calls"),
+    ({"input": "hi", "service_tier": "turbo"}, "service_tier"),
+    ({"input": "hi", "logit_bias": {"1": 500}}, "logit_bias"),  # the chat path's check, same name
 ])
 def test_bad_requests_are_400_naming_the_field(http, body, param):
     r = http.post("/v1/responses", json=body)

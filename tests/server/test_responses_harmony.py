@@ -3,11 +3,13 @@
 ``reasoning`` item, the final channel a ``message``, a commentary call a ``function_call`` item,
 whole and streamed (the stream's events, parsed strictly by the openai package's types, build
 the same items); a cut call is ``incomplete``; an earlier reasoning item, call and output reach
-the prompt as at /v1/chat/completions."""
+the prompt as at /v1/chat/completions. Background responses (this server keeps responses): run
+on after a ``queued`` answer, read back whole or as a stream resumed after a sequence number."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -181,3 +183,53 @@ def test_store_false_delete_and_eviction(srv):
     r = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", previous_response_id=oldest["id"]))
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
     assert f"last {STORE_SIZE} responses" in r.json()["error"]["message"]
+
+
+# -- background responses (vLLM's background / retrieve / cancel) ------------------------------
+
+def _get(srv, rid: str, **params) -> httpx.Response:
+    return httpx.get(f"{srv.url}/v1/responses/{rid}", params=params, headers=srv.headers, timeout=120)
+
+
+def _until_done(srv, rid: str) -> dict:
+    for _ in range(1200):
+        r = _get(srv, rid)
+        assert r.status_code == 200, r.text
+        if r.json()["status"] not in ("queued", "in_progress"):
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError(f"{rid} never finished: {r.json()['status']}")
+
+
+def test_background_response_runs_on_and_is_retrieved(srv):
+    """background: answered queued at once; GET follows it to the same items a foreground
+    request gets."""
+    fg = _post(srv, "[final]")
+    r = _post(srv, "[final]", background=True)
+    assert r["status"] == "queued" and r["background"] is True and r["output"] == [] and r["store"] is True
+    done = _until_done(srv, r["id"])
+    Response.model_validate(done)
+    assert done["status"] == "completed" and done["background"] is True
+    assert _shape(done["output"]) == _shape(fg["output"]) and done["usage"]["output_tokens"] == 11
+
+
+def test_background_stream_is_resumed_after_a_sequence_number(srv):
+    """background + stream: the POST streams the events; GET ?stream=true&starting_after=N
+    replays those after N (vLLM's resume), the same events to the last."""
+    events = _stream(srv, "[final]", background=True)
+    assert events[-1].type == "response.completed" and events[-1].response.background is True
+    rid = events[-1].response.id
+    replay = []
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": 2},
+                      headers=srv.headers, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                replay.append(EVENTS.validate_python(json.loads(line[6:])))
+    assert replay == events[3:]
+    assert _get(srv, rid).json()["status"] == "completed"
+    for made in (_post(srv, "[final]"), _post(srv, "[final]", background=True)):  # no events recorded
+        r = _get(srv, made["id"], stream="true")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
+    bad = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", background=True, store=False))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "background"

@@ -63,3 +63,13 @@ def test_a_call_written_while_thinking_is_not_a_function_call(srv):
     assert _content(whole.output) == [("reasoning", " Maybe" + TOOL_IN_THOUGHT + " No, later."),
                                       ("message", " It is four.")]
     assert _content(streamed.output) == _content(whole.output)
+
+
+def test_include_reasoning_false_drops_the_reasoning_item(srv):
+    """vLLM's include_reasoning: false: the thinking is generated (the same answer, the same
+    output token count) but no reasoning item is sent, whole or streamed."""
+    with_it, _, _ = _both(srv, "[think]")
+    whole, streamed, events = _both(srv, "[think]", include_reasoning=False)
+    assert _content(whole.output) == _content(streamed.output) == [("message", " It is four.")]
+    assert whole.usage.output_tokens == with_it.usage.output_tokens
+    assert not [e for e in events if e.type.startswith("response.reasoning")]

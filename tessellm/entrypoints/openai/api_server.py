@@ -1,6 +1,8 @@
 """The OpenAI-compatible FastAPI app.
 
-Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (responses/serving.py), ``/v1/embeddings`` (an embedding
+Routes: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/responses`` (responses/serving.py; with
+``--responses-store-size``, ``GET`` / ``DELETE /v1/responses/{id}`` and ``POST
+/v1/responses/{id}/cancel``), ``/v1/embeddings`` (an embedding
 engine, ``--runner pooling``: serving_embedding.py), ``/classify`` (a sequence classifier:
 serving_classify.py), ``/pooling`` (either, per token too: serving_pooling.py), ``/score``,
 ``/v1/score``, ``/rerank``, ``/v1/rerank``, ``/v2/rerank`` (a cross-encoder or an embedding model: serving_score.py), ``/v1/models`` (and ``/v1/models/{id}``;
@@ -8,8 +10,8 @@ LoRA adapters are listed with their ``parent``), ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter`` (lora_routes.py),
 ``/invocations`` (vLLM's: chat, completion or embedding by the body's shape), ``/load`` (vLLM's:
 requests in flight), ``/tokenize``, ``/detokenize``, ``/health`` and ``/ping`` (liveness: the API process and the
-engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers; 503 with
-``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
+engine core process are up), ``/ready`` (the engine has loaded, finished its warm-up and answers, within half a second:
+``AsyncLLM.readiness``; 503 with ``Retry-After`` while warming up or draining, see lifecycle.py), ``/version``, ``/metrics``
 (Prometheus text, ``tessellm.metrics.prometheus``; one private registry per app) and
 ``/debug/stats`` (the core's scheduler stats, fresh); with TESSELLM_SERVER_DEV_MODE=1 sleep
 mode's ``/sleep``, ``/wake_up``, ``/is_sleeping``, ``/reset_prefix_cache`` and ``/load_weights``
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from contextlib import asynccontextmanager
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,7 +51,8 @@ from tessellm.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeR
 from tessellm.entrypoints.openai.protocol_responses import ModelCard, ModelList
 from tessellm.entrypoints.openai.sampling import check_model, merged_template_kwargs
 from tessellm.entrypoints.openai.server_config import ServerConfig
-from tessellm.entrypoints.openai.responses.serving import create_response
+from tessellm.entrypoints.openai.responses.serving import (cancel_response, create_response, delete_response,
+                                                            not_stored, stream_stored)
 from tessellm.entrypoints.openai.responses.store import ResponseStore
 from tessellm.entrypoints.openai.serving import parse_request
 from tessellm.entrypoints.openai.serving_chat import create_chat_completion, render_messages
@@ -176,10 +180,11 @@ def _add_status_routes(app: FastAPI, engine: AsyncLLM, metrics: EngineMetrics) -
         if not engine.is_dead and not engine.warm:
             return JSONResponse({"status": "warming up", "reason": "the engine is running its warm-up"},
                                 status_code=503, headers={"Retry-After": "5"})
-        if await engine.is_ready():
+        reason = await engine.readiness()  # within half a second: never waits out a step
+        if reason is None:
             return JSONResponse({"status": "ready"})
         dead = engine.is_dead or not engine.cores.is_alive()  # for good: no Retry-After
-        return JSONResponse({"status": "not ready", "reason": engine.dead_reason or "no answer"},
+        return JSONResponse({"status": "not ready", "reason": reason},
                             status_code=503, headers={} if dead else {"Retry-After": "5"})
 
     @app.get("/version")
@@ -225,11 +230,6 @@ def _check_generates(engine: AsyncLLM) -> None:
         raise bad_request(str(exc), None, "wrong_runner") from None
 
 
-def _no_response(response_id: str, store: ResponseStore) -> OpenAIError:
-    why = "" if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
-    return OpenAIError(f"No response with id {response_id!r} is stored{why}.", 404, "response_id", "not_found")
-
-
 def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) -> None:
     def card(name: str) -> ModelCard:
         lora = config.lora_for(name)
@@ -265,17 +265,21 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         return await create_response(engine, config, responses_store, await _json_body(request), request)
 
     @app.get("/v1/responses/{response_id}")
-    async def get_response(response_id: str):
+    async def get_response(response_id: str, stream: bool = False, starting_after: Optional[int] = None):
+        if stream:  # a background stream's events (vLLM's resume: after starting_after)
+            return stream_stored(responses_store, response_id, starting_after, config.sse_keepalive_s)
         stored = responses_store.get(response_id)
         if stored is None:
-            raise _no_response(response_id, responses_store)
+            raise not_stored(response_id, responses_store)
         return stored.response
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_a_response(response_id: str):
+        return await cancel_response(responses_store, response_id)
+
     @app.delete("/v1/responses/{response_id}")
-    async def delete_response(response_id: str):
-        if not responses_store.delete(response_id):
-            raise _no_response(response_id, responses_store)
-        return {"id": response_id, "object": "response", "deleted": True}
+    async def delete_a_response(response_id: str):
+        return await delete_response(responses_store, response_id)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -10,7 +10,13 @@
   right after an assistant message, join that message);
 - ``function_call_output``: a ``tool`` message answering ``call_id``;
 - ``reasoning`` items: the next assistant message's earlier thinking (the template decides
-  whether to show it).
+  whether to show it); one with no assistant message after it is an assistant message of its own
+  (vLLM's);
+- a last assistant ``message`` (or ``reasoning`` item) whose ``status`` is ``in_progress`` or
+  ``incomplete`` is continued, not closed (vLLM's partial completion: ``continue_final_message``).
+
+``truncation: "auto"`` cuts the rendered prompt's start to leave ``max_output_tokens`` (at least
+one token) of the context: vLLM's ``truncate_prompt_tokens`` -1.
 
 Errors raised on the chat path name chat fields; ``rename_error`` says them in this API's words.
 """
@@ -60,11 +66,15 @@ def input_items(req: ResponsesRequest) -> list[dict]:
     return req.input
 
 
-def to_chat_request(req: ResponsesRequest, history: list[dict] = ()) -> ChatCompletionRequest:
+def to_chat_request(req: ResponsesRequest, history: list[dict] = (),
+                    max_model_len: Optional[int] = None) -> ChatCompletionRequest:
     """``history``: the earlier turns' items (a stored ``previous_response_id`` chain), before
-    this turn's input; ``instructions`` are this request's only (as OpenAI's)."""
+    this turn's input; ``instructions`` are this request's only (as OpenAI's). ``max_model_len``:
+    the context, for ``truncation: "auto"``."""
     messages = [ChatMessage(role="system", content=req.instructions)] if req.instructions else []
-    messages += _messages([*history, *input_items(req)], -len(history))
+    items = [*history, *input_items(req)]
+    messages += _messages(items, -len(history))
+    partial = _continues(items)
     tools = [_tool(i, t) for i, t in enumerate(req.tools or [])] or None
     fmt = req.text.format if req.text is not None else None
     effort = req.reasoning.effort if req.reasoning is not None else None
@@ -73,12 +83,34 @@ def to_chat_request(req: ResponsesRequest, history: list[dict] = ()) -> ChatComp
     try:
         return ChatCompletionRequest(
             model=req.model, messages=messages, max_completion_tokens=req.max_output_tokens,
-            temperature=req.temperature, top_p=req.top_p, tools=tools, tool_choice=_tool_choice(req.tool_choice),
+            temperature=req.temperature, top_p=req.top_p, tools=tools,
+            tool_choice=_tool_choice(req.tool_choice, bool(tools)),
             parallel_tool_calls=req.parallel_tool_calls, response_format=_response_format(fmt),
             reasoning_effort=effort, stream=bool(req.stream), user=req.user, logprobs=logprobs,
-            top_logprobs=(req.top_logprobs or 0) if logprobs else None, **extras)
+            top_logprobs=(req.top_logprobs or 0) if logprobs else None,
+            add_generation_prompt=not partial, continue_final_message=partial,
+            truncate_prompt_tokens=_keep(req, max_model_len), **extras)
     except ValidationError as exc:  # a vLLM extra out of range: the chat request's check, same name
         raise from_validation_error(exc) from None
+
+
+def _continues(items: list) -> bool:
+    """The last item is a partial assistant message or reasoning item: continue it."""
+    last = items[-1] if items else None
+    if not isinstance(last, dict) or last.get("status") not in ("in_progress", "incomplete"):
+        return False
+    kind = last.get("type", "message" if "role" in last else None)
+    return kind == "reasoning" or (kind == "message" and last.get("role") == "assistant")
+
+
+def _keep(req: ResponsesRequest, max_model_len: Optional[int]) -> Optional[int]:
+    """``truncation: "auto"``: the prompt tokens to keep (-1: the context less one token)."""
+    if req.truncation != "auto":
+        return None
+    budget = req.max_output_tokens
+    if max_model_len is None or budget is None or budget >= max_model_len:
+        return -1  # an over-long max_output_tokens is the chat path's 400, naming it
+    return max_model_len - budget
 
 
 def _parse(cls: type[BaseModel], data: Any, where: tuple) -> BaseModel:
@@ -102,7 +134,10 @@ def _tool(i: int, tool: dict) -> ChatTool:
                                                 parameters=t.parameters, strict=t.strict))
 
 
-def _tool_choice(choice):
+def _tool_choice(choice, has_tools: bool):
+    """``"auto"`` with no tools is ``"none"`` (vLLM's; a chat request's is a 400)."""
+    if choice == "auto" and not has_tools:
+        return None
     if choice is None or isinstance(choice, str):
         return choice
     if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
@@ -135,6 +170,9 @@ def _messages(items: list, first: int = 0) -> list[ChatMessage]:
             message = _message(i, item)
             if message.role == "assistant" and thinking is not None:
                 message.reasoning, thinking = thinking, None
+            elif thinking is not None:  # reasoning before a user turn: an assistant message of its own
+                messages.append(ChatMessage(role="assistant", content="", reasoning=thinking))
+                thinking = None
             messages.append(message)
         elif kind == "function_call":
             call = _function_call(i, item)
@@ -145,14 +183,21 @@ def _messages(items: list, first: int = 0) -> list[ChatMessage]:
                 messages.append(ChatMessage(role="assistant", content="", tool_calls=[call], reasoning=thinking))
                 thinking = None
         elif kind == "function_call_output":
+            if thinking is not None:
+                messages.append(ChatMessage(role="assistant", content="", reasoning=thinking))
+                thinking = None
             messages.append(_call_output(i, item))
         elif kind == "reasoning":
+            if thinking is not None:  # two in a row: the first is a message of its own (vLLM's)
+                messages.append(ChatMessage(role="assistant", content="", reasoning=thinking))
             thinking = _reasoning(i, item)
         else:
             raise bad_request(f"input[{i}] has type {kind!r}; tessellm takes messages, function_call, "
                               "function_call_output and reasoning items (item references need a stored "
                               "response, which tessellm does not keep).", f"input.{i}.type",
                               "unsupported_parameter")
+    if thinking is not None:  # reasoning with no assistant message after it: its own (vLLM's)
+        messages.append(ChatMessage(role="assistant", content="", reasoning=thinking))
     return messages
 
 
@@ -214,6 +259,11 @@ def _call_output(i: int, item: dict) -> ChatMessage:
 
 
 def _reasoning(i: int, item: dict) -> str:
+    if item.get("encrypted_content") is not None:
+        raise bad_request(f"input[{i}] is a reasoning item with encrypted_content, which tessellm cannot "
+                          "read (its reasoning comes back as text, never encrypted); send the item's "
+                          "reasoning text in content instead.", f"input.{i}.encrypted_content",
+                          "unsupported_parameter")
     texts = []
     for name in ("content", "summary"):  # the reasoning text, else (only a summary was kept) the summary
         parts = item.get(name) or []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class _Strict(BaseModel):
@@ -73,8 +73,12 @@ class ResponsesRequest(_Strict):
     prompt_cache_key: Optional[str] = None  # accepted; no effect (the prefix cache is automatic)
     include: Optional[list[str]] = None  # see INCLUDE_ACCEPTED
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)  # with include message.output_text.logprobs
-    truncation: Optional[Literal["auto", "disabled"]] = None  # "disabled" only
-    service_tier: Optional[str] = None  # "auto" / "default" only
+    # "auto": a prompt over the context loses its start (vLLM's truncate_prompt_tokens -1), room
+    # kept for max_output_tokens; "disabled" (the default): it is a 400
+    truncation: Optional[Literal["auto", "disabled"]] = None
+    # echoed; no effect (one tier here), as vLLM
+    service_tier: Optional[Literal["auto", "default", "flex", "scale", "priority"]] = None
+    max_tool_calls: Optional[int] = Field(None, ge=0)  # echoed; no effect: no built-in tools run here
     previous_response_id: Optional[str] = None  # the stored response this one continues (store.py)
     # vLLM's extras, as at /v1/chat/completions (checked there: VLLM_EXTRAS)
     top_k: Optional[int] = None
@@ -89,34 +93,55 @@ class ResponsesRequest(_Strict):
     cache_salt: Optional[str] = None
     structured_outputs: Optional[dict[str, Any]] = None  # e.g. {"disable_any_whitespace": true}
     priority: int = 0  # lower is served first; non-zero needs --scheduling-policy priority
+    logit_bias: Optional[dict[str, float]] = None
+    skip_special_tokens: Optional[bool] = None
+    include_stop_str_in_output: Optional[bool] = None
+    include_reasoning: Optional[bool] = None  # false: no reasoning item (it is still generated)
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    vllm_xargs: Optional[dict[str, Any]] = None
+    kv_transfer_params: Optional[Any] = None  # a KV connector's (docs/kv_transfer.md); echoed back
+    ec_transfer_params: Optional[Any] = None
+    media_io_kwargs: Optional[Any] = None
+    mm_processor_kwargs: Optional[Any] = None
+    session_id: Optional[str] = None  # accepted; no effect
+    background: Optional[bool] = None  # true: answered at once, run on (needs the store; serving.py)
     # unsupported (refused unless neutral)
     conversation: Optional[Any] = None
-    background: Optional[bool] = None
-    max_tool_calls: Optional[int] = None
     prompt: Optional[Any] = None
     prompt_cache_retention: Optional[str] = None
+    enable_response_messages: Optional[bool] = None  # vLLM's: the raw messages in the response
+    previous_input_messages: Optional[Any] = None  # vLLM's (harmony messages of earlier turns)
+    previous_response: Optional[Any] = None  # vLLM's stateless multi-turn (harmony state in it)
 
 
 # passed as they are to the chat request, whose validation and messages name them the same way
 VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "seed", "stop",
-               "ignore_eos", "request_id", "cache_salt", "structured_outputs", "priority")
+               "ignore_eos", "request_id", "cache_salt", "structured_outputs", "priority", "logit_bias",
+               "skip_special_tokens", "include_stop_str_in_output", "include_reasoning", "chat_template_kwargs",
+               "vllm_xargs", "kv_transfer_params", "ec_transfer_params", "media_io_kwargs", "mm_processor_kwargs",
+               "session_id")
 
 # field -> (values that mean "not used", how to do without it)
 UNSUPPORTED: dict[str, tuple[tuple, str]] = {
     "conversation": ((None,), "conversation objects are not kept; use previous_response_id "
                      "(--responses-store-size) or send the whole conversation in input"),
-    "background": ((None, False), "responses run in the foreground; use stream: true for long ones"),
-    "max_tool_calls": ((None,), "remove it"),
     "prompt": ((None,), "stored prompt templates do not exist here; send instructions and input"),
     "prompt_cache_retention": ((None, "in_memory"), "the prefix cache lives in memory; remove it"),
-    "truncation": ((None, "disabled"), "send an input that fits the model's context"),
-    "service_tier": ((None, "auto", "default"), "remove it"),
+    "enable_response_messages": ((None, False), "the response's output items are its messages; POST the "
+                                 "same input to /tokenize (as chat messages) to see the prompt's tokens"),
+    "previous_input_messages": ((None, []), "send the earlier turns as input items, or continue a "
+                                "stored response with previous_response_id"),
+    "previous_response": ((None,), "send its output items (and your function_call_output items) in "
+                          "input, or continue a stored response with previous_response_id"),
 }
 
-# include values: logprobs of the message's tokens; reasoning.encrypted_content has no effect
-# (reasoning is returned as text, never encrypted)
+# include values: logprobs of the message's tokens; the others (vLLM's list) have no effect:
+# reasoning is returned as text, never encrypted; no built-in tool runs here; input images are
+# not echoed
 LOGPROBS = "message.output_text.logprobs"
-INCLUDE_ACCEPTED = {"reasoning.encrypted_content", LOGPROBS}
+INCLUDE_ACCEPTED = {"reasoning.encrypted_content", LOGPROBS, "code_interpreter_call.outputs",
+                    "computer_call_output.output.image_url", "file_search_call.results",
+                    "message.input_image.image_url"}
 
 
 # -- the response --------------------------------------------------------------------------
@@ -164,10 +189,17 @@ OutputItem = Union[MessageItem, ReasoningItem, FunctionCallItem]
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache_write_tokens: int = 0  # OpenAI's explicit cache writes: none here (the prefix cache is automatic)
+    # vLLM's per-turn figures of its built-in tool loop; one turn here, for which vLLM's own
+    # non-harmony path sends them empty, as here
+    input_tokens_per_turn: list[int] = Field(default_factory=list)
+    cached_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class OutputTokensDetails(BaseModel):
     reasoning_tokens: int = 0
+    tool_output_tokens: int = 0  # vLLM's: tokens of built-in tools' output (none run here)
+    output_tokens_per_turn: list[int] = Field(default_factory=list)
+    tool_output_tokens_per_turn: list[int] = Field(default_factory=list)
 
 
 class ResponseUsage(BaseModel):
@@ -183,10 +215,13 @@ class IncompleteDetails(BaseModel):
 
 
 class ResponseObject(BaseModel):
+    """The response; vLLM's extras (``presence_penalty``, ``frequency_penalty`` as sampled,
+    ``kv_transfer_params``) are sent only when set."""
+
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["completed", "failed", "in_progress", "incomplete"]
+    status: Literal["completed", "failed", "in_progress", "incomplete", "queued", "cancelled"]
     error: Optional[dict] = None
     incomplete_details: Optional[IncompleteDetails] = None
     instructions: Optional[str] = None
@@ -203,7 +238,21 @@ class ResponseObject(BaseModel):
     tools: list[dict] = Field(default_factory=list)
     top_p: Optional[float] = None
     top_logprobs: Optional[int] = None
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"] = "disabled"
     usage: Optional[ResponseUsage] = None
     user: Optional[str] = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    background: bool = False
+    service_tier: str = "auto"
+    max_tool_calls: Optional[int] = None
+    prompt: Optional[dict] = None
+    presence_penalty: Optional[float] = None  # vLLM's: as sampled
+    frequency_penalty: Optional[float] = None
+    kv_transfer_params: Optional[dict] = None  # vLLM's: a KV producer's params for the decode engine
+
+    @model_serializer(mode="wrap")
+    def _drop_unasked(self, handler):
+        data = handler(self)
+        if data.get("kv_transfer_params") is None:
+            data.pop("kv_transfer_params", None)
+        return data

@@ -18,6 +18,9 @@ failed, finish reason "error", among them) is vLLM's ``error`` event, then OpenA
 ``response.failed`` (status "failed", ``error`` {code, message}, the items so far) as the last;
 that failed response is stored as a finished one is (``GET /v1/responses/{id}`` answers it).
 No ``[DONE]`` (OpenAI sends none here). Not streamed, a failed request is vLLM's HTTP 500.
+
+``background: true`` (needs the store): the response is answered ``queued`` at once and runs on
+(background.py); ``cancel_response`` stops it, ``stream_stored`` replays a streamed one.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fastapi.responses import StreamingResponse
 from tessellm.core.outputs import RequestOutput
 from tessellm.entrypoints.async_llm import AsyncLLM, iterate_streams
 from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
+from tessellm.entrypoints.openai.responses.background import BackgroundRun
 from tessellm.entrypoints.openai.responses.input import (check_unsupported, input_items, rename_error,
                                                          to_chat_request)
 from tessellm.entrypoints.openai.responses.items import Event, ItemBuilder
@@ -49,20 +53,30 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, store: Respons
                           http_request: Request):
     req: ResponsesRequest = parse_request(ResponsesRequest, body)
     check_unsupported(req)
+    _check_background(req, store)
     history = store.history(req.previous_response_id) if req.previous_response_id is not None else []
     try:
-        job = await prepare_chat(engine, config, to_chat_request(req, history), id_prefix="resp")
+        job = await prepare_chat(engine, config, to_chat_request(req, history, engine.info.max_model_len),
+                                 id_prefix="resp")
     except OpenAIError as exc:
         raise rename_error(exc) from None
     _check_logprobs(job)
     sub = submit(engine, job.request_id, [job.processed], [job.params], job.lora, job.req.cache_salt,
                  job.req.priority)  # the chat request's (to_chat_request: VLLM_EXTRAS)
     result = _Result(engine, req, job, store)
+    if req.background:
+        return _start_background(engine, sub, result, config.sse_keepalive_s)
     if req.stream:
         return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    out = (await collect(engine, sub, http_request, config.sse_keepalive_s))[0]
-    choice = job.view.response(out).choices[0]
+    return await _whole(engine, sub, result, http_request, config.sse_keepalive_s)
+
+
+async def _whole(engine: AsyncLLM, sub: Submitted, result: "_Result", http_request, heartbeat: float):
+    """The response answered whole (the chat path's message made items), stored when kept."""
+    out = (await collect(engine, sub, http_request, heartbeat))[0]
+    chat = result.job.view.response(out)
+    choice = chat.choices[0]
     message = choice.message
     builder = ItemBuilder()
     if message.reasoning is not None:
@@ -72,7 +86,100 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, store: Respons
     for i, call in enumerate(message.tool_calls):
         builder.call(i, call.id, call.function.name, call.function.arguments)
     builder.finish(result.item_status(out))
-    return result.keep(result.response(builder, out))
+    response = result.response(builder, out)
+    response.kv_transfer_params = chat.kv_transfer_params
+    return result.keep(response)
+
+
+def _check_background(req: ResponsesRequest, store: ResponseStore) -> None:
+    if not req.background:
+        return
+    if not store.enabled:
+        raise bad_request("background needs stored responses, and this server keeps none: start it with "
+                          "--responses-store-size N (or leave background out).", "background",
+                          "unsupported_parameter")
+    if req.store is False:
+        raise bad_request("background can only be used when store is true (a background response is "
+                          "read back with GET /v1/responses/{id}).", "background")
+
+
+class _Detached:
+    """A background request's client: it never disconnects (leaving does not stop the run)."""
+
+    @staticmethod
+    async def is_disconnected() -> bool:
+        return False
+
+
+def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heartbeat: float):
+    """Store the response ``queued`` and run it on; the answer is that response, or (streamed)
+    the run's events as they come."""
+    run = BackgroundRun(result.id, bool(result.req.stream))
+    result.store.runs[result.id] = run
+    result.keep(result.response(None, None, "queued"))
+
+    async def work():
+        result.keep(result.response(None, None, "in_progress"))
+        if result.req.stream:
+            await run.record(_events(engine, sub, result, heartbeat))  # it stores the end itself
+            return
+        try:
+            await _whole(engine, sub, result, _Detached(), heartbeat)
+        except OpenAIError as err:  # the engine failed it: stored failed, as a failed stream is
+            result.keep(result.failed(ItemBuilder(), err))
+
+    run.start(work())
+    if result.req.stream:
+        return StreamingResponse(run.follow(0, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
+    return result.response(None, None, "queued")
+
+
+async def cancel_response(store: ResponseStore, response_id: str) -> dict:
+    """vLLM's ``POST /v1/responses/{id}/cancel``: a background response still queued or in
+    progress stops (its engine request aborted) and is stored, and answered, ``cancelled``."""
+    stored = store.get(response_id)
+    if stored is None:
+        raise not_stored(response_id, store)
+    run = store.runs.get(response_id)
+    status = stored.response.get("status")
+    if run is None or status not in ("queued", "in_progress"):
+        kind = "background response" if run is not None else "response created without background"
+        raise bad_request(f"Response {response_id!r} is a {kind} that is {status}: only a background "
+                          "response still queued or in progress can be cancelled.", "response_id")
+    stored.response["status"] = "cancelled"  # before the task ends: its last store() keeps this
+    await run.cancel()
+    stored.response["status"] = "cancelled"
+    store.put(response_id, stored)
+    return stored.response
+
+
+async def delete_response(store: ResponseStore, response_id: str) -> dict:
+    run = store.runs.get(response_id)
+    if run is not None:
+        await run.cancel()  # a background response still going stops with it
+    if not store.delete(response_id):
+        raise not_stored(response_id, store)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def stream_stored(store: ResponseStore, response_id: str, starting_after: Optional[int], heartbeat: float):
+    """vLLM's ``GET /v1/responses/{id}?stream=true``: a background stream's events after
+    ``starting_after`` (all, without it), then the rest as they come."""
+    if store.get(response_id) is None:
+        raise not_stored(response_id, store)
+    run = store.runs.get(response_id)
+    if run is None or not run.streamed:
+        raise bad_request(f"Response {response_id!r} was not created with background and stream true, so it "
+                          "has no events to stream; GET it without stream.", "stream")
+    first = 0 if starting_after is None else starting_after + 1
+    if first < 0:
+        raise bad_request("starting_after must be a sequence number (0 or more).", "starting_after")
+    return StreamingResponse(run.follow(first, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def not_stored(response_id: str, store: ResponseStore) -> OpenAIError:
+    why = "" if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
+    return OpenAIError(f"No response with id {response_id!r} is stored{why}.", 404, "response_id", "not_found")
 
 
 def _check_logprobs(job: ChatJob) -> None:
@@ -123,11 +230,14 @@ class _Result:
             reasoning=req.reasoning.model_dump() if req.reasoning is not None else None,
             temperature=params.temperature, top_p=params.top_p, text={"format": text_format},
             top_logprobs=req.top_logprobs,
-            tool_choice=req.tool_choice or ("auto" if req.tools else "none"),
+            tool_choice=req.tool_choice if req.tools and req.tool_choice else ("auto" if req.tools else "none"),
             tools=[{"description": None, "parameters": None, "strict": None, **t} for t in req.tools or []],
             usage=self.usage(builder, out) if out is not None else None, user=req.user,
             metadata=req.metadata or {}, store=self.store is not None,
-            previous_response_id=req.previous_response_id)
+            previous_response_id=req.previous_response_id, truncation=req.truncation or "disabled",
+            background=bool(req.background), service_tier=req.service_tier or "auto",
+            max_tool_calls=req.max_tool_calls, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty)
 
     def failed(self, builder: ItemBuilder, err: OpenAIError) -> ResponseObject:
         """OpenAI's failed response: the items streamed so far, ``error`` {code, message}
@@ -139,10 +249,13 @@ class _Result:
         return response
 
     def keep(self, response: ResponseObject) -> ResponseObject:
-        """The finished response, stored when it is to be kept."""
+        """The response (finished, or a background one's state), stored when it is to be kept;
+        a cancelled background response stays cancelled."""
         if self.store is not None:
-            self.store.put(response.id, StoredResponse(input_items(self.req), response.model_dump(),
-                                                       self.req.previous_response_id))
+            kept = self.store.get(response.id)
+            if kept is None or kept.response.get("status") != "cancelled":
+                self.store.put(response.id, StoredResponse(input_items(self.req), response.model_dump(),
+                                                           self.req.previous_response_id))
         return response
 
     def usage(self, builder: Optional[ItemBuilder], out: RequestOutput) -> ResponseUsage:
@@ -183,7 +296,9 @@ async def _events(engine: AsyncLLM, sub: Submitted, result: _Result, heartbeat: 
         out = chunks.final
         for event in builder.finish(result.item_status(out)):
             yield sse(event)
-        final = result.keep(result.response(builder, out))
+        final = result.response(builder, out)
+        final.kv_transfer_params = getattr(out, "kv_transfer_params", None)  # as a whole response's
+        final = result.keep(final)
         yield sse({"type": f"response.{final.status}", "response": final.model_dump()})
     except Exception as exc:  # noqa: BLE001 - becomes the stream's last events
         err = engine_error(exc)

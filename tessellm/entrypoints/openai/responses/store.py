@@ -11,15 +11,20 @@ restart, not shared between replicas.
 A failed response (a stream that ended in ``response.failed``) is stored, so GET answers it,
 but it continues nothing: its items are partial. Named as ``previous_response_id`` it is a 400
 that names it and the turn to retry from, the last completed one (the response it continued).
+So is a cancelled background response; one still queued or in progress is a 400 that says to
+wait for it. ``runs``: the background responses' runs (background.py), kept with their response.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from tessellm.entrypoints.openai.errors import bad_request
+
+if TYPE_CHECKING:
+    from tessellm.entrypoints.openai.responses.background import BackgroundRun
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ResponseStore:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._items: OrderedDict[str, StoredResponse] = OrderedDict()
+        self.runs: dict[str, "BackgroundRun"] = {}  # background responses (background.py)
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +50,10 @@ class ResponseStore:
         self._items[response_id] = stored
         self._items.move_to_end(response_id)
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            old, _ = self._items.popitem(last=False)
+            run = self.runs.get(old)
+            if run is not None and not run.running:  # a running one is kept: its task needs it
+                del self.runs[old]
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
         stored = self._items.get(response_id)
@@ -53,6 +62,8 @@ class ResponseStore:
         return stored
 
     def delete(self, response_id: str) -> bool:
+        """Forget it (the caller cancels its run first, if one is going)."""
+        self.runs.pop(response_id, None)
         return self._items.pop(response_id, None) is not None
 
     def history(self, previous_id: str) -> list[dict]:
@@ -72,7 +83,12 @@ class ResponseStore:
                                   f"{self.capacity} responses); send the conversation in input instead.",
                                   "previous_response_id", "previous_response_not_found")
             seen.add(rid)
-            if stored.response.get("status") == "failed":
+            status = stored.response.get("status")
+            if status in ("queued", "in_progress"):
+                raise bad_request(f"Previous response {rid!r} is a background response still {status.replace('_', ' ')}; "
+                                  f"wait until GET /v1/responses/{rid} says it has completed, then continue it.",
+                                  "previous_response_id", "previous_response_in_progress")
+            if status in ("failed", "cancelled"):
                 raise _failed_previous(rid, stored, stored.previous_id in self._items)
             turns.append(stored)
             rid = stored.previous_id
@@ -87,6 +103,7 @@ def _failed_previous(response_id: str, stored: StoredResponse, continued_kept: b
     ``continued_kept``: the response it continued is still stored (one to retry from)."""
     error = (stored.response.get("error") or {}).get("message")
     why = f" ({error})" if error else ""
+    status = stored.response.get("status", "failed")
     if stored.previous_id is None:
         retry = "send that turn again without previous_response_id"
     elif continued_kept:
@@ -95,5 +112,6 @@ def _failed_previous(response_id: str, stored: StoredResponse, continued_kept: b
     else:
         retry = (f"the response it continued, {stored.previous_id!r}, is no longer stored: send the "
                  "conversation in input")
-    return bad_request(f"Previous response {response_id!r} failed{why}: its output is partial and "
-                       f"cannot be continued; {retry}.", "previous_response_id", "previous_response_failed")
+    return bad_request(f"Previous response {response_id!r} {'was cancelled' if status == 'cancelled' else 'failed'}"
+                       f"{why}: its output is partial and cannot be continued; {retry}.", "previous_response_id",
+                       "previous_response_failed")
