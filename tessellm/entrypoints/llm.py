@@ -216,7 +216,7 @@ class LLM(PoolingLLM):
             raise ValueError(f"generate(priority=...) has {len(priority)} values for {len(prompts)} "
                              "prompts; give one priority per prompt.")
         tok = TokenizationKwargs.parse(tokenization_kwargs, "generate")
-        prompts = [tok.tokenized(p, self.engine.tokenizer, "generate") for p in prompts]
+        prompts = [tok.tokenized(p, self.engine, "generate") for p in prompts]
         params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
         if tok.truncate_prompt_tokens is not None:
             params = [p.clone(truncate_prompt_tokens=tok.truncate_prompt_tokens) for p in params]

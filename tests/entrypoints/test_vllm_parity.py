@@ -131,8 +131,8 @@ def test_tokenization_kwargs_add_special_tokens(bos_llm):
 def test_tokenization_kwargs_of_pooling(tiny_model_dir):
     with LLM(tiny_model_dir("llama"), runner="pooling", convert="embed", **ENGINE) as pooler:
         cut, short = (pooler.embed({"prompt_token_ids": p}, use_tqdm=False, tokenization_kwargs=kw)[0]
-                      for p, kw in ((PROMPT, {"truncate_prompt_tokens": 4}), (PROMPT[-4:], None)))
-        assert list(cut.prompt_token_ids) == PROMPT[-4:]
+                      for p, kw in ((PROMPT, {"truncate_prompt_tokens": 4}), (PROMPT[:4], None)))
+        assert list(cut.prompt_token_ids) == PROMPT[:4]  # a pooling model keeps the first tokens
         assert cut.outputs.embedding == pytest.approx(short.outputs.embedding)
         with pytest.raises(ValueError, match="'padding'"):
             pooler.encode({"prompt_token_ids": PROMPT}, pooling_task="embed", tokenization_kwargs={"padding": 1})

@@ -99,8 +99,8 @@ async def _input_prompt(engine: AsyncLLM, req: EmbeddingCompletionRequest, item,
                 raise ValueError("This model has no tokenizer files; give the input as token ids.")
             if truncate is None:
                 engine.check_text_fits(len(item), "The input")
-            ids = await engine.run_off_loop(
-                lambda: engine.tokenizer.encode(item, add_special_tokens=req.add_special_tokens))
+            ids = await engine.run_off_loop(  # cut as the engine cuts text: special tokens kept
+                lambda: engine.inputs.encode_text(item, truncate, req.add_special_tokens))
             prompt = {"prompt": item, "prompt_token_ids": ids}
         else:
             prompt = {"prompt_token_ids": item}
