@@ -105,13 +105,14 @@ class LLM(PoolingLLM):
         return self.engine.core.is_sleeping()
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        """Empty the prefix cache; False (nothing done) while requests hold blocks. vLLM's
-        ``reset_running_requests`` / ``reset_connector`` only False (running requests keep their
-        blocks; a KV connector's store is its own)."""
-        if reset_running_requests or reset_connector:
-            raise ValueError("reset_prefix_cache(reset_running_requests / reset_connector=True) is not "
-                             "supported: finish or abort the running requests first, then reset.")
-        return self.engine.core.reset_prefix_cache()
+        """Empty the prefix cache; False (nothing done) while requests hold blocks.
+        ``reset_running_requests`` (vLLM's): requests running on the engine (added through
+        ``llm.llm_engine``) are preempted first and recomputed later, their outputs unchanged.
+        vLLM's ``reset_connector`` only False (a KV connector's store is its own)."""
+        if reset_connector:
+            raise ValueError("reset_prefix_cache(reset_connector=True) is not supported: a KV "
+                             "connector's store is its own (empty it there); leave reset_connector out.")
+        return self.engine.core.reset_prefix_cache(bool(reset_running_requests))
 
     def get_world_size(self, include_dp: bool = True) -> int:
         """vLLM's: the devices this LLM runs on, tensor x pipeline parallel (x data parallel
@@ -145,7 +146,10 @@ class LLM(PoolingLLM):
         """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
         ``args`` and ``kwargs`` (msgpack-able values across processes); one result per rank, in
         rank order (vLLM's signature). A name that is not a public method of ``Worker`` is refused
-        here, before any rank sees it; so is a ``timeout`` (every rank is waited for)."""
+        here, before any rank sees it. ``timeout`` (seconds): a rank that has not answered by
+        then raises ``TimeoutError`` naming it, as vLLM (the call goes on on that rank, and
+        later steps queue behind it; its late answer is dropped); with the model in this process
+        (one device) the call runs to its end, as in vLLM."""
         import inspect
 
         from tessellm.distributed.worker import Worker
@@ -154,9 +158,10 @@ class LLM(PoolingLLM):
         if not isinstance(method, str) or method.startswith("_") or not callable(getattr(Worker, method, None)):
             raise ValueError(f"collective_rpc: {method!r} is not a method of the workers "
                              "(tessellm.distributed.worker.Worker), e.g. 'kv_block_bytes'.")
-        if timeout is not None:
-            raise ValueError("collective_rpc(timeout=...) is not supported: the call waits for every "
-                             "rank; leave timeout out.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):
+            raise ValueError(f"collective_rpc(timeout={timeout!r}): give seconds >= 0, or None to wait "
+                             "for every rank.")
         try:  # keyword arguments become positional ones (the workers take them in order)
             bound = inspect.signature(getattr(Worker, method)).bind(None, *args, **(kwargs or {}))
         except TypeError as exc:
@@ -165,7 +170,7 @@ class LLM(PoolingLLM):
         if bound.kwargs:
             raise ValueError(f"collective_rpc({method!r}): keyword-only arguments "
                              f"{', '.join(bound.kwargs)} cannot be sent to the workers.")
-        return core.executor.collective_rpc(method, *bound.args[1:])
+        return core.executor.collective_rpc(method, *bound.args[1:], timeout=timeout)
 
     def apply_model(self, func) -> list:
         """vLLM's: ``func(model)`` (the ``torch.nn.Module``) in this process, its result in a
