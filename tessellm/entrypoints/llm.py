@@ -14,7 +14,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
-from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
+from tessellm.entrypoints.chat_utils import check_content_format, render_chat  # noqa: F401 - render_chat also importable from here
 from tessellm.entrypoints.interrupt import sigint_between_steps
 from tessellm.entrypoints.llm_pooling import PoolingLLM, per_prompt_lora
 from tessellm.entrypoints.tokenization_kwargs import TokenizationKwargs
@@ -262,9 +262,12 @@ class LLM(PoolingLLM):
         adapter, or one per conversation); ``continue_final_message`` (the last, assistant
         message is continued, not closed), ``tools`` (OpenAI function definitions, for templates
         that show them), ``chat_template_kwargs`` (extra template variables, e.g.
-        ``{"enable_thinking": False}``); ``chat_template_content_format`` only ``"auto"`` /
-        ``"string"`` (text parts joined); ``tokenization_kwargs`` as ``generate``'s
-        (``add_special_tokens``: the tokenizer's BOS etc. on top of the template's text)."""
+        ``{"enable_thinking": False}``); ``chat_template_content_format`` vLLM's: ``"string"``
+        (a message's text parts joined by newlines), ``"openai"`` (its content as a list of parts,
+        ``[{"type": "text", "text": ...}]``) or ``"auto"`` (``"openai"`` when the template loops
+        over a message's content; ``chat_utils.detect_content_format``);
+        ``tokenization_kwargs`` as ``generate``'s (``add_special_tokens``: the tokenizer's BOS
+        etc. on top of the template's text)."""
         tok = TokenizationKwargs.parse(tokenization_kwargs, "chat")
         if tok.do_lower_case:
             raise ValueError("chat(tokenization_kwargs=...): do_lower_case does not apply to a chat "
@@ -273,9 +276,7 @@ class LLM(PoolingLLM):
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat_template_content_format={chat_template_content_format!r} is not "
-                             "supported; use 'auto' or 'string' (text parts are joined into one string).")
+        check_content_format(chat_template_content_format)
         if mm_processor_kwargs:
             raise ValueError("mm_processor_kwargs is not supported: images are processed with the "
                              "checkpoint's preprocessor settings; leave it out.")
@@ -288,7 +289,8 @@ class LLM(PoolingLLM):
             def render(c):
                 return render_chat(tokenizer, c, add_generation_prompt, chat_template, tools,
                                    continue_final_message, chat_template_kwargs,
-                                   add_special_tokens=bool(tok.add_special_tokens))
+                                   add_special_tokens=bool(tok.add_special_tokens),
+                                   content_format=chat_template_content_format)
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,
@@ -361,7 +363,7 @@ def _check_chat_positions(lora_request, content_format) -> None:
         raise ValueError(f"LLM.chat's 4th positional argument is lora_request (vLLM's order), got "
                          f"{lora_request!r}; pass add_generation_prompt={lora_request!r} by keyword.")
     if not isinstance(content_format, str):  # (a keyword caller's None lands here too)
-        raise ValueError("chat_template_content_format must be 'auto' or 'string', got a "
+        raise ValueError("chat_template_content_format must be 'auto', 'string' or 'openai', got a "
                          f"{type(content_format).__name__}. LLM.chat's 6th positional argument is "
                          "chat_template_content_format (vLLM's order); a call in the old order "
                          "puts lora_request there: pass lora_request=... by keyword.")

@@ -305,9 +305,6 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("disable_access_log_for_endpoints", "noop", "the access log is all or nothing (--no-access-log)"),
     VllmArg("enable_offline_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
     VllmArg("enable_flash_late_interaction", "noop", "scores are computed in the engine", bool),
-    VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
-            "string (\"\\n\" between them), as vLLM's auto does for most templates",
-            neutral=("auto", "string")),
 )
 
 _BY_NAME = {a.name: a for a in ENGINE + SERVER}

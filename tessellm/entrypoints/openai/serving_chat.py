@@ -107,7 +107,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
-                                add_special_tokens=req.add_special_tokens, documents=_documents(req.documents))
+                                add_special_tokens=req.add_special_tokens, documents=_documents(req.documents),
+                                content_format=config.chat_template_content_format)
     try:
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         if images:  # the image processor runs off the event loop
@@ -192,12 +193,13 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                           continue_final_message: bool = False,
                           template_kwargs: Optional[dict] = None, check_fits: bool = True,
                           images: Optional[list] = None, add_special_tokens: bool = False,
-                          documents: Optional[list[dict]] = None) -> list[int]:
+                          documents: Optional[list[dict]] = None, content_format: str = "auto") -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
     ``images``: a list that receives the messages' images (``image_url`` parts, in order, then
     the videos of ``video_url`` parts: ``media_data`` splits them; the
     ids hold one placeholder each); None refuses image parts. ``add_special_tokens``: vLLM's
-    field, the tokenizer's BOS etc. added to the rendered text."""
+    field, the tokenizer's BOS etc. added to the rendered text. ``content_format``: the
+    server's ``--chat-template-content-format``."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
@@ -220,7 +222,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
 
         def render(conv):
             return render_chat(engine.tokenizer, conv, add_generation_prompt, chat_template, tools,
-                               continue_final_message, template_kwargs, add_special_tokens, documents)
+                               continue_final_message, template_kwargs, add_special_tokens, documents,
+                               content_format)
 
         try:
             fetched = await fetch_chat_images(conversation, engine)
@@ -236,7 +239,7 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
                                          add_generation_prompt, chat_template, tools,
                                          continue_final_message, template_kwargs, add_special_tokens,
-                                         documents)
+                                         documents, content_format)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
@@ -257,7 +260,8 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
                                   f"messages.{i}.content.{j}.type",
                                   "unsupported_parameter")
             texts.append(part.text)
-        content = "\n".join(texts)  # as vLLM joins a text-only message's parts
+        # parts: render_chat joins them ("\n", vLLM's "string" format) or keeps them ("openai")
+        content = [{"type": "text", "text": t} for t in texts]
     else:
         content = m.content or ""
     message = {"role": "system" if m.role == "developer" else m.role, "content": content}

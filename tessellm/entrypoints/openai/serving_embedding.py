@@ -116,7 +116,8 @@ async def _chat_prompt(engine: AsyncLLM, config: ServerConfig, req: EmbeddingCha
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs, check_fits=truncate is None,
-                                add_special_tokens=req.add_special_tokens)
+                                add_special_tokens=req.add_special_tokens,
+                                content_format=config.chat_template_content_format)
     try:
         return await engine.run_off_loop(engine.inputs.process_prompt, {"prompt_token_ids": ids}, truncate)
     except ValueError as exc:
