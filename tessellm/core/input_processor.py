@@ -120,8 +120,8 @@ class InputProcessor:
         return self._check(ProcessedPrompt(None, [0] * embeds.num_tokens, prompt_embeds=embeds))
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
-        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...}}``
-        (vLLM's form)."""
+        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...},
+        "mm_processor_kwargs": {...}}`` (vLLM's form; the kwargs: ``ImageProcessor.check_mm_kwargs``)."""
         from tessellm.multimodal.processor import get_processor, given
 
         data = prompt["multi_modal_data"]
@@ -132,11 +132,13 @@ class InputProcessor:
             raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
                              "image goes) or 'prompt_token_ids'.")
         videos = data.get("video")
+        # vLLM's per-request processor settings (a family that reads none refuses them by name)
+        kwargs = {"mm_kwargs": mm} if (mm := processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))) else {}
         if given(videos):
             processor.check_video_count(1)  # a model without videos: refused by name
-            ids, features = processor.process(source, data.get("image", []), videos)
+            ids, features = processor.process(source, data.get("image", []), videos, **kwargs)
         else:
-            ids, features = processor.process(source, data.get("image", []))
+            ids, features = processor.process(source, data.get("image", []), **kwargs)
         return ProcessedPrompt(text, ids, features or None)
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:

@@ -267,7 +267,9 @@ class LLM(PoolingLLM):
         ``[{"type": "text", "text": ...}]``) or ``"auto"`` (``"openai"`` when the template loops
         over a message's content; ``chat_utils.detect_content_format``);
         ``tokenization_kwargs`` as ``generate``'s (``add_special_tokens``: the tokenizer's BOS
-        etc. on top of the template's text)."""
+        etc. on top of the template's text). ``mm_processor_kwargs``: vLLM's per-request image
+        processor settings for the conversation's images (the Qwen2-VL family's ``min_pixels`` /
+        ``max_pixels``; another family refuses any, by name; docs/multimodal.md)."""
         tok = TokenizationKwargs.parse(tokenization_kwargs, "chat")
         if tok.do_lower_case:
             raise ValueError("chat(tokenization_kwargs=...): do_lower_case does not apply to a chat "
@@ -277,9 +279,9 @@ class LLM(PoolingLLM):
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
         check_content_format(chat_template_content_format)
-        if mm_processor_kwargs:
-            raise ValueError("mm_processor_kwargs is not supported: images are processed with the "
-                             "checkpoint's preprocessor settings; leave it out.")
+        if mm_processor_kwargs is not None and not isinstance(mm_processor_kwargs, dict):
+            raise ValueError("mm_processor_kwargs must be a dict (e.g. {'max_pixels': 200704} for the "
+                             f"Qwen2-VL family), got {type(mm_processor_kwargs).__name__}.")
         if add_generation_prompt and continue_final_message:
             raise ValueError("continue_final_message needs add_generation_prompt=False (the last message "
                              "is continued, no new turn is opened), as in vLLM.")
@@ -296,6 +298,8 @@ class LLM(PoolingLLM):
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,
                                              self.engine.args.allowed_local_media_path,
                                              self.engine.args.allowed_media_domains)
+            if prompt and mm_processor_kwargs:  # vLLM's per-request image processor settings
+                prompt["mm_processor_kwargs"] = mm_processor_kwargs
             prompts.append(prompt or {"prompt_token_ids": render(conv)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request, tokenization_kwargs=(
             None if tok.truncate_prompt_tokens is None else {"truncate_prompt_tokens": tok.truncate_prompt_tokens}))

@@ -113,7 +113,8 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
         ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
         if images:  # the image processor runs off the event loop
             processed = await engine.process_prompt_async({"prompt_token_ids": ids,
-                                                           "multi_modal_data": media_data(images)})
+                                                           "multi_modal_data": media_data(images),
+                                                           "mm_processor_kwargs": req.mm_processor_kwargs})
         else:
             processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
