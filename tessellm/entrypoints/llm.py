@@ -14,7 +14,8 @@ from tessellm.config import EngineArgs
 from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
-from tessellm.entrypoints.chat_utils import check_content_format, render_chat  # noqa: F401 - render_chat also importable from here
+from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
+from tessellm.entrypoints.chat_utils import check_content_format
 from tessellm.entrypoints.interrupt import sigint_between_steps
 from tessellm.entrypoints.llm_pooling import PoolingLLM, per_prompt_lora
 from tessellm.entrypoints.tokenization_kwargs import TokenizationKwargs

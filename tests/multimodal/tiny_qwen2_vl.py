@@ -129,7 +129,8 @@ def hf_inputs(path: str, prompt: str, images: list, image_kwargs: dict | None = 
     pad = "<|image_pad|>"
     inputs = {}
     if images:
-        out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt", **(image_kwargs or {}))
+        out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt",
+                                                       **(image_kwargs or {}))
         inputs = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         parts = prompt.split(pad)
         assert len(parts) == len(images) + 1
