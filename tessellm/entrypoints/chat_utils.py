@@ -29,7 +29,8 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
                 chat_template: Optional[str] = None, tools: Optional[list[dict]] = None,
                 continue_final_message: bool = False,
                 template_kwargs: Optional[dict] = None, add_special_tokens: bool = False,
-                documents: Optional[list[dict]] = None, content_format: str = "auto") -> list[int]:
+                documents: Optional[list[dict]] = None, content_format: str = "auto",
+                encode=None) -> list[int]:
     """The conversation (``[{role, content}, ...]``) through the chat template, as token ids.
 
     ``chat_template`` (Jinja text) overrides the tokenizer's own; ValueError when neither exists.
@@ -40,6 +41,8 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
     ``add_special_tokens``: the tokenizer's own special tokens (BOS, ...) added on top of the
     rendered text, as vLLM's chat field of that name (off: the template places them).
     ``content_format``: vLLM's ``chat_template_content_format`` (``CONTENT_FORMATS``).
+    ``encode``: ``encode(text, add_special_tokens) -> ids`` instead of the tokenizer's own (a
+    truncating one: ``InputProcessor.encode_text``, so a cut keeps the BOS the tokenizer adds).
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("The tokenizer has no chat template; pass chat_template=...")
@@ -57,6 +60,8 @@ def render_chat(tokenizer, conversation: list[dict], add_generation_prompt: bool
     conversation = [format_content(m, fmt) for m in conversation]
     text = tokenizer.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
                                          add_generation_prompt=add_generation_prompt, **extra)
+    if encode is not None:
+        return encode(text, add_special_tokens)
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 

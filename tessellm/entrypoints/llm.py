@@ -287,13 +287,18 @@ class LLM(PoolingLLM):
             raise ValueError("continue_final_message needs add_generation_prompt=False (the last message "
                              "is continued, no new turn is opened), as in vLLM.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        keep = tok.truncate_prompt_tokens
+        # a cut of the template's text with the tokenizer's BOS on top keeps that BOS (vLLM's);
+        # without special tokens the ids are cut in generate, the same tokens
+        encode = None if keep is None or not tok.add_special_tokens else (
+            lambda text, add: self.engine.inputs.encode_text(text, keep, add))
         prompts = []
         for conv in conversations:
             def render(c):
                 return render_chat(tokenizer, c, add_generation_prompt, chat_template, tools,
                                    continue_final_message, chat_template_kwargs,
                                    add_special_tokens=bool(tok.add_special_tokens),
-                                   content_format=chat_template_content_format)
+                                   content_format=chat_template_content_format, encode=encode)
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,

@@ -126,6 +126,9 @@ def test_tokenization_kwargs_add_special_tokens(bos_llm):
     chat = [list(bos_llm.chat(messages, _greedy(1), use_tqdm=False, tokenization_kwargs=kw)[0].prompt_token_ids)
             for kw in (None, {"add_special_tokens": True})]
     assert chat == [plain, [BOS, *plain]]  # the template's text, and the BOS on top of it (vLLM's)
+    cut = [list(bos_llm.chat(messages, _greedy(1), use_tqdm=False, tokenization_kwargs={
+        "add_special_tokens": add, "truncate_prompt_tokens": 3})[0].prompt_token_ids) for add in (True, False)]
+    assert cut == [[BOS, *plain[-2:]], plain[-3:]]  # the tokenizer's cut keeps its BOS (vLLM's left side)
 
 
 def test_tokenization_kwargs_of_pooling(tiny_model_dir):
