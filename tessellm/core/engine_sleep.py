@@ -55,8 +55,13 @@ class EngineSleep:
         ``engine_sleep_state`` metric)."""
         return max(self.asleep.values(), default=0)
 
-    def reset_prefix_cache(self) -> bool:
-        """Empty the prefix cache; False while requests hold blocks (nothing is done then)."""
+    def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """Empty the prefix cache; False while requests hold blocks (nothing is done then).
+        ``reset_running_requests`` (vLLM's): the running requests are preempted first (their
+        blocks freed; each is recomputed from its tokens when next scheduled, its output
+        unchanged), so the cache can be emptied under load."""
+        if reset_running_requests:
+            self.scheduler.preempt_running()
         return self.kv.reset_prefix_cache()
 
     def load_weights(self, weights=None, path: Optional[str] = None) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from tessellm.core.engine_core import EngineCoreRequest, EngineInfo
+from tessellm.core.prompt_truncation import PromptTruncator, cut_ids, side_for
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import check_prompt_fits
 from tessellm.core.scheduler_config import RequestParamError, prompt_tokens_to_keep
@@ -36,6 +37,9 @@ class InputProcessor:
     def __init__(self, info: EngineInfo, tokenizer):
         self.info = info
         self.tokenizer = tokenizer
+        # vLLM's cut: a pooling model keeps a prompt's first tokens, a generating one its last
+        # (prompt_truncation.py)
+        self.truncator = PromptTruncator(side_for(getattr(info, "runner", "generate")))
         if info.mm_limits:  # a vision model: its processor's chat template where the tokenizer has none
             from tessellm.multimodal.processor import adopt_chat_template
 
@@ -52,8 +56,9 @@ class InputProcessor:
     def process_prompt(self, prompt: PromptType, truncate: Optional[int] = None) -> ProcessedPrompt:
         """A str, token ids, or a dict (vLLM's TextPrompt / TokensPrompt: ``prompt`` or
         ``prompt_token_ids``, optional ``multi_modal_data`` and ``cache_salt``). ``truncate``:
-        keep only the last ``truncate`` tokens (-1: as many as the context holds), before the
-        length check (a pooling request's ``truncate_prompt_tokens``)."""
+        keep only ``truncate`` tokens (-1: as many as the context holds), before the length
+        check: the last ones on a generating engine, the first ones on a pooling engine, a text
+        prompt cut by its tokenizer (special tokens kept), as vLLM (``prompt_truncation.py``)."""
         processed = self._process(prompt, truncate)
         if isinstance(prompt, dict) and prompt.get("cache_salt") is not None:
             processed.cache_salt = check_cache_salt(prompt["cache_salt"])
@@ -86,7 +91,18 @@ class InputProcessor:
         if self.tokenizer is None:
             raise ValueError("This model has no tokenizer files; pass prompts as token ids "
                              "({'prompt_token_ids': [...]}).")
-        return self._check(ProcessedPrompt(prompt, self.tokenizer.encode(prompt)), truncate)
+        return self._check(ProcessedPrompt(prompt, self.encode_text(prompt, truncate)), truncate)
+
+    @property
+    def room(self) -> int:
+        """Positions a prompt must leave free: one for a generated token, none for pooling."""
+        return 0 if getattr(self.info, "runner", "") == "pooling" else 1
+
+    def encode_text(self, text: str, truncate: Optional[int] = None, add_special_tokens: bool = True) -> list[int]:
+        """``text`` as token ids, cut to ``truncate_prompt_tokens`` as vLLM cuts a text prompt
+        (the tokenizer's truncation on this runner's side; -1: as many as the context holds)."""
+        keep = prompt_tokens_to_keep(truncate, self.info.max_model_len, self.room)
+        return self.truncator.encode(self.tokenizer, text, keep, add_special_tokens)
 
     def _process_embeds(self, prompt: dict, truncate: Optional[int]) -> ProcessedPrompt:
         """``{"prompt_embeds": tensor[tokens, hidden]}`` (vLLM's EmbedsPrompt)."""
@@ -106,8 +122,8 @@ class InputProcessor:
         return self._check(ProcessedPrompt(None, [0] * embeds.num_tokens, prompt_embeds=embeds))
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
-        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...}}``
-        (vLLM's form)."""
+        """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...},
+        "mm_processor_kwargs": {...}}`` (vLLM's form; the kwargs: ``ImageProcessor.check_mm_kwargs``)."""
         from tessellm.multimodal.processor import get_processor, given
 
         data = prompt["multi_modal_data"]
@@ -118,18 +134,19 @@ class InputProcessor:
             raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
                              "image goes) or 'prompt_token_ids'.")
         videos = data.get("video")
+        # vLLM's per-request processor settings (a family that reads none refuses them by name)
+        kwargs = {"mm_kwargs": mm} if (mm := processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))) else {}
         if given(videos):
             processor.check_video_count(1)  # a model without videos: refused by name
-            ids, features = processor.process(source, data.get("image", []), videos)
+            ids, features = processor.process(source, data.get("image", []), videos, **kwargs)
         else:
-            ids, features = processor.process(source, data.get("image", []))
+            ids, features = processor.process(source, data.get("image", []), **kwargs)
         return ProcessedPrompt(text, ids, features or None)
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
-        room = 0 if getattr(self.info, "runner", "") == "pooling" else 1  # pooling: may fill the context
+        room = self.room  # pooling: may fill the context
         keep = prompt_tokens_to_keep(truncate, self.info.max_model_len, room)
-        if keep is not None:
-            p.prompt_token_ids = p.prompt_token_ids[-keep:]
+        p.prompt_token_ids = cut_ids(p.prompt_token_ids, keep, self.truncator.side)
         ids = p.prompt_token_ids
         if not ids:
             raise ValueError("The prompt is empty; give at least one token.")

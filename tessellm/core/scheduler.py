@@ -553,6 +553,19 @@ class Scheduler(SchedulerUpdate, SchedulerKVLoads):
         self.waiting.requeue(req)
         self.preempted_ids.add(req.request_id)  # the runner drops its state; resumes as new
 
+    def preempt_running(self) -> int:
+        """Preempt every running request that may be (all of them, but under pipeline
+        parallelism one in flight; vLLM's ``reset_prefix_cache(reset_running_requests=True)``):
+        their blocks are freed and each is recomputed later from its tokens, so its results are
+        unchanged. Newest first, so the oldest ends at the front of ``waiting``. How many."""
+        victims = [r for r in reversed(self.running)
+                   if self.config.async_scheduling or r.request_id not in self.in_flight]
+        for req in victims:
+            self.running.remove(req)
+            self._preempt(req)
+        self.num_preemptions_total += len(victims)
+        return len(victims)
+
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         if req in self.running:

@@ -53,6 +53,14 @@ class WorkerDiedError(RuntimeError):
     """A worker process or actor exited or raised; the engine cannot go on."""
 
 
+def rpc_timeout_message(method: str, late_ranks: list[int]) -> str:
+    """``collective_rpc(timeout=...)``'s TimeoutError: the method and the ranks still out."""
+    ranks = ", ".join(map(str, late_ranks))
+    return (f"collective_rpc {method!r} timed out: rank{'s' if len(late_ranks) > 1 else ''} {ranks} did "
+            "not answer in time (the call goes on there; its late answer is dropped). Give a longer "
+            "timeout, or None to wait for every rank.")
+
+
 class Executor:
     parallel: ParallelConfig
     worker_info: list[dict]
@@ -72,7 +80,10 @@ class Executor:
         for info, graphs in zip(self.worker_info, self.collective_rpc("initialize_cache", num_blocks)):
             info["graphs"] = graphs
 
-    def collective_rpc(self, method: str, *args) -> list:
+    def collective_rpc(self, method: str, *args, timeout: Optional[float] = None) -> list:
+        """``method`` of every rank's worker with ``args``; one result per rank, in rank order.
+        ``timeout`` (seconds, vLLM's): TimeoutError when a rank has not answered by then (the
+        call goes on there; its late answer is dropped). None: wait for every rank."""
         raise NotImplementedError
 
     def save_sharded_state(self, path: str, pattern: Optional[str] = None,
@@ -122,7 +133,9 @@ class UniProcExecutor(Executor):
         self.worker_info = [self.worker.info()]
         self._launched: collections.deque = collections.deque()  # StepHandles, oldest first
 
-    def collective_rpc(self, method: str, *args) -> list:
+    def collective_rpc(self, method: str, *args, timeout: Optional[float] = None) -> list:
+        # In this process the call runs to its end: there is no rank to stop waiting for (vLLM's
+        # UniProcExecutor ignores timeout too).
         return [getattr(self.worker, method)(*args)]
 
     def mark_compile_ready(self) -> None:
@@ -163,6 +176,8 @@ class MultiprocExecutor(Executor):
         self._held = False  # the workers hold the last submitted step's tokens
         self._dead: Optional[str] = None
         self._in_flight = 0
+        self._call_id = 0  # the last collective_rpc's id; its answers echo it
+        self._awaited_call: Optional[int] = None  # the call collective_rpc waits for now
         self._worker_compilations: dict[int, int] = {}  # rank -> Triton compilations after ready
         self._tmp = tempfile.mkdtemp(prefix="tessellm-workers-")
         # Released by shutdown(), or when garbage-collected without it (after a failure).
@@ -206,19 +221,30 @@ class MultiprocExecutor(Executor):
                 self._check_processes()
             sock.send(data)
 
-    def collective_rpc(self, method: str, *args) -> list:
+    def collective_rpc(self, method: str, *args, timeout: Optional[float] = None) -> list:
+        """Each call carries an id its answers echo: the late answers of a call that timed out
+        are dropped by ``_recv`` whenever they come (during a later call or step)."""
         if self._in_flight:
             raise RuntimeError("collective_rpc while steps are in flight; collect them first.")
-        self._broadcast(["call", method, list(args)])
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._call_id += 1
+        self._broadcast(["call", method, list(args), self._call_id])
         results, refused = {}, {}
-        while len(results) + len(refused) < self.parallel.world_size:
-            msg = self._recv()
-            if msg[0] == "call_refused":  # the call raised on that rank, which serves on
-                refused[msg[1]] = msg[2]
-                continue
-            if msg[0] != "result":
-                raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for {method}.")
-            results[msg[1]] = msg[2]
+        self._awaited_call = self._call_id
+        try:
+            while len(results) + len(refused) < self.parallel.world_size:
+                msg = self._recv(deadline)
+                if msg is None:
+                    late = [r for r in range(self.parallel.world_size) if r not in results and r not in refused]
+                    raise TimeoutError(rpc_timeout_message(method, late))
+                if msg[0] == "call_refused":  # the call raised on that rank, which serves on
+                    refused[msg[1]] = msg[2]
+                    continue
+                if msg[0] != "result":
+                    raise WorkerDiedError(f"Unexpected message {msg[0]!r} while waiting for {method}.")
+                results[msg[1]] = msg[2]
+        finally:
+            self._awaited_call = None
         if refused:
             rank = min(refused)
             raise ValueError(f"{method} failed on rank {rank}: {refused[rank]}")
@@ -246,12 +272,22 @@ class MultiprocExecutor(Executor):
         self._in_flight -= 1
         return decode_runner_output(msg[1])
 
-    def _recv(self) -> list:
-        """The next message from any worker; fails fast if a worker died or raised."""
+    def _recv(self, deadline: Optional[float] = None) -> Optional[list]:
+        """The next message from any worker; fails fast if a worker died or raised. None once
+        ``deadline`` (``time.monotonic()``) passes. A call's answer that is not the awaited
+        call's (one that timed out) is dropped."""
         while True:
             self._check()
-            if self._results.poll(_POLL_MS):
+            wait_ms = _POLL_MS
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                wait_ms = max(1, min(_POLL_MS, int(left * 1000)))
+            if self._results.poll(wait_ms):
                 msg = unpack(self._results.recv())
+                if msg[0] in ("result", "call_refused") and msg[3] != self._awaited_call:
+                    continue  # the late answer of a call that timed out
                 if msg[0] == "error":
                     # A peer's collective fails when a rank dies: name the dead rank, the cause.
                     self._check_processes(reporter=msg[1])
@@ -441,9 +477,9 @@ def serve_worker(worker, cmds, results, output_rank: int, parent_pid: int) -> No
             try:
                 value = getattr(worker, msg[1])(*msg[2])
             except (ValueError, TypeError, KeyError) as exc:  # bad input (a weight's shape): serve on
-                results.send(pack(["call_refused", worker.rank, f"{type(exc).__name__}: {exc}"]))
+                results.send(pack(["call_refused", worker.rank, f"{type(exc).__name__}: {exc}", msg[3]]))
                 continue
-            results.send(pack(["result", worker.rank, value]))
+            results.send(pack(["result", worker.rank, value, msg[3]]))  # msg[3]: the call's id
         elif kind == "shutdown":
             return
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import time
 from typing import Optional
 
 from tessellm import envs
@@ -22,7 +23,7 @@ from tessellm.config import EngineArgs
 from tessellm.core.step import ModelRunnerOutput, SchedulerOutput
 from tessellm.distributed.codec import (decode_runner_output, decode_scheduler_output,
                                         encode_runner_output, encode_scheduler_output, pack, unpack)
-from tessellm.distributed.executor import Executor, WorkerDiedError
+from tessellm.distributed.executor import Executor, WorkerDiedError, rpc_timeout_message
 from tessellm.distributed.parallel_state import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -164,16 +165,20 @@ class RayExecutor(Executor):
             self.shutdown()
             raise
 
-    def _get(self, refs: list) -> list:
+    def _get(self, refs: list, deadline: Optional[float] = None, what: str = "") -> list:
         """Wait for every ref; fail fast on the first error or dead actor (a rank stuck in a
-        collective waiting for a dead peer would otherwise block this forever)."""
+        collective waiting for a dead peer would otherwise block this forever). ``deadline``
+        (``time.monotonic()``): TimeoutError naming the ranks still out (``collective_rpc``)."""
         import ray
 
         if self._dead is not None:
             raise WorkerDiedError(self._dead)
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_WAIT_S)
+            wait = _WAIT_S if deadline is None else max(0.0, min(_WAIT_S, deadline - time.monotonic()))
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=wait)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(rpc_timeout_message(what, sorted(refs.index(r) for r in pending)))
             errors = [(refs.index(r), e) for r in ready if (e := _error_of(r)) is not None]
             if errors:
                 # A dead rank makes its peers' collectives fail too: give them a moment to
@@ -188,8 +193,9 @@ class RayExecutor(Executor):
                 raise WorkerDiedError(self._dead) from exc
         return ray.get(list(refs))
 
-    def collective_rpc(self, method: str, *args) -> list:
-        return self._get([a.call.remote(method, list(args)) for a in self._actors])
+    def collective_rpc(self, method: str, *args, timeout: Optional[float] = None) -> list:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._get([a.call.remote(method, list(args)) for a in self._actors], deadline, method)
 
     def submit(self, sched: SchedulerOutput) -> None:
         if self._dead is not None:

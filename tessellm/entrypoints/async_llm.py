@@ -414,8 +414,10 @@ class AsyncLLM:
     async def is_sleeping(self) -> bool:
         return bool(await self.core_call("is_sleeping"))
 
-    async def reset_prefix_cache(self) -> bool:
-        return bool(await self.core_call("reset_prefix_cache"))
+    async def reset_prefix_cache(self, reset_running_requests: bool = False) -> bool:
+        """vLLM's: ``reset_running_requests`` preempts the cores' running requests first
+        (``EngineCore.reset_prefix_cache``)."""
+        return bool(await self.core_call("reset_prefix_cache", *([True] if reset_running_requests else [])))
 
     async def is_ready(self, timeout: float = _READY_WAIT_S) -> bool:
         """Every core is alive, warmed up and answers (``readiness``; ``timeout``: its wait)."""

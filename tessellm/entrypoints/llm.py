@@ -15,6 +15,7 @@ from tessellm.core.llm_engine import LLMEngine
 from tessellm.core.outputs import RequestOutput
 from tessellm.core.sampling_params import RequestOutputKind, SamplingParams
 from tessellm.entrypoints.chat_utils import render_chat  # noqa: F401 - also importable from here
+from tessellm.entrypoints.chat_utils import check_content_format
 from tessellm.entrypoints.interrupt import sigint_between_steps
 from tessellm.entrypoints.llm_pooling import PoolingLLM, per_prompt_lora
 from tessellm.entrypoints.tokenization_kwargs import TokenizationKwargs
@@ -105,13 +106,14 @@ class LLM(PoolingLLM):
         return self.engine.core.is_sleeping()
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
-        """Empty the prefix cache; False (nothing done) while requests hold blocks. vLLM's
-        ``reset_running_requests`` / ``reset_connector`` only False (running requests keep their
-        blocks; a KV connector's store is its own)."""
-        if reset_running_requests or reset_connector:
-            raise ValueError("reset_prefix_cache(reset_running_requests / reset_connector=True) is not "
-                             "supported: finish or abort the running requests first, then reset.")
-        return self.engine.core.reset_prefix_cache()
+        """Empty the prefix cache; False (nothing done) while requests hold blocks.
+        ``reset_running_requests`` (vLLM's): requests running on the engine (added through
+        ``llm.llm_engine``) are preempted first and recomputed later, their outputs unchanged.
+        vLLM's ``reset_connector`` only False (a KV connector's store is its own)."""
+        if reset_connector:
+            raise ValueError("reset_prefix_cache(reset_connector=True) is not supported: a KV "
+                             "connector's store is its own (empty it there); leave reset_connector out.")
+        return self.engine.core.reset_prefix_cache(bool(reset_running_requests))
 
     def get_world_size(self, include_dp: bool = True) -> int:
         """vLLM's: the devices this LLM runs on, tensor x pipeline parallel (x data parallel
@@ -145,7 +147,10 @@ class LLM(PoolingLLM):
         """Call ``method`` of every rank's worker (``tessellm.distributed.worker.Worker``) with
         ``args`` and ``kwargs`` (msgpack-able values across processes); one result per rank, in
         rank order (vLLM's signature). A name that is not a public method of ``Worker`` is refused
-        here, before any rank sees it; so is a ``timeout`` (every rank is waited for)."""
+        here, before any rank sees it. ``timeout`` (seconds): a rank that has not answered by
+        then raises ``TimeoutError`` naming it, as vLLM (the call goes on on that rank, and
+        later steps queue behind it; its late answer is dropped); with the model in this process
+        (one device) the call runs to its end, as in vLLM."""
         import inspect
 
         from tessellm.distributed.worker import Worker
@@ -154,9 +159,10 @@ class LLM(PoolingLLM):
         if not isinstance(method, str) or method.startswith("_") or not callable(getattr(Worker, method, None)):
             raise ValueError(f"collective_rpc: {method!r} is not a method of the workers "
                              "(tessellm.distributed.worker.Worker), e.g. 'kv_block_bytes'.")
-        if timeout is not None:
-            raise ValueError("collective_rpc(timeout=...) is not supported: the call waits for every "
-                             "rank; leave timeout out.")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout >= 0):
+            raise ValueError(f"collective_rpc(timeout={timeout!r}): give seconds >= 0, or None to wait "
+                             "for every rank.")
         try:  # keyword arguments become positional ones (the workers take them in order)
             bound = inspect.signature(getattr(Worker, method)).bind(None, *args, **(kwargs or {}))
         except TypeError as exc:
@@ -165,7 +171,7 @@ class LLM(PoolingLLM):
         if bound.kwargs:
             raise ValueError(f"collective_rpc({method!r}): keyword-only arguments "
                              f"{', '.join(bound.kwargs)} cannot be sent to the workers.")
-        return core.executor.collective_rpc(method, *bound.args[1:])
+        return core.executor.collective_rpc(method, *bound.args[1:], timeout=timeout)
 
     def apply_model(self, func) -> list:
         """vLLM's: ``func(model)`` (the ``torch.nn.Module``) in this process, its result in a
@@ -216,7 +222,7 @@ class LLM(PoolingLLM):
             raise ValueError(f"generate(priority=...) has {len(priority)} values for {len(prompts)} "
                              "prompts; give one priority per prompt.")
         tok = TokenizationKwargs.parse(tokenization_kwargs, "generate")
-        prompts = [tok.tokenized(p, self.engine.tokenizer, "generate") for p in prompts]
+        prompts = [tok.tokenized(p, self.engine, "generate") for p in prompts]
         params = _final_only(_per_prompt(sampling_params, len(prompts), self.get_default_sampling_params))
         if tok.truncate_prompt_tokens is not None:
             params = [p.clone(truncate_prompt_tokens=tok.truncate_prompt_tokens) for p in params]
@@ -257,9 +263,14 @@ class LLM(PoolingLLM):
         adapter, or one per conversation); ``continue_final_message`` (the last, assistant
         message is continued, not closed), ``tools`` (OpenAI function definitions, for templates
         that show them), ``chat_template_kwargs`` (extra template variables, e.g.
-        ``{"enable_thinking": False}``); ``chat_template_content_format`` only ``"auto"`` /
-        ``"string"`` (text parts joined); ``tokenization_kwargs`` as ``generate``'s
-        (``add_special_tokens``: the tokenizer's BOS etc. on top of the template's text)."""
+        ``{"enable_thinking": False}``); ``chat_template_content_format`` vLLM's: ``"string"``
+        (a message's text parts joined by newlines), ``"openai"`` (its content as a list of parts,
+        ``[{"type": "text", "text": ...}]``) or ``"auto"`` (``"openai"`` when the template loops
+        over a message's content; ``chat_utils.detect_content_format``);
+        ``tokenization_kwargs`` as ``generate``'s (``add_special_tokens``: the tokenizer's BOS
+        etc. on top of the template's text). ``mm_processor_kwargs``: vLLM's per-request image
+        processor settings for the conversation's images (the Qwen2-VL family's ``min_pixels`` /
+        ``max_pixels``; another family refuses any, by name; docs/multimodal.md)."""
         tok = TokenizationKwargs.parse(tokenization_kwargs, "chat")
         if tok.do_lower_case:
             raise ValueError("chat(tokenization_kwargs=...): do_lower_case does not apply to a chat "
@@ -268,27 +279,33 @@ class LLM(PoolingLLM):
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("This model has no tokenizer, so chat templates are unavailable.")
-        if chat_template_content_format not in ("auto", "string"):
-            raise ValueError(f"chat_template_content_format={chat_template_content_format!r} is not "
-                             "supported; use 'auto' or 'string' (text parts are joined into one string).")
-        if mm_processor_kwargs:
-            raise ValueError("mm_processor_kwargs is not supported: images are processed with the "
-                             "checkpoint's preprocessor settings; leave it out.")
+        check_content_format(chat_template_content_format)
+        if mm_processor_kwargs is not None and not isinstance(mm_processor_kwargs, dict):
+            raise ValueError("mm_processor_kwargs must be a dict (e.g. {'max_pixels': 200704} for the "
+                             f"Qwen2-VL family), got {type(mm_processor_kwargs).__name__}.")
         if add_generation_prompt and continue_final_message:
             raise ValueError("continue_final_message needs add_generation_prompt=False (the last message "
                              "is continued, no new turn is opened), as in vLLM.")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        keep = tok.truncate_prompt_tokens
+        # a cut of the template's text with the tokenizer's BOS on top keeps that BOS (vLLM's);
+        # without special tokens the ids are cut in generate, the same tokens
+        encode = None if keep is None or not tok.add_special_tokens else (
+            lambda text, add: self.engine.inputs.encode_text(text, keep, add))
         prompts = []
         for conv in conversations:
             def render(c):
                 return render_chat(tokenizer, c, add_generation_prompt, chat_template, tools,
                                    continue_final_message, chat_template_kwargs,
-                                   add_special_tokens=bool(tok.add_special_tokens))
+                                   add_special_tokens=bool(tok.add_special_tokens),
+                                   content_format=chat_template_content_format, encode=encode)
 
             # image_url / image_pil content parts (docs/multimodal.md): with multi_modal_data
             prompt = chat_prompt_with_images(conv, self.engine.info, tokenizer, render,
                                              self.engine.args.allowed_local_media_path,
                                              self.engine.args.allowed_media_domains)
+            if prompt and mm_processor_kwargs:  # vLLM's per-request image processor settings
+                prompt["mm_processor_kwargs"] = mm_processor_kwargs
             prompts.append(prompt or {"prompt_token_ids": render(conv)})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request, tokenization_kwargs=(
             None if tok.truncate_prompt_tokens is None else {"truncate_prompt_tokens": tok.truncate_prompt_tokens}))
@@ -356,7 +373,7 @@ def _check_chat_positions(lora_request, content_format) -> None:
         raise ValueError(f"LLM.chat's 4th positional argument is lora_request (vLLM's order), got "
                          f"{lora_request!r}; pass add_generation_prompt={lora_request!r} by keyword.")
     if not isinstance(content_format, str):  # (a keyword caller's None lands here too)
-        raise ValueError("chat_template_content_format must be 'auto' or 'string', got a "
+        raise ValueError("chat_template_content_format must be 'auto', 'string' or 'openai', got a "
                          f"{type(content_format).__name__}. LLM.chat's 6th positional argument is "
                          "chat_template_content_format (vLLM's order); a call in the old order "
                          "puts lora_request there: pass lora_request=... by keyword.")

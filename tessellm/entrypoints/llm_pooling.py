@@ -20,7 +20,8 @@ class PoolingLLM:
         (``LLM(model, runner="pooling")``): one ``EmbeddingRequestOutput`` each, in input order,
         ``.outputs.embedding`` a list of floats. ``pooling_params``: one
         ``tessellm.pooling.PoolingParams`` (dimensions, normalize) or one per prompt;
-        ``truncate_prompt_tokens``: keep the last k tokens of each prompt (docs/pooling.md)."""
+        ``truncate_prompt_tokens``: keep the first k tokens of each prompt, as vLLM's pooling
+        runner (docs/pooling.md)."""
         from tessellm.pooling.outputs import EmbeddingRequestOutput
 
         return [EmbeddingRequestOutput.from_base(o)
@@ -77,7 +78,7 @@ class PoolingLLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         tok = TokenizationKwargs.parse(tokenization_kwargs, "encode")
-        prompts = [tok.tokenized(p, self.engine.tokenizer, "encode") for p in prompts]
+        prompts = [tok.tokenized(p, self.engine, "encode") for p in prompts]
         if truncate_prompt_tokens is None:
             truncate_prompt_tokens = tok.truncate_prompt_tokens
         params = pooling_params if isinstance(pooling_params, (list, tuple)) else [pooling_params] * len(prompts)

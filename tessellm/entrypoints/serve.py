@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Optional
 
+from tessellm.entrypoints.chat_utils import CONTENT_FORMATS
 from tessellm.entrypoints.openai.tool_parsers import TOOL_PARSERS, checked_tool_parser
 from tessellm import envs
 from tessellm.entrypoints.engine_args import (DEFAULT_SERVED_NAME, add_engine_arguments,  # noqa: F401
@@ -44,6 +45,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="name(s) clients use for the model (default: MODEL as given)")
     g.add_argument("--chat-template", default=None, metavar="FILE",
                    help="a Jinja chat template file overriding the tokenizer's")
+    g.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                   help="how a message's content reaches the template (vLLM's): string (text parts "
+                        "joined), openai (a list of parts), auto (detected from the template)")
     g.add_argument("--tool-call-parser", default=None, metavar="{" + ",".join(sorted(TOOL_PARSERS)) + "}",
                    help="parses tool calls out of the model's text for tool_choice 'auto' "
                         "(docs/structured_output.md); openai: gpt-oss's harmony format, chosen by "
@@ -377,6 +381,7 @@ def _server_config(args: argparse.Namespace):
     return ServerConfig(
         served_model_names=list(names), api_key=keys[0] if keys else None, extra_api_keys=tuple(keys[1:]),
         chat_template=read_chat_template(args.chat_template), max_n=args.max_n,
+        chat_template_content_format=getattr(args, "chat_template_content_format", "auto"),
         max_logprobs=args.max_logprobs, max_tokens=args.max_tokens_limit, max_prompts=args.max_prompts,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
         sse_keepalive_s=args.sse_keepalive, tool_call_parser=args.tool_call_parser, tool_parser_plugin=plugin,

@@ -3,11 +3,12 @@
 
 The keys vLLM reads, and what each does here:
 
-    truncate_prompt_tokens   keep the prompt's last k tokens (-1: as many as the context holds),
-                             as ``SamplingParams`` / ``PoolingParams.truncate_prompt_tokens``
-    truncation + max_length  HF's spelling of it: ``truncation=True`` keeps the last
-                             ``max_length`` tokens (without max_length: as many as the
-                             context holds, vLLM's); ``truncation=False`` cuts nothing
+    truncate_prompt_tokens   keep k of the prompt's tokens (-1: as many as the context holds),
+                             as ``SamplingParams`` / ``PoolingParams.truncate_prompt_tokens``:
+                             the last k on a generating engine, the first k on a pooling one
+    truncation + max_length  HF's spelling of it: ``truncation=True`` keeps ``max_length``
+                             tokens (without max_length: as many as the context holds,
+                             vLLM's); ``truncation=False`` cuts nothing
     add_special_tokens       a text prompt is encoded with (default) or without the tokenizer's
                              BOS etc.; token-id prompts are never changed. In ``chat``: the
                              tokenizer's special tokens on top of the template's text
@@ -18,9 +19,9 @@ vLLM warns about any other key and goes on; here it is a ValueError naming it, s
 never silently does nothing. Where vLLM's answer depends on the spelling or silently drops one
 of two settings, the combination is refused naming both (``_merged_truncation``).
 
-The cut keeps the prompt's *last* tokens, as vLLM's generate runner does (its tokenizer is
-loaded with ``truncation_side="left"``). vLLM's pooling runner loads it with ``"right"`` and
-keeps the *first* tokens; tessellm keeps the last ones there too (docs/vllm_parity.md).
+The cut is vLLM's: its generate runner loads the tokenizer with ``truncation_side="left"`` (the
+*last* tokens stay), its pooling runner with ``"right"`` (the *first* ones); a text prompt is cut
+by the tokenizer, its special tokens kept (``tessellm/core/prompt_truncation.py``).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class TokenizationKwargs:
     def changes_text_encoding(self) -> bool:
         return self.add_special_tokens is False or self.do_lower_case
 
-    def tokenized(self, prompt, tokenizer, where: str):
-        """``prompt`` with its text encoded as these kwargs say (a token-id prompt as given)."""
+    def tokenized(self, prompt, engine, where: str):
+        """``prompt`` with its text encoded as these kwargs say (a token-id prompt as given), cut
+        as the engine cuts text (``InputProcessor.encode_text``: the special tokens stay)."""
+        tokenizer = engine.tokenizer
         if not self.changes_text_encoding:
             return prompt
         text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
@@ -73,7 +76,7 @@ class TokenizationKwargs:
             raise ValueError("This model has no tokenizer files; pass prompts as token ids "
                              "({'prompt_token_ids': [...]}).")
         encoded = text.lower() if self.do_lower_case else text
-        ids = tokenizer.encode(encoded, add_special_tokens=self.add_special_tokens is not False)
+        ids = engine.inputs.encode_text(encoded, self.truncate_prompt_tokens, self.add_special_tokens is not False)
         rest = prompt if isinstance(prompt, dict) else {}
         return {**rest, "prompt": text, "prompt_token_ids": ids}
 
@@ -91,7 +94,7 @@ def _merged_truncation(kwargs: dict, where: str) -> Optional[int]:
     prefix = f"{where}(tokenization_kwargs=...)"
     if truncation is None:
         if max_length is not None:
-            raise ValueError(f"{prefix}: max_length applies with truncation=True; to keep a prompt's last k "
+            raise ValueError(f"{prefix}: max_length applies with truncation=True; to keep k of a prompt's "
                              "tokens give truncate_prompt_tokens=k (or truncation=True, max_length=k).")
         return truncate
     if truncation in (False, "do_not_truncate"):
@@ -101,7 +104,7 @@ def _merged_truncation(kwargs: dict, where: str) -> Optional[int]:
                              "contradict each other; give one of them.")
         return None
     if truncation not in (True, "longest_first"):
-        raise ValueError(f"{prefix}: truncation={truncation!r} is not supported; use True (keep the last "
+        raise ValueError(f"{prefix}: truncation={truncation!r} is not supported; use True (keep "
                          "max_length tokens) or False.")
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                    or max_length < 1):

@@ -153,7 +153,8 @@ ENGINE: tuple[VllmArg, ...] = (
     VllmArg("mamba_cache_dtype", "neutral", "recurrent states keep the model's dtype", neutral=("auto",)),
     VllmArg("long_lora_scaling_factors", "neutral", "long-context LoRA is not supported"),
     VllmArg("mm_processor_kwargs", "neutral", "images are processed with the checkpoint's "
-            "preprocessor settings", "json", neutral=({},)),
+            "preprocessor settings; give a request's own (LLM.chat(mm_processor_kwargs=...), the chat "
+            "request field)", "json", neutral=({},)),
     VllmArg("media_io_kwargs", "neutral", "images are decoded with default settings", "json",
             neutral=({},)),
     VllmArg("kv_events_config", "neutral", "tessellm publishes no KV cache events", "json"),
@@ -305,9 +306,6 @@ SERVER: tuple[VllmArg, ...] = (
     VllmArg("disable_access_log_for_endpoints", "noop", "the access log is all or nothing (--no-access-log)"),
     VllmArg("enable_offline_docs", "noop", "tessellm serves no /docs, /redoc or /openapi.json", bool),
     VllmArg("enable_flash_late_interaction", "noop", "scores are computed in the engine", bool),
-    VllmArg("chat_template_content_format", "neutral", "a message's text parts are joined into one "
-            "string (\"\\n\" between them), as vLLM's auto does for most templates",
-            neutral=("auto", "string")),
 )
 
 _BY_NAME = {a.name: a for a in ENGINE + SERVER}

@@ -69,6 +69,25 @@ class ImageProcessor:
     family's front end subclasses it and reads its own fields in ``_read_config``."""
 
     takes_videos = False  # the Qwen2-VL family's front end takes videos too
+    # vLLM's per-request mm_processor_kwargs this family's front end reads (``process``'s
+    # ``mm_kwargs``); none here: the checkpoint's preprocessor settings only
+    mm_kwargs_keys: tuple = ()
+
+    def check_mm_kwargs(self, kwargs) -> dict:
+        """A request's ``mm_processor_kwargs``: a dict of the keys this family reads, else a
+        ValueError naming them."""
+        if kwargs is None:
+            return {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"mm_processor_kwargs must be an object, got {type(kwargs).__name__}.")
+        unknown = sorted(set(kwargs) - set(self.mm_kwargs_keys))
+        if unknown:
+            takes = (f"it takes {', '.join(self.mm_kwargs_keys)}" if self.mm_kwargs_keys else
+                     "it processes images with the checkpoint's preprocessor settings (the Qwen2-VL "
+                     "family takes min_pixels / max_pixels)")
+            raise ValueError(f"mm_processor_kwargs {', '.join(map(repr, unknown))} not supported for "
+                             f"{type(self.config).__name__.replace('Config', '')}: {takes}.")
+        return dict(kwargs)
 
     def __init__(self, model_path: str, max_images: int, max_videos: int = 0):
         from transformers import AutoConfig

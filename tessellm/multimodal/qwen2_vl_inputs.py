@@ -69,6 +69,12 @@ def max_image_tokens(model_path: str) -> int:
     return _max_pixels(processor) // (factor * factor)
 
 
+def _min_pixels(processor) -> int:
+    size = getattr(processor, "size", None) or {}
+    value = size.get("shortest_edge") or size.get("min_pixels") or getattr(processor, "min_pixels", None)
+    return int(value or 1)
+
+
 def _max_pixels(processor) -> int:
     size = getattr(processor, "size", None) or {}
     value = size.get("longest_edge") or size.get("max_pixels") or getattr(processor, "max_pixels", None)
@@ -80,7 +86,11 @@ def _max_pixels(processor) -> int:
 
 class Qwen2VLImageInputs(ImageProcessor):
     """``ImageProcessor``'s interface (``process``, ``check_count``, ``image_token_id``) for
-    Qwen2-VL; the placeholder expansion and span checks are the base class's."""
+    Qwen2-VL; the placeholder expansion and span checks are the base class's.
+    ``mm_processor_kwargs`` (vLLM's, per request): ``min_pixels`` / ``max_pixels`` of each
+    image's resize, ``max_pixels`` at most the checkpoint's (the encoder budget is sized by it)."""
+
+    mm_kwargs_keys = ("min_pixels", "max_pixels")
 
     def _read_config(self, config) -> None:
         self.image_token_id = int(config.image_token_id)
@@ -116,7 +126,8 @@ class Qwen2VLImageInputs(ImageProcessor):
                          "placeholders.")
 
     def process(self, prompt: Union[str, Sequence[int]], images,
-                videos=None) -> tuple[list[int], list[MultiModalFeature]]:
+                videos=None, mm_kwargs: Optional[dict] = None) -> tuple[list[int], list[MultiModalFeature]]:
+        size = self._image_size(mm_kwargs)
         images = as_image_list(images) if images else []
         self.check_count(len(images))
         if isinstance(prompt, str):
@@ -132,7 +143,8 @@ class Qwen2VLImageInputs(ImageProcessor):
             if self.image_token_id in ids:
                 super().check_without_images(ids)
             return ids, features
-        out = self._run(lambda: self.images(images=images, return_tensors="np"))
+        extra = {} if size is None else {"size": size}
+        out = self._run(lambda: self.images(images=images, return_tensors="np", **extra))
         grids = [[int(v) for v in g] for g in out["image_grid_thw"]]
         patches = np.asarray(out["pixel_values"], dtype=np.float32)
         counts = [t * h * w for t, h, w in grids]
@@ -151,6 +163,30 @@ class Qwen2VLImageInputs(ImageProcessor):
                                               grid_thw=grid)
                 for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
         return ids, sorted(ours + features, key=lambda f: f.offset)
+
+    def _image_size(self, mm_kwargs: Optional[dict]) -> Optional[dict]:
+        """The image processor's ``size`` with a request's ``min_pixels`` / ``max_pixels``
+        (None: the checkpoint's as it is)."""
+        kwargs = self.check_mm_kwargs(mm_kwargs)
+        if not kwargs:
+            return None
+        ceiling = _max_pixels(self.images)
+        size = {"shortest_edge": _min_pixels(self.images), "longest_edge": ceiling}
+        for key, edge in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            value = kwargs.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"mm_processor_kwargs {key} must be a positive integer (pixels), got {value!r}.")
+            size[edge] = value
+        if size["longest_edge"] > ceiling:
+            raise ValueError(f"mm_processor_kwargs max_pixels {size['longest_edge']} is over this "
+                             f"checkpoint's max_pixels {ceiling}, which sizes the engine's encoder "
+                             "budget; give at most that.")
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(f"mm_processor_kwargs min_pixels {size['shortest_edge']} is over max_pixels "
+                             f"{size['longest_edge']}; give min_pixels <= max_pixels.")
+        return size
 
     # -- videos ----------------------------------------------------------------------------
 

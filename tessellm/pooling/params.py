@@ -38,7 +38,8 @@ POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")
 class PoolingParams:
     """``dimensions``: keep the first d values (then normalize; 1 <= d <= hidden size).
     ``normalize``: L2-normalize (None: the engine's ``PoolerConfig.normalize``, true by default).
-    ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many as fit).
+    ``truncate_prompt_tokens``: keep only the first k prompt tokens (-1: as many as fit), vLLM's
+    pooling side (core/prompt_truncation.py).
     ``use_activation``: a classifier's softmax / sigmoid (None: the engine's pooler config, true
     by default). ``task``: one of ``POOLING_TASKS`` (None: ``embed`` or ``classify``, what the
     engine's model does; ``token_embed`` / ``token_classify``: a row per prompt token)."""

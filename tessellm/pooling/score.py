@@ -5,11 +5,11 @@
   one prompt, the tokenizer's text pair (``tokenizer(text=q, text_pair=d)``: a decoder-only
   tokenizer joins the two with its special tokens), or, when config.json says
   ``use_sep_token: false`` (vLLM's switch for an LLM used as a reranker), the one text ``q + d``;
-  ``truncate_prompt_tokens`` truncates as the tokenizer does (``truncation=True, max_length=k``:
-  the longer side loses tokens first). The score is the sigmoid of its one logit (the
-  classify path with ``use_activation``).
-* An embedding model: both sides are embedded, and the score is the cosine similarity of the
-  two vectors.
+  ``truncate_prompt_tokens`` truncates as vLLM's pooling tokenizer does (``truncation=True,
+  max_length=k`` with ``truncation_side="right"``: the longer text loses its last tokens
+  first). The score is the sigmoid of its one logit (the classify path with ``use_activation``).
+* An embedding model: both sides are embedded (each cut to its first k tokens), and the score
+  is the cosine similarity of the two vectors.
 
 A classifier with more than one label has no score (vLLM's rule too): refused by name.
 
@@ -35,6 +35,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from tessellm.core.prompt_truncation import cut_ids
 from tessellm.core.scheduler_config import RequestParamError
 from tessellm.pooling.front import RunnerMismatchError
 
@@ -80,22 +81,26 @@ def form_pairs(text_1: Texts, text_2: Texts, names: tuple[str, str] = ("text_1",
     return list(zip(side_1, side_2))
 
 
-def pair_prompt(tokenizer, query: str, document: str, sep: bool = True, max_length=None,
+def pair_prompt(inputs, query: str, document: str, sep: bool = True, max_length=None,
                 template: Optional[str] = None) -> dict:
     """A cross-encoder's prompt for one pair: the score ``template`` rendered (special tokens
     as it places them), else the tokenizer's text pair (``sep``) or the text ``query +
-    document``, special tokens included; cut to ``max_length`` tokens if given (the tokenizer's
-    truncation: a rendered template loses its end, as in vLLM)."""
+    document``, special tokens included; cut to ``max_length`` tokens if given by the
+    tokenizer's truncation on the pooling side, ``right`` (``inputs``: the engine's
+    ``InputProcessor``, its tokenizer and ``truncator``): a pair's longer text loses its end
+    first, a rendered template or a joined text its end, as in vLLM."""
+    tokenizer = inputs.tokenizer
     if tokenizer is None:
         raise ValueError("This model has no tokenizer files; scoring needs one to join the pair.")
     kwargs = {"add_special_tokens": template is None}
-    if max_length is not None:
-        kwargs.update(truncation=True, max_length=max_length)
     if template is not None:
         pair = {"text": render_score_template(tokenizer, template, query, document)}
     else:
         pair = {"text": query, "text_pair": document} if sep else {"text": query + document}
-    return {"prompt_token_ids": list(tokenizer(**pair, **kwargs)["input_ids"])}
+    if max_length is None:
+        return {"prompt_token_ids": list(tokenizer(**pair, **kwargs)["input_ids"])}
+    ids = inputs.truncator.tokenize(tokenizer, max_length, **pair, **kwargs)["input_ids"]
+    return {"prompt_token_ids": cut_ids(ids, max_length, inputs.truncator.side)}
 
 
 def render_score_template(tokenizer, template: str, query: str, document: str) -> str:
@@ -140,9 +145,9 @@ def run_score(llm, data_1: Texts, data_2: Texts, truncate_prompt_tokens, use_tqd
     mode = score_mode(info)
     pairs = form_pairs(data_1, data_2)
     if mode == "cross":
-        tokenizer, sep = llm.engine.tokenizer, info.pooling["use_sep_token"]
+        sep = info.pooling["use_sep_token"]
         length = pair_max_length(truncate_prompt_tokens, info)
-        prompts = [pair_prompt(tokenizer, q, d, sep, length, chat_template) for q, d in pairs]
+        prompts = [pair_prompt(llm.engine.inputs, q, d, sep, length, chat_template) for q, d in pairs]
         outs = llm.classify(prompts, pooling_params, None, use_tqdm, lora_request)
         return [ScoringRequestOutput(o.request_id, ScoringOutput(o.outputs.probs[0]), o.prompt_token_ids,
                                      o.finished) for o in outs]

@@ -8,7 +8,7 @@ from tessellm.core.block_manager import BlockManager
 from tessellm.core.request import Request, RequestStatus
 from tessellm.core.sampling_params import SamplingParams
 from tessellm.core.scheduler import Scheduler, SchedulerConfig
-from tests.scheduler_steps import run_step
+from tests.scheduler_steps import run_step, sampled_tokens
 
 
 def make(num_blocks=64, block_size=4, budget=64, max_seqs=8, max_len=256, prefix=True):
@@ -188,3 +188,26 @@ def test_ids_ended_before_an_empty_step_reach_the_next_step():
     out = s.schedule()
     assert out.finished_request_ids == {"a"}
 
+
+
+def test_preempt_running_frees_every_block_and_requeues_in_order():
+    """vLLM's reset_prefix_cache(reset_running_requests=True): every running request is
+    preempted (oldest first in waiting again, recomputed from its tokens), so the cache can be
+    emptied; a request whose step is in flight (pipeline parallelism) is left running."""
+    s = make()
+    for rid, start in (("a", 1), ("b", 50)):
+        s.add_request(req(rid, 6, max_tokens=8, start=start))
+    run_step(s)
+    run_step(s)
+    out = s.schedule()  # in flight, not yet updated
+    assert s.preempt_running() == 0 and len(s.running) == 2
+    s.update(out, sampled_tokens(s, out))
+    tokens = {rid: list(s.requests[rid].all_token_ids) for rid in ("a", "b")}
+    assert s.preempt_running() == 2 and not s.running
+    assert s.kv.num_free_blocks == s.kv.num_blocks and s.kv.reset_prefix_cache()
+    assert [r.request_id for r in s.waiting] == ["a", "b"]
+    assert all(s.requests[rid].num_computed_tokens == 0 for rid in tokens)
+    out = s.schedule()  # both back, recomputed over prompt + output so far
+    assert {r.request_id for r in out.new_requests} == {"a", "b"}
+    assert out.num_scheduled_tokens == {rid: len(t) for rid, t in tokens.items()} == {"a": 9, "b": 9}
+    assert s.preempted_ids == set() and s.num_preemptions_total == 2

@@ -45,6 +45,10 @@ def test_ray_matches_one_process(ray_cluster, reference, tp, pp, async_schedulin
         submit = core.executor.submit
         core.executor.submit = lambda sched: (in_flight.append(len(core.in_flight) - 1), submit(sched))
         assert _tokens(llm) == expected
+        if (tp, pp, async_scheduling) == (2, 1, False):  # vLLM's collective_rpc timeout
+            with pytest.raises(TimeoutError, match="'kv_block_bytes' timed out: ranks 0, 1 did not answer"):
+                llm.collective_rpc("kv_block_bytes", timeout=0)
+            assert len(llm.collective_rpc("kv_block_bytes", timeout=60)) == 2
     assert max(in_flight) == (1 if async_scheduling or pp > 1 else 0)
     # The placement group is released (asynchronously): the next engine gets the same CPUs.
     deadline = time.monotonic() + 30

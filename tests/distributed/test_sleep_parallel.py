@@ -57,5 +57,14 @@ def test_tp2_sleep_wake_and_new_weights(tiny_model_dir, tmp_path):
         llm.load_weights(path=path)  # the ranks serve on
         with pytest.raises(ValueError, match="not a method of the workers"):  # no rank dies of it
             llm.collective_rpc("no_such_method")
-        assert llm.collective_rpc("kv_block_bytes")[0] > 0
+        per_rank = llm.collective_rpc("kv_block_bytes")
+        assert per_rank[0] > 0
+        # vLLM's timeout: no rank can answer in 0 s; the late answers arrive while the next
+        # step is collected, and are dropped (the step's tokens and the next call's answers
+        # are still right)
+        with pytest.raises(TimeoutError, match="'kv_block_bytes' timed out: ranks 0, 1 did not answer"):
+            llm.collective_rpc("kv_block_bytes", timeout=0)
         assert _tokens(llm) == expected
+        with pytest.raises(TimeoutError):
+            llm.collective_rpc("kv_block_bytes", timeout=0)
+        assert llm.collective_rpc("kv_block_bytes", timeout=60) == per_rank

@@ -230,8 +230,8 @@ def test_llm_chat_vllm_keywords(llm):
     assert llm.get_tokenizer().decode(out.prompt_token_ids).endswith("The answer is")
     with pytest.raises(ValueError, match="add_generation_prompt=False"):
         llm.chat(conv, one, use_tqdm=False, continue_final_message=True)
-    with pytest.raises(ValueError, match="'auto' or 'string'"):
-        llm.chat(conv, one, use_tqdm=False, chat_template_content_format="openai")
+    with pytest.raises(ValueError, match="one of auto, string, openai, got 'parts'"):
+        llm.chat(conv, one, use_tqdm=False, chat_template_content_format="parts")
 
 
 def test_llm_chat_positional_order_is_vllms(llm):
@@ -255,7 +255,7 @@ def test_llm_chat_positional_order_is_vllms(llm):
 
     with pytest.raises(ValueError, match="6th positional argument is chat_template_content_format .* lora_request="):
         llm.chat(conv, one, False, None, template, LoRARequest("a", 1, "/nowhere"))
-    with pytest.raises(ValueError, match="content_format must be 'auto' or 'string', got a NoneType"):
+    with pytest.raises(ValueError, match="content_format must be 'auto', 'string' or 'openai', got a NoneType"):
         llm.chat(conv, one, chat_template_content_format=None)  # a keyword caller: told the values
 
 

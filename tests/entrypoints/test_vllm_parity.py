@@ -126,13 +126,16 @@ def test_tokenization_kwargs_add_special_tokens(bos_llm):
     chat = [list(bos_llm.chat(messages, _greedy(1), use_tqdm=False, tokenization_kwargs=kw)[0].prompt_token_ids)
             for kw in (None, {"add_special_tokens": True})]
     assert chat == [plain, [BOS, *plain]]  # the template's text, and the BOS on top of it (vLLM's)
+    cut = [list(bos_llm.chat(messages, _greedy(1), use_tqdm=False, tokenization_kwargs={
+        "add_special_tokens": add, "truncate_prompt_tokens": 3})[0].prompt_token_ids) for add in (True, False)]
+    assert cut == [[BOS, *plain[-2:]], plain[-3:]]  # the tokenizer's cut keeps its BOS (vLLM's left side)
 
 
 def test_tokenization_kwargs_of_pooling(tiny_model_dir):
     with LLM(tiny_model_dir("llama"), runner="pooling", convert="embed", **ENGINE) as pooler:
         cut, short = (pooler.embed({"prompt_token_ids": p}, use_tqdm=False, tokenization_kwargs=kw)[0]
-                      for p, kw in ((PROMPT, {"truncate_prompt_tokens": 4}), (PROMPT[-4:], None)))
-        assert list(cut.prompt_token_ids) == PROMPT[-4:]
+                      for p, kw in ((PROMPT, {"truncate_prompt_tokens": 4}), (PROMPT[:4], None)))
+        assert list(cut.prompt_token_ids) == PROMPT[:4]  # a pooling model keeps the first tokens
         assert cut.outputs.embedding == pytest.approx(short.outputs.embedding)
         with pytest.raises(ValueError, match="'padding'"):
             pooler.encode({"prompt_token_ids": PROMPT}, pooling_task="embed", tokenization_kwargs={"padding": 1})
@@ -160,8 +163,11 @@ def test_collective_rpc_takes_vllms_kwargs(llm, tmp_path):
     # a keyword past a defaulted parameter it leaves out (pattern) is sent in its place too
     [files] = llm.collective_rpc("save_sharded_state", kwargs={"path": str(tmp_path / "b"), "max_size": 1 << 30})
     assert files and all(os.path.exists(f) for f in files)
-    with pytest.raises(ValueError, match="timeout"):
-        llm.collective_rpc("kv_block_bytes", timeout=5)
+    # in this process the call runs to its end (vLLM's UniProcExecutor ignores timeout too)
+    assert llm.collective_rpc("kv_block_bytes", timeout=5) == llm.collective_rpc("kv_block_bytes")
+    for bad in (-1, "5", True):
+        with pytest.raises(ValueError, match="give seconds >= 0"):
+            llm.collective_rpc("kv_block_bytes", timeout=bad)
     with pytest.raises(ValueError, match="unexpected keyword argument 'nope'"):
         llm.collective_rpc("kv_block_bytes", kwargs={"nope": 1})
 
@@ -171,8 +177,28 @@ def test_world_size_and_cache_resets_of_vllm(llm):
     llm.reset_mm_cache()
     llm.generate({"prompt_token_ids": PROMPT}, _greedy(), use_tqdm=False)
     assert llm.reset_prefix_cache(reset_running_requests=False, reset_connector=False)
-    with pytest.raises(ValueError, match="reset_running_requests"):
-        llm.reset_prefix_cache(reset_running_requests=True)
+    with pytest.raises(ValueError, match="reset_connector"):
+        llm.reset_prefix_cache(reset_connector=True)
+
+
+def test_reset_prefix_cache_preempts_running_requests(llm):
+    """vLLM's ``reset_running_requests=True``: the running requests are preempted (recomputed
+    later: the same greedy tokens) so the cache empties under load; without it nothing is done
+    while a request holds blocks."""
+    [alone] = llm.generate({"prompt_token_ids": PROMPT}, _greedy(12), use_tqdm=False)
+    engine, core = llm.llm_engine, llm.engine.core
+    engine.add_request("running", {"prompt_token_ids": PROMPT}, _greedy(12))
+    outs = [o for _ in range(3) for o in engine.step()]
+    assert core.kv.cached and core.kv.num_free_blocks < core.kv.num_blocks  # a cached prefix, blocks held
+    assert not llm.reset_prefix_cache() and core.kv.cached  # nothing done
+    preemptions = core.scheduler.num_preemptions_total
+    assert llm.reset_prefix_cache(reset_running_requests=True)
+    assert not core.kv.cached and core.kv.num_free_blocks == core.kv.num_blocks
+    assert core.scheduler.num_preemptions_total == preemptions + 1
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    [final] = [o for o in outs if o.finished]
+    assert final.outputs[0].token_ids == alone.outputs[0].token_ids and len(alone.outputs[0].token_ids) == 12
 
 
 # -- SamplingParams' newer names -------------------------------------------------------------

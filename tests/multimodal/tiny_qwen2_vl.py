@@ -118,7 +118,7 @@ def published_expert_layout(path: str) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
-def hf_inputs(path: str, prompt: str, images: list):
+def hf_inputs(path: str, prompt: str, images: list, image_kwargs: dict | None = None):
     """What ``Qwen2VLProcessor`` gives (it needs torchvision for its video processor, so its
     two steps are done here): each ``<|image_pad|>`` of the text repeated for its image's
     ``t*h*w / 4`` tokens, then tokenized; the image processor's patches and grids."""
@@ -129,7 +129,8 @@ def hf_inputs(path: str, prompt: str, images: list):
     pad = "<|image_pad|>"
     inputs = {}
     if images:
-        out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt")
+        out = AutoImageProcessor.from_pretrained(path)(images=images, return_tensors="pt",
+                                                       **(image_kwargs or {}))
         inputs = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         parts = prompt.split(pad)
         assert len(parts) == len(images) + 1
@@ -142,7 +143,7 @@ def hf_inputs(path: str, prompt: str, images: list):
 
 
 def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
-              kind: str = "qwen2_vl") -> list[list[int]]:
+              kind: str = "qwen2_vl", image_kwargs: dict | None = None) -> list[list[int]]:
     """HF generate, float32, one prompt at a time; ``images[i]``: prompt i's list of images."""
     import torch
     import transformers
@@ -150,7 +151,7 @@ def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
     model = getattr(transformers, ARCHS[kind]).from_pretrained(path, dtype=torch.float32).eval()
     outs = []
     for prompt, imgs in zip(prompts, images):
-        inputs = hf_inputs(path, prompt, imgs)
+        inputs = hf_inputs(path, prompt, imgs, image_kwargs)
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)

@@ -147,7 +147,9 @@ def test_dimensions_and_normalize(tiny_model_dir):
     torch.testing.assert_close(short, torch.nn.functional.normalize(raw[:, :16], dim=-1), atol=ATOL, rtol=0)
 
 
-def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_model_dir):
+def test_truncate_prompt_tokens_keeps_the_first_tokens(tiny_model_dir):
+    """vLLM's pooling runner cuts on the right (its tokenizer's truncation_side): a token-id
+    prompt keeps its first k tokens (-1: the first max_model_len)."""
     path = tiny_model_dir("qwen3")
     long = random_prompts(1, seed=11, lo=600, hi=600)[0]  # over max_position_embeddings (512)
     with _llm(path, max_model_len=512) as llm:
@@ -156,8 +158,8 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny_model_dir):
             llm.embed([long])
         out = llm.embed([long], truncate_prompt_tokens=40)[0]
         fitted = llm.embed([long], truncate_prompt_tokens=-1)[0]
-    assert out.prompt_token_ids == long[-40:] and fitted.prompt_token_ids == long[-512:]
-    ref = hf_embeddings(path, [long[-40:], long[-512:]], "LAST")
+    assert out.prompt_token_ids == long[:40] and fitted.prompt_token_ids == long[:512]
+    ref = hf_embeddings(path, [long[:40], long[:512]], "LAST")
     torch.testing.assert_close(torch.tensor(out.outputs.embedding), ref[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.tensor(fitted.outputs.embedding), ref[1], atol=ATOL, rtol=0)
 

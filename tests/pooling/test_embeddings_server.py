@@ -1,8 +1,8 @@
 """POST /v1/embeddings in process (the app over a real AsyncLLM and engine core process) on a
 tiny bare Qwen3Model with a tokenizer: every input shape equals HF AutoModel's pooled hidden
 state, base64 decodes to the float list, dimensions renormalize, messages go through the chat
-template, truncation keeps the last tokens; bad input is a 400 naming the field and the server
-goes on serving; the OpenAI SDK's embeddings.create reads it; generation on a pooling server
+template, truncation keeps the first tokens (vLLM's pooling side); bad input is a 400 naming the
+field and the server goes on serving; the OpenAI SDK's embeddings.create reads it; generation on a pooling server
 and embeddings on a generating server are 400s naming the runner."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from tests.pooling.conftest import hf_embeddings
 
 ATOL = 2e-5
 TEXTS = ["the cat sat on the mat", "a query about embeddings", "The quick brown fox"]
+LONG_TEXT = "the cat sat on the mat. " + "a query about embeddings " * 300  # over the context
 
 
 def _args(path: str, **kwargs) -> EngineArgs:
@@ -70,6 +71,7 @@ def served(embedding_model_dir):
              "chat": await post({"messages": [{"role": "user", "content": "the cat sat"},
                                               {"role": "assistant", "content": "on the mat"}]}),
              "truncated": await post({"input": long_ids, "truncate_prompt_tokens": 5}),
+             "truncated_text": await post({"input": LONG_TEXT, "truncate_prompt_tokens": 6}),
              "hundred": await post({"input": [[5, 6, 7]] * 100}),  # over --max-prompts (64)
              "models": await c.get("/v1/models")}
         r["bad"] = {
@@ -162,7 +164,14 @@ def test_messages_and_truncation(served, embedding_model_dir):
     long_ids = list(range(3, 303)) * 2
     assert served["truncated"].json()["usage"]["prompt_tokens"] == 5
     torch.testing.assert_close(_vectors(served["truncated"])[0],
-                               hf_embeddings(embedding_model_dir, [long_ids[-5:]], "LAST")[0], atol=ATOL, rtol=0)
+                               hf_embeddings(embedding_model_dir, [long_ids[:5]], "LAST")[0], atol=ATOL, rtol=0)
+    # a text: what HF's tokenizer keeps with vLLM's pooling side (truncation_side="right")
+    right = AutoTokenizer.from_pretrained(embedding_model_dir, truncation_side="right")
+    first = list(right(LONG_TEXT, truncation=True, max_length=6)["input_ids"])
+    assert first != right.encode(LONG_TEXT)[-6:]
+    assert served["truncated_text"].json()["usage"]["prompt_tokens"] == 6
+    torch.testing.assert_close(_vectors(served["truncated_text"])[0],
+                               hf_embeddings(embedding_model_dir, [first], "LAST")[0], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name,param,words", [

@@ -92,6 +92,11 @@ def test_chat_add_special_tokens_true_adds_the_bos(bos_server):
                                               "return_token_ids": True, "add_special_tokens": True})
     assert out["prompt_token_ids"] == want
     assert _post(srv, "/tokenize", {"messages": messages, "add_special_tokens": True})["tokens"] == want
+    # a cut by the tokenizer keeps its BOS (vLLM's left side); an explicit side slices the ids
+    for extra, cut in (({}, [BOS, *want[-2:]]), ({"truncation_side": "left"}, want[-3:])):
+        out = _post(srv, "/v1/chat/completions", {"messages": messages, "max_tokens": 1, "return_token_ids": True,
+                                                  "add_special_tokens": True, "truncate_prompt_tokens": 3, **extra})
+        assert out["prompt_token_ids"] == cut
 
 
 def test_chat_embeddings_follow_add_special_tokens(server_factory, bos_server):

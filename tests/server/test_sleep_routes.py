@@ -51,11 +51,14 @@ def test_sleep_routes(tiny_model_dir, monkeypatch, tmp_path):
         assert r.status_code == 200 and r.json()["loaded"] > 0
         assert (await c.post("/wake_up")).status_code == 200
         assert (await c.post("/reset_prefix_cache")).status_code == 200
+        r = await c.post("/reset_prefix_cache", params={"reset_running_requests": "true"})  # vLLM's
+        assert r.status_code == 200, r.text
         assert _ids(await c.post("/v1/completions", json=BODY)) == before
         await engine.sleep(1)  # vLLM's AsyncLLM methods, as the routes call them
         assert await engine.is_sleeping()
         await engine.wake_up()
         assert not await engine.is_sleeping() and await engine.reset_prefix_cache()
+        assert await engine.reset_prefix_cache(reset_running_requests=True)
         assert _ids(await c.post("/v1/completions", json=BODY)) == before
 
     asyncio.run(serve(EngineArgs(model=path, device="cpu", num_kv_blocks=64, enable_sleep_mode=True),

@@ -348,7 +348,8 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
                                         tools, continue_final_message=req.continue_final_message,
                                         template_kwargs=merged_template_kwargs(req.chat_template_kwargs, config),
                                         images=images,
-                                        add_special_tokens=req.add_special_tokens)
+                                        add_special_tokens=req.add_special_tokens,
+                                        content_format=config.chat_template_content_format)
             if images:  # the placeholders expanded, as the model sees them
                 try:
                     ids = (await engine.process_prompt_async(

@@ -4,6 +4,8 @@
 Truncation keeps ``truncate_prompt_tokens`` tokens (-1: as offline, ``prompt_tokens_to_keep``),
 the last ones by default ("left": the start is cut) or the first ones ("right"), before the
 prompt is checked against the context, so a long document can be cut to fit instead of refused.
+Without ``truncation_side`` a text prompt is cut by the tokenizer, so a BOS it adds stays
+(``tessellm/core/prompt_truncation.py``, vLLM's rule); with one, its ids are sliced.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ async def process_completion_prompt(engine: AsyncLLM, prompt: Union[str, dict], 
     if isinstance(prompt, str) and custom and engine.tokenizer is not None and prompt:
         if keep is None:
             engine.check_text_fits(len(prompt))  # truncated text may be long: the body limit bounds it
-        ids = await engine.run_off_loop(
-            lambda: engine.tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens))
-        prompt = {"prompt": prompt, "prompt_token_ids": ids}
+        # no truncation_side: cut by the tokenizer (its special tokens kept), as vLLM; a side
+        # given: the whole text's ids sliced from that side below, as vLLM
+        cut = keep if req.truncation_side is None else None
+        ids = await engine.run_off_loop(lambda: engine.inputs.truncator.encode(
+            engine.tokenizer, prompt, cut, req.add_special_tokens))
+        # a text the tokenizer cut no longer matches its ids: echo decodes the ids
+        prompt = {"prompt_token_ids": ids} if cut is not None and len(ids) >= cut else {
+            "prompt": prompt, "prompt_token_ids": ids}
     if isinstance(prompt, dict) and keep is not None:
         ids = truncate(prompt["prompt_token_ids"], keep, req.truncation_side)
         if len(ids) < len(prompt["prompt_token_ids"]):

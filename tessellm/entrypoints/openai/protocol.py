@@ -204,7 +204,7 @@ class ChatCompletionRequest(_SamplingFields):
     documents: Optional[Any] = None
     chat_template: Optional[str] = None
     media_io_kwargs: Optional[Any] = None
-    mm_processor_kwargs: Optional[Any] = None
+    mm_processor_kwargs: Optional[dict[str, Any]] = None  # the images' processor settings (Qwen2-VL's min/max_pixels)
     return_prompt_text: Optional[bool] = None
     # accepted with no effect
     metadata: Optional[dict[str, str]] = None
@@ -264,7 +264,6 @@ UNSUPPORTED_FIX: dict[str, str] = {
 CHAT_UNSUPPORTED: dict[str, tuple] = {
     "chat_template": (None,),  # vLLM too refuses it unless --trust-request-chat-template
     "media_io_kwargs": (None,),
-    "mm_processor_kwargs": (None,),
     "return_prompt_text": (None, False),
 }
 

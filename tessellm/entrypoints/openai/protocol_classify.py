@@ -15,7 +15,7 @@ from tessellm.entrypoints.openai.protocol_responses import UsageInfo
 
 class _ActivationFields(_Request):
     model: Optional[str] = None  # None: the served model
-    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep the last k tokens (-1: as many as fit)
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep the first k tokens (-1: as many as fit)
     use_activation: Optional[bool] = None  # softmax / sigmoid (None: the pooler config's, true)
     softmax: Optional[bool] = None  # vLLM's deprecated spelling of use_activation
     activation: Optional[bool] = None  # likewise

@@ -18,7 +18,7 @@ class _EmbeddingFields(_Request):
     dimensions: Optional[int] = Field(None, ge=1)  # Matryoshka: the first d values, renormalized
     user: Optional[str] = None  # accepted; no effect
     # vLLM extras
-    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep the last k tokens (-1: as many as fit)
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=-1)  # keep the first k tokens (-1: as many as fit)
     normalize: Optional[bool] = None  # None: the model's pooler config (true by default)
     request_id: Optional[str] = Field(None, min_length=1, max_length=256)  # the response id's tail
 

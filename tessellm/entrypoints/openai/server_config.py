@@ -12,6 +12,9 @@ class ServerConfig:
     api_key: Optional[str] = None  # None: no authentication
     extra_api_keys: tuple = ()  # --api-key K1 K2 ...: the others, accepted alike (vLLM's list)
     chat_template: Optional[str] = None  # template text (already read from --chat-template)
+    # --chat-template-content-format (vLLM's): a message's content as the template gets it,
+    # "string" / "openai" (a list of parts) / "auto" (detected from the template: chat_utils.py)
+    chat_template_content_format: str = "auto"
     tool_call_parser: Optional[str] = None  # --tool-call-parser: parses tool_choice "auto" output
     tool_parser_plugin: Optional[str] = None  # --tool-parser-plugin: a vLLM parser file registering names
     max_n: int = 16  # most samples per request (n, best_of)

@@ -103,16 +103,20 @@ async def prepare_chat(engine: AsyncLLM, config: ServerConfig, req: ChatCompleti
     tools = harmony_template_tools(plan.template_tools()) if harmony else plan.template_tools()
     if config.exclude_tools_when_tool_choice_none and req.tool_choice == "none":
         tools = None  # vLLM's --exclude-tools-when-tool-choice-none
+    keep = truncation(req, engine.info.max_model_len)
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, template,
                                 tools, continue_final_message=req.continue_final_message,
                                 template_kwargs=template_kwargs,
                                 check_fits=req.truncate_prompt_tokens is None, images=images,
-                                add_special_tokens=req.add_special_tokens, documents=_documents(req.documents))
+                                add_special_tokens=req.add_special_tokens, documents=_documents(req.documents),
+                                content_format=config.chat_template_content_format,
+                                keep=keep if req.truncation_side is None else None)
     try:
-        ids = truncate(ids, truncation(req, engine.info.max_model_len), req.truncation_side)
+        ids = truncate(ids, keep, req.truncation_side)
         if images:  # the image processor runs off the event loop
             processed = await engine.process_prompt_async({"prompt_token_ids": ids,
-                                                           "multi_modal_data": media_data(images)})
+                                                           "multi_modal_data": media_data(images),
+                                                           "mm_processor_kwargs": req.mm_processor_kwargs})
         else:
             processed = engine.process_prompt({"prompt_token_ids": ids})
     except ValueError as exc:
@@ -193,12 +197,15 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
                           continue_final_message: bool = False,
                           template_kwargs: Optional[dict] = None, check_fits: bool = True,
                           images: Optional[list] = None, add_special_tokens: bool = False,
-                          documents: Optional[list[dict]] = None) -> list[int]:
+                          documents: Optional[list[dict]] = None, content_format: str = "auto",
+                          keep: Optional[int] = None) -> list[int]:
     """The messages through the chat template (``chat_utils.render_chat``), off the event loop.
     ``images``: a list that receives the messages' images (``image_url`` parts, in order, then
     the videos of ``video_url`` parts: ``media_data`` splits them; the
     ids hold one placeholder each); None refuses image parts. ``add_special_tokens``: vLLM's
-    field, the tokenizer's BOS etc. added to the rendered text."""
+    field, the tokenizer's BOS etc. added to the rendered text. ``content_format``: the
+    server's ``--chat-template-content-format``. ``keep``: the tokens a truncation keeps when
+    the tokenizer cuts the text (no ``truncation_side``: a BOS it adds stays, as vLLM)."""
     if engine.tokenizer is None:
         raise bad_request("This model has no tokenizer, so chat is unavailable; use /v1/completions "
                           "with token ids.", "messages")
@@ -221,7 +228,8 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
 
         def render(conv):
             return render_chat(engine.tokenizer, conv, add_generation_prompt, chat_template, tools,
-                               continue_final_message, template_kwargs, add_special_tokens, documents)
+                               continue_final_message, template_kwargs, add_special_tokens, documents,
+                               content_format)
 
         try:
             fetched = await fetch_chat_images(conversation, engine)
@@ -233,11 +241,13 @@ async def render_messages(engine: AsyncLLM, messages: list[ChatMessage], add_gen
             raise prompt_error(exc, "messages") from None
         images.extend(media_items(prompt["multi_modal_data"]))  # videos too (media_data)
         return prompt["prompt_token_ids"]
+    encode = None if keep is None or not add_special_tokens else (
+        lambda text, add: engine.inputs.truncator.encode(engine.tokenizer, text, keep, add))
     try:
         return await engine.run_off_loop(render_chat, engine.tokenizer, conversation,
                                          add_generation_prompt, chat_template, tools,
                                          continue_final_message, template_kwargs, add_special_tokens,
-                                         documents)
+                                         documents, content_format, encode)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault (roles, ...)
         raise bad_request(f"The chat template could not render these messages: {exc}", "messages") from None
 
@@ -258,7 +268,8 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
                                   f"messages.{i}.content.{j}.type",
                                   "unsupported_parameter")
             texts.append(part.text)
-        content = "\n".join(texts)  # as vLLM joins a text-only message's parts
+        # parts: render_chat joins them ("\n", vLLM's "string" format) or keeps them ("openai")
+        content = [{"type": "text", "text": t} for t in texts]
     else:
         content = m.content or ""
     message = {"role": "system" if m.role == "developer" else m.role, "content": content}

@@ -18,6 +18,7 @@ from typing import Optional, Union
 import numpy as np
 from fastapi import Request
 
+from tessellm.core.scheduler_config import prompt_tokens_to_keep
 from tessellm.entrypoints.async_llm import AsyncLLM
 from tessellm.entrypoints.openai.errors import bad_request, prompt_error
 from tessellm.entrypoints.openai.protocol_embedding import (EmbeddingChatRequest,
@@ -99,8 +100,8 @@ async def _input_prompt(engine: AsyncLLM, req: EmbeddingCompletionRequest, item,
                 raise ValueError("This model has no tokenizer files; give the input as token ids.")
             if truncate is None:
                 engine.check_text_fits(len(item), "The input")
-            ids = await engine.run_off_loop(
-                lambda: engine.tokenizer.encode(item, add_special_tokens=req.add_special_tokens))
+            ids = await engine.run_off_loop(  # cut as the engine cuts text: special tokens kept
+                lambda: engine.inputs.encode_text(item, truncate, req.add_special_tokens))
             prompt = {"prompt": item, "prompt_token_ids": ids}
         else:
             prompt = {"prompt_token_ids": item}
@@ -113,10 +114,15 @@ async def _chat_prompt(engine: AsyncLLM, config: ServerConfig, req: EmbeddingCha
                        truncate: Optional[int]):
     from tessellm.entrypoints.openai.serving_chat import render_messages
 
+    try:  # the cut's token count (a text cut by the tokenizer keeps its special tokens)
+        keep = prompt_tokens_to_keep(truncate, engine.info.max_model_len, engine.inputs.room)
+    except ValueError as exc:
+        raise prompt_error(exc, "truncate_prompt_tokens") from None
     ids = await render_messages(engine, req.messages, req.add_generation_prompt, config.chat_template,
                                 continue_final_message=req.continue_final_message,
                                 template_kwargs=req.chat_template_kwargs, check_fits=truncate is None,
-                                add_special_tokens=req.add_special_tokens)
+                                add_special_tokens=req.add_special_tokens,
+                                content_format=config.chat_template_content_format, keep=keep)
     try:
         return await engine.run_off_loop(engine.inputs.process_prompt, {"prompt_token_ids": ids}, truncate)
     except ValueError as exc:

@@ -13,6 +13,7 @@ lengths, an empty list or text, a classifier with several labels, a generating e
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from fastapi import Request
 
@@ -77,7 +78,7 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
         sep = engine.info.pooling["use_sep_token"]
         length = pair_max_length(params.truncate_prompt_tokens, engine.info)
         template = config.chat_template  # --chat-template: the score template (vLLM's)
-        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.tokenizer, q, d, sep, length, template),
+        prompts = [await _prompt(engine, lambda q=q, d=d: pair_prompt(engine.inputs, q, d, sep, length, template),
                                  None, names[1]) for q, d in pairs]
         outs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                              config.sse_keepalive_s)
@@ -92,7 +93,8 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
         raise bad_request(str(exc), getattr(exc, "param", None)) from None
     queries = {q for q, _ in pairs}
     texts = list(dict.fromkeys([q for q, _ in pairs] + [d for _, d in pairs]))  # each embedded once
-    prompts = [await _prompt(engine, lambda t=t: _text_prompt(engine, t), params.truncate_prompt_tokens,
+    prompts = [await _prompt(engine, lambda t=t: _text_prompt(engine, t, params.truncate_prompt_tokens),
+                             params.truncate_prompt_tokens,
                              names[0] if t in queries else names[1]) for t in texts]
     outs = await collect(engine, _submit(engine, request_id, prompts, params, lora), http_request,
                          config.sse_keepalive_s)
@@ -101,10 +103,11 @@ async def _score(engine: AsyncLLM, config: ServerConfig, req, side_1, side_2, na
             request_id)
 
 
-def _text_prompt(engine: AsyncLLM, text: str) -> dict:
+def _text_prompt(engine: AsyncLLM, text: str, truncate: Optional[int]) -> dict:
+    """One side's text, encoded and cut as the engine cuts text (its first tokens kept)."""
     if engine.tokenizer is None:
         raise ValueError("This model has no tokenizer files; scoring takes text.")
-    return {"prompt": text, "prompt_token_ids": engine.tokenizer.encode(text)}
+    return {"prompt": text, "prompt_token_ids": engine.inputs.encode_text(text, truncate)}
 
 
 async def _prompt(engine: AsyncLLM, make, truncate, param: str):

@@ -4,7 +4,7 @@ TESSELLM_SERVER_DEV_MODE=1), and the refusal of requests while the engine sleeps
     POST /sleep?level=1|2            free the weights (1: to host memory; 2: discarded) and KV cache
     POST /wake_up[?tags=weights&tags=kv_cache]   bring them back (no tags: both)
     GET  /is_sleeping                {"is_sleeping": bool}
-    POST /reset_prefix_cache         empty the prefix cache
+    POST /reset_prefix_cache         empty the prefix cache (?reset_running_requests=true: preempt first)
     POST /load_weights  {"path": dir}   new weights from safetensors files (every rank reads them)
 
 Behind the API key (``DEV_PATHS``: the edge keys them though they are not ``/v1`` paths; vLLM
@@ -54,9 +54,11 @@ def add_sleep_routes(app: FastAPI, engine, read_body) -> None:
         return JSONResponse({"is_sleeping": await call("is_sleeping")})
 
     @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache():
-        if not await call("reset_prefix_cache"):
-            raise bad_request("Requests hold KV blocks; reset the prefix cache once they finish.")
+    async def reset_prefix_cache(reset_running_requests: bool = Query(False)):
+        # vLLM's query parameter: the running requests are preempted (and recomputed) first
+        if not await call("reset_prefix_cache", *([True] if reset_running_requests else [])):
+            raise bad_request("Requests hold KV blocks; reset the prefix cache once they finish, or "
+                              "POST /reset_prefix_cache?reset_running_requests=true to preempt them.")
         return Response(status_code=200)
 
     @app.post("/load_weights")
