@@ -79,3 +79,46 @@ def test_the_server_plan_keeps_the_special_tokens_and_reads_the_prompt():
     stream = ReasoningStream(plan)
     fields, answer = stream.delta(text, out, True)
     assert fields["reasoning"] == "abc" and answer == "cab"
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+SELF_H, USER_H = "to=self<|message|>", "to=user<|message|>"  # one special token each here
+CHAINS = {"[glim]": [SELF_H, " Look", " it", " up.", "<|eom|>", USER_H, " Sunny.", "<|eot|>", "</s>"]}
+
+
+@pytest.fixture(scope="module")
+def srv(server_factory, tmp_path_factory):
+    from tests.server.thinking_model import make_thinking_model
+
+    model = make_thinking_model(str(tmp_path_factory.mktemp("glimmer")), special_markers=True,
+                                markers=(SELF_H, USER_H), chains=CHAINS)
+    return server_factory([model, "--served-model-name", "m", "--reasoning-parser", "muse_glimmer"])
+
+
+def _chat(srv, **body):
+    import httpx
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "[glim]"}], "max_tokens": 20,
+            "temperature": 0, **body}
+    if not body.get("stream"):
+        r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=120)
+        assert r.status_code == 200, r.text
+        m = r.json()["choices"][0]["message"]
+        return m.get("reasoning"), m.get("content")
+    reasoning, content = [], []
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in httpx.Response(200, content=line[6:]).json()["choices"]:
+                    reasoning.append(choice["delta"].get("reasoning") or "")
+                    content.append(choice["delta"].get("content") or "")
+    return "".join(reasoning), "".join(content)
+
+
+def test_muse_glimmer_served_whole_streamed_and_with_a_budget(srv):
+    """The special-token framing reaches the split (skip_special_tokens off); a budget of 1 lets
+    one thinking token through, then forces to=user<|message|> and the model answers on."""
+    assert _chat(srv) == (" Look it up.", " Sunny.")
+    assert _chat(srv, stream=True) == (" Look it up.", " Sunny.")
+    assert _chat(srv, thinking_token_budget=1) == (" Look", " Sunny.")
