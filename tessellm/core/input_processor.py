@@ -206,7 +206,11 @@ class InputProcessor:
         for field in ("allowed_token_ids", "bad_words_token_ids", "logprob_token_ids",
                       "prompt_logprob_token_ids"):
             value = getattr(params, field) or ()
-            tokens = value if field != "bad_words_token_ids" else [t for word in value for t in word]
+            if field == "bad_words_token_ids" or (field == "prompt_logprob_token_ids"
+                                                  and params.prompt_ids_per_row):
+                tokens = [t for row in value for t in row if field == "bad_words_token_ids" or t != -1]
+            else:
+                tokens = value
             bad = [t for t in tokens if not 0 <= t < vocab]
             if bad:
                 raise RequestParamError(f"{field} has {bad[0]}, outside the vocabulary [0, {vocab}); "
@@ -300,6 +304,8 @@ class InputProcessor:
             raise RequestParamError("prompt_logprob_token_ids score prompt tokens; a prompt_embeds "
                                     "prompt has none. Drop prompt_logprob_token_ids.",
                                     "prompt_logprob_token_ids")
+        if params.prompt_ids_per_row:
+            _check_scored_rows(params, len(prompt.prompt_token_ids))
         if params.n == 1:
             return [EngineCoreRequest(request_id, prompt.prompt_token_ids, params, arrival,
                                       cache_salt=salt, lora_request=lora, mm_features=mm,
@@ -344,3 +350,16 @@ def child_request_id(parent_id: str, index: int) -> str:
 
 def random_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def _check_scored_rows(params, prompt_len: int) -> None:
+    """Per-row ``prompt_logprob_token_ids`` need one row per scored prompt row (vLLM PR
+    #56984): rows ``prompt_logprob_start`` to ``prompt_len - 2``."""
+    start = params.prompt_logprob_start or 0
+    want = max(0, prompt_len - 1 - start)
+    got = len(params.prompt_logprob_token_ids)
+    if got != want:
+        raise RequestParamError(
+            f"prompt_logprob_token_ids has {got} rows, but a {prompt_len}-token prompt scored from "
+            f"prompt_logprob_start={start} has {want} (len(prompt) - 1 - prompt_logprob_start); give "
+            "one id list per scored row.", "prompt_logprob_token_ids")

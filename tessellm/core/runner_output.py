@@ -113,10 +113,10 @@ def _prompt_logprobs(model, hidden: torch.Tensor, state, row0: int, start: int, 
     logits = model.compute_logits(hidden[row0:row0 + n]).float()
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.prompt_logprob_token_ids is not None:
-        skip = max(0, (params.prompt_logprob_start or 0) - start)
+        first = params.prompt_logprob_start or 0
+        skip = max(0, first - start)
         if skip < n:
-            ids = torch.tensor(params.prompt_logprob_token_ids, device=logprobs.device)
-            state.prompt_id_rows.extend(logprobs[skip:, ids].tolist())
+            state.prompt_id_rows.extend(_gather_ids(logprobs[skip:], params, start + skip - first))
     k = params.prompt_logprobs
     if k is None:
         return
@@ -127,6 +127,17 @@ def _prompt_logprobs(model, hidden: torch.Tensor, state, row0: int, start: int, 
     for j in range(n):
         top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
         state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+
+
+def _gather_ids(logprobs: torch.Tensor, params, row: int) -> list:
+    """The logprobs of ``prompt_logprob_token_ids`` at these rows, scored row ``row`` first:
+    one id list for every row, or (per row) each row's own ids, -1 padding scoring -inf."""
+    ids = params.prompt_logprob_token_ids
+    if not params.prompt_ids_per_row:
+        return logprobs[:, torch.tensor(ids, device=logprobs.device)].tolist()
+    ids = torch.tensor(ids[row:row + logprobs.shape[0]], device=logprobs.device)
+    picked = logprobs.gather(1, ids.clamp(min=0))
+    return picked.masked_fill(ids < 0, float("-inf")).tolist()
 
 
 def num_scored_rows(state) -> int:

@@ -89,7 +89,10 @@ class SamplingParams:
     # vLLM's prefill scoring: the logprobs of these token ids at every prompt row from
     # prompt_logprob_start (row i predicts prompt token i + 1; 0 if None) to the row before the
     # last; in RequestOutput.prompt_token_id_logprobs, float32 [rows, len(ids)] (no leading None).
-    prompt_logprob_token_ids: Optional[list[int]] = None
+    # Per row (vLLM PR #56984): a list of id lists (or a 2-D integer array), one per scored row,
+    # exactly len(prompt) - 1 - prompt_logprob_start of them; shorter rows are padded with -1
+    # here, and a padded column scores -inf.
+    prompt_logprob_token_ids: Optional[Union[list[int], list[list[int]]]] = None
     prompt_logprob_start: Optional[int] = None
     # vLLM's names for features tessellm does not have: only at the value that changes nothing
     # (_VLLM_NEUTRAL), so a script that sets them is refused by name, never silently changed
@@ -231,13 +234,16 @@ class SamplingParams:
             self.logprob_token_ids = list(ids) or None  # [] asks nothing (vLLM's num_logprobs)
         ids = self.prompt_logprob_token_ids
         if ids is not None:
-            _check(isinstance(ids, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                         for t in ids),
-                   f"prompt_logprob_token_ids must be a list of token ids (integers), got {ids!r}.")
-            _check(len(ids) > 0, "prompt_logprob_token_ids must not be empty; give the ids to score "
-                   "or leave it unset.")
-            _check(len(set(ids)) == len(ids), "prompt_logprob_token_ids must not contain duplicates.")
-            self.prompt_logprob_token_ids = list(ids)
+            ids = ids.tolist() if hasattr(ids, "tolist") else ids  # a numpy array / tensor
+            _check(isinstance(ids, (list, tuple)) and len(ids) > 0, "prompt_logprob_token_ids must "
+                   "not be empty; give the ids to score (one list, or one list per row) or leave it unset.")
+            if all(isinstance(row, (list, tuple)) for row in ids):
+                self.prompt_logprob_token_ids = _per_row_ids(ids)
+            else:
+                _check(all(_is_int(t) for t in ids), "prompt_logprob_token_ids must be a list of token "
+                       f"ids (integers), or a list of such lists (one per scored row), got {ids!r}.")
+                _check(len(set(ids)) == len(ids), "prompt_logprob_token_ids must not contain duplicates.")
+                self.prompt_logprob_token_ids = list(ids)
         start = self.prompt_logprob_start
         _check(start is None or (isinstance(start, int) and not isinstance(start, bool) and start >= 0),
                f"prompt_logprob_start must be a non-negative integer, got {start!r}.")
@@ -292,6 +298,12 @@ class SamplingParams:
         return len(self.logprob_token_ids) if self.logprob_token_ids else None
 
     @property
+    def prompt_ids_per_row(self) -> bool:
+        """``prompt_logprob_token_ids`` holds one id list per scored row (vLLM PR #56984)."""
+        ids = self.prompt_logprob_token_ids
+        return bool(ids) and isinstance(ids[0], list)
+
+    @property
     def needs_prompt_rows(self) -> bool:
         """The runner computes logits at prompt rows (prompt logprobs or prefill scoring)."""
         return self.prompt_logprobs is not None or self.prompt_logprob_token_ids is not None
@@ -342,3 +354,25 @@ _VLLM_NEUTRAL = (
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _per_row_ids(rows) -> list[list[int]]:
+    """``prompt_logprob_token_ids`` per row (vLLM PR #56984), checked and padded with -1 to
+    the longest row: each row distinct ids, -1 only after them (the padding of a 2-D array)."""
+    width = max(len(row) for row in rows)
+    _check(width > 0, "prompt_logprob_token_ids has no id in any row; give the ids to score or "
+           "leave it unset.")
+    out = []
+    for j, row in enumerate(rows):
+        _check(all(_is_int(t) and t >= -1 for t in row), "prompt_logprob_token_ids row "
+               f"{j} must be a list of token ids (integers, -1 for padding), got {list(row)!r}.")
+        ids = [t for t in row if t != -1]
+        _check(list(row[:len(ids)]) == ids, f"prompt_logprob_token_ids row {j} has -1 (padding) "
+               "before an id; put the padding after the row's ids.")
+        _check(len(set(ids)) == len(ids), f"prompt_logprob_token_ids row {j} has duplicate ids.")
+        out.append(ids + [-1] * (width - len(ids)))
+    return out

@@ -20,6 +20,9 @@
   (``resolve_reasoning_parser``). For the grammar gate its "markers" are the analysis and
   final channels' headers: structured output constrains the final channel.
 
+- ``muse_glimmer``: MuseGlimmer's recipient channels (``muse_glimmer.py``): ``to=self`` bodies
+  are reasoning, ``to=user`` and untagged ones the answer.
+
 The prompt decides where the output starts (``initial_phase``): a template that ends the prompt
 inside an open think block starts the output in reasoning, one that closes an (empty) block
 last starts it in the answer; otherwise the parser's own rule above applies.
@@ -72,6 +75,9 @@ class ReasoningParser:
     # Typed message blocks in any order (Inkling's): the server splits them with
     # ``inkling.InklingSplit``; ``start`` / ``end`` are the thinking block's kind and end markers
     blocks: bool = False
+    # Recipient-addressed channels (MuseGlimmer's): the server splits them with
+    # ``muse_glimmer.GlimmerSplit``; ``start`` / ``end`` are the reasoning and answer headers
+    channels: bool = False
 
     @property
     def starts(self) -> tuple[str, ...]:
@@ -122,6 +128,9 @@ _COHERE = dict(implicit_start=False, start="<|START_THINKING|>", end="<|END_THIN
 _INKLING = dict(implicit_start=False, start="<|content_thinking|>", end="<|end_message|>",
                 end_alts=("<|content_model_end_sampling|>",), blocks=True)
 
+# MuseGlimmer's channels (muse_glimmer.py): to=self<|message|> ... <|eom|> is reasoning
+_MUSE_GLIMMER = dict(implicit_start=False, start="to=self<|message|>", end="to=user<|message|>", channels=True)
+
 REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("deepseek_r1", implicit_start=True),
     ReasoningParser("qwen3", **_QWEN3),
@@ -140,6 +149,7 @@ REASONING_PARSERS: dict[str, ReasoningParser] = {p.name: p for p in (
     ReasoningParser("minimax_m2", implicit_start=True),
     ReasoningParser("minimax_m2_append_think", implicit_start=True, inline=True),
     ReasoningParser("inkling", **_INKLING),
+    ReasoningParser("muse_glimmer", **_MUSE_GLIMMER),
     ReasoningParser("mistral", implicit_start=False, start="[THINK]", end="[/THINK]", drop_strays=True),
     ReasoningParser("olmo3", implicit_start=True),
     ReasoningParser("seed_oss", implicit_start=True, start="<seed:think>", end="</seed:think>", drop_strays=True),

@@ -213,6 +213,16 @@ def test_newer_sampling_params_are_neutral_or_refused_by_name(name, neutral, act
         SamplingParams(**{name: acting})
 
 
+def test_a_fork_only_field_is_refused_by_name():
+    """reasoning_eos_policy (vLLM PR #55562, closed unmerged; some forks carry it) is no vLLM
+    field: refused by name offline and in a request (docs/vllm_parity.md)."""
+    with pytest.raises(TypeError, match="reasoning_eos_policy"):
+        SamplingParams(reasoning_eos_policy="force_end")
+    with pytest.raises(ValueError, match="reasoning_eos_policy"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
+                              reasoning_eos_policy="force_end")
+
+
 def test_vllm_conversions_of_sampling_params():
     assert (SamplingParams(logprobs=True).logprobs, SamplingParams(prompt_logprobs=True).prompt_logprobs) == (1, 1)
     p = SamplingParams.from_optional(logit_bias={"5": 250.0, 7: float("-inf")}, temperature=None)

@@ -101,6 +101,51 @@ def test_prompt_logprob_token_ids_match_hf_with_chunks_and_cache(llm_and_hf):
                                                                                  abs=1e-4)
 
 
+def test_per_row_prompt_logprob_token_ids_match_hf_with_chunks(llm_and_hf):
+    """vLLM PR #56984's form: row j's own ids at prompt row start + j, across prefill chunks of
+    8 tokens; short rows padded with -1 score -inf there; a tiled list equals the one list."""
+    import numpy as np
+
+    llm, hf = llm_and_hf
+    prompt = list(range(50, 67))  # 17 tokens: 3 chunks
+    ref = _hf_logprobs(hf, prompt)
+    for start in (0, 6):
+        rows = [[(7 * j + 3 * k) % 500 for k in range(1 + j % 4)] for j in range(len(prompt) - 1 - start)]
+        rows[1] = []  # a row with nothing to score: all -inf
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprob_token_ids=rows,
+                                prompt_logprob_start=start)
+        scores = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].prompt_token_id_logprobs
+        assert scores.dtype == np.float32 and scores.shape == (len(rows), 4)
+        for j, row in enumerate(rows):
+            np.testing.assert_allclose(scores[j, :len(row)], ref[start + j, row].numpy(), atol=1e-4)
+            assert np.all(np.isneginf(scores[j, len(row):]))
+    tiled = SamplingParams(max_tokens=1, prompt_logprob_token_ids=np.array([IDS] * 11), prompt_logprob_start=5)
+    flat = SamplingParams(max_tokens=1, prompt_logprob_token_ids=IDS, prompt_logprob_start=5)
+    a, b = (llm.generate({"prompt_token_ids": prompt}, p, use_tqdm=False)[0].prompt_token_id_logprobs
+            for p in (tiled, flat))
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("rows, start, match", [
+    ([[4]] * 3, None, "has 3 rows, but a 5-token prompt scored from prompt_logprob_start=0 has 4"),
+    ([[4]] * 4, 2, "has 4 rows, but a 5-token prompt scored from prompt_logprob_start=2 has 2"),
+    ([[4], [10**6], [1], [2]], None, "prompt_logprob_token_ids has 1000000, outside the vocabulary"),
+])
+def test_per_row_ids_that_do_not_fit_the_prompt_are_refused(llm_and_hf, rows, start, match):
+    llm, _ = llm_and_hf
+    params = SamplingParams(max_tokens=2, prompt_logprob_token_ids=rows, prompt_logprob_start=start)
+    with pytest.raises(ValueError, match=match):
+        llm.generate({"prompt_token_ids": [1, 2, 3, 4, 5]}, params, use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2  # the engine serves on
+
+
+def test_per_row_ids_are_padded_with_minus_one():
+    params = SamplingParams(prompt_logprob_token_ids=[[3], [5, 6, 7], [], [8, -1]])
+    assert params.prompt_logprob_token_ids == [[3, -1, -1], [5, 6, 7], [-1, -1, -1], [8, -1, -1]]
+    assert params.prompt_ids_per_row and not SamplingParams(prompt_logprob_token_ids=[3]).prompt_ids_per_row
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"logprob_token_ids": [1, 10**6]}, "logprob_token_ids has 1000000, outside the vocabulary"),
     ({"prompt_logprob_token_ids": [-1]}, "prompt_logprob_token_ids has -1, outside the vocabulary"),
@@ -119,6 +164,11 @@ def test_out_of_vocabulary_ids_are_refused(llm_and_hf, changes, match):
     ({"logprob_token_ids": [1, "2"]}, "must be a list of token ids"),
     ({"prompt_logprob_token_ids": []}, "must not be empty"),
     ({"prompt_logprob_token_ids": [4, 4]}, "must not contain duplicates"),
+    ({"prompt_logprob_token_ids": [[4], 5]}, "or a list of such lists"),
+    ({"prompt_logprob_token_ids": [[], []]}, "no id in any row"),
+    ({"prompt_logprob_token_ids": [[4], [-1, 5]]}, "row 1 has -1 \\(padding\\) before an id"),
+    ({"prompt_logprob_token_ids": [[4, 4]]}, "row 0 has duplicate ids"),
+    ({"prompt_logprob_token_ids": [[4, -2]]}, "row 0 must be a list of token ids"),
     ({"prompt_logprob_token_ids": [4], "prompt_logprob_start": -1}, "non-negative"),
 ])
 def test_bad_values_are_refused_in_one_sentence(changes, match):

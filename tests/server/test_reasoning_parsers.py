@@ -179,11 +179,11 @@ def test_a_label_is_held_until_it_is_told_apart():
 
 def test_every_vllm_name_is_known():
     """vLLM's ReasoningParserManager names (vllm/frontend/processing/reasoning/__init__.py, late
-    2026), less the one left out (docs/reasoning.md: muse_glimmer)."""
+    2026)."""
     assert {"deepseek_r1", "deepseek_v3", "ernie45", "glm45", "glm47", "mimo", "granite", "holo2", "hunyuan_a13b", "kimi_k2",
             "inkling", "minimax_m2", "minimax_m2_append_think", "mistral", "olmo3", "openai_gptoss", "qwen3", "seed_oss",
             "step3", "step3p5", "cohere_command3", "cohere_command4", "deepseek_v4", "gemma4", "hy_v3", "hy_v4",
-            "kimi_k3", "ling3", "minimax_m3", "nemotron_v3", "poolside_v1"} == set(REASONING_PARSERS)
+            "kimi_k3", "ling3", "minimax_m3", "muse_glimmer", "nemotron_v3", "poolside_v1"} == set(REASONING_PARSERS)
 
 
 def test_the_phase_the_server_sends_the_engine_core_is_checked():

@@ -23,6 +23,7 @@ from tessellm.reasoning import ReasoningSplit, ThinkMarkers, get_reasoning_parse
 from tessellm.reasoning.plugins import PluginParser, PluginSplit
 from tessellm.reasoning.inkling import InklingSplit
 from tessellm.reasoning.inkling import initial_state as inkling_state
+from tessellm.reasoning.muse_glimmer import GlimmerSplit, initial_recipient
 from tessellm.reasoning.parsers import PROMPT_TAIL_TOKENS
 
 
@@ -52,6 +53,9 @@ class ReasoningPlan:
             if parser.blocks:  # Inkling's typed blocks: where the output starts, from the prompt's end
                 tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
                 self.block_state = inkling_state(tail)
+            if parser.channels:  # MuseGlimmer: the channel the prompt leaves open
+                tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
+                self.open_channel = initial_recipient(tail)
         self.keep_blocks = False  # Inkling: the answer keeps its blocks for the inkling tool parser
 
     @classmethod
@@ -69,7 +73,7 @@ class ReasoningPlan:
         core's grammar gate starts where this split does (``reasoning_phase``)."""
         if self.plugin is None:
             params.reasoning_phase = self.phase
-            if self.markers.keep_special_tokens:
+            if self.markers.keep_special_tokens or self.markers.parser.channels:  # (vLLM's adjust_request)
                 params.skip_special_tokens = False
 
     def read_by(self, tool_parser) -> None:
@@ -89,6 +93,8 @@ class ReasoningPlan:
             return PluginSplit(self.plugin.instance(self.tokenizer, self.template_kwargs), self.request)
         if self.markers.parser.blocks:
             return InklingSplit(self.block_state, self.keep_blocks)
+        if self.markers.parser.channels:
+            return GlimmerSplit(self.open_channel)
         return ReasoningSplit(self.markers, self.phase)
 
     def fields(self, reasoning: Optional[str]) -> dict:
