@@ -233,3 +233,17 @@ def test_background_stream_is_resumed_after_a_sequence_number(srv):
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
     bad = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", background=True, store=False))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "background"
+
+
+def test_background_stream_resumed_past_its_end_is_a_400(srv):
+    """A finished background stream resumed after its last event is empty; after more than that
+    (nothing would ever come) a 400 naming starting_after and the last sequence number."""
+    events = _stream(srv, "[final]", background=True)
+    rid, last = events[-1].response.id, events[-1].sequence_number
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": last},
+                      headers=srv.headers, timeout=120) as r:
+        assert r.status_code == 200
+        assert [line for line in r.iter_lines() if line.startswith("data: ")] == []
+    r = _get(srv, rid, stream="true", starting_after=last + 1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after", r.text
+    assert f"last event is sequence number {last}" in r.json()["error"]["message"]

@@ -128,7 +128,7 @@ def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heart
         except OpenAIError as err:  # the engine failed it: stored failed, as a failed stream is
             result.keep(result.failed(ItemBuilder(), err))
 
-    run.start(work())
+    run.start(work(), on_end=lambda: sub.abort(engine))  # also when cancelled before it starts
     if result.req.stream:
         return StreamingResponse(run.follow(0, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
     return result.response(None, None, "queued")
@@ -174,6 +174,9 @@ def stream_stored(store: ResponseStore, response_id: str, starting_after: Option
     first = 0 if starting_after is None else starting_after + 1
     if first < 0:
         raise bad_request("starting_after must be a sequence number (0 or more).", "starting_after")
+    if run.done and first > len(run.events):  # its stream has ended: nothing would ever come
+        raise bad_request(f"starting_after {starting_after} is past the end of response {response_id!r}'s "
+                          f"stream: its last event is sequence number {len(run.events) - 1}.", "starting_after")
     return StreamingResponse(run.follow(first, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
