@@ -247,3 +247,12 @@ def test_background_stream_resumed_past_its_end_is_a_400(srv):
     r = _get(srv, rid, stream="true", starting_after=last + 1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after", r.text
     assert f"last event is sequence number {last}" in r.json()["error"]["message"]
+
+
+def test_unknown_id_404_says_responses_stay_on_their_replica(srv):
+    """A GET for an id this server never stored (with Ray Serve: one another replica made)."""
+    for r in (_get(srv, "resp_elsewhere"), _get(srv, "resp_elsewhere", stream="true"),
+              httpx.post(f"{srv.url}/v1/responses/resp_elsewhere/cancel", headers=srv.headers, timeout=120)):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert f"keeps the last {STORE_SIZE} responses" in r.json()["error"]["message"]
+        assert "another replica's responses are not here" in r.json()["error"]["message"]

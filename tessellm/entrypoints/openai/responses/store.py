@@ -88,7 +88,8 @@ class ResponseStore:
                 which = "was" if rid == previous_id else f"continues {rid!r}, which was"
                 raise bad_request(f"Previous response {previous_id!r} {which} not found (never stored, "
                                   "deleted, or dropped: this server keeps the last "
-                                  f"{self.capacity} responses); send the conversation in input instead.",
+                                  f"{self.capacity} responses, each on the replica that made it); send the "
+                                  "conversation in input instead.",
                                   "previous_response_id", "previous_response_not_found")
             seen.add(rid)
             status = stored.response.get("status")
