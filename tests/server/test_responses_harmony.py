@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from openai.types.responses import Response, ResponseStreamEvent
 from tests.server.harmony_model import make_harmony_model
+from tests.server.responses_events import check_stream
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 STORE_SIZE = 4
@@ -50,6 +51,7 @@ def _stream(srv, input, **body) -> list:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(EVENTS.validate_python(json.loads(line[6:])))
+    check_stream(events)  # OpenAI's event order, item by item
     assert [e.sequence_number for e in events] == list(range(len(events)))
     return events
 
