@@ -94,3 +94,14 @@ def test_followers_get_every_event_in_order():
         assert await late == [f"e{i}" for i in range(1, 6)]
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+def test_only_reads_and_cancels_of_stored_responses_pass_a_drain():
+    from tessellm.entrypoints.openai.middleware import _reads_a_response
+
+    served = [("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+              ("POST", "/v1/responses/resp_1/cancel")]
+    refused = [("POST", "/v1/responses"), ("POST", "/v1/responses/resp_1"), ("GET", "/v1/responses/resp_1/cancel"),
+               ("GET", "/v1/responses"), ("POST", "/v1/chat/completions"), ("GET", "/v1/responses/a/b")]
+    assert [_reads_a_response({"method": m}, p) for m, p in served] == [True] * 3
+    assert [_reads_a_response({"method": m}, p) for m, p in refused] == [False] * 6
