@@ -258,3 +258,25 @@ def test_unknown_id_404_says_responses_stay_on_their_replica(srv):
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
         assert f"keeps the last {STORE_SIZE} responses" in r.json()["error"]["message"]
         assert "another replica's responses are not here" in r.json()["error"]["message"]
+
+
+def test_leaving_a_background_stream_does_not_stop_it(srv):
+    """The POST's client goes after three events: the run goes on, and a resume from the start
+    replays those three then the rest, to response.completed (OpenAI's order throughout)."""
+    seen = []
+    with httpx.stream("POST", f"{srv.url}/v1/responses", json=_body("[final]", stream=True, background=True),
+                      headers=srv.headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen.append(EVENTS.validate_python(json.loads(line[6:])))
+                if len(seen) == 3:
+                    break
+    rid = seen[0].response.id
+    replay = []
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true"}, headers=srv.headers,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        replay = [EVENTS.validate_python(json.loads(line[6:])) for line in r.iter_lines() if line.startswith("data: ")]
+    assert replay[:3] == seen and replay[-1].type == "response.completed"
+    check_stream(replay)
+    assert _until_done(srv, rid)["status"] == "completed"
