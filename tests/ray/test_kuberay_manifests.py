@@ -102,6 +102,8 @@ def test_workers_are_ready_when_serve_answers_on_ready(name, service):
     for group in cluster["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
         assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8000}
+        for probe in ("startupProbe", "readinessProbe"):  # /ready answers within 0.5 s: Kubernetes' 1 s
+            assert container[probe].get("timeoutSeconds", 1) == 1, (probe, container[probe])
         if "gpu" in name:
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         else:

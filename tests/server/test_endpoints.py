@@ -94,7 +94,8 @@ def test_engine_crash_surfaces_as_errors(server_factory, tmp_path):
     turn false, new requests get 503: nothing hangs."""
     template = tmp_path / "template.jinja"
     template.write_text(TEMPLATE)
-    srv = server_factory(["--chat-template", str(template), "--served-model-name", "tiny", "extra"],
+    srv = server_factory(["--chat-template", str(template), "--served-model-name", "tiny", "extra",
+                          "--responses-store-size", "4"],
                          env={"TESSELLM_API_KEY": "sk-from-env"}, api_key_flag=False)
     srv.api_key = "sk-from-env"
     assert httpx.get(f"{srv.url}/v1/models").status_code == 401  # the key came from the env
@@ -105,6 +106,8 @@ def test_engine_crash_surfaces_as_errors(server_factory, tmp_path):
     text = httpx.post(f"{srv.url}/detokenize", headers=srv.headers, json={"tokens": ids}).json()["prompt"]
     assert text == "<<user>>Hi\n<<assistant>>"
     pid = srv.stats()["engine_pid"]
+    background = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, timeout=60, json={
+        "input": "Tell me everything", "max_output_tokens": 900, "ignore_eos": True, "background": True}).json()
     lines = []
     with httpx.stream("POST", f"{srv.url}/v1/completions", headers=srv.headers, timeout=60,
                       json={"prompt": "Tell me everything", "max_tokens": 900, "stream": True,
@@ -121,3 +124,11 @@ def test_engine_crash_surfaces_as_errors(server_factory, tmp_path):
     assert httpx.get(f"{srv.url}/health", timeout=30).status_code == 503
     r = httpx.post(f"{srv.url}/v1/completions", headers=srv.headers, json={"prompt": "Hi"}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    # a background response running when the core died is stored failed (not left in_progress)
+    for _ in range(600):
+        got = httpx.get(f"{srv.url}/v1/responses/{background['id']}", headers=srv.headers, timeout=30).json()
+        if got["status"] not in ("queued", "in_progress"):
+            break
+        time.sleep(0.05)
+    assert got["status"] == "failed" and got["error"]["code"] == "server_error", got
+    assert "engine core is dead" in got["error"]["message"], got

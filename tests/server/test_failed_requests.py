@@ -19,6 +19,7 @@ from pydantic import TypeAdapter
 
 from tests.sampling.failing_procs import POISON_TEMPERATURE
 from tests.server.conftest import MODEL
+from tests.server.responses_events import check_stream
 
 INTERNAL_ERROR = {"error": {"message": "Internal server error", "type": "InternalServerError", "param": None,
                             "code": 500}}
@@ -64,6 +65,7 @@ def test_responses_failed_stream_ends_with_error_then_response_failed(http):
     assert kinds == ["response.created", "response.in_progress", "error", "response.failed"], kinds
     assert [e["sequence_number"] for e in events] == list(range(4))
     parse = TypeAdapter(ResponseStreamEvent).validate_python
+    check_stream([parse(e) for e in events])
     error, failed = parse(events[2]), parse(events[3])  # the SDK's own event models read them
     assert (error.code, error.message) == ("500", "Internal server error")
     assert failed.response.status == "failed" and failed.response.id == events[0]["response"]["id"]

@@ -2,7 +2,8 @@
 
 One extra server (own process) with the default 4 MiB body limit: 2 MB prompts pass the body
 limit and must be refused without stalling a concurrent stream; then it is sent SIGTERM while
-8 streams run.
+8 streams and a background response run: the drain waits for all of them, and the background
+response is still read with GET /v1/responses/{id} meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ BIG = "hello " * (2_000_000 // 6)  # ~2 MB of text: far over the context, under 
 
 @pytest.fixture(scope="module")
 def own_server(server_factory):
-    return server_factory(["--max-request-body-bytes", str(4 << 20), "--shutdown-timeout", "120"])
+    return server_factory(["--max-request-body-bytes", str(4 << 20), "--shutdown-timeout", "120",
+                           "--responses-store-size", "4"])
 
 
 def _stream(srv, max_tokens: int, out: dict, first: threading.Event = None) -> None:
@@ -81,13 +83,17 @@ def test_huge_prompts_refused_without_stalling_a_stream(own_server):
 
 
 def test_sigterm_drains_streams_and_refuses_new_requests(own_server):
-    results = [dict() for _ in range(8)]
-    firsts = [threading.Event() for _ in range(8)]
-    threads = [threading.Thread(target=_stream, args=(own_server, 24, results[i], firsts[i]))
-               for i in range(8)]
+    results = [dict() for _ in range(9)]
+    firsts = [threading.Event() for _ in range(9)]
+    lengths = [24] * 8 + [400]  # the last outlasts the background response: the server is up to read it
+    threads = [threading.Thread(target=_stream, args=(own_server, lengths[i], results[i], firsts[i]))
+               for i in range(9)]
     for t in threads:
         t.start()
     assert all(f.wait(180) for f in firsts)
+    background = httpx.post(f"{own_server.url}/v1/responses", headers=own_server.headers, timeout=30, json={
+        "model": MODEL, "input": "Count slowly:", "max_output_tokens": 160, "ignore_eos": True,
+        "temperature": 0, "background": True}).json()
     own_server.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 60  # the signal handled: draining (not a fixed sleep: load)
     while httpx.get(f"{own_server.url}/ready", timeout=30).status_code != 503:
@@ -96,9 +102,19 @@ def test_sigterm_drains_streams_and_refuses_new_requests(own_server):
     r = httpx.post(f"{own_server.url}/v1/completions", headers=own_server.headers, timeout=30,
                    json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+    # the background response runs on through the drain, and its client can still read it
+    deadline = time.monotonic() + 300
+    while True:
+        got = httpx.get(f"{own_server.url}/v1/responses/{background['id']}", headers=own_server.headers, timeout=30)
+        assert got.status_code == 200, got.text
+        if got.json()["status"] not in ("queued", "in_progress"):
+            break
+        assert time.monotonic() < deadline, "the background response never finished"
+        time.sleep(0.05)
+    assert got.json()["status"] == "incomplete" and got.json()["usage"]["output_tokens"] == 160, got.text
     for t in threads:
         t.join(300)
-    for res in results:
+    for res, length in zip(results, lengths):
         assert res["status"] == 200 and res["finish_reason"] == "length", res
-        assert res["usage"]["completion_tokens"] == 24
+        assert res["usage"]["completion_tokens"] == length
     assert own_server.proc.wait(60) == 0, own_server.log_tail()

@@ -81,6 +81,7 @@ async def _busy_core_is_ready_at_once(c: httpx.AsyncClient, engine: AsyncLLM) ->
         r = await c.get("/ready", timeout=60)
         assert r.status_code == 200 and r.json() == {"status": "ready"}, r.text
         assert 0 in engine._pings  # /ready's ping to the frozen core: not answered
+        await _probe_storm_shares_one_ping(c, engine)
         engine.stuck_after_s = 1.0
         await asyncio.sleep(1.0)
         r = await c.get("/ready", timeout=60)
@@ -93,6 +94,19 @@ async def _busy_core_is_ready_at_once(c: httpx.AsyncClient, engine: AsyncLLM) ->
     outputs = [out async for out in gen]
     assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 200
     assert (await c.get("/ready", timeout=60)).status_code == 200
+    storm = await asyncio.gather(*(c.get("/ready", timeout=60) for _ in range(40)))
+    assert [r.status_code for r in storm] == [200] * 40
+    assert engine._pings == {} and engine._calls == {}  # answered pings leave nothing behind
+
+
+async def _probe_storm_shares_one_ping(c: httpx.AsyncClient, engine: AsyncLLM) -> None:
+    """40 probes at once at a frozen busy core: every one 200, all on the one ping already in
+    flight (no call, ping or task left per probe)."""
+    ping, calls, tasks = engine._pings[0], len(engine._calls), len(asyncio.all_tasks())
+    storm = await asyncio.gather(*(c.get("/ready", timeout=60) for _ in range(40)))
+    assert [r.status_code for r in storm] == [200] * 40, [r.text for r in storm if r.status_code != 200]
+    assert engine._pings == {0: ping} and len(engine._calls) == calls
+    assert len(asyncio.all_tasks()) == tasks
 
 
 def test_ready_only_after_warmup():

@@ -13,6 +13,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from openai.types.responses import Response, ResponseStreamEvent
+from tests.server.responses_events import check_stream
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -56,6 +57,7 @@ def _stream(http, **body) -> list:
                 data = json.loads(line[6:])
                 assert data["type"] == kind, (kind, data)
                 events.append(EVENTS.validate_python(data))
+    check_stream(events)  # OpenAI's event order, item by item
     assert [e.sequence_number for e in events] == list(range(len(events)))
     return events
 
@@ -117,6 +119,9 @@ def test_json_schema_output(http):
     assert resp["status"] == "completed", resp
     jsonschema.validate(json.loads(_text(resp)), schema)
     assert resp["text"]["format"]["type"] == "json_schema" and resp["text"]["format"]["schema"] == schema
+    events = _stream(http, input="Give a person as JSON.", max_output_tokens=60,  # the same, streamed
+                     text={"format": {"type": "json_schema", "name": "person", "schema": schema, "strict": True}})
+    assert events[-1].response.output_text == _text(resp) and events[-1].response.text.format.type == "json_schema"
     obj = _post(http, input="Give a person as JSON.", max_output_tokens=60, text={"format": {"type": "json_object"}})
     assert obj["status"] != "completed" or isinstance(json.loads(_text(obj)), dict)
 
@@ -334,6 +339,18 @@ def test_sdk_parse_with_a_pydantic_model(client):
                                temperature=0, extra_body={"structured_outputs": {"disable_any_whitespace": True}})
     assert r.status == "completed" and isinstance(r.output_parsed, Person)
     assert r.output_parsed == Person.model_validate_json(r.output_text)
+
+
+def test_thinking_token_budget_is_a_400_pointing_at_chat(http):
+    """vLLM's ResponsesRequest has no thinking_token_budget (its chat and completions requests
+    do): a 400 that says where it works; -1 (no budget) is accepted."""
+    r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "thinking_token_budget": 8})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("thinking_token_budget", "unsupported_parameter"), err
+    assert "/v1/chat/completions" in err["message"] and "reasoning.effort" in err["message"], err
+    assert _post(http, input="hi", max_output_tokens=2, thinking_token_budget=-1)["status"] in ("completed",
+                                                                                                 "incomplete")
 
 
 @pytest.mark.parametrize("body,param", [

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from openai.types.responses import Response, ResponseStreamEvent
 from tests.server.harmony_model import make_harmony_model
+from tests.server.responses_events import check_stream
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
 STORE_SIZE = 4
@@ -50,6 +51,7 @@ def _stream(srv, input, **body) -> list:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 events.append(EVENTS.validate_python(json.loads(line[6:])))
+    check_stream(events)  # OpenAI's event order, item by item
     assert [e.sequence_number for e in events] == list(range(len(events)))
     return events
 
@@ -233,3 +235,48 @@ def test_background_stream_is_resumed_after_a_sequence_number(srv):
         assert r.status_code == 400 and r.json()["error"]["param"] == "stream", r.text
     bad = httpx.post(f"{srv.url}/v1/responses", headers=srv.headers, json=_body("[final]", background=True, store=False))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "background"
+
+
+def test_background_stream_resumed_past_its_end_is_a_400(srv):
+    """A finished background stream resumed after its last event is empty; after more than that
+    (nothing would ever come) a 400 naming starting_after and the last sequence number."""
+    events = _stream(srv, "[final]", background=True)
+    rid, last = events[-1].response.id, events[-1].sequence_number
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true", "starting_after": last},
+                      headers=srv.headers, timeout=120) as r:
+        assert r.status_code == 200
+        assert [line for line in r.iter_lines() if line.startswith("data: ")] == []
+    r = _get(srv, rid, stream="true", starting_after=last + 1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "starting_after", r.text
+    assert f"last event is sequence number {last}" in r.json()["error"]["message"]
+
+
+def test_unknown_id_404_says_responses_stay_on_their_replica(srv):
+    """A GET for an id this server never stored (with Ray Serve: one another replica made)."""
+    for r in (_get(srv, "resp_elsewhere"), _get(srv, "resp_elsewhere", stream="true"),
+              httpx.post(f"{srv.url}/v1/responses/resp_elsewhere/cancel", headers=srv.headers, timeout=120)):
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", r.text
+        assert f"keeps the last {STORE_SIZE} responses" in r.json()["error"]["message"]
+        assert "another replica's responses are not here" in r.json()["error"]["message"]
+
+
+def test_leaving_a_background_stream_does_not_stop_it(srv):
+    """The POST's client goes after three events: the run goes on, and a resume from the start
+    replays those three then the rest, to response.completed (OpenAI's order throughout)."""
+    seen = []
+    with httpx.stream("POST", f"{srv.url}/v1/responses", json=_body("[final]", stream=True, background=True),
+                      headers=srv.headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                seen.append(EVENTS.validate_python(json.loads(line[6:])))
+                if len(seen) == 3:
+                    break
+    rid = seen[0].response.id
+    replay = []
+    with httpx.stream("GET", f"{srv.url}/v1/responses/{rid}", params={"stream": "true"}, headers=srv.headers,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        replay = [EVENTS.validate_python(json.loads(line[6:])) for line in r.iter_lines() if line.startswith("data: ")]
+    assert replay[:3] == seen and replay[-1].type == "response.completed"
+    check_stream(replay)
+    assert _until_done(srv, rid)["status"] == "completed"

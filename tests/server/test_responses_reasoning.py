@@ -13,6 +13,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from openai.types.responses import Response, ResponseStreamEvent
+from tests.server.responses_events import check_stream
 from tests.server.thinking_model import TOOL_IN_THOUGHT, make_thinking_model
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
@@ -42,6 +43,7 @@ def _both(srv, trigger, **body):
         for line in s.iter_lines():
             if line.startswith("data: "):
                 events.append(EVENTS.validate_python(json.loads(line[6:])))
+    check_stream(events)  # OpenAI's event order, item by item
     return whole, events[-1].response, events
 
 

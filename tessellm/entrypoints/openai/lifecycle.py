@@ -14,7 +14,10 @@
   core still stopped through its shutdown.
 
 ``in_flight`` counts requests inside the app (a stream until its last byte), kept by the edge
-middleware.
+middleware; ``background`` the background responses (``background: true`` at /v1/responses)
+still running, which a drain waits for too. While draining, ``GET`` / ``DELETE
+/v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` are still served (they start no
+work), so a background response's client can read its result, or stop it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Lifecycle:
     draining: bool = False
     stopped_by: int = 0  # the signal that began the drain (0: none)
     in_flight: int = 0
+    background: int = 0  # background responses still running (responses/background.py)
     retry_after_s: int = 5  # what a refused client is told to wait
 
 
@@ -53,11 +57,12 @@ def draining_server(uvicorn_config, lifecycle: Lifecycle, shutdown_timeout: floa
 
         async def _drain(self) -> None:
             deadline = time.monotonic() + shutdown_timeout
-            while lifecycle.in_flight and time.monotonic() < deadline:
+            while (lifecycle.in_flight or lifecycle.background) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-            if lifecycle.in_flight:
-                logger.warning("%d request(s) still running after --shutdown-timeout %.0fs; "
-                               "closing them.", lifecycle.in_flight, shutdown_timeout)
+            if lifecycle.in_flight or lifecycle.background:
+                logger.warning("%d request(s) and %d background response(s) still running after "
+                               "--shutdown-timeout %.0fs; closing them.", lifecycle.in_flight,
+                               lifecycle.background, shutdown_timeout)
             else:
                 logger.info("Drained; shutting down.")
             self.should_exit = True

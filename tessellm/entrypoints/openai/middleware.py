@@ -16,6 +16,7 @@ exception raised on: then closing the connection is the one way to tell the clie
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from typing import Optional, Sequence
 
@@ -47,6 +48,18 @@ def needs_api_key(method: str, path: str) -> bool:
     return method != "OPTIONS" and (path.startswith("/v1") or path in DEV_PATHS)
 
 
+_STORED_RESPONSE = re.compile(r"/v1/responses/[^/]+(/cancel)?")
+
+
+def _reads_a_response(scope, path: str) -> bool:
+    """GET / DELETE ``/v1/responses/{id}`` or POST its ``/cancel``: served while draining (they
+    start no work), so a background response's client can still read or stop it (lifecycle.py)."""
+    match = _STORED_RESPONSE.fullmatch(path)
+    if match is None:
+        return False
+    return scope["method"] == "POST" if match.group(1) else scope["method"] in ("GET", "DELETE")
+
+
 class EdgeMiddleware:
     def __init__(self, app, config: ServerConfig, lifecycle: Optional[Lifecycle] = None):
         self.app = app
@@ -57,7 +70,7 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         open_path = self._route_path(scope) in self.config.open_paths
-        if self.lifecycle.draining and not open_path:
+        if self.lifecycle.draining and not open_path and not _reads_a_response(scope, self._route_path(scope)):
             retry = self.lifecycle.retry_after_s
             return await _send_error(send, OpenAIError(
                 f"The server is shutting down; retry in {retry} s (on another replica).", 503, None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,13 @@ class BackgroundRun:
         self.changed = asyncio.Event()  # set on each new event and at the end
         self.done = False
         self.task: Optional[asyncio.Task] = None
+        self._on_end: Optional[Callable[[], None]] = None
+        self._work: Optional[Awaitable] = None
 
-    def start(self, work: Awaitable) -> None:
-        """Run ``work`` (a coroutine) as this run's task."""
+    def start(self, work: Awaitable, on_end: Optional[Callable[[], None]] = None) -> None:
+        """Run ``work`` (a coroutine) as this run's task; ``on_end`` (its engine request's abort:
+        idempotent, never awaits) runs once it ends, however it ends."""
+        self._on_end, self._work = on_end, work
         self.task = asyncio.get_running_loop().create_task(self._run(work), name=f"background {self.response_id}")
 
     async def _run(self, work: Awaitable) -> None:
@@ -47,8 +51,16 @@ class BackgroundRun:
         except Exception:  # noqa: BLE001 - the work stores its own failure; this is a bug's last word
             logger.exception("Background response %s failed", self.response_id)
         finally:
-            self.done = True
-            self.changed.set()
+            self._end()
+
+    def _end(self) -> None:
+        """The run is over: its engine request freed, its followers told."""
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
+        self._work = None
+        self.done = True
+        self.changed.set()
 
     async def record(self, events: AsyncIterator[str]) -> None:
         """Keep a stream's events (not its keep-alive comments) for the followers."""
@@ -78,6 +90,10 @@ class BackgroundRun:
         if self.task is not None and not self.task.done():
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
+        if not self.done:  # cancelled before its first step: _run's body (and finally) never ran
+            if asyncio.iscoroutine(self._work):
+                self._work.close()  # never started: closed, not left "never awaited"
+            self._end()
 
     @property
     def running(self) -> bool:

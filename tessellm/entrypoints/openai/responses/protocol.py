@@ -112,6 +112,7 @@ class ResponsesRequest(_Strict):
     enable_response_messages: Optional[bool] = None  # vLLM's: the raw messages in the response
     previous_input_messages: Optional[Any] = None  # vLLM's (harmony messages of earlier turns)
     previous_response: Optional[Any] = None  # vLLM's stateless multi-turn (harmony state in it)
+    thinking_token_budget: Optional[Any] = None  # chat's and completions' field; vLLM's responses has none
 
 
 # passed as they are to the chat request, whose validation and messages name them the same way
@@ -133,6 +134,9 @@ UNSUPPORTED: dict[str, tuple[tuple, str]] = {
                                 "stored response with previous_response_id"),
     "previous_response": ((None,), "send its output items (and your function_call_output items) in "
                           "input, or continue a stored response with previous_response_id"),
+    "thinking_token_budget": ((None, -1), "vLLM's /v1/responses takes no thinking budget (its chat and "
+                              "completions requests do): send the conversation to /v1/chat/completions with "
+                              "thinking_token_budget, or use reasoning.effort here"),
 }
 
 # include values: logprobs of the message's tokens; the others (vLLM's list) have no effect:

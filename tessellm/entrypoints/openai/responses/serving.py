@@ -65,7 +65,8 @@ async def create_response(engine: AsyncLLM, config: ServerConfig, store: Respons
                  job.req.priority)  # the chat request's (to_chat_request: VLLM_EXTRAS)
     result = _Result(engine, req, job, store)
     if req.background:
-        return _start_background(engine, sub, result, config.sse_keepalive_s)
+        return _start_background(engine, sub, result, config.sse_keepalive_s,
+                                 getattr(http_request.app.state, "lifecycle", None))
     if req.stream:
         return StreamingResponse(_events(engine, sub, result, config.sse_keepalive_s),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
@@ -111,9 +112,9 @@ class _Detached:
         return False
 
 
-def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heartbeat: float):
+def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heartbeat: float, lifecycle=None):
     """Store the response ``queued`` and run it on; the answer is that response, or (streamed)
-    the run's events as they come."""
+    the run's events as they come. ``lifecycle``: the server's, whose drain waits for the run."""
     run = BackgroundRun(result.id, bool(result.req.stream))
     result.store.runs[result.id] = run
     result.keep(result.response(None, None, "queued"))
@@ -128,7 +129,14 @@ def _start_background(engine: AsyncLLM, sub: Submitted, result: "_Result", heart
         except OpenAIError as err:  # the engine failed it: stored failed, as a failed stream is
             result.keep(result.failed(ItemBuilder(), err))
 
-    run.start(work())
+    def end() -> None:  # once, however the run ends (cancelled before it starts too)
+        sub.abort(engine)
+        if lifecycle is not None:
+            lifecycle.background -= 1
+
+    if lifecycle is not None:
+        lifecycle.background += 1
+    run.start(work(), on_end=end)
     if result.req.stream:
         return StreamingResponse(run.follow(0, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
     return result.response(None, None, "queued")
@@ -174,11 +182,16 @@ def stream_stored(store: ResponseStore, response_id: str, starting_after: Option
     first = 0 if starting_after is None else starting_after + 1
     if first < 0:
         raise bad_request("starting_after must be a sequence number (0 or more).", "starting_after")
+    if run.done and first > len(run.events):  # its stream has ended: nothing would ever come
+        raise bad_request(f"starting_after {starting_after} is past the end of response {response_id!r}'s "
+                          f"stream: its last event is sequence number {len(run.events) - 1}.", "starting_after")
     return StreamingResponse(run.follow(first, heartbeat), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def not_stored(response_id: str, store: ResponseStore) -> OpenAIError:
-    why = "" if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
+    why = (f" (this server keeps the last {store.capacity} responses, in memory, each on the server "
+           "process that made it: with Ray Serve or behind a load balancer, another replica's responses "
+           "are not here)") if store.enabled else " (this server keeps none: start it with --responses-store-size N)"
     return OpenAIError(f"No response with id {response_id!r} is stored{why}.", 404, "response_id", "not_found")
 
 

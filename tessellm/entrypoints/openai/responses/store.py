@@ -4,8 +4,9 @@
 Each stored response keeps only its own turn: the input items it was sent, the response body,
 and the id of the response it continued. A conversation is rebuilt by walking those links back
 (so a chain of n turns costs n turns of memory, not n^2). The store holds at most ``capacity``
-responses; the least recently used one is dropped first, and a chain whose earlier turn was
-dropped is answered with a 400 that says so. Lives in the API process, per server: lost on
+responses; the least recently used one is dropped first (never a background response still
+running: the store holds more than ``capacity`` while such runs go on), and a chain whose
+earlier turn was dropped is answered with a 400 that says so. Lives in the API process, per server: lost on
 restart, not shared between replicas.
 
 A failed response (a stream that ended in ``response.failed``) is stored, so GET answers it,
@@ -50,10 +51,17 @@ class ResponseStore:
         self._items[response_id] = stored
         self._items.move_to_end(response_id)
         while len(self._items) > self.capacity:
-            old, _ = self._items.popitem(last=False)
-            run = self.runs.get(old)
-            if run is not None and not run.running:  # a running one is kept: its task needs it
-                del self.runs[old]
+            # the least recently used one that is not a background response still running (that
+            # one stays readable, cancellable and deletable until it ends; over capacity meanwhile)
+            old = next((rid for rid in self._items if not self._running(rid)), None)
+            if old is None:
+                break
+            del self._items[old]
+            self.runs.pop(old, None)
+
+    def _running(self, response_id: str) -> bool:
+        run = self.runs.get(response_id)
+        return run is not None and run.running
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
         stored = self._items.get(response_id)
@@ -80,7 +88,8 @@ class ResponseStore:
                 which = "was" if rid == previous_id else f"continues {rid!r}, which was"
                 raise bad_request(f"Previous response {previous_id!r} {which} not found (never stored, "
                                   "deleted, or dropped: this server keeps the last "
-                                  f"{self.capacity} responses); send the conversation in input instead.",
+                                  f"{self.capacity} responses, each on the replica that made it); send the "
+                                  "conversation in input instead.",
                                   "previous_response_id", "previous_response_not_found")
             seen.add(rid)
             status = stored.response.get("status")
