@@ -107,7 +107,7 @@ class InputProcessor:
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
         """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...}}``
-        (vLLM's form)."""
+        or ``{..., "multi_modal_data": {"audio": ...}}`` (vLLM's forms)."""
         from tessellm.multimodal.processor import get_processor, given
 
         data = prompt["multi_modal_data"]
@@ -117,6 +117,13 @@ class InputProcessor:
         if not source:
             raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
                              "image goes) or 'prompt_token_ids'.")
+        if getattr(processor, "modality", "image") == "audio":  # Qwen2-Audio
+            processor.check_count(int(given(data.get("image"))) + int(given(data.get("video"))))
+            audio = data.get("audio")
+            ids, features = processor.process(source, audio if given(audio) else [])
+            return ProcessedPrompt(text, ids, features or None)
+        if given(data.get("audio")):
+            processor.check_audio_count(1)  # an image model: refused by name
         videos = data.get("video")
         if given(videos):
             processor.check_video_count(1)  # a model without videos: refused by name
