@@ -13,12 +13,21 @@ resampled, and audio files (chat ``input_audio`` / ``audio_url`` parts) decoded.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import wave
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
+
+
+class AudioClip(NamedTuple):
+    """A decoded clip (chat parts): ``multi_modal_data["audio"]`` takes it as (waveform, rate)."""
+
+    waveform: np.ndarray
+    sampling_rate: int
 
 
 def as_audio_list(items, target_rate: int) -> list[np.ndarray]:
@@ -125,3 +134,47 @@ def _soundfile() -> Optional[object]:
     except ImportError:
         return None
     return soundfile
+
+
+def load_input_audio(spec) -> AudioClip:
+    """An OpenAI ``input_audio`` part's object: ``{"data": base64 bytes, "format": "wav"}``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str) or not spec["data"]:
+        raise ValueError("input_audio needs {\"data\": <base64 audio>, \"format\": \"wav\"}.")
+    fmt = spec.get("format") or "wav"
+    if not isinstance(fmt, str):
+        raise ValueError("input_audio.format must be a string such as \"wav\".")
+    try:
+        data = base64.b64decode(spec["data"].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("input_audio.data is not valid base64.") from None
+    if fmt.lower() == "wav" and not (data[:4] == b"RIFF" and data[8:12] == b"WAVE"):
+        raise ValueError("input_audio.data is not a WAV file (no RIFF/WAVE header) though format "
+                         "is \"wav\"; send the WAV file's bytes, base64-encoded.")
+    return AudioClip(*decode_audio(data, f"The input_audio ({fmt})"))
+
+
+def load_audio_url(url, allowed_local_media_path: Optional[str] = None,
+                   allowed_media_domains=None, fetched: Optional[dict] = None) -> AudioClip:
+    """An ``audio_url`` part's URL (vLLM's): data:audio/...;base64, file:// under
+    ``allowed_local_media_path``, or http(s) (fetched as images are)."""
+    from tessellm.multimodal.media import data_url_bytes, local_file
+
+    if not isinstance(url, str) or not url:
+        raise ValueError("audio_url.url is missing; give a data:audio/wav;base64 URL, an http(s) "
+                         "URL, or file:// under --allowed-local-media-path.")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return AudioClip(*decode_audio(data_url_bytes(url, "audio"), "The data: URL"))
+    if scheme == "file":
+        return AudioClip(*decode_audio(local_file(url, allowed_local_media_path, "audio"),
+                                       "The file:// audio"))
+    if scheme in ("http", "https"):
+        from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
+
+        got = (fetched or {}).get(url)
+        if isinstance(got, ValueError):
+            raise got
+        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        return AudioClip(*decode_audio(data, f"The audio at {shown_url(url)}"))
+    raise ValueError(f"audio_url scheme {scheme or url[:16]!r} is not supported; use an http(s) "
+                     "URL, a data:audio/...;base64 URL or file:// under --allowed-local-media-path.")
