@@ -199,6 +199,10 @@ def _chat_prompt_with_audio(conversation: list[dict], info, tokenizer, render,
     from tessellm.multimodal.audio import load_audio_url, load_input_audio
     from tessellm.multimodal.processor import get_processor
 
+    if not info.mm_limits:
+        raise ValueError(f"The model {info.model_path} is text-only: it does not take audio. "
+                         "Remove the input_audio / audio_url parts, or serve an audio-language "
+                         "model (Qwen2-Audio).")
     processor = get_processor(info)
     processor.check_count(_count(conversation, lambda p: is_image_part(p) or is_video_part(p)))
     processor.check_audio_count(_count(conversation, is_audio_part))
