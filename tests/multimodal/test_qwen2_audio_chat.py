@@ -128,3 +128,40 @@ def test_chat_server_input_audio_matches_hf_and_bad_audio_is_a_400(qwen2_audio_d
     for r, match in zip(bad, matches):
         assert r.status_code == 400, r.text
         assert match in r.json()["error"]["message"]
+
+
+async def _transcriptions(c):
+    wav = encode_wav(clip(23), SAMPLING_RATE)
+
+    def post(files=(("file", ("a.wav", wav, "audio/wav")),), **data):
+        return c.post("/v1/audio/transcriptions", files=dict(files), data={"model": "m", **data})
+
+    ok = await post(language="en", max_completion_tokens="5")
+    text = await post(language="en", max_completion_tokens="5", response_format="text")
+    bad = [await post(files=(("file", ("a.mp3", b"ID3 not audio", "audio/mpeg")),)),
+           await post(response_format="srt"),
+           await post(files=()),
+           await post(language="english"),
+           await c.post("/v1/audio/transcriptions", json={"model": "m"})]
+    return ok, text, bad
+
+
+def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
+    """The form's clip under Qwen2-Audio's recognition prompt: HF's greedy tokens on that
+    prompt, as json and as text; bad uploads and fields are 400s naming the field."""
+    from transformers import AutoTokenizer
+
+    from tessellm.entrypoints.openai.serving_transcription import transcription_prompt
+
+    args = EngineArgs(model=qwen2_audio_dir, dtype="float32", num_kv_blocks=64, block_size=4)
+    ok, text, bad = asyncio.run(serve(args, _transcriptions))
+    assert ok.status_code == 200, ok.text
+    want = hf_greedy(qwen2_audio_dir, [transcription_prompt("en", None)], [[decoded(clip(23))]], 5)[0]
+    tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
+    assert ok.json()["text"] == tok.decode(want, skip_special_tokens=True).strip()
+    assert ok.json()["usage"]["output_tokens"] == 5
+    assert text.status_code == 200 and text.text == ok.json()["text"]
+    params = ["file", "response_format", "file", "language", "file"]
+    for r, param in zip(bad, params):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.json()

@@ -167,5 +167,11 @@ def test_audio_to_a_text_only_model_is_refused_by_name(http):
     assert_still_serving(http)
 
 
+def test_transcription_on_a_text_only_model_is_refused_by_name(http):
+    r = http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF", "audio/wav")})
+    assert_error(r, 400, "model", "takes no audio")
+    assert_still_serving(http)
+
+
 def test_unknown_route_is_openai_shaped(http):
     assert_error(http.get("/v1/nothing-here"), 404)
