@@ -112,6 +112,10 @@ async def _requests(c):
     many = await c.post("/v1/chat/completions", json=chat_body(input_audio(a), input_audio(a), TEXT))
     placeholder = await c.post("/v1/chat/completions", json=chat_body(
         {"type": "text", "text": "<|AUDIO|> what?"}))
+    tokens = await c.post("/tokenize", json={"model": "m", "messages": [
+        {"role": "user", "content": [input_audio(a), TEXT]}]})
+    assert tokens.status_code == 200, tokens.text
+    assert tokens.json()["tokens"] == ok.json()["prompt_token_ids"]  # expanded, as the model sees it
     return ok, url, (bad, many, placeholder)
 
 
