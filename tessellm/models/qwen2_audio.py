@@ -15,7 +15,6 @@ once per clip, when a step first reaches its placeholders.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -98,7 +97,6 @@ class Qwen2AudioEncoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
         self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.layer_norm = nn.LayerNorm(d)
-        self.embed_scale = math.sqrt(d) if getattr(cfg, "scale_embedding", False) else 1.0
         self.num_frames = 2 * cfg.max_source_positions
 
     def forward(self, features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

@@ -142,5 +142,16 @@ def test_placeholder_without_audio_is_refused(llm):
 
 
 def test_limit_mm_per_prompt_names_only_audio(qwen2_audio_dir):
+    """An image limit for Qwen2-Audio, an audio limit for an image model: refused by name."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from tessellm.multimodal.limits import model_mm_limits
+
     with pytest.raises(ValueError, match="takes audio only"):
         LLM(qwen2_audio_dir, dtype="float32", num_kv_blocks=32, limit_mm_per_prompt={"image": 1})
+    llava = transformers.LlavaConfig(architectures=["LlavaForConditionalGeneration"])
+    with pytest.raises(ValueError, match="names 'audio' but LlavaForConditionalGeneration takes no audio"):
+        model_mm_limits(llava, SimpleNamespace(limit_mm_per_prompt={"audio": 1}))
+    assert model_mm_limits(llava, SimpleNamespace(limit_mm_per_prompt={"audio": 0})) == {"image": 1}

@@ -105,9 +105,9 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
     text = out.outputs[0].text.strip()
     if fmt == "text":
         return PlainTextResponse(text)
-    return {"text": text, "usage": {"type": "tokens", "input_tokens": len(processed.prompt_token_ids),
-                                    "output_tokens": len(out.outputs[0].token_ids),
-                                    "total_tokens": len(processed.prompt_token_ids) + len(out.outputs[0].token_ids)}}
+    prompt_len, out_len = len(processed.prompt_token_ids), len(out.outputs[0].token_ids)
+    return {"text": text, "usage": {"type": "tokens", "input_tokens": prompt_len,
+                                    "output_tokens": out_len, "total_tokens": prompt_len + out_len}}
 
 
 def _number(fields: dict, name: str, default, kind):
