@@ -155,3 +155,14 @@ def test_limit_mm_per_prompt_names_only_audio(qwen2_audio_dir):
     with pytest.raises(ValueError, match="names 'audio' but LlavaForConditionalGeneration takes no audio"):
         model_mm_limits(llava, SimpleNamespace(limit_mm_per_prompt={"audio": 1}))
     assert model_mm_limits(llava, SimpleNamespace(limit_mm_per_prompt={"audio": 0})) == {"image": 1}
+
+
+def test_tensor_parallel_two_ranks_with_async_scheduling(qwen2_audio_dir):
+    """The encoder replicated on two CPU ranks (the language model split), steps scheduled
+    ahead, 8-token chunks through the clips: HF's tokens."""
+    prompts, clips = [TWO], [[clip(14, 1.1), clip(15, 0.3)]]
+    with LLM(qwen2_audio_dir, device="cpu", dtype="float32", num_kv_blocks=64, block_size=BS,
+             tensor_parallel_size=2, async_scheduling=True, max_num_batched_tokens=8,
+             limit_mm_per_prompt={"audio": 2}) as llm:
+        got, _ = _generate(llm, prompts, clips)
+    assert got == hf_greedy(qwen2_audio_dir, prompts, clips, MAX_NEW)
