@@ -169,3 +169,22 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     for r, param in zip(bad, params):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):
+    """``tessellm generate --audio FILE``: the chat prompt with the clip, as ``LLM.chat`` gives it."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "a.wav"
+    path.write_bytes(encode_wav(clip(24), SAMPLING_RATE))
+    out = subprocess.run([sys.executable, "-m", "tessellm.entrypoints.cli", "generate", "What is this sound?",
+                          "--audio", str(path), "--model", qwen2_audio_dir, "--device", "cpu", "--dtype",
+                          "float32", "--num-kv-blocks", "32", "--block-size", "4", "--max-tokens", "6"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    greedy = SamplingParams(temperature=0.0, max_tokens=6)
+    want = llm.chat([{"role": "user", "content": [input_audio(clip(24)), TEXT]}], greedy,
+                    use_tqdm=False)[0].outputs[0].text
+    assert out.stdout == want + "\n"
