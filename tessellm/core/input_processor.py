@@ -115,8 +115,8 @@ class InputProcessor:
         text = prompt.get("prompt")
         source = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else text
         if not source:
-            raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
-                             "image goes) or 'prompt_token_ids'.")
+            raise ValueError("The prompt is empty; give 'prompt' text (with <image>, or the model's "
+                             "placeholder such as <|AUDIO|>, where each item goes) or 'prompt_token_ids'.")
         if getattr(processor, "modality", "image") == "audio":  # Qwen2-Audio
             processor.check_count(int(given(data.get("image"))) + int(given(data.get("video"))))
             audio = data.get("audio")

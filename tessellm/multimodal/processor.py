@@ -363,8 +363,9 @@ def adopt_chat_template(tokenizer, info) -> None:
 
 
 def text_only_error(model_path: str) -> ValueError:
-    return ValueError(f"The model {model_path} is text-only: it does not take images. Remove "
-                      "the image inputs, or serve a vision-language model (LLaVA, Qwen2-VL).")
+    return ValueError(f"The model {model_path} is text-only: it does not take images or audio. "
+                      "Remove the image / audio inputs, or serve a vision-language model (LLaVA, "
+                      "Qwen2-VL) or an audio-language model (Qwen2-Audio).")
 
 
 def get_processor(info) -> ImageProcessor:

@@ -166,3 +166,11 @@ def test_tensor_parallel_two_ranks_with_async_scheduling(qwen2_audio_dir):
              limit_mm_per_prompt={"audio": 2}) as llm:
         got, _ = _generate(llm, prompts, clips)
     assert got == hf_greedy(qwen2_audio_dir, prompts, clips, MAX_NEW)
+
+
+def test_audio_to_a_text_only_model_is_refused_by_name(tiny_model_dir):
+    with LLM(tiny_model_dir("llama"), dtype="float32", num_kv_blocks=16) as llm:
+        with pytest.raises(ValueError, match="text-only: it does not take images or audio"):
+            llm.generate({"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"audio": clip(1)}}, GREEDY,
+                         use_tqdm=False)
+        assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
