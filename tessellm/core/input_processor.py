@@ -123,7 +123,8 @@ class InputProcessor:
 
     def _process_multimodal(self, prompt: dict) -> ProcessedPrompt:
         """``{"prompt" | "prompt_token_ids", "multi_modal_data": {"image": ..., "video": ...},
-        "mm_processor_kwargs": {...}}`` (vLLM's form; the kwargs: ``ImageProcessor.check_mm_kwargs``)."""
+        "mm_processor_kwargs": {...}}`` or ``{..., "multi_modal_data": {"audio": ...}}`` (vLLM's
+        forms; the kwargs: ``ImageProcessor.check_mm_kwargs``)."""
         from tessellm.multimodal.processor import get_processor, given
 
         data = prompt["multi_modal_data"]
@@ -131,11 +132,19 @@ class InputProcessor:
         text = prompt.get("prompt")
         source = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else text
         if not source:
-            raise ValueError("The prompt is empty; give 'prompt' text (with <image> where each "
-                             "image goes) or 'prompt_token_ids'.")
-        videos = data.get("video")
+            raise ValueError("The prompt is empty; give 'prompt' text (with <image>, or the model's "
+                             "placeholder such as <|AUDIO|>, where each item goes) or 'prompt_token_ids'.")
         # vLLM's per-request processor settings (a family that reads none refuses them by name)
-        kwargs = {"mm_kwargs": mm} if (mm := processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))) else {}
+        mm = processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))
+        if getattr(processor, "modality", "image") == "audio":  # Qwen2-Audio
+            processor.check_count(int(given(data.get("image"))) + int(given(data.get("video"))))
+            audio = data.get("audio")
+            ids, features = processor.process(source, audio if given(audio) else [])
+            return ProcessedPrompt(text, ids, features or None)
+        if given(data.get("audio")):
+            processor.check_audio_count(1)  # an image model: refused by name
+        videos = data.get("video")
+        kwargs = {"mm_kwargs": mm} if mm else {}
         if given(videos):
             processor.check_video_count(1)  # a model without videos: refused by name
             ids, features = processor.process(source, data.get("image", []), videos, **kwargs)

@@ -196,6 +196,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--image", action="append", default=None, metavar="FILE",
                    help="an image for a vision model (repeatable; without --chat, put <image> in the "
                         "prompt where each goes; docs/multimodal.md)")
+    g.add_argument("--audio", action="append", default=None, metavar="FILE",
+                   help="an audio file (WAV) for an audio model such as Qwen2-Audio (repeatable; "
+                        "without --chat, put <|AUDIO|> in the prompt where each goes)")
     g.add_argument("-v", "--verbose", action="store_true", help="show engine logs")
     return parser
 
@@ -482,10 +485,13 @@ def run_generate(args: argparse.Namespace) -> int:
         tokenizer = engine.tokenizer
         use_chat = args.chat if args.chat is not None else bool(tokenizer and tokenizer.chat_template)
         images = [load_image_file(path) for path in args.image or ()]
+        clips = [audio_file_part(path) for path in args.audio or ()]
+        if images and clips:
+            raise ValueError("--image and --audio do not combine (no served model takes both); give one.")
         if use_chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            content = ([{"type": "image_pil", "image_pil": im} for im in images]
-                       + [{"type": "text", "text": args.prompt}]) if images else args.prompt
+            content = ([{"type": "image_pil", "image_pil": im} for im in images] + clips
+                       + [{"type": "text", "text": args.prompt}]) if images or clips else args.prompt
             messages.append({"role": "user", "content": content})
             template = read_chat_template(args.chat_template)
 
@@ -494,6 +500,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
             prompt = (chat_prompt_with_images(messages, engine.core.info, tokenizer, render)
                       or {"prompt_token_ids": render(messages)})
+        elif clips:
+            from tessellm.multimodal.audio import load_input_audio
+
+            prompt = {"prompt": prompt, "multi_modal_data": {
+                "audio": [load_input_audio(c["input_audio"]) for c in clips]}}
         elif images:
             prompt = {"prompt": prompt, "multi_modal_data": {"image": images}}
         engine.add_request("generate", prompt, params)
@@ -503,6 +514,19 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"tessellm generate: {exc}", file=sys.stderr)
         return 1
     return _stream_to_terminal(engine)
+
+
+def audio_file_part(path: str) -> dict:
+    """``--audio FILE`` as an ``input_audio`` chat part (decoded as the server decodes one)."""
+    import base64
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"Audio {path} could not be read: {exc.strerror}.") from None
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "wav"
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": fmt}}
 
 
 def _stream_to_terminal(engine) -> int:

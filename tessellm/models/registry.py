@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tessellm.models import gemma, gemma2
 from tessellm.models import gpt_oss
-from tessellm.models import gemma3_mm, llava_next, qwen2_vl
+from tessellm.models import gemma3_mm, llava_next, qwen2_audio, qwen2_vl
 from tessellm.models import ministral3, mistral3, qwen3_vl
 from tessellm.models import cohere2, deepseek_v2, ernie4_5, ernie4_5_moe, glm4_moe
 from tessellm.models import apertus, dots1, hunyuan, hunyuan_moe, seed_oss
@@ -73,6 +73,7 @@ _MODELS = {
     "LlavaForConditionalGeneration": llava.LlavaForConditionalGeneration,
     "LlavaNextForConditionalGeneration": llava_next.LlavaNextForConditionalGeneration,
     "Qwen2VLForConditionalGeneration": qwen2_vl.Qwen2VLForConditionalGeneration,
+    "Qwen2AudioForConditionalGeneration": qwen2_audio.Qwen2AudioForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": qwen2_vl.Qwen2_5_VLForConditionalGeneration,
     "Gemma3ForConditionalGeneration": gemma3_mm.Gemma3ForConditionalGeneration,
     "Mistral3ForConditionalGeneration": mistral3.Mistral3ForConditionalGeneration,

@@ -1,5 +1,6 @@
-"""Chat messages with images and videos: OpenAI content parts (``image_url``; offline also
-``image_pil``; ``video_url``, vLLM's, for the models that take videos) -> the chat-template
+"""Chat messages with images, videos and audio: OpenAI content parts (``image_url``; offline
+also ``image_pil``; ``video_url``, vLLM's, for the models that take videos; ``input_audio``
+and vLLM's ``audio_url`` for Qwen2-Audio) -> the chat-template
 prompt with one placeholder per image / video, and the images and videos in order, for
 ``multi_modal_data``.
 
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 
 IMAGE_PARTS = ("image_url", "image_pil")
 VIDEO_PARTS = ("video_url",)
+AUDIO_PARTS = ("input_audio", "audio_url")  # OpenAI's and vLLM's (Qwen2-Audio)
 
 
 def is_image_part(part) -> bool:
@@ -27,14 +29,18 @@ def is_video_part(part) -> bool:
     return isinstance(part, dict) and part.get("type") in VIDEO_PARTS
 
 
+def is_audio_part(part) -> bool:
+    return isinstance(part, dict) and part.get("type") in AUDIO_PARTS
+
+
 def _count(conversation: list[dict], test) -> int:
     return sum(1 for m in conversation if isinstance(m.get("content"), list)
                for p in m["content"] if test(p))
 
 
 def count_images(conversation: list[dict]) -> int:
-    """Image and video parts: whether the conversation needs the multimodal path."""
-    return _count(conversation, lambda p: is_image_part(p) or is_video_part(p))
+    """Image, video and audio parts: whether the conversation needs the multimodal path."""
+    return _count(conversation, lambda p: is_image_part(p) or is_video_part(p) or is_audio_part(p))
 
 
 def collect_images(conversation: list[dict], load_url: Callable[[str], object],
@@ -167,6 +173,9 @@ def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
     fetched already (``fetch.prefetch``); any other is fetched here, blocking."""
     if not count_images(conversation):
         return None
+    if "audio" in info.mm_limits or _count(conversation, is_audio_part):
+        return _chat_prompt_with_audio(conversation, info, tokenizer, render,
+                                       allowed_local_media_path, allowed_media_domains, fetched)
     conversation, images, videos, processor = load_chat_images(
         conversation, info, allowed_local_media_path, allowed_media_domains, fetched)
     token_id = processor.placeholder_token_id
@@ -182,15 +191,91 @@ def chat_prompt_with_images(conversation: list[dict], info, tokenizer,
     return {"prompt_token_ids": ids, "multi_modal_data": data}
 
 
+def _chat_prompt_with_audio(conversation: list[dict], info, tokenizer, render,
+                            allowed_local_media_path, allowed_media_domains, fetched) -> dict:
+    """Qwen2-Audio: ``input_audio`` / ``audio_url`` parts -> ``{"type": "audio"}`` for the
+    template (or, for a template that prints ``content`` as text, ``Audio k:
+    <|audio_bos|><|AUDIO|><|audio_eos|>`` before the message's text: vLLM's string form)."""
+    from tessellm.multimodal.audio import load_audio_url, load_input_audio
+    from tessellm.multimodal.processor import get_processor
+
+    if not info.mm_limits:
+        raise ValueError(f"The model {info.model_path} is text-only: it does not take audio. "
+                         "Remove the input_audio / audio_url parts, or serve an audio-language "
+                         "model (Qwen2-Audio).")
+    processor = get_processor(info)
+    processor.check_count(_count(conversation, lambda p: is_image_part(p) or is_video_part(p)))
+    processor.check_audio_count(_count(conversation, is_audio_part))
+    clips, parts_form = [], []
+    for i, message in enumerate(conversation):
+        content = message.get("content")
+        if not isinstance(content, list):
+            parts_form.append(message)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            if not is_audio_part(part):
+                parts.append(part)
+                continue
+            try:
+                if part["type"] == "input_audio":
+                    clips.append(load_input_audio(part.get("input_audio")))
+                else:
+                    spec = part.get("audio_url")
+                    url = spec.get("url") if isinstance(spec, dict) else spec
+                    clips.append(load_audio_url(url, allowed_local_media_path,
+                                                allowed_media_domains, fetched))
+            except ValueError as exc:
+                raise ValueError(f"messages[{i}].content[{j}]: {exc}") from None
+            parts.append({"type": "audio"})
+        parts_form.append({**message, "content": parts})
+    token_id = processor.placeholder_token_id
+    errors: list[Exception] = []
+    for form in (parts_form, _audio_as_string_content(parts_form)):
+        try:
+            ids = render(form)
+        except Exception as exc:  # noqa: BLE001 - the other form may render
+            errors.append(exc)
+            continue
+        if ids.count(token_id) == len(clips):
+            return {"prompt_token_ids": ids, "multi_modal_data": {"audio": clips}}
+    if len(errors) == 2:
+        raise ValueError(f"The chat template could not render these messages: {errors[-1]}")
+    raise ValueError(f"The chat template does not place the {len(clips)} audio clip(s) "
+                     "(<|AUDIO|>) of these messages, one placeholder each in the prompt; pass "
+                     "a chat template that renders audio parts.")
+
+
+def _audio_as_string_content(conversation: list[dict]) -> list[dict]:
+    out, k = [], 0
+    for m in conversation:
+        content = m.get("content")
+        if isinstance(content, list):
+            head = ""
+            for p in content:
+                if isinstance(p, dict) and p.get("type") == "audio":
+                    k += 1
+                    head += f"Audio {k}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+            text = "\n".join(p.get("text") or "" for p in content
+                             if isinstance(p, dict) and p.get("type") == "text")
+            m = {**m, "content": head + text}
+        out.append(m)
+    return out
+
+
 def media_items(data: dict) -> list:
-    """A ``multi_modal_data`` dict's images and videos as one list (``media_data`` splits it
-    again: a video is a ``video.Video``)."""
-    return list(data.get("image") or ()) + list(data.get("video") or ())
+    """A ``multi_modal_data`` dict's images, videos and audio clips as one list (``media_data``
+    splits it again: a video is a ``video.Video``, a clip an ``audio.AudioClip``)."""
+    return list(data.get("image") or ()) + list(data.get("video") or ()) + list(data.get("audio") or ())
 
 
 def media_data(items: list) -> dict:
+    from tessellm.multimodal.audio import AudioClip
     from tessellm.multimodal.video import Video
 
+    clips = [x for x in items if isinstance(x, AudioClip)]
+    if clips:
+        return {"audio": clips}
     videos = [x for x in items if isinstance(x, Video)]
     data = {"image": [x for x in items if not isinstance(x, Video)]}
     if videos:
@@ -207,8 +292,10 @@ async def fetch_chat_images(conversation: list[dict], engine) -> dict:
 
     limits = engine.info.mm_limits
     if (_count(conversation, is_image_part) > limits.get("image", 0)
-            or _count(conversation, is_video_part) > limits.get("video", 0)):
+            or _count(conversation, is_video_part) > limits.get("video", 0)
+            or _count(conversation, is_audio_part) > limits.get("audio", 0)):
         return {}
     kinds = ("image_url", "video_url") if decoder_name() else ("image_url",)
+    kinds += ("audio_url",)
     return await prefetch(image_urls(conversation, kinds),
                           FetchPolicy.from_env(engine.args.allowed_media_domains))

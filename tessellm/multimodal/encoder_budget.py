@@ -44,9 +44,13 @@ def default_encoder_budget(max_num_batched_tokens: int, max_tokens_per_image: in
 def max_tokens_per_image(hf_config, model_path: Optional[str] = None) -> int:
     """Placeholder tokens of the model's biggest image (0: a text-only model). Qwen2-VL's
     depend on its image processor's ``max_pixels``, read from ``model_path``."""
-    from tessellm.multimodal.limits import takes_images
+    from tessellm.multimodal.limits import takes_audio, takes_images
     from tessellm.multimodal.qwen2_vl_inputs import is_qwen2_vl, max_image_tokens
 
+    if takes_audio(hf_config):  # Qwen2-Audio: a whole window's clip
+        from tessellm.models.qwen2_audio import max_audio_tokens
+
+        return max_audio_tokens(hf_config)
     if not takes_images(hf_config):
         return 0
     if is_qwen2_vl(hf_config):

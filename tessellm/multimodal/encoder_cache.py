@@ -82,7 +82,8 @@ class EncoderCache:
     def _encode(self, items: list) -> None:
         """Features for ``items`` (key, feature): taken from an entry with the same content
         hash where one is held, else one vision-tower call per pixel shape (one for
-        LLaVA-1.5; per tile count for LLaVA-NeXT; one for all images of a
+        LLaVA-1.5 and Qwen2-Audio, whose clips pass their frame counts; per tile count for
+        LLaVA-NeXT; one for all images of a
         ``variable_resolution`` tower, their patches concatenated, or of a ``tiled_images``
         one, their tiles concatenated) over the distinct images."""
         held = {self.identifiers[k]: t for k, t in self.features.items()}
@@ -106,7 +107,8 @@ class EncoderCache:
                 out = self.model.encode_images(pixels, [f.tile_grid for f in group])
             else:
                 pixels = torch.from_numpy(np.stack([f.pixels() for f in group])).to(self.device)
-                out = self.model.encode_images(pixels, [f.image_size for f in group])
+                out = self.model.encode_images(pixels, [f.image_size if f.audio_frames is None
+                                                        else f.audio_frames for f in group])
             for f, feats in zip(group, out):
                 if feats.shape[0] != f.length:
                     raise ValueError(f"An image has {f.length} placeholder tokens but the vision "

@@ -1,4 +1,4 @@
-"""``MultiModalFeature``: one image (or video) of a request, as it travels from the front end to the
+"""``MultiModalFeature``: one image (or video, or audio clip) of a request, as it travels from the front end to the
 runner (and, msgpack-encoded, between processes): its preprocessed pixels, where its
 placeholder tokens sit in the prompt, and a hash of its content.
 
@@ -42,13 +42,17 @@ class MultiModalFeature:
     # A video (``modality`` "video", Qwen2-VL family): M-RoPE temporal positions per temporal
     # grid step (Qwen2.5-VL: ``tokens_per_second * seconds per grid``; Qwen2-VL: 1.0)
     time_interval: Optional[float] = None
+    # An audio clip (``modality`` "audio", Qwen2-Audio): its mel frames that hold the clip (the
+    # rest of ``data``'s window is padding the encoder masks); None for images and videos
+    audio_frames: Optional[int] = None
 
     @classmethod
     def from_pixels(cls, pixels: np.ndarray, offset: int, length: int,
                     image_size: Optional[Sequence[int]] = None,
                     grid_thw: Optional[Sequence[int]] = None,
                     tile_grid: Optional[Sequence[int]] = None, modality: str = "image",
-                    time_interval: Optional[float] = None) -> "MultiModalFeature":
+                    time_interval: Optional[float] = None,
+                    audio_frames: Optional[int] = None) -> "MultiModalFeature":
         pixels = np.ascontiguousarray(pixels)
         data = pixels.tobytes()
         size = None if image_size is None else [int(v) for v in image_size]
@@ -62,10 +66,13 @@ class MultiModalFeature:
             digest.update(f"tiles{tiles}".encode())
         if modality != "image":  # a 2-frame still video's patches are its image's: apart by
             digest.update(f"{modality}{time_interval}".encode())  # positions (time_interval)
+        if audio_frames is not None:
+            digest.update(f"frames{int(audio_frames)}".encode())
         digest.update(data)
         return cls(offset, length, digest.hexdigest(), data, list(pixels.shape), str(pixels.dtype),
                    modality=modality, image_size=size, grid_thw=grid, tile_grid=tiles,
-                   time_interval=None if time_interval is None else float(time_interval))
+                   time_interval=None if time_interval is None else float(time_interval),
+                   audio_frames=None if audio_frames is None else int(audio_frames))
 
     @property
     def end(self) -> int:
@@ -78,7 +85,8 @@ class MultiModalFeature:
         return {"offset": self.offset, "length": self.length, "identifier": self.identifier,
                 "data": self.data, "shape": list(self.shape), "dtype": self.dtype,
                 "modality": self.modality, "image_size": self.image_size, "grid_thw": self.grid_thw,
-                "tile_grid": self.tile_grid, "time_interval": self.time_interval}
+                "tile_grid": self.tile_grid, "time_interval": self.time_interval,
+                "audio_frames": self.audio_frames}
 
     @classmethod
     def from_dict(cls, d: dict) -> "MultiModalFeature":

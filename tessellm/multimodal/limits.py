@@ -8,7 +8,7 @@ import json
 import os
 from typing import Optional
 
-MODALITIES = ("image", "video")
+MODALITIES = ("image", "video", "audio")
 
 
 def parse_mm_limits(value) -> dict[str, int]:
@@ -56,6 +56,26 @@ def takes_images(hf_config) -> bool:
                                           "Llama4ForConditional"))
 
 
+def takes_audio(hf_config) -> bool:
+    """Qwen2-Audio: audio clips, no images."""
+    from tessellm.multimodal.qwen2_audio_inputs import is_qwen2_audio
+
+    return is_qwen2_audio(hf_config) and getattr(hf_config, "audio_config", None) is not None
+
+
+def takes_mm_inputs(hf_config) -> bool:
+    """Images (and videos) or audio: the model keeps an encoder cache and budget."""
+    return takes_images(hf_config) or takes_audio(hf_config)
+
+
+def _audio_limits(hf_config, given: dict) -> dict[str, int]:
+    other = sorted(k for k, n in given.items() if k != "audio" and n)
+    if other:
+        raise ValueError(f"limit_mm_per_prompt names {', '.join(map(repr, other))} but "
+                         f"{hf_config.architectures[0]} takes audio only; give {{\"audio\": n}}.")
+    return {"audio": given.get("audio", 1)}
+
+
 def model_mm_limits(hf_config, args) -> dict[str, int]:
     """What the model takes per prompt: ``{"image": n}`` (default 1; the Qwen2/2.5/3-VL
     families also ``"video"``, default 1) or {} for text only; ``{"image": 0}`` for an image-text
@@ -66,9 +86,15 @@ def model_mm_limits(hf_config, args) -> dict[str, int]:
 
     if image_text_architecture(hf_config) is not None:
         return {"image": 0}
+    given = parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))
+    if takes_audio(hf_config):
+        return _audio_limits(hf_config, given)
     if not takes_images(hf_config):
         return {}
-    given = parse_mm_limits(getattr(args, "limit_mm_per_prompt", None))
+    if given.get("audio"):
+        raise ValueError(f"limit_mm_per_prompt names 'audio' but {hf_config.architectures[0]} "
+                         "takes no audio in tessellm (Qwen2-Audio does); drop it.")
+    given.pop("audio", None)
     if not takes_videos(hf_config):
         if given.get("video"):
             raise ValueError(f"limit_mm_per_prompt names 'video' but {hf_config.architectures[0]} "
@@ -108,8 +134,9 @@ def _pipelines_images(hf_config) -> bool:
 
 def check_multimodal_args(hf_config, args) -> None:
     """Refuse, at start-up, what does not combine with an image model yet (LoRA does: on the
-    language model, ``lora/shapes.py``; speculative decoding with a token-only proposer)."""
-    if not takes_images(hf_config):
+    language model, ``lora/shapes.py``; speculative decoding with a token-only proposer).
+    Qwen2-Audio: the same refusals, pipeline parallelism too."""
+    if not takes_mm_inputs(hf_config):
         return
     from tessellm.pooling.config import resolve_runner
 
@@ -119,6 +146,9 @@ def check_multimodal_args(hf_config, args) -> None:
                               ("pipeline_parallel_size > 1", args.pipeline_parallel_size > 1
                                and not _pipelines_images(hf_config)),
                               ("runner='pooling'", resolve_runner(args, hf_config) == "pooling")):
+        if unsupported and takes_audio(hf_config):
+            raise ValueError(f"{name} does not combine with an audio model "
+                             f"({hf_config.architectures[0]}) yet; run it without.")
         if unsupported:
             raise ValueError(f"{name} does not combine with an image model "
                              f"({hf_config.architectures[0]}) yet; run it without, or serve "

@@ -51,8 +51,8 @@ def load_image_file(path: str):
 
 
 def data_url_bytes(url: str, kind: str = "image") -> bytes:
-    """A ``data:<kind>/...;base64,`` URL's bytes (``kind``: image or video)."""
-    example = "image/png" if kind == "image" else "video/mp4"
+    """A ``data:<kind>/...;base64,`` URL's bytes (``kind``: image, video or audio)."""
+    example = {"image": "image/png", "audio": "audio/wav"}.get(kind, "video/mp4")
     header, sep, payload = url[len("data:"):].partition(",")
     if not sep:
         raise ValueError("The data: URL has no ',' before its payload; use "
@@ -60,7 +60,7 @@ def data_url_bytes(url: str, kind: str = "image") -> bytes:
     media_type, *params = header.split(";")
     if media_type and not media_type.lower().startswith(f"{kind}/"):
         raise ValueError(f"The data: URL has media type {media_type!r}; an {kind}_url needs "
-                         f"a{'n' if kind == 'image' else ''} {kind} ({example}, ...).")
+                         f"a{'n' if kind in ('image', 'audio') else ''} {kind} ({example}, ...).")
     if "base64" not in (p.strip().lower() for p in params):
         raise ValueError(f"The data: URL is not base64-encoded; use data:{example};base64,<...>.")
     try:

@@ -34,15 +34,16 @@ def _image_types():
 
 
 def has_images(data) -> bool:
-    """Whether ``multi_modal_data`` holds an image or a video (None or empty lists: a text
-    prompt)."""
+    """Whether ``multi_modal_data`` holds an image, a video or an audio clip (None or empty
+    lists: a text prompt)."""
     if data is None:
         return False
-    if not isinstance(data, dict) or set(data) - {"image", "video"}:
+    if not isinstance(data, dict) or set(data) - {"image", "video", "audio"}:
         raise ValueError("multi_modal_data must be a dict with an 'image' entry (a PIL image "
-                         "or a list of them) and/or a 'video' entry (frames, or a list of "
-                         "videos); other modalities are not supported.")
-    return any(given(data.get(k)) for k in ("image", "video"))
+                         "or a list of them), a 'video' entry (frames, or a list of videos) "
+                         "and/or an 'audio' entry ((waveform, sampling_rate), or a list of "
+                         "them); other modalities are not supported.")
+    return any(given(data.get(k)) for k in ("image", "video", "audio"))
 
 
 def given(items) -> bool:
@@ -163,6 +164,12 @@ class ImageProcessor:
             raise ValueError(f"The prompt has {num_images} images, over the limit of "
                              f"{self.max_images} per prompt; raise it with "
                              f"--limit-mm-per-prompt '{{\"image\": {num_images}}}'.")
+
+    def check_audio_count(self, num_audios: int) -> None:
+        if num_audios:
+            raise ValueError(f"The model at {self.model_path} takes no audio inputs "
+                             "(input_audio / audio_url parts, multi_modal_data['audio']); "
+                             "Qwen2-Audio does.")
 
     def check_video_count(self, num_videos: int) -> None:
         if not num_videos:
@@ -375,13 +382,18 @@ def adopt_chat_template(tokenizer, info) -> None:
 
 
 def text_only_error(model_path: str) -> ValueError:
-    return ValueError(f"The model {model_path} is text-only: it does not take images. Remove "
-                      "the image inputs, or serve a vision-language model (LLaVA, Qwen2-VL).")
+    return ValueError(f"The model {model_path} is text-only: it does not take images or audio. "
+                      "Remove the image / audio inputs, or serve a vision-language model (LLaVA, "
+                      "Qwen2-VL) or an audio-language model (Qwen2-Audio).")
 
 
 def get_processor(info) -> ImageProcessor:
     """The front end's image processor for the engine described by ``info`` (EngineInfo);
     raises ``text_only_error`` for a model that takes no images."""
+    if "audio" in info.mm_limits:  # Qwen2-Audio: the audio front end, same interface
+        from tessellm.multimodal.qwen2_audio_inputs import audio_processor
+
+        return audio_processor(info.model_path, info.mm_limits["audio"])
     limit = info.mm_limits.get("image")
     if limit is None:
         raise text_only_error(info.model_path)

@@ -79,3 +79,10 @@ def qwen3_vl_moe_dir(tmp_path_factory):
 
     return make_tiny_qwen2_vl(str(tmp_path_factory.mktemp("tiny-qwen3-vl-moe")), kind="qwen3_vl_moe",
                               seed=5)
+
+
+@pytest.fixture(scope="session")
+def qwen2_audio_dir(tmp_path_factory):
+    from tests.multimodal.tiny_qwen2_audio import make_tiny_qwen2_audio
+
+    return make_tiny_qwen2_audio(str(tmp_path_factory.mktemp("tiny-qwen2-audio")))

@@ -100,6 +100,8 @@ def test_prompt_errors_name_the_problem(llm):
         llm.chat(_user({"type": "image_pil", "image_pil": img}, _text("hi")), GREEDY,
                  chat_template="{% for m in messages %}{{ m['role'] }}{% endfor %}")
     with pytest.raises(ValueError, match="other modalities are not supported"):
+        llm.generate({"prompt": "hi", "multi_modal_data": {"speech": [img]}}, GREEDY)
+    with pytest.raises(ValueError, match="takes no audio inputs"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"audio": [img]}}, GREEDY)
     with pytest.raises(ValueError, match="takes no video inputs"):
         llm.generate({"prompt": "hi", "multi_modal_data": {"video": [img]}}, GREEDY)

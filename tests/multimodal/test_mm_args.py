@@ -17,7 +17,7 @@ def test_limit_mm_per_prompt_forms(value, want):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"limit_mm_per_prompt": '{"image": 2'}, "not valid JSON"),
-    ({"limit_mm_per_prompt": {"audio": 1}}, "names 'audio'"),
+    ({"limit_mm_per_prompt": {"speech": 1}}, "names 'speech'"),
     ({"limit_mm_per_prompt": {"image": -1}}, "count >= 0"),
     ({"allowed_local_media_path": "/no/such/dir"}, "is not a directory"),
 ])

@@ -148,7 +148,7 @@ def test_missing_or_wrong_api_key(server):
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
      "response_format"),
     ({**CHAT, "functions": [{"name": "f"}]}, "functions"),
-    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "x"}}]}]},
      "messages.0.content.0.type"),  # (image_url parts to a text-only model: tests/multimodal)
     ({**CHAT, "frobnicate": True}, "frobnicate"),
     ({**COMPLETION, "suffix": "the end"}, "suffix"),
@@ -157,6 +157,19 @@ def test_missing_or_wrong_api_key(server):
 def test_unsupported_fields_are_named(http, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     assert_error(http.post(path, json=body), 400, param, param.split(".")[0])
+    assert_still_serving(http)
+
+
+def test_audio_to_a_text_only_model_is_refused_by_name(http):
+    body = {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]}
+    assert_error(http.post("/v1/chat/completions", json=body), 400, "messages", "does not take audio")
+    assert_still_serving(http)
+
+
+def test_transcription_on_a_text_only_model_is_refused_by_name(http):
+    r = http.post("/v1/audio/transcriptions", files={"file": ("a.wav", b"RIFF", "audio/wav")})
+    assert_error(r, 400, "model", "takes no audio")
     assert_still_serving(http)
 
 

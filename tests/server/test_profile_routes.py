@@ -44,8 +44,8 @@ def test_routes_not_offered_say_why(tiny_model_dir, monkeypatch):
     async def scenario(c):
         r = await c.post("/start_profile")  # a 404 naming the route and the variable to set
         assert r.status_code == 404 and "TESSELLM_TORCH_PROFILER_DIR" in r.json()["error"]["message"]
-        r = await c.post("/v1/audio/transcriptions")
-        assert r.status_code == 404 and "speech-to-text" in r.json()["error"]["message"]
+        r = await c.post("/v1/audio/translations")
+        assert r.status_code == 404 and "does not translate speech" in r.json()["error"]["message"]
         r = await c.post("/sleep")  # dev mode off
         assert r.status_code == 404 and "VLLM_SERVER_DEV_MODE" in r.json()["error"]["message"]
         assert (await c.get("/no/such/route")).json()["error"]["message"] == "Not Found"

@@ -252,6 +252,13 @@ def _add_inference_routes(app: FastAPI, engine: AsyncLLM, config: ServerConfig) 
         _check_generates(engine)
         return await create_completion(engine, config, await _json_body(request), request)
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(request: Request):  # audio-language models (Qwen2-Audio)
+        from tessellm.entrypoints.openai.serving_transcription import create_transcription
+
+        _check_generates(engine)
+        return await create_transcription(engine, config, request)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_generates(engine)

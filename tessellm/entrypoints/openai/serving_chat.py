@@ -160,18 +160,22 @@ def _documents(documents) -> Optional[list[dict]]:
     return documents
 
 
+MEDIA_PARTS = ("image_url", "video_url", "input_audio", "audio_url")  # docs/multimodal.md
+
+
 def _image_or_text_part(i: int, j: int, part) -> dict:
     """A content part of a message with images, as the template (and chat_prompt_with_images)
     takes it."""
     if part.type == "text" and part.text is not None:
         return {"type": "text", "text": part.text}
-    media = part.type in ("image_url", "video_url")
+    media = part.type in MEDIA_PARTS
     spec = (part.model_extra or {}).get(part.type) if media else None
     if spec is not None:
         return {"type": part.type, part.type: spec}
     raise bad_request(f"messages[{i}].content[{j}] has type '{part.type}'"
                       + (f" but no {part.type}" if media else "")
-                      + "; give text, image_url or video_url parts.", f"messages.{i}.content.{j}",
+                      + "; give text, image_url, video_url, input_audio or audio_url parts.",
+                      f"messages.{i}.content.{j}",
                       "invalid_value" if media else "unsupported_parameter")
 
 
@@ -257,7 +261,7 @@ def _message_dict(i: int, m: ChatMessage) -> dict:
         if getattr(m, name) not in (None, []):
             raise bad_request(f"messages[{i}].{name} is not supported by tessellm yet.",
                               f"messages.{i}.{name}", "unsupported_parameter")
-    if isinstance(m.content, list) and any(p.type in ("image_url", "video_url") for p in m.content):
+    if isinstance(m.content, list) and any(p.type in MEDIA_PARTS for p in m.content):
         content = [_image_or_text_part(i, j, p) for j, p in enumerate(m.content)]
     elif isinstance(m.content, list):
         texts = []

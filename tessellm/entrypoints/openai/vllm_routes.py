@@ -15,8 +15,8 @@ MISSING: dict[str, str] = {
     "/sleep": _DEV_MODE, "/wake_up": _DEV_MODE, "/is_sleeping": _DEV_MODE,
     "/reset_prefix_cache": _DEV_MODE, "/load_weights": _DEV_MODE,
     "/start_profile": _PROFILER, "/stop_profile": _PROFILER,
-    "/v1/audio/transcriptions": "tessellm serves no speech-to-text models",
-    "/v1/audio/translations": "tessellm serves no speech-to-text models",
+    "/v1/audio/translations": "tessellm does not translate speech; /v1/audio/transcriptions "
+                              "transcribes with an audio-language model (Qwen2-Audio)",
     "/collective_rpc": "a server never runs a client-named worker method; offline, LLM.collective_rpc does",
     "/server_info": "GET /debug/stats shows the engine's state and settings",
     "/scale_elastic_ep": "elastic expert parallelism is not supported; restart with the new "

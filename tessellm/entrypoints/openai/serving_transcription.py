@@ -1,0 +1,123 @@
+"""POST /v1/audio/transcriptions (OpenAI's and vLLM's form) for an audio-language model
+(Qwen2-Audio): a ``multipart/form-data`` upload -> the transcript.
+
+Form fields: ``file`` (the audio: WAV, or what ``soundfile`` reads when installed), ``model``,
+``language`` (ISO 639-1, e.g. ``en``; none: the model detects it), ``prompt`` (text written
+before the audio, as context), ``temperature`` (default 0: greedy), ``response_format``
+(``json``: ``{"text": ...}``, default; ``text``: the bare transcript), and vLLM's
+``max_completion_tokens``. The prompt is Qwen2-Audio's speech-recognition instruction::
+
+    {prompt}<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>
+
+Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
+refused, naming the field. The body is parsed with the standard library's ``email`` parser
+(no python-multipart).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import re
+from typing import Optional
+
+from fastapi import Request
+from fastapi.responses import PlainTextResponse
+
+from tessellm.core.sampling_params import SamplingParams
+from tessellm.entrypoints.async_llm import AsyncLLM
+from tessellm.entrypoints.openai.errors import bad_request, prompt_error
+from tessellm.entrypoints.openai.sampling import check_model
+from tessellm.entrypoints.openai.server_config import ServerConfig
+from tessellm.entrypoints.openai.serving import collect, random_id, submit
+
+FIELDS = ("file", "model", "language", "prompt", "temperature", "response_format",
+          "max_completion_tokens", "stream", "timestamp_granularities[]", "timestamp_granularities")
+INSTRUCTION = "Detect the language and recognize the speech:"
+
+
+def parse_form(body: bytes, content_type: str) -> dict[str, object]:
+    """``multipart/form-data`` -> {field: str, or bytes for ``file``}."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise bad_request("/v1/audio/transcriptions takes multipart/form-data (a 'file' field with "
+                          "the audio, and 'model'); send the upload as a form.", "file")
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise bad_request("The multipart/form-data body could not be parsed; check its boundary.")
+    fields: dict[str, object] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        if name not in FIELDS:
+            raise bad_request(f"Unknown form field {name!r}; /v1/audio/transcriptions takes "
+                              f"{', '.join(FIELDS[:7])}.", name, "unsupported_parameter")
+        data = part.get_payload(decode=True) or b""
+        fields[name] = data if name == "file" else data.decode("utf-8", "replace")
+    return fields
+
+
+def transcription_prompt(language: Optional[str], prompt: Optional[str]) -> str:
+    tag = f" <|{language}|>" if language else ""
+    return f"{prompt or ''}<|audio_bos|><|AUDIO|><|audio_eos|>{INSTRUCTION}{tag}"
+
+
+async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: Request):
+    from tessellm.multimodal.audio import decode_audio
+
+    fields = parse_form(await request.body(), request.headers.get("content-type", ""))
+    lora = check_model(fields.get("model") or None, config)
+    if "audio" not in engine.info.mm_limits:
+        raise bad_request(f"The served model ({config.model_name}) takes no audio, so it cannot "
+                          "transcribe; serve an audio-language model (Qwen2-Audio).", "model")
+    for name in ("stream",):
+        if str(fields.get(name, "false")).lower() not in ("false", "0", ""):
+            raise bad_request("stream is not supported for transcriptions yet; leave it out.", name,
+                              "unsupported_parameter")
+    for name in ("timestamp_granularities[]", "timestamp_granularities"):
+        if fields.get(name):
+            raise bad_request("timestamp_granularities is not supported (no timestamps); leave it out.",
+                              name, "unsupported_parameter")
+    audio = fields.get("file")
+    if not audio:
+        raise bad_request("The form has no 'file' (the audio to transcribe); add it.", "file")
+    fmt = fields.get("response_format") or "json"
+    if fmt not in ("json", "text"):
+        raise bad_request(f"response_format {fmt!r} is not supported; use 'json' or 'text'.",
+                          "response_format")
+    language = fields.get("language") or None
+    if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
+        raise bad_request(f"language {language!r} is not an ISO 639-1 code such as 'en'.", "language")
+    temperature = _number(fields, "temperature", 0.0, float)
+    max_tokens = _number(fields, "max_completion_tokens", None, int)
+    try:
+        wave, rate = decode_audio(audio, "The uploaded file")
+        processed = await engine.process_prompt_async(
+            {"prompt": transcription_prompt(language, fields.get("prompt")),
+             "multi_modal_data": {"audio": [(wave, rate)]}})
+    except ValueError as exc:
+        raise prompt_error(exc, "file") from None
+    room = engine.info.max_model_len - len(processed.prompt_token_ids)
+    params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens or room, room))
+    sub = submit(engine, random_id("trsc"), [processed], [params], lora)
+    out = (await collect(engine, sub, request, config.sse_keepalive_s))[0]
+    text = out.outputs[0].text.strip()
+    if fmt == "text":
+        return PlainTextResponse(text)
+    prompt_len, out_len = len(processed.prompt_token_ids), len(out.outputs[0].token_ids)
+    return {"text": text, "usage": {"type": "tokens", "input_tokens": prompt_len,
+                                    "output_tokens": out_len, "total_tokens": prompt_len + out_len}}
+
+
+def _number(fields: dict, name: str, default, kind):
+    value = fields.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise bad_request(f"{name} {value!r} is not a number.", name) from None
+    if number < 0 or (kind is int and number == 0):
+        raise bad_request(f"{name} must be {'positive' if kind is int else '>= 0'}, got {value!r}.", name)
+    return number

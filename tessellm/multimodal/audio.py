@@ -1,0 +1,180 @@
+"""Audio clips as the front end takes them: ``multi_modal_data["audio"]`` items checked and
+resampled, and audio files (chat ``input_audio`` / ``audio_url`` parts) decoded.
+
+* An item is ``(waveform, sampling_rate)`` (vLLM's form) or a bare waveform, taken to be at
+  the model's rate: a 1-D float array (numpy, or anything ``np.asarray`` takes).
+* Resampling: ``scipy.signal.resample_poly`` (polyphase, the rates' ratio reduced by their
+  gcd) to the feature extractor's rate (16 kHz for Qwen2-Audio); vLLM uses librosa's
+  resampler, so a clip at another rate may differ from vLLM's features in the last digits.
+* Decoding: WAV (PCM 8/16/24/32-bit, any channel count, mixed down to mono by the mean) with
+  the standard library's ``wave``; other formats (mp3, flac, ogg, float WAV) only when the
+  optional ``soundfile`` package is installed, else refused in one sentence.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import wave
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+
+class AudioClip(NamedTuple):
+    """A decoded clip (chat parts): ``multi_modal_data["audio"]`` takes it as (waveform, rate)."""
+
+    waveform: np.ndarray
+    sampling_rate: int
+
+
+def as_audio_list(items, target_rate: int) -> list[np.ndarray]:
+    """``multi_modal_data["audio"]``: one clip or a list of them -> float32 mono waveforms at
+    ``target_rate``."""
+    if isinstance(items, tuple) and len(items) == 2 and np.isscalar(items[1]):
+        items = [items]  # one (waveform, rate) pair
+    elif not isinstance(items, (list, tuple)):
+        items = [items]
+    return [_clip(item, i, target_rate) for i, item in enumerate(items)]
+
+
+def _clip(item, i: int, target_rate: int) -> np.ndarray:
+    where = f"multi_modal_data['audio'][{i}]"
+    rate = target_rate
+    if isinstance(item, tuple):
+        if len(item) != 2:
+            raise ValueError(f"{where} is a tuple of {len(item)}; give (waveform, sampling_rate).")
+        item, rate = item
+        if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) \
+                or not rate > 0 or int(rate) != rate:
+            raise ValueError(f"{where} has sampling rate {rate!r}; give a positive integer (Hz).")
+    try:
+        wave_ = np.asarray(item, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} is a {type(item).__name__}; give a 1-D float waveform (numpy "
+                         "array) or (waveform, sampling_rate).") from None
+    if wave_.ndim != 1 or wave_.size == 0:
+        raise ValueError(f"{where} has shape {tuple(wave_.shape)}; give a non-empty 1-D (mono) "
+                         "waveform (mix channels down first).")
+    if not np.isfinite(wave_).all():
+        raise ValueError(f"{where} holds NaN or infinite samples; give finite values.")
+    return resample(wave_, int(rate), target_rate)
+
+
+def resample(wave_: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    if rate == target_rate:
+        return wave_
+    from scipy.signal import resample_poly
+
+    g = math.gcd(rate, target_rate)
+    return resample_poly(wave_, target_rate // g, rate // g).astype(np.float32)
+
+
+def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]:
+    """An audio file's bytes -> (float32 mono waveform, sampling rate)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        try:
+            return _decode_wav(data)
+        except (wave.Error, EOFError, ValueError) as exc:
+            if _soundfile() is None:
+                raise ValueError(f"{what} is a WAV file tessellm cannot read ({exc}); send 8/16/24/"
+                                 "32-bit PCM WAV, or install soundfile for other encodings.") from None
+    sf = _soundfile()
+    if sf is None:
+        raise ValueError(f"{what} is not a WAV file; send WAV (PCM), or install the soundfile "
+                         "package for other formats (flac, ogg, mp3).")
+    try:
+        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the caller's bad audio
+        raise ValueError(f"{what} could not be decoded: {exc}") from None
+    return _mono(samples), int(rate)
+
+
+def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+    with wave.open(io.BytesIO(data)) as f:
+        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+        raw = f.readframes(f.getnframes())
+    if not raw:
+        raise ValueError("it has no samples")
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints)).astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    else:
+        raise ValueError(f"{8 * width}-bit samples")
+    return _mono(samples[: len(samples) // channels * channels].reshape(-1, channels)), rate
+
+
+def _mono(samples: np.ndarray) -> np.ndarray:
+    return samples.mean(axis=1).astype(np.float32) if samples.shape[1] > 1 else samples[:, 0].copy()
+
+
+def encode_wav(wave_: np.ndarray, rate: int) -> bytes:
+    """A float waveform as 16-bit PCM mono WAV bytes (tests, examples)."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.clip(wave_, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+def _soundfile() -> Optional[object]:
+    try:
+        import soundfile
+    except ImportError:
+        return None
+    return soundfile
+
+
+def load_input_audio(spec) -> AudioClip:
+    """An OpenAI ``input_audio`` part's object: ``{"data": base64 bytes, "format": "wav"}``."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("data"), str) or not spec["data"]:
+        raise ValueError("input_audio needs {\"data\": <base64 audio>, \"format\": \"wav\"}.")
+    fmt = spec.get("format") or "wav"
+    if not isinstance(fmt, str):
+        raise ValueError("input_audio.format must be a string such as \"wav\".")
+    try:
+        data = base64.b64decode(spec["data"].strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("input_audio.data is not valid base64.") from None
+    if fmt.lower() == "wav" and not (data[:4] == b"RIFF" and data[8:12] == b"WAVE"):
+        raise ValueError("input_audio.data is not a WAV file (no RIFF/WAVE header) though format "
+                         "is \"wav\"; send the WAV file's bytes, base64-encoded.")
+    return AudioClip(*decode_audio(data, f"The input_audio ({fmt})"))
+
+
+def load_audio_url(url, allowed_local_media_path: Optional[str] = None,
+                   allowed_media_domains=None, fetched: Optional[dict] = None) -> AudioClip:
+    """An ``audio_url`` part's URL (vLLM's): data:audio/...;base64, file:// under
+    ``allowed_local_media_path``, or http(s) (fetched as images are)."""
+    from tessellm.multimodal.media import data_url_bytes, local_file
+
+    if not isinstance(url, str) or not url:
+        raise ValueError("audio_url.url is missing; give a data:audio/wav;base64 URL, an http(s) "
+                         "URL, or file:// under --allowed-local-media-path.")
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return AudioClip(*decode_audio(data_url_bytes(url, "audio"), "The data: URL"))
+    if scheme == "file":
+        return AudioClip(*decode_audio(local_file(url, allowed_local_media_path, "audio"),
+                                       "The file:// audio"))
+    if scheme in ("http", "https"):
+        from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
+
+        got = (fetched or {}).get(url)
+        if isinstance(got, ValueError):
+            raise got
+        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        return AudioClip(*decode_audio(data, f"The audio at {shown_url(url)}"))
+    raise ValueError(f"audio_url scheme {scheme or url[:16]!r} is not supported; use an http(s) "
+                     "URL, a data:audio/...;base64 URL or file:// under --allowed-local-media-path.")
