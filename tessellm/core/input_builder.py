@@ -65,13 +65,14 @@ InputToken = Callable[[RunnerRequest, int, int, list], int]
 
 def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]],
                  tables: PersistentBlockTable, block_size: int, input_token: InputToken,
-                 width_multiple: int = 1) -> HostInputs:
+                 width_multiple: int = 1, prompt_rows: bool = True) -> HostInputs:
     """``num_sampled``: rows each request samples; None when every request samples one (the
     usual decode step: it takes a fast path with no per-request Python beyond the token ids).
     ``input_token(state, pos, row, feed)`` gives a token the host has not seen (async).
     ``width_multiple``: the block table's columns are the step's widest table rounded up to a
     multiple of it (at most the whole table), e.g. 16 for the kernel's
-    ``table_width_multiple``."""
+    ``table_width_multiple``. ``prompt_rows`` False: no request needs logits at prompt rows
+    (``InputBatch.with_prompt_rows`` empty), so none is looked at."""
     s = len(states)
     c = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=s)
     rows = np.fromiter((st.row for st in states), dtype=np.int64, count=s)
@@ -101,7 +102,7 @@ def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Op
         logits_indices, sample_start = qsl[1:].astype(np.int64) - 1, range(s + 1)
     else:
         logits_indices, sample_start = _sampled(qsl, num_sampled)
-    plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows]
+    plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows] if prompt_rows else []
     return HostInputs(ids, positions, slots, (c + n).astype(np.int32), qsl, table, logits_indices,
                       sample_start, feed, _num_decodes(counts), all_decode,
                       _prompt_logprob_rows(states, counts, qsl, plp), bool(plp))
