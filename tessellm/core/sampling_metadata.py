@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from tessellm.core.input_batch import RunnerRequest
-from tessellm.core.sampler import SamplingBatch, seed_for_position
+from tessellm.core.sampler import SamplingBatch, seed_for_position, upload
 from tessellm.reasoning.budget import forced_token
 
 
@@ -78,8 +78,7 @@ def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: t
     if with_ids:
         width = max(len(ids) for _, ids in with_ids)
         batch.id_logprob_rows = [i for i, _ in with_ids]
-        batch.id_logprob_ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids in with_ids],
-                                            dtype=torch.int64, device=device)
+        batch.id_logprob_ids = upload([ids + [0] * (width - len(ids)) for _, ids in with_ids], device)
 
 
 def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,
