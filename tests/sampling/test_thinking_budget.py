@@ -223,6 +223,18 @@ def test_the_engine_core_refuses_a_budget_without_marker_ids(models):
         req = EngineCoreRequest("raw", [5, 6], SamplingParams(max_tokens=4, thinking_token_budget=2), 0.0)
         with pytest.raises(ValueError, match="thinking_start_ids / thinking_end_ids"):
             llm.engine.core.add_request(req)
+        # an end marker id past the vocabulary: refused at add_request; it failed the step (an
+        # IndexError forcing it) and every request in it before
+        prompt = llm.get_tokenizer().encode("<think>[long]", add_special_tokens=False)
+        llm.engine.core.add_request(EngineCoreRequest("ok", prompt, SamplingParams(max_tokens=3), 0.0))
+        bad = SamplingParams(max_tokens=4, thinking_token_budget=0, thinking_start_ids=[prompt[:1]],
+                             thinking_end_ids=[[10 ** 6]])
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            llm.engine.core.add_request(EngineCoreRequest("far", prompt, bad, 0.0))
+        tokens = []
+        while llm.engine.core.has_unfinished_requests():
+            tokens += [t for o in llm.engine.core.step() for t in o.new_token_ids]
+        assert len(tokens) == 3
     finally:
         llm.shutdown()
 
