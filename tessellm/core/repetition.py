@@ -32,8 +32,8 @@ class RepetitionDetectionParams:
     def __post_init__(self) -> None:
         for name in ("max_pattern_size", "min_pattern_size", "min_count"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"repetition_detection.{name} must be an integer, got {value!r}.")
+            if not isinstance(value, int) or isinstance(value, bool) or value >= 2 ** 63:
+                raise ValueError(f"repetition_detection.{name} must be an integer below 2**63, got {value!r}.")
         if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
             raise ValueError("repetition_detection: max_pattern_size and min_pattern_size must be >= 0, with "
                              f"min_pattern_size <= max_pattern_size (got {self.min_pattern_size} > "

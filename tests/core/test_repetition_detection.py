@@ -42,6 +42,8 @@ def test_detector_agrees_with_the_rule_on_every_prefix(low, high, count):
     ({"max_pattern_size": -1}, "must be >= 0"),
     ({"max_pattern_size": 2, "min_count": 2, "window": 9}, "unknown field"),
     ({"max_pattern_size": 2.5, "min_count": 2}, "must be an integer"),
+    # past 64 bits the request could not reach the engine core (msgpack): refused here, a 400
+    ({"max_pattern_size": 2 ** 64, "min_count": 2}, "below 2\\*\\*63"),
 ])
 def test_bad_parameters_are_refused_in_one_sentence(fields, match):
     with pytest.raises(ValueError, match=match):
