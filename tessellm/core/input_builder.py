@@ -42,7 +42,7 @@ class HostInputs:
     num_decodes: int  # the first num_decodes requests have one query token
     all_decode: bool  # every request has one query token (a graph may replay the step)
     prompt_lp_rows: list[tuple[RunnerRequest, int, int, int]]  # (state, first row, start, n)
-    any_prompt_logprobs: bool  # some request asks for prompt logprobs (no graph replay then)
+    any_prompt_logprobs: bool  # the step computes prompt rows (prompt_lp_rows): no graph replay then
 
     @property
     def num_tokens(self) -> int:
@@ -103,9 +103,11 @@ def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Op
     else:
         logits_indices, sample_start = _sampled(qsl, num_sampled)
     plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows] if prompt_rows else []
+    lp_rows = _prompt_logprob_rows(states, counts, qsl, plp) if plp else []
+    # only a step that computes prompt rows needs the hidden states (no graph replay): a request
+    # past its prompt no longer keeps the batch's decode steps off the graphs
     return HostInputs(ids, positions, slots, (c + n).astype(np.int32), qsl, table, logits_indices,
-                      sample_start, feed, _num_decodes(counts), all_decode,
-                      _prompt_logprob_rows(states, counts, qsl, plp), bool(plp))
+                      sample_start, feed, _num_decodes(counts), all_decode, lp_rows, bool(lp_rows))
 
 
 def _sampled(qsl: np.ndarray, num_sampled: list[int]) -> tuple[np.ndarray, list[int]]:
