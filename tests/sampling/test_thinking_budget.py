@@ -63,6 +63,12 @@ def test_a_multi_token_end_marker_is_forced_token_by_token():
     # written by the model itself, the two tokens end the thinking
     s = ThinkingBudget(9, [[START]], [[E1, E2]], prompt=[START])
     assert _run(s, [7, E1, E2, 8]) == [None, None, None, None, None]
+    # the model began the end marker on its last budgeted token: the forcing completes it
+    # rather than spelling it again (E1 E1 E2); the budget counts E1, as any thinking token
+    s = ThinkingBudget(2, [[START]], [[E1, E2]], prompt=[START])
+    assert _run(s, [7, E1, E2, 9]) == [None, None, E2, None, None]
+    s = ThinkingBudget(2, [[START]], [[E1, E2]], prompt=[START, 7, E1])  # in the prompt too
+    assert s.forced() == E2
     # a start marker of two tokens, the first in the prompt's last token
     s = ThinkingBudget(1, [[50, 51]], [[END]], prompt=[1, 50])
     assert _run(s, [51, 7, END]) == [None, None, END, None]
@@ -148,8 +154,10 @@ def test_budget_cuts_the_thinking_at_exactly_n_tokens(models):
 
 
 def test_two_token_end_marker_and_a_reasoning_config(models):
-    outs, _ = _generate(models["split"], "<think>[long]", [3, None])
-    assert outs == [["".join(FILLER[:2]) + ANSWER], ["".join(FILLER) + ANSWER]]
+    outs, _ = _generate(models["split"], "<think>[long]", [3, None, 42])
+    # 42: "[long]" and r0..r39 are 41, the model's own "</" the 42nd: the forcing completes it
+    # ("</" "</" "think>" before)
+    assert outs == [["".join(FILLER[:2]) + ANSWER], ["".join(FILLER) + ANSWER], ["".join(FILLER) + ANSWER]]
     # the markers from --reasoning-config, without a reasoning parser
     config = {"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}
     outs, _ = _generate(models["single"], "<think>[long]", [3], reasoning_parser=None, reasoning_config=config)
