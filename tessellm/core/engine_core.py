@@ -389,6 +389,12 @@ class EngineCore(EngineSleep, EngineProfile):
             raise ValueError("The request has a thinking_token_budget but not the reasoning markers' ids "
                              "(SamplingParams.thinking_start_ids / thinking_end_ids, which the front end "
                              "fills); submit it through LLM / AsyncLLM / the server, or set them.")
+        if params.thinking_token_budget is not None:  # a forced id past the vocabulary fails the step
+            bad = [t for m in params.thinking_start_ids + params.thinking_end_ids for t in m if t >= self.vocab_size]
+            if bad:
+                raise ValueError(f"The reasoning markers' ids ({bad[0]}) are outside the model's vocabulary "
+                                 f"[0, {self.vocab_size}); give --reasoning-config markers this model's "
+                                 "tokenizer spells with its own tokens.")
         lora = None
         if req.lora_request is not None:
             from tessellm.lora.request import LoRARequest

@@ -56,6 +56,11 @@ class InputBatch:
     def __init__(self, max_blocks_per_request: int):
         self.requests: dict[str, RunnerRequest] = {}
         self.tables = PersistentBlockTable(max_blocks_per_request)
+        # The requests with a feature the per-step builders look for row by row; while a set is
+        # empty its builder skips the rows (a batch without it pays no Python per row for it).
+        self.with_budget: set[str] = set()  # thinking_token_budget (sampling_metadata._forced)
+        self.with_id_logprobs: set[str] = set()  # logprob_token_ids (sampling_metadata._add_logprobs)
+        self.with_prompt_rows: set[str] = set()  # prompt logprobs or prefill scoring (build_inputs)
 
     def apply(self, sched: SchedulerOutput, samples_here: bool) -> None:
         """Take in what changed. ``samples_here``: this rank samples (the last pipeline stage);
@@ -64,6 +69,9 @@ class InputBatch:
             state = self.requests.pop(rid, None)
             if state is not None:
                 self.tables.remove(state.row)
+                self.with_budget.discard(rid)
+                self.with_id_logprobs.discard(rid)
+                self.with_prompt_rows.discard(rid)
         for rid, num_blocks in sched.kept_blocks.items():  # before new blocks are appended
             state = self.requests.get(rid)
             if state is not None:
@@ -75,6 +83,7 @@ class InputBatch:
                 self.tables.add(new.block_ids), mm_features=list(new.mm_features),
                 pooling_task=new.pooling_task, prompt_embeds=new.prompt_embeds,
                 embeds_prompt=new.prompt_embeds is not None)
+            self._note_features(new.request_id, new.sampling_params)
         for cached in sched.cached_requests:
             state = self.requests[cached.request_id]
             state.block_ids.extend(cached.new_block_ids)
@@ -86,6 +95,16 @@ class InputBatch:
                 state.token_ids.extend(cached.new_token_ids)
         for rid, drafts in sched.spec_token_ids.items():
             self.requests[rid].spec_token_ids = drafts
+
+    def _note_features(self, rid: str, params) -> None:
+        if params is None:  # a pooling request
+            return
+        if params.thinking_token_budget is not None:
+            self.with_budget.add(rid)
+        if params.logprob_token_ids:
+            self.with_id_logprobs.add(rid)
+        if params.needs_prompt_rows:
+            self.with_prompt_rows.add(rid)
 
     def truncate_blocks(self, state: RunnerRequest, num_blocks: int) -> None:
         """Forget blocks past ``num_blocks`` (the scheduler freed them: rejected drafts,

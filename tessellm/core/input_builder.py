@@ -42,7 +42,7 @@ class HostInputs:
     num_decodes: int  # the first num_decodes requests have one query token
     all_decode: bool  # every request has one query token (a graph may replay the step)
     prompt_lp_rows: list[tuple[RunnerRequest, int, int, int]]  # (state, first row, start, n)
-    any_prompt_logprobs: bool  # some request asks for prompt logprobs (no graph replay then)
+    any_prompt_logprobs: bool  # the step computes prompt rows (prompt_lp_rows): no graph replay then
 
     @property
     def num_tokens(self) -> int:
@@ -65,13 +65,14 @@ InputToken = Callable[[RunnerRequest, int, int, list], int]
 
 def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Optional[list[int]],
                  tables: PersistentBlockTable, block_size: int, input_token: InputToken,
-                 width_multiple: int = 1) -> HostInputs:
+                 width_multiple: int = 1, prompt_rows: bool = True) -> HostInputs:
     """``num_sampled``: rows each request samples; None when every request samples one (the
     usual decode step: it takes a fast path with no per-request Python beyond the token ids).
     ``input_token(state, pos, row, feed)`` gives a token the host has not seen (async).
     ``width_multiple``: the block table's columns are the step's widest table rounded up to a
     multiple of it (at most the whole table), e.g. 16 for the kernel's
-    ``table_width_multiple``."""
+    ``table_width_multiple``. ``prompt_rows`` False: no request needs logits at prompt rows
+    (``InputBatch.with_prompt_rows`` empty), so none is looked at."""
     s = len(states)
     c = np.fromiter((st.num_computed_tokens for st in states), dtype=np.int64, count=s)
     rows = np.fromiter((st.row for st in states), dtype=np.int64, count=s)
@@ -101,10 +102,12 @@ def build_inputs(states: list[RunnerRequest], counts: list[int], num_sampled: Op
         logits_indices, sample_start = qsl[1:].astype(np.int64) - 1, range(s + 1)
     else:
         logits_indices, sample_start = _sampled(qsl, num_sampled)
-    plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows]
+    plp = [i for i, st in enumerate(states) if st.params.needs_prompt_rows] if prompt_rows else []
+    lp_rows = _prompt_logprob_rows(states, counts, qsl, plp) if plp else []
+    # only a step that computes prompt rows needs the hidden states (no graph replay): a request
+    # past its prompt no longer keeps the batch's decode steps off the graphs
     return HostInputs(ids, positions, slots, (c + n).astype(np.int32), qsl, table, logits_indices,
-                      sample_start, feed, _num_decodes(counts), all_decode,
-                      _prompt_logprob_rows(states, counts, qsl, plp), bool(plp))
+                      sample_start, feed, _num_decodes(counts), all_decode, lp_rows, bool(lp_rows))
 
 
 def _sampled(qsl: np.ndarray, num_sampled: list[int]) -> tuple[np.ndarray, list[int]]:

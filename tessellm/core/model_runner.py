@@ -241,7 +241,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
                                                     sched.lora_prefetch, sched.lora_unloads)
         self.staging.begin_launch()
         host = build_inputs(states, counts, num_sampled, self.batch.tables, self.block_size,
-                            self.steps.input_token, self.table_width_multiple)
+                            self.steps.input_token, self.table_width_multiple,
+                            prompt_rows=bool(self.batch.with_prompt_rows))
         if self.mamba is not None:  # state slots of this step's requests, in row order
             self.mamba.begin_step(states, counts, restores=sched.state_restores,
                                   within=sched.state_saves_within)
@@ -255,7 +256,8 @@ class ModelRunner(RunnerGraphs, RunnerKVCache, RunnerForward, RunnerProfile):
         started; a ``grammar_deferred`` step's sampling waits for ``sample_deferred``."""
         rows, out_pos, sampling_states, starts = _sampled_rows(states, counts, num_sampled)
         batch = build_sampling_batch(rows, out_pos, self.sampler.device, self.vocab_size,
-                                     self.eos_token_ids)
+                                     self.eos_token_ids, budgets=bool(self.batch.with_budget),
+                                     id_logprobs=bool(self.batch.with_id_logprobs))
 
         def sample(bitmask, bitmask_rows: dict[str, int]) -> StepHandle:
             if bitmask is not None:  # structured output: disallowed tokens -> -inf

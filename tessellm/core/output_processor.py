@@ -219,12 +219,10 @@ class OutputProcessor:
 
             return pooling_output(state)
         outs = [self._completion(state, s) for s in state.samples]
-        prompt_logprobs = state.prompt_logprobs
+        prompt_logprobs, scores = state.prompt_logprobs, state.prompt_token_id_logprobs
         if state.params.output_kind == RequestOutputKind.DELTA:  # vLLM's: in the first output only
             prompt_logprobs = None if state.sent_prompt_logprobs else prompt_logprobs
             state.sent_prompt_logprobs = prompt_logprobs is not None or state.sent_prompt_logprobs
-        scores = state.prompt_token_id_logprobs
-        if state.params.output_kind == RequestOutputKind.DELTA:
             scores = None if state.sent_prompt_token_id_logprobs else scores
             state.sent_prompt_token_id_logprobs = scores is not None or state.sent_prompt_token_id_logprobs
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outs,

@@ -5,7 +5,7 @@ one pattern of some length ``L`` in ``[min_pattern_size (0 means 1), max_pattern
 the output tokens count, never the prompt. The request then finishes with reason
 ``"repetition"`` and stop reason ``"repetition_detected"``.
 
-Invariant that makes it incremental (O(max_pattern_size) per token, whatever the output's
+Invariant that makes it incremental (O(max_pattern_size) per token at most, whatever the output's
 length): the last ``L * min_count`` tokens are ``min_count`` copies of one ``L``-pattern exactly
 when each of the last ``L * (min_count - 1)`` tokens equals the token ``L`` before it. So per
 ``L`` one counter, ``runs[L]``: how many tokens in a row (ending at the newest) equal the token
@@ -32,8 +32,8 @@ class RepetitionDetectionParams:
     def __post_init__(self) -> None:
         for name in ("max_pattern_size", "min_pattern_size", "min_count"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"repetition_detection.{name} must be an integer, got {value!r}.")
+            if not isinstance(value, int) or isinstance(value, bool) or value >= 2 ** 63:
+                raise ValueError(f"repetition_detection.{name} must be an integer below 2**63, got {value!r}.")
         if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
             raise ValueError("repetition_detection: max_pattern_size and min_pattern_size must be >= 0, with "
                              f"min_pattern_size <= max_pattern_size (got {self.min_pattern_size} > "
@@ -63,26 +63,35 @@ class RepetitionDetectionParams:
 
 
 class RepetitionDetector:
-    """One request's counters (``runs``); ``add`` each output token in order."""
+    """One request's counters (``runs``); ``add`` each output token in order.
+
+    ``runs`` grows with the output: a length ``L`` has no token ``L`` back before the output's
+    ``L + 1``-th token, so its counter starts there at 0. Memory and time per token are
+    O(min(max_pattern_size, output length)), whatever ``max_pattern_size`` a request asks
+    (a huge one must neither allocate its size in the engine core nor loop over it)."""
 
     def __init__(self, params: RepetitionDetectionParams):
         self.low = max(1, params.min_pattern_size)
         self.high = params.max_pattern_size
         self.min_count = params.min_count
-        self.runs = [0] * (self.high + 1)  # runs[L], L in [low, high]
+        self.runs = [0]  # runs[L] for the lengths L < len(runs) the output has reached
 
     def add(self, tokens: Sequence[int], num_prompt: int = 0) -> bool:
         """``tokens``: the prompt (``num_prompt`` tokens, not looked at) then the output so far,
-        its newest token (just appended) last; O(max_pattern_size). True when the output now
-        ends with ``min_count`` copies of a pattern."""
+        its newest token (just appended) last; O(min(max_pattern_size, output length)). True
+        when the output now ends with ``min_count`` copies of a pattern."""
         last = len(tokens) - 1
         n, newest = last + 1 - num_prompt, tokens[last]
+        top = min(self.high, n - 1)  # longer lengths have no token L back yet: their runs stay 0
+        runs = self.runs
+        if len(runs) <= top:
+            runs.extend([0] * (top + 1 - len(runs)))
         found = False
-        for length in range(self.low, self.high + 1):
-            if n > length and tokens[last - length] == newest:
-                self.runs[length] += 1
-                found = found or self.runs[length] >= length * (self.min_count - 1)
+        for length in range(self.low, top + 1):
+            if tokens[last - length] == newest:
+                runs[length] += 1
+                found = found or runs[length] >= length * (self.min_count - 1)
             else:
-                self.runs[length] = 0
+                runs[length] = 0
         return found
 

@@ -51,11 +51,12 @@ def collect(handle: StepHandle, tokens: list[int], force_accept: bool = False) -
             state.spec_token_ids = []
         state.token_ids.extend(accepted)
         out.sampled[state.request_id] = accepted
-        k, ids = state.params.logprobs, state.params.logprob_token_ids
-        if (k is not None or ids) and lp is not None:
-            out.logprobs[state.request_id] = [(tok, lp[0][r], lp[1][r],
-                                               _ids_top(lp, r, ids) if ids else _top(lp, r, k))
-                                              for r, tok in zip(range(first, end), accepted)]
+        if lp is not None:  # some row asked logprobs (None: a batch without them looks at none)
+            k, ids = state.params.logprobs, state.params.logprob_token_ids
+            if k is not None or ids:
+                out.logprobs[state.request_id] = [(tok, lp[0][r], lp[1][r],
+                                                   _ids_top(lp, r, ids) if ids else _top(lp, r, k))
+                                                  for r, tok in zip(range(first, end), accepted)]
         if state.prompt_logprobs and len(state.prompt_logprobs) == state.num_prompt_tokens - 1:
             out.prompt_logprobs[state.request_id] = [None] + state.prompt_logprobs
             state.prompt_logprobs = []

@@ -105,6 +105,17 @@ class SamplerOutput:
     num_nans: Optional[torch.Tensor] = None
 
 
+def upload(values, device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list (row numbers, token ids) on ``device`` with no host sync: on CUDA
+    through pinned memory, queued on the stream (``torch.tensor(values, device="cuda")`` copies
+    from pageable memory and waits for every kernel queued before it: the step's forward);
+    elsewhere as ``torch.tensor``."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def seed_for_position(seed: int, position: int) -> int:
     return (seed * _SEED_MIX + position) & 0x7FFF_FFFF_FFFF_FFFF
 
@@ -173,7 +184,7 @@ class Sampler:
             logits = logits - batch.frequency[:, None] * batch.output_counts
             logits = logits - batch.presence[:, None] * (batch.output_counts > 0).float()
         if batch.forced is not None:  # last, as vLLM applies its thinking budget after penalties
-            rows, tokens = (torch.tensor(x, device=logits.device) for x in batch.forced)
+            rows, tokens = (upload(x, logits.device) for x in batch.forced)
             logits[rows] = -float("inf")
             logits[rows, tokens] = 0.0
         return logits
@@ -315,7 +326,7 @@ class Sampler:
             out.full_logprobs, out.full_ids = logprobs[rows].topk(batch.full_num_logprobs, dim=-1)
             out.full_rows = batch.full_logprob_rows
         if batch.id_logprob_rows:  # one gather: [R, W] of the [B, V] logprobs
-            rows = torch.tensor(batch.id_logprob_rows, device=logprobs.device)
+            rows = upload(batch.id_logprob_rows, logprobs.device)
             out.id_logprobs = logprobs[rows].gather(-1, batch.id_logprob_ids)
             out.id_rows = batch.id_logprob_rows
 

@@ -16,14 +16,18 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from tessellm.core.input_batch import RunnerRequest
-from tessellm.core.sampler import SamplingBatch, seed_for_position
+from tessellm.core.sampler import SamplingBatch, seed_for_position, upload
 from tessellm.reasoning.budget import forced_token
 
 
 def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int], int], device: torch.device,
-                         vocab_size: int, eos_token_ids: tuple[int, ...]) -> SamplingBatch:
+                         vocab_size: int, eos_token_ids: tuple[int, ...], budgets: bool = True,
+                         id_logprobs: bool = True) -> SamplingBatch:
     """``rows[i]`` samples the token at output index ``out_pos(i)`` (0 = first output token);
-    asked only for rows with a seed, ``min_tokens``, bad words or a thinking budget."""
+    asked only for rows with a seed, ``min_tokens``, bad words or a thinking budget.
+    ``budgets`` / ``id_logprobs`` False: no row has a thinking budget / logprob_token_ids (the
+    runner knows it from ``InputBatch.with_budget`` / ``with_id_logprobs``), so their rows are
+    not looked at: a batch without them pays nothing per row for them."""
     params = [r.params for r in rows]
     all_greedy = all(p.is_greedy for p in params)
     temperature = None if all_greedy else torch.tensor(
@@ -44,23 +48,24 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
     batch.logit_bias = [(i, list(p.logit_bias), list(p.logit_bias.values()))
                         for i, p in enumerate(params) if p.logit_bias] or None
     batch.banned = _banned(rows, out_pos, eos_token_ids) or None
-    batch.forced = _forced(rows, out_pos)
+    batch.forced = _forced(rows, out_pos) if budgets else None
     allowed = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if allowed:
         batch.allowed_rows = allowed
         batch.allowed_masks = [_disallowed(rows[i], device, vocab_size) for i in allowed]
     batch.seeds = [(i, seed_for_position(p.seed, out_pos(i))) for i, p in enumerate(params)
                    if p.seed is not None and not p.is_greedy] or None
-    _add_logprobs(batch, params, vocab_size, device)
+    _add_logprobs(batch, params, vocab_size, device, id_logprobs)
     return batch
 
 
-def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: torch.device) -> None:
+def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: torch.device,
+                  id_logprobs: bool = True) -> None:
     """Rows asking the whole vocabulary (logprobs=-1, made ``vocab_size`` by the front end) go
     to ``full_logprob_rows``; ``max_num_logprobs`` is the others' largest count. Rows with
     ``logprob_token_ids`` ask no top k: their ids go to ``id_logprob_ids``, one padded row each
     (one host-to-device copy of ``rows x max ids`` ints a step)."""
-    with_ids = [(i, p.logprob_token_ids) for i, p in enumerate(params) if p.logprob_token_ids]
+    with_ids = [(i, p.logprob_token_ids) for i, p in enumerate(params) if p.logprob_token_ids] if id_logprobs else ()
     wanted = [(i, p.logprobs) for i, p in enumerate(params)
               if p.logprobs is not None and not p.logprob_token_ids]
     if not wanted and not with_ids:
@@ -73,8 +78,7 @@ def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: t
     if with_ids:
         width = max(len(ids) for _, ids in with_ids)
         batch.id_logprob_rows = [i for i, _ in with_ids]
-        batch.id_logprob_ids = torch.tensor([ids + [0] * (width - len(ids)) for _, ids in with_ids],
-                                            dtype=torch.int64, device=device)
+        batch.id_logprob_ids = upload([ids + [0] * (width - len(ids)) for _, ids in with_ids], device)
 
 
 def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,

@@ -245,8 +245,8 @@ class SamplingParams:
                 _check(len(set(ids)) == len(ids), "prompt_logprob_token_ids must not contain duplicates.")
                 self.prompt_logprob_token_ids = list(ids)
         start = self.prompt_logprob_start
-        _check(start is None or (isinstance(start, int) and not isinstance(start, bool) and start >= 0),
-               f"prompt_logprob_start must be a non-negative integer, got {start!r}.")
+        _check(start is None or (isinstance(start, int) and not isinstance(start, bool) and 0 <= start < 2 ** 63),
+               f"prompt_logprob_start must be a non-negative integer (below 2**63), got {start!r}.")
 
     def _validate_token_lists(self) -> None:
         if self.allowed_token_ids is not None:
@@ -266,8 +266,9 @@ class SamplingParams:
         if self.kv_transfer_params is not None:
             check_kv_transfer_params(self.kv_transfer_params)  # a malformed key: named
         budget = self.thinking_token_budget
-        _check(budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0),
-               f"thinking_token_budget must be an integer >= 0, or -1 / null for no cap, got {budget!r}.")
+        _check(budget is None or (isinstance(budget, int) and not isinstance(budget, bool) and 0 <= budget < 2 ** 63),
+               f"thinking_token_budget must be an integer >= 0 (below 2**63), or -1 / null for no cap, got "
+               f"{budget!r}.")
         for name in ("thinking_start_ids", "thinking_end_ids"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, (list, tuple)) and value and all(

@@ -6,7 +6,9 @@ vLLM's semantics (its ``ThinkingBudgetStateHolder``), over the token ids of the 
   the block) or in the output (a model that writes it); with neither, nothing is counted;
 - tokens after the start marker count, prompt tokens after it too (a continued assistant turn);
   once N are there, the end marker (``</think>``, one token or several) is forced, one token a
-  step, and the model goes on to answer;
+  step, and the model goes on to answer; a marker of several tokens the model began on its
+  last budgeted tokens is completed, not spelled again (vLLM's processor starts it over:
+  ``</ </ think>``);
 - a prompt whose last start marker is followed by an end marker (``enable_thinking: false``'s
   ``<think>\\n\\n</think>``) starts outside the thinking: nothing is forced unless the model
   opens a new block, which gets a budget of its own (as does every block it opens);
@@ -172,13 +174,14 @@ class ThinkingBudget:
         self.seen = len(token_ids) - num_prompt
 
     def advance(self, token: int) -> None:
+        if self.phase == THINKING and self.count >= self.budget:  # this token is the first forced
+            self.phase, self.k = FORCING, self._written_of_end()
         recent = self.recent
         recent.append(token)
         if len(recent) > self.window:
             del recent[0]
-        if self.phase == FORCING or (self.phase == THINKING and self.count >= self.budget):
-            self.k = self.k + 1 if self.phase == FORCING else 1  # this token was forced
-            self.phase = FORCING
+        if self.phase == FORCING:
+            self.k += 1  # this token was forced
             if self.k == len(self.forced_end):
                 self._leave()
         elif self.phase == THINKING:
@@ -198,12 +201,23 @@ class ThinkingBudget:
         recent = self.recent
         return any(len(m) <= len(recent) and tuple(recent[len(recent) - len(m):]) == m for m in markers)
 
+    def _written_of_end(self) -> int:
+        """How many of the forced end marker's first tokens the thinking already ends with (the
+        model began the marker on its last budgeted tokens): the forcing goes on from there,
+        never spelling the marker's start twice (``</`` ``</`` ``think>``); 0 for a one-token
+        marker."""
+        end, recent = self.forced_end, self.recent
+        for j in range(min(len(end) - 1, len(recent)), 0, -1):
+            if tuple(recent[len(recent) - j:]) == end[:j]:
+                return j
+        return 0
+
     def forced(self) -> Optional[int]:
         """The token the next position must take; None: free."""
         if self.phase == FORCING:
             return self.forced_end[self.k]
         if self.phase == THINKING and self.count >= self.budget:
-            return self.forced_end[0]
+            return self.forced_end[self._written_of_end()]
         return None
 
     def forced_after(self, drafts: Sequence[int]) -> Optional[int]:

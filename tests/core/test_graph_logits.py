@@ -145,3 +145,30 @@ def test_reserve_counts_the_buffer_once(model):
         with torch.inference_mode():
             runner.capture_graphs()
         assert runner.graph_logits.nbytes == 16 * row
+
+
+def test_a_request_past_its_prompt_lets_the_decode_steps_replay(model):
+    """prompt_logprobs and prompt_logprob_token_ids need the hidden states of the steps that
+    compute prompt rows, which run eagerly; once past its prompt such a request's decode steps
+    replay the graphs like the others' (every step of the batch ran eagerly to its end before).
+    Tokens stay HF's, the prompt scores those of a run without graphs."""
+    want = hf_greedy(model, PROMPTS, MAX_TOKENS)
+    base = dict(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = [SamplingParams(prompt_logprob_token_ids=[1, 2, 3], prompt_logprob_start=1, **base),
+              SamplingParams(prompt_logprobs=2, **base), SamplingParams(**base)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    runs = []
+    for graphs in (False, True):
+        with LLM(model, **ENGINE) as llm:
+            runner = _captured(llm) if graphs else None
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            runs.append(outs)
+            if graphs:
+                assert runner.graph_runner.replays > 0
+    eager, replayed = runs
+    assert [list(o.outputs[0].token_ids) for o in replayed] == want
+    assert replayed[0].prompt_token_id_logprobs.shape == (len(PROMPTS[0]) - 2, 3)
+    assert torch.allclose(torch.as_tensor(replayed[0].prompt_token_id_logprobs),
+                          torch.as_tensor(eager[0].prompt_token_id_logprobs), atol=1e-5)
+    assert [{t: lp.logprob for t, lp in d.items()} for d in replayed[1].prompt_logprobs[1:]] == pytest.approx(
+        [{t: lp.logprob for t, lp in d.items()} for d in eager[1].prompt_logprobs[1:]])

@@ -42,6 +42,8 @@ def test_detector_agrees_with_the_rule_on_every_prefix(low, high, count):
     ({"max_pattern_size": -1}, "must be >= 0"),
     ({"max_pattern_size": 2, "min_count": 2, "window": 9}, "unknown field"),
     ({"max_pattern_size": 2.5, "min_count": 2}, "must be an integer"),
+    # past 64 bits the request could not reach the engine core (msgpack): refused here, a 400
+    ({"max_pattern_size": 2 ** 64, "min_count": 2}, "below 2\\*\\*63"),
 ])
 def test_bad_parameters_are_refused_in_one_sentence(fields, match):
     with pytest.raises(ValueError, match=match):
@@ -93,3 +95,28 @@ def test_an_output_without_the_repetition_runs_to_its_length(llm):
     assert _first_hit(full, 1, 4, 3) is None
     co = _greedy(llm, prompt, n=30, repetition_detection=RepetitionDetectionParams(4, 1, 3))
     assert list(co.token_ids) == full and co.finish_reason == "length"
+
+
+def test_a_huge_max_pattern_size_costs_the_output_not_its_size(llm):
+    """max_pattern_size has no upper bound (vLLM's rule): a request asking 10**12 must not make
+    the engine core allocate (MemoryError, which killed the core) or loop over 10**12 lengths
+    per token; the detector only holds the lengths the output has reached, and agrees with the
+    rule; in the engine the request stops as it would with max_pattern_size = its output's
+    length, beside a request without the detection."""
+    huge = 10 ** 12
+    rng = random.Random(7)
+    for _ in range(20):
+        output = [rng.randrange(rng.choice((2, 3))) for _ in range(rng.randrange(1, 30))]
+        detector = RepetitionDetector(RepetitionDetectionParams(huge, 0, 2))
+        for i in range(len(output)):
+            assert detector.add(output[:i + 1]) == repeats(output[:i + 1], 0, i + 1, 2)
+        assert len(detector.runs) <= len(output)
+    prompt = [100, 200, 300]
+    full = list(_greedy(llm, prompt).token_ids)
+    k = _first_hit(full, 0, len(full), 2)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                            repetition_detection=RepetitionDetectionParams(huge, 0, 2))
+    plain = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    got = llm.generate([{"prompt_token_ids": prompt}] * 2, [params, plain], use_tqdm=False)
+    assert list(got[0].outputs[0].token_ids) == full[:k] and got[0].outputs[0].finish_reason == "repetition"
+    assert list(got[1].outputs[0].token_ids) == full

@@ -210,3 +210,25 @@ def test_speculative_steps_score_and_stop_every_accepted_token(tiny_model_dir, l
         assert list(cut.token_ids) == list(stopped.token_ids) and cut.finish_reason == "repetition"
     finally:
         spec.shutdown()
+
+
+def test_async_scheduling_reports_the_same_positions(tiny_model_dir, llm_and_hf):
+    """Steps in flight (async scheduling: a step launched before the last one's tokens are on
+    the host) carry each step's id logprobs through the readback: the same dicts as the
+    synchronous engine, beside a top-k request and a plain one."""
+    llm, _ = llm_and_hf
+    prompts = [{"prompt_token_ids": p} for p in ([5, 77, 31, 200, 9], [11, 12, 13], [40, 41, 42])]
+    params = [SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprob_token_ids=IDS),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)]
+    want = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(tiny_model_dir("llama"), dtype="float32", async_scheduling=True) as overlapped:
+        got = overlapped.generate(prompts, params, use_tqdm=False)
+    for w, g in zip(want, got):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        if w.outputs[0].logprobs is None:
+            assert g.outputs[0].logprobs is None
+            continue
+        for a, b in zip(w.outputs[0].logprobs, g.outputs[0].logprobs):
+            assert list(a) == list(b) and [x.rank for x in a.values()] == [x.rank for x in b.values()]
+            assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-5)

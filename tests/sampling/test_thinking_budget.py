@@ -63,6 +63,12 @@ def test_a_multi_token_end_marker_is_forced_token_by_token():
     # written by the model itself, the two tokens end the thinking
     s = ThinkingBudget(9, [[START]], [[E1, E2]], prompt=[START])
     assert _run(s, [7, E1, E2, 8]) == [None, None, None, None, None]
+    # the model began the end marker on its last budgeted token: the forcing completes it
+    # rather than spelling it again (E1 E1 E2); the budget counts E1, as any thinking token
+    s = ThinkingBudget(2, [[START]], [[E1, E2]], prompt=[START])
+    assert _run(s, [7, E1, E2, 9]) == [None, None, E2, None, None]
+    s = ThinkingBudget(2, [[START]], [[E1, E2]], prompt=[START, 7, E1])  # in the prompt too
+    assert s.forced() == E2
     # a start marker of two tokens, the first in the prompt's last token
     s = ThinkingBudget(1, [[50, 51]], [[END]], prompt=[1, 50])
     assert _run(s, [51, 7, END]) == [None, None, END, None]
@@ -91,7 +97,7 @@ def test_reasoning_config_and_the_parsers_markers():
         check_reasoning_config({"reasoning_parser": "nope"}, None, None)
     with pytest.raises(ValueError, match="not valid JSON"):
         parse_reasoning_config("{nope")
-    for bad in (-2, 1.5, True, "3"):
+    for bad in (-2, 1.5, True, "3", 2 ** 64):  # past 64 bits: msgpack cannot carry it to the core
         with pytest.raises(ValueError, match="thinking_token_budget must be an integer >= 0"):
             SamplingParams(thinking_token_budget=bad)
     assert SamplingParams(thinking_token_budget=-1).thinking_token_budget is None
@@ -148,8 +154,10 @@ def test_budget_cuts_the_thinking_at_exactly_n_tokens(models):
 
 
 def test_two_token_end_marker_and_a_reasoning_config(models):
-    outs, _ = _generate(models["split"], "<think>[long]", [3, None])
-    assert outs == [["".join(FILLER[:2]) + ANSWER], ["".join(FILLER) + ANSWER]]
+    outs, _ = _generate(models["split"], "<think>[long]", [3, None, 42])
+    # 42: "[long]" and r0..r39 are 41, the model's own "</" the 42nd: the forcing completes it
+    # ("</" "</" "think>" before)
+    assert outs == [["".join(FILLER[:2]) + ANSWER], ["".join(FILLER) + ANSWER], ["".join(FILLER) + ANSWER]]
     # the markers from --reasoning-config, without a reasoning parser
     config = {"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}
     outs, _ = _generate(models["single"], "<think>[long]", [3], reasoning_parser=None, reasoning_config=config)
@@ -223,5 +231,83 @@ def test_the_engine_core_refuses_a_budget_without_marker_ids(models):
         req = EngineCoreRequest("raw", [5, 6], SamplingParams(max_tokens=4, thinking_token_budget=2), 0.0)
         with pytest.raises(ValueError, match="thinking_start_ids / thinking_end_ids"):
             llm.engine.core.add_request(req)
+        # an end marker id past the vocabulary: refused at add_request; it failed the step (an
+        # IndexError forcing it) and every request in it before
+        prompt = llm.get_tokenizer().encode("<think>[long]", add_special_tokens=False)
+        llm.engine.core.add_request(EngineCoreRequest("ok", prompt, SamplingParams(max_tokens=3), 0.0))
+        bad = SamplingParams(max_tokens=4, thinking_token_budget=0, thinking_start_ids=[prompt[:1]],
+                             thinking_end_ids=[[10 ** 6]])
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            llm.engine.core.add_request(EngineCoreRequest("far", prompt, bad, 0.0))
+        tokens = []
+        while llm.engine.core.has_unfinished_requests():
+            tokens += [t for o in llm.engine.core.step() for t in o.new_token_ids]
+        assert len(tokens) == 3
     finally:
         llm.shutdown()
+
+
+def test_a_cached_prompt_prefix_gives_the_same_cut(models):
+    """The prompt's thinking tokens count whether their K/V came from the prefix cache or
+    not: a prompt already in the thinking (``<think>[long] r0 .. r9``: 11 counted) cut at 15
+    stops after 4 output tokens, the first time and again from the cache; a longer prompt
+    that shares its cached blocks counts its own two extra tokens. The runner forgets the
+    finished requests (``InputBatch.with_budget`` empty: later steps skip the budget rows)."""
+    llm = LLM(models["single"], device="cpu", max_model_len=160, block_size=4, reasoning_parser="deepseek_r1")
+    try:
+        tok = llm.get_tokenizer()
+        params = SamplingParams(max_tokens=40, temperature=0, thinking_token_budget=15)
+        runs = []
+        for k in (10, 10, 12):
+            prompt = tok.encode("<think>[long]" + "".join(FILLER[:k]), add_special_tokens=False)
+            [out] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+            runs.append((out.outputs[0].text, out.num_cached_tokens))
+        cut = "".join(FILLER[10:14]) + ANSWER
+        assert runs[0] == (cut, 0)
+        assert runs[1][0] == cut and runs[1][1] >= 8  # two of its three blocks from the cache
+        assert runs[2][0] == "".join(FILLER[12:14]) + ANSWER and runs[2][1] >= 8
+        # finished requests leave the runner with the next step's drops: a plain one after them
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert llm.engine.core.executor.worker.runner.batch.with_budget == set()
+    finally:
+        llm.shutdown()
+
+
+def test_a_forced_token_reports_the_models_own_logprob_beside_ids_and_repetition(models):
+    """A budget with logprob_token_ids and repetition_detection in one request, beside a
+    plain one: the cut is where the budget says; the forced ``</think>`` is reported as vLLM
+    reports it (its logprob under the model's raw logits, HF's float32, not the forced 0.0;
+    its rank in the vocabulary by those logits, then the listed ids' entries); the detection
+    reads the forced token as an output token (the cut output has no repeat: it runs to its
+    end) and the plain request is untouched."""
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(models["single"], device="cpu", max_model_len=160, block_size=4, reasoning_parser="deepseek_r1")
+    try:
+        tok = llm.get_tokenizer()
+        end, r4 = tok.convert_tokens_to_ids(["</think>", " r4"])
+        prompt = tok.encode("<think>[long]", add_special_tokens=False)
+        rep = {"max_pattern_size": 3, "min_count": 2}
+        both = SamplingParams(max_tokens=40, temperature=0, thinking_token_budget=5,
+                              logprob_token_ids=[end, r4], repetition_detection=rep)
+        plain = SamplingParams(max_tokens=60, temperature=0)
+        got, free = llm.generate([{"prompt_token_ids": prompt}] * 2, [both, plain], use_tqdm=False)
+    finally:
+        llm.shutdown()
+    co = got.outputs[0]
+    assert co.text == "".join(FILLER[:4]) + ANSWER and co.finish_reason == "stop"
+    assert free.outputs[0].text == "".join(FILLER) + ANSWER
+    hf = AutoModelForCausalLM.from_pretrained(models["single"], torch_dtype=torch.float32)
+    ids = prompt + list(co.token_ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)[len(prompt) - 1:]
+    for pos, (token, entry) in enumerate(zip(co.token_ids, co.logprobs)):
+        assert list(entry)[:1] == [token] and set(entry) == {token, end, r4}
+        for tid in (token, end, r4):
+            assert entry[tid].logprob == pytest.approx(ref[pos, tid].item(), abs=1e-4)
+    forced = co.token_ids.index(end)
+    assert forced == 4 and ref[forced].argmax().item() == r4  # the model wanted " r4" there
+    assert co.logprobs[forced][end].logprob < -1.0  # the model's own (low) logprob, not 0.0
+    assert co.logprobs[forced][r4].rank == 2  # the listed ids: their place in the list
+    assert co.cumulative_logprob == pytest.approx(sum(ref[p, t].item() for p, t in enumerate(co.token_ids)),
+                                                  abs=1e-3)

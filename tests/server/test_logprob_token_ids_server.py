@@ -123,6 +123,9 @@ def test_repetition_detection_stops_with_finish_reason_repetition(http):
      "repetition_detection", "min_count must be >= 2"),
     ("/v1/chat/completions", {"repetition_detection": {"max_pattern_size": 3, "min_count": 2, "x": 1}},
      "repetition_detection", "unknown field"),
+    # past 64 bits msgpack cannot carry it to the engine core: a 400, never a 500
+    ("/v1/completions", {"repetition_detection": {"max_pattern_size": 2 ** 64, "min_count": 2}},
+     "repetition_detection", "below 2**63"),
 ])
 def test_bad_requests_are_400s_naming_the_field(http, path, extra, param, words):
     body = {"model": MODEL, "max_tokens": 2,

@@ -314,6 +314,9 @@ def test_thinking_token_budget_cuts_the_reasoning_whole_and_streamed(servers):
     r = httpx.post(f"{srv.url}/v1/chat/completions", headers=srv.headers, timeout=120, json={
         "model": "m", "messages": [{"role": "user", "content": "hi"}], "thinking_token_budget": -2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text
+    r = httpx.post(f"{srv.url}/v1/chat/completions", headers=srv.headers, timeout=120, json={
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "thinking_token_budget": 2 ** 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "thinking_token_budget", r.text  # was a 500
 
 
 def test_thinking_token_budget_without_reasoning_markers_is_a_400(http):
