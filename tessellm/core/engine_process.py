@@ -261,6 +261,12 @@ class _CoreLoop:
             except (ValueError, TypeError, KeyError) as exc:  # the front end checks first
                 self.out_sock.send(pack(["rejected", msg[1].get("request_id"), str(exc)]))
                 return False
+            except Exception as exc:  # a bug (or e.g. MemoryError): refuse this one, keep the rest
+                logger.exception("Adding request %r failed; it is refused, the others go on.",
+                                 msg[1].get("request_id"))
+                self.out_sock.send(pack(["rejected", msg[1].get("request_id"),
+                                         f"Internal error adding the request ({type(exc).__name__}: {exc})."]))
+                return False
             return True
         if kind == "abort":
             self.core.abort_requests(msg[1])
