@@ -13,7 +13,7 @@ from typing import Optional
 #             content becomes one text part)
 #   "auto":   "openai" when the template loops over a message's content, else "string"
 CONTENT_FORMATS = ("auto", "string", "openai")
-_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal", "thinking")  # vLLM's TEXT_PART_TYPES
 _MEDIA_PARTS = ("image", "video", "image_url", "image_pil", "video_url")
 
 
@@ -179,7 +179,8 @@ def _text_part(part) -> dict:
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         raise ValueError(f"A content part of type {kind!r} is not supported; give text parts "
                          "({'type': 'text', 'text': ...}) or image_url / video_url parts.")
-    text = part.get("text", part.get("refusal"))
+    key = {"refusal": "refusal", "thinking": "thinking"}.get(part.get("type"), "text")
+    text = part.get(key, part.get("text"))
     if not isinstance(text, str):
-        raise ValueError("A text content part needs a string 'text'.")
-    return {**{k: v for k, v in part.items() if k != "refusal"}, "type": "text", "text": text}
+        raise ValueError(f"A {part.get('type', 'text')} content part needs a string {key!r}.")
+    return {**{k: v for k, v in part.items() if k not in ("refusal", "thinking")}, "type": "text", "text": text}

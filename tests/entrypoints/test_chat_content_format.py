@@ -90,6 +90,11 @@ def test_llm_chat_content_formats(llm):
     # ... and so does a tool result given as a string (vLLM wraps it as a part, then joins it back)
     tool = [{"role": "tool", "content": "42", "tool_call_id": "c"}]
     assert tok.decode(ids(PARTS, "openai", tool)) == "tool:S[42];"
+    # vLLM's other text part types: refusal and thinking parts are text parts of their text
+    said = [{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"},
+                                              {"type": "refusal", "refusal": "no"}]}]
+    assert tok.decode(ids(PARTS, "openai", said)) == "assistant:P[hm]P[no];"
+    assert tok.decode(ids(PARTS, "string", said)) == "assistant:S[hm\nno];"
     with pytest.raises(ValueError, match="type 'audio_url' is not supported"):
         ids(PARTS, "openai", [{"role": "user", "content": [{"type": "audio_url", "audio_url": "x"}]}])
 
