@@ -13,7 +13,7 @@ from typing import Optional
 #             content becomes one text part)
 #   "auto":   "openai" when the template loops over a message's content, else "string"
 CONTENT_FORMATS = ("auto", "string", "openai")
-_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal", "thinking")  # vLLM's TEXT_PART_TYPES
 _MEDIA_PARTS = ("image", "video", "image_url", "image_pil", "video_url")
 
 
@@ -130,15 +130,31 @@ def detect_content_format(template: str) -> str:
         messages |= aliases
     loops = list(ast.find_all(nodes.For))
     message = {f.target.name for f in loops if isinstance(f.target, nodes.Name) and reads(f.iter, messages)}
-    return "openai" if any(reads(f.iter, message, "content") for f in loops) else "string"
+    if any(reads(f.iter, message, "content") for f in loops):
+        return "openai"
+    # A loop over a variable named ``content`` (Qwen3.5's ``{% for item in content %}`` in a
+    # macro), or over a macro's parameter that a call passes a message's content to (MiMo's
+    # ``render_content(message.content)``): vLLM's detection since its PRs #42660 / #53824.
+    contents = {"content"}
+    for call in ast.find_all(nodes.Call):
+        if not isinstance(call.node, nodes.Name):
+            continue
+        for macro in ast.find_all(nodes.Macro):
+            if macro.name != call.node.name:
+                continue
+            params = [a.name for a in macro.args]
+            contents |= {params[i] for i, arg in enumerate(call.args)
+                         if i < len(params) and reads(arg, message, "content")}
+            contents |= {kw.key for kw in call.kwargs if kw.key in params and reads(kw.value, message, "content")}
+    return "openai" if any(reads(f.iter, contents) for f in loops) else "string"
 
 
 def format_content(message: dict, fmt: str) -> dict:
     """One message with its content as ``fmt`` (``string`` / ``openai``) says, as vLLM parses
     it: a string becomes one text part (openai), text parts are joined by newlines (string), no
-    content is "" / []; a tool result of text parts stays a string. A message with image or
-    video parts is left as it is: the multimodal path (tessellm/multimodal/chat.py) places its
-    images in either form."""
+    content is "" / []; a tool result's text (a string, parts or none) is a string in either. A
+    message with image or video parts is left as it is: the multimodal path
+    (tessellm/multimodal/chat.py) places its images in either form."""
     content = message.get("content")
     if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in _MEDIA_PARTS
                                          for p in content):
@@ -151,7 +167,7 @@ def format_content(message: dict, fmt: str) -> dict:
         parts = [_text_part(p) for p in content]
     else:
         return message  # not a chat content: the template sees it as given
-    if fmt == "string" or (message.get("role") == "tool" and isinstance(content, list)):
+    if fmt == "string" or message.get("role") == "tool":  # vLLM: a tool result's text is a string
         return {**message, "content": "\n".join(p["text"] for p in parts)}
     return {**message, "content": parts}
 
@@ -163,7 +179,8 @@ def _text_part(part) -> dict:
         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
         raise ValueError(f"A content part of type {kind!r} is not supported; give text parts "
                          "({'type': 'text', 'text': ...}) or image_url / video_url parts.")
-    text = part.get("text", part.get("refusal"))
+    key = {"refusal": "refusal", "thinking": "thinking"}.get(part.get("type"), "text")
+    text = part.get(key, part.get("text"))
     if not isinstance(text, str):
-        raise ValueError("A text content part needs a string 'text'.")
-    return {**{k: v for k, v in part.items() if k != "refusal"}, "type": "text", "text": text}
+        raise ValueError(f"A {part.get('type', 'text')} content part needs a string {key!r}.")
+    return {**{k: v for k, v in part.items() if k not in ("refusal", "thinking")}, "type": "text", "text": text}

@@ -57,7 +57,15 @@ def _hf(tok, template: str, conv: list[dict]) -> list[int]:
     (PLAIN, "string"), (PARTS, "openai"),
     ("{% set msgs = messages[1:] %}{% for m in msgs %}{% for c in m.content | selectattr('type', "
      "'equalto', 'text') %}{{ c.text }}{% endfor %}{% endfor %}", "openai"),  # through set, slice, filter
-    ("{% for c in content %}{{ c }}{% endfor %}", "string"),  # not a message's content
+    # vLLM PRs #42660 / #53824: a loop over a variable named content (Qwen3.5's macro), or over a
+    # macro parameter a message's content is passed to (MiMo's render_content(message.content))
+    ("{% for c in content %}{{ c }}{% endfor %}", "openai"),
+    ("{% macro render(mc) %}{% for c in mc %}{{ c.text }}{% endfor %}{% endmacro %}"
+     "{% for m in messages %}{{ render(m.content) }}{% endfor %}", "openai"),
+    ("{% macro render(role, mc) %}{% for c in mc %}{{ c.text }}{% endfor %}{% endmacro %}"
+     "{% for m in messages %}{{ render(role=m.role, mc=m['content']) }}{% endfor %}", "openai"),
+    ("{% macro render(items) %}{% for c in items %}{{ c }}{% endfor %}{% endmacro %}"
+     "{% for m in messages %}{{ m.content }}{{ render(m.tools) }}{% endfor %}", "string"),  # not the content
     ("{% for m in messages %", "string"),  # does not parse
 ])
 def test_detect_content_format(template, want):
@@ -79,6 +87,14 @@ def test_llm_chat_content_formats(llm):
     # a tool result of text parts stays a string, as vLLM gives it (openai format too)
     tool = [{"role": "tool", "content": [{"type": "text", "text": "42"}], "tool_call_id": "c"}]
     assert tok.decode(ids(PARTS, "openai", tool)) == "tool:S[42];"
+    # ... and so does a tool result given as a string (vLLM wraps it as a part, then joins it back)
+    tool = [{"role": "tool", "content": "42", "tool_call_id": "c"}]
+    assert tok.decode(ids(PARTS, "openai", tool)) == "tool:S[42];"
+    # vLLM's other text part types: refusal and thinking parts are text parts of their text
+    said = [{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"},
+                                              {"type": "refusal", "refusal": "no"}]}]
+    assert tok.decode(ids(PARTS, "openai", said)) == "assistant:P[hm]P[no];"
+    assert tok.decode(ids(PARTS, "string", said)) == "assistant:S[hm\nno];"
     with pytest.raises(ValueError, match="type 'audio_url' is not supported"):
         ids(PARTS, "openai", [{"role": "user", "content": [{"type": "audio_url", "audio_url": "x"}]}])
 

@@ -161,9 +161,11 @@ def test_sampling_params_truncate_prompt_tokens(llm):
         llm.generate([{"prompt_token_ids": ids}], SamplingParams(truncate_prompt_tokens=300), use_tqdm=False)
 
 
-def test_truncate_prompt_tokens_is_one_rule_offline_and_served(llm):
-    """The server keeps what LLM.generate keeps (vLLM resolves -1 to the context length in both
-    paths, whatever max_tokens asks), and refuses what it refuses, as a 400 naming the field."""
+def test_truncate_prompt_tokens_offline_and_served(llm):
+    """-1 offline is the context (less the one token generated; vLLM's LLM asks no output room);
+    at the server it is the context less the request's output budget, as vLLM's server
+    (``build_tok_params``: max_completion_tokens or max_tokens, /v1/completions' default 16,
+    chat's none), and a count over that room is a 400 naming truncate_prompt_tokens."""
     from tessellm import SamplingParams
     from tessellm.entrypoints.openai.errors import OpenAIError
     from tessellm.entrypoints.openai.prompts import truncation
@@ -172,13 +174,24 @@ def test_truncate_prompt_tokens_is_one_rule_offline_and_served(llm):
     ids = list(range(10, 30)) * 20  # 400 tokens, past the context of 256
     offline = llm.generate([{"prompt_token_ids": ids}], SamplingParams(truncate_prompt_tokens=-1, max_tokens=3),
                            use_tqdm=False)[0]
-    served = [CompletionRequest(model="m", prompt=ids, max_tokens=3, truncate_prompt_tokens=-1),
-              ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
-                                    max_completion_tokens=3, truncate_prompt_tokens=-1)]
-    assert all(truncation(req, 256) == len(offline.prompt_token_ids) == 255 for req in served)
-    with pytest.raises(OpenAIError) as bad:
-        truncation(CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=300), 256)
-    assert bad.value.status == 400 and bad.value.param == "truncate_prompt_tokens"
+    assert len(offline.prompt_token_ids) == 255
+    chat = [{"role": "user", "content": "hi"}]
+    served = [(CompletionRequest(model="m", prompt=ids, max_tokens=3, truncate_prompt_tokens=-1), 253),
+              (CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=-1), 256 - 16),
+              (ChatCompletionRequest(model="m", messages=chat, max_completion_tokens=3, max_tokens=9,
+                                     truncate_prompt_tokens=-1), 253),
+              (ChatCompletionRequest(model="m", messages=chat, truncate_prompt_tokens=-1), 255),
+              (CompletionRequest(model="m", prompt=ids, max_tokens=3, truncate_prompt_tokens=253), 253)]
+    assert [truncation(req, 256) for req, _ in served] == [want for _, want in served]
+    for req in (CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=300),
+                CompletionRequest(model="m", prompt=ids, max_tokens=3, truncate_prompt_tokens=254),
+                CompletionRequest(model="m", prompt=ids, truncate_prompt_tokens=241)):
+        with pytest.raises(OpenAIError) as bad:
+            truncation(req, 256)
+        assert bad.value.status == 400 and bad.value.param == "truncate_prompt_tokens", bad.value.message
+    with pytest.raises(OpenAIError) as bad:  # no room left for a prompt at all
+        truncation(CompletionRequest(model="m", prompt=ids, max_tokens=256, truncate_prompt_tokens=-1), 256)
+    assert bad.value.param == "max_tokens"
     # 0 would empty the prompt: refused offline, and by the server with the same words (the
     # field's range check, ge=-1, lets it through)
     with pytest.raises(ValueError) as offline_zero:

@@ -201,6 +201,31 @@ def test_reset_prefix_cache_preempts_running_requests(llm):
     assert final.outputs[0].token_ids == alone.outputs[0].token_ids and len(alone.outputs[0].token_ids) == 12
 
 
+@pytest.mark.parametrize("extra", [
+    {"async_scheduling": True},
+    {"async_scheduling": True, "speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
+                                                      "prompt_lookup_max": 2}}], ids=["async", "async-ngram"])
+def test_reset_running_requests_with_a_step_in_flight(tiny_model_dir, extra):
+    """Under async scheduling (and with n-gram drafts) a step is always in flight: the running
+    requests are preempted anyway (their in-flight results dropped when they come), every block
+    is freed, the cache empties, and each finishes with the greedy tokens of a lone run."""
+    prompts = [PROMPT, PROMPT[::-1]]
+    with LLM(tiny_model_dir("llama"), **ENGINE, **extra) as llm:
+        alone = [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], _greedy(12), use_tqdm=False)]
+        engine, core = llm.llm_engine, llm.engine.core
+        for i, p in enumerate(prompts):
+            engine.add_request(f"r{i}", {"prompt_token_ids": p}, _greedy(12))
+        outs = [o for _ in range(4) for o in engine.step()]
+        assert len(core.scheduler.in_flight) and all(f"r{i}" in core.scheduler.in_flight for i in range(2))
+        assert llm.reset_prefix_cache(reset_running_requests=True)
+        assert not core.kv.cached and core.kv.num_free_blocks == core.kv.num_blocks
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+    done = {o.request_id: o.outputs[0].token_ids for o in outs if o.finished}
+    assert [done["r0"], done["r1"]] == alone and all(len(t) == 12 for t in alone)
+
+
 # -- SamplingParams' newer names -------------------------------------------------------------
 
 @pytest.mark.parametrize("name,neutral,acting", [

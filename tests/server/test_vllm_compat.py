@@ -277,9 +277,12 @@ def test_truncate_prompt_tokens(http):
         assert out["choices"][0]["token_ids"] == same["choices"][0]["token_ids"]
     whole = {**body, "prompt": ids, "truncate_prompt_tokens": -1, "max_tokens": 1}
     out = http.post("/v1/completions", json=whole).json()
-    assert out["usage"]["prompt_tokens"] == 1024 - 1  # -1: as offline, the context less one
-    r = http.post("/v1/completions", json={**whole, "max_tokens": 3})  # over the context, as in vLLM
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert out["usage"]["prompt_tokens"] == 1024 - 1  # -1: the context less max_tokens, as vLLM's server
+    out = http.post("/v1/completions", json={**whole, "max_tokens": 3}).json()
+    assert out["usage"]["prompt_tokens"] == 1024 - 3 and out["usage"]["completion_tokens"] == 3
+    assert out["choices"][0]["prompt_token_ids"] == ids[-(1024 - 3):]
+    r = http.post("/v1/completions", json={**whole, "max_tokens": 3, "truncate_prompt_tokens": 1022})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens", r.text
     chat = http.post("/v1/chat/completions", json={**body, "messages": CHAT, "truncate_prompt_tokens": 4}).json()
     full = http.post("/tokenize", json={"model": MODEL, "messages": CHAT}).json()["tokens"]
     assert chat["prompt_token_ids"] == full[-4:]
