@@ -95,7 +95,7 @@ def test_llm_chat_content_formats(llm):
                                               {"type": "refusal", "refusal": "no"}]}]
     assert tok.decode(ids(PARTS, "openai", said)) == "assistant:P[hm]P[no];"
     assert tok.decode(ids(PARTS, "string", said)) == "assistant:S[hm\nno];"
-    with pytest.raises(ValueError, match="type 'audio_url' is not supported"):
+    with pytest.raises(ValueError, match="is text-only: it does not take audio"):
         ids(PARTS, "openai", [{"role": "user", "content": [{"type": "audio_url", "audio_url": "x"}]}])
 
 
