@@ -135,13 +135,22 @@ class InputProcessor:
                              "image goes) or 'prompt_token_ids'.")
         videos = data.get("video")
         # vLLM's per-request processor settings (a family that reads none refuses them by name)
-        kwargs = {"mm_kwargs": mm} if (mm := processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))) else {}
+        kwargs = {"mm_kwargs": mm} if (mm := processor.check_mm_kwargs(self._mm_kwargs(prompt))) else {}
         if given(videos):
             processor.check_video_count(1)  # a model without videos: refused by name
             ids, features = processor.process(source, data.get("image", []), videos, **kwargs)
         else:
             ids, features = processor.process(source, data.get("image", []), **kwargs)
         return ProcessedPrompt(text, ids, features or None)
+
+    def _mm_kwargs(self, prompt: dict):
+        """The request's ``mm_processor_kwargs`` laid over the engine's (``--mm-processor-kwargs``),
+        as vLLM merges them; a value that is not a dict is passed on to be refused."""
+        given = prompt.get("mm_processor_kwargs")
+        default = getattr(self.info, "mm_processor_kwargs", None) or {}
+        if given is None or not default:
+            return given if given is not None else (dict(default) or None)
+        return {**default, **given} if isinstance(given, dict) else given
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
         room = self.room  # pooling: may fill the context

@@ -89,6 +89,11 @@ class ImageProcessor:
                              f"{type(self.config).__name__.replace('Config', '')}: {takes}.")
         return dict(kwargs)
 
+    def check_default_mm_kwargs(self, kwargs: dict) -> None:
+        """``--mm-processor-kwargs`` at start-up: the keys (and a family's values) as a
+        request's are checked, so a bad default fails the start, not every request."""
+        self.check_mm_kwargs(kwargs)
+
     def __init__(self, model_path: str, max_images: int, max_videos: int = 0):
         from transformers import AutoConfig
 

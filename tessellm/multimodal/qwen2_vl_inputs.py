@@ -164,6 +164,9 @@ class Qwen2VLImageInputs(ImageProcessor):
                 for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
         return ids, sorted(ours + features, key=lambda f: f.offset)
 
+    def check_default_mm_kwargs(self, kwargs: dict) -> None:
+        self._image_size(kwargs)
+
     def _image_size(self, mm_kwargs: Optional[dict]) -> Optional[dict]:
         """The image processor's ``size`` with a request's ``min_pixels`` / ``max_pixels``
         (None: the checkpoint's as it is)."""

@@ -89,3 +89,26 @@ def test_chat_server_field(qwen2_vl_dir):
     assert small.json()["choices"][0]["token_ids"] == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW,
                                                                  image_kwargs=SIZE)[0]
     assert bad.status_code == 400 and "'fps' not supported" in bad.json()["error"]["message"], bad.text
+
+
+def test_engine_default_under_the_request(qwen2_vl_dir, llava_dir):
+    """``LLM(mm_processor_kwargs=...)`` (``--mm-processor-kwargs``): every request starts from
+    it, a request's own keys win (vLLM's merge); a key the family does not take fails the
+    start, naming it."""
+    from tessellm.multimodal.limits import parse_mm_processor_kwargs
+
+    want_small = hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW, image_kwargs=SIZE)[0]
+    want_whole = hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW)[0]
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": [image(14)]}}
+    with LLM(qwen2_vl_dir, dtype="float32", num_kv_blocks=64, block_size=4,
+             mm_processor_kwargs=parse_mm_processor_kwargs('{"max_pixels": 1024}')) as llm:
+        [default] = llm.generate(prompt, GREEDY, use_tqdm=False)
+        [own] = llm.generate({**prompt, "mm_processor_kwargs": {"max_pixels": 4096}}, GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match="min_pixels 2048 is over max_pixels 1024"):  # merged
+            llm.generate({**prompt, "mm_processor_kwargs": {"min_pixels": 2048}}, GREEDY, use_tqdm=False)
+    assert list(default.outputs[0].token_ids) == want_small and list(own.outputs[0].token_ids) == want_whole
+    assert default.prompt_token_ids.count(IMAGE_PAD) == 12 != own.prompt_token_ids.count(IMAGE_PAD)
+    with pytest.raises(ValueError, match="'do_pan_and_scan' not supported for Llava"):
+        LLM(llava_dir, dtype="float32", num_kv_blocks=16, mm_processor_kwargs={"do_pan_and_scan": True})
+    with pytest.raises(ValueError, match="mm_processor_kwargs is not valid JSON"):
+        parse_mm_processor_kwargs("{max_pixels: 1}")
