@@ -133,6 +133,9 @@ class EngineArgs:
     # Image inputs (docs/multimodal.md): items per prompt at most, e.g. {"image": 2} or its
     # JSON (vLLM's flag); None: 1 image for a model that takes images.
     limit_mm_per_prompt: Optional[object] = None
+    # vLLM's engine-wide image processor settings, a dict or its JSON (e.g. {"max_pixels": 200704}
+    # for the Qwen2-VL family); a request's own mm_processor_kwargs are laid over them.
+    mm_processor_kwargs: Optional[object] = None
     # file:// image URLs in chat messages are read only under this directory; None: refused.
     allowed_local_media_path: Optional[str] = None
     # http(s) image URLs are fetched only from these hosts (a list, its JSON or "a.com,b.org";

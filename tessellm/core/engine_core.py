@@ -33,7 +33,7 @@ from tessellm.generation_config import default_sampling
 from tessellm.lora.request import lora_off_error
 from tessellm.metrics.kv_residency import KVResidency
 from tessellm.multimodal.encoder_budget import encoder_budget_args
-from tessellm.multimodal.limits import check_multimodal_args, model_mm_limits
+from tessellm.multimodal.limits import check_multimodal_args, default_mm_kwargs, model_mm_limits
 from tessellm.reasoning.budget import thinking_strings
 from tessellm.reasoning.parsers import resolve_reasoning_parser
 from tessellm.sample.logits_processor.load import engine_classes, validate_request
@@ -106,6 +106,8 @@ class EngineInfo:
     kv_producers: Optional[list] = None
     # --scheduling-policy: "fcfs" or "priority" (only then may a request's priority be non-zero).
     scheduling_policy: str = "fcfs"
+    # --mm-processor-kwargs: the image processor settings a request's own are laid over.
+    mm_processor_kwargs: dict = field(default_factory=dict)
 
 
 class EngineCore(EngineSleep, EngineProfile):
@@ -228,7 +230,8 @@ class EngineCore(EngineSleep, EngineProfile):
                                kv_connector=self.scheduler.connector is not None,
                                kv_producers=(None if self.scheduler.connector is None
                                              else self.scheduler.connector.allowed_producers()),
-                               scheduling_policy=args.scheduling_policy)
+                               scheduling_policy=args.scheduling_policy,
+                               mm_processor_kwargs=default_mm_kwargs(args, self.source.path, config))
         markers = thinking_strings(self.info.reasoning_parser, getattr(args, "reasoning_parser_plugin", None),
                                    getattr(args, "reasoning_config", None))
         self.info.thinking_markers = None if markers is None else [list(m) for m in markers]

@@ -135,7 +135,7 @@ class InputProcessor:
             raise ValueError("The prompt is empty; give 'prompt' text (with <image>, or the model's "
                              "placeholder such as <|AUDIO|>, where each item goes) or 'prompt_token_ids'.")
         # vLLM's per-request processor settings (a family that reads none refuses them by name)
-        mm = processor.check_mm_kwargs(prompt.get("mm_processor_kwargs"))
+        mm = processor.check_mm_kwargs(self._mm_kwargs(prompt))
         if getattr(processor, "modality", "image") == "audio":  # Qwen2-Audio
             processor.check_count(int(given(data.get("image"))) + int(given(data.get("video"))))
             audio = data.get("audio")
@@ -151,6 +151,15 @@ class InputProcessor:
         else:
             ids, features = processor.process(source, data.get("image", []), **kwargs)
         return ProcessedPrompt(text, ids, features or None)
+
+    def _mm_kwargs(self, prompt: dict):
+        """The request's ``mm_processor_kwargs`` laid over the engine's (``--mm-processor-kwargs``),
+        as vLLM merges them; a value that is not a dict is passed on to be refused."""
+        given = prompt.get("mm_processor_kwargs")
+        default = getattr(self.info, "mm_processor_kwargs", None) or {}
+        if given is None or not default:
+            return given if given is not None else (dict(default) or None)
+        return {**default, **given} if isinstance(given, dict) else given
 
     def _check(self, p: ProcessedPrompt, truncate: Optional[int] = None) -> ProcessedPrompt:
         room = self.room  # pooling: may fill the context

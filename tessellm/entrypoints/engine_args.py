@@ -112,6 +112,9 @@ HELP = {
                            "(default: 1 for a model that takes images; '{\"image\": 0}' serves "
                            "an image-text checkpoint text-only, without its vision tower; "
                            "docs/multimodal.md)",
+    "mm_processor_kwargs": "the image processor settings every request starts from, as JSON, e.g. "
+                           "'{\"max_pixels\": 200704}' (the keys each family takes: docs/multimodal.md); "
+                           "a request's own mm_processor_kwargs are laid over them",
     "disable_chunked_mm_input": "never end a prefill chunk inside an image's placeholder tokens: "
                                 "the chunk stops before the image, which comes whole in a later "
                                 "step (each image must fit --max-num-batched-tokens)",

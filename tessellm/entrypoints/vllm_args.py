@@ -152,9 +152,6 @@ ENGINE: tuple[VllmArg, ...] = (
             neutral=({},)),
     VllmArg("mamba_cache_dtype", "neutral", "recurrent states keep the model's dtype", neutral=("auto",)),
     VllmArg("long_lora_scaling_factors", "neutral", "long-context LoRA is not supported"),
-    VllmArg("mm_processor_kwargs", "neutral", "images are processed with the checkpoint's "
-            "preprocessor settings; give a request's own (LLM.chat(mm_processor_kwargs=...), the chat "
-            "request field)", "json", neutral=({},)),
     VllmArg("media_io_kwargs", "neutral", "images are decoded with default settings", "json",
             neutral=({},)),
     VllmArg("kv_events_config", "neutral", "tessellm publishes no KV cache events", "json"),

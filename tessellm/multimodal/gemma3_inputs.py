@@ -20,12 +20,12 @@ of an image, each with its own soft tokens) is refused: each image is one 896 px
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import ImageProcessor, as_image_list
+from tessellm.multimodal.processor import ImageProcessor, as_image_list, pixel_kwargs
 
 ARCHITECTURE = "Gemma3ForConditionalGeneration"
 
@@ -66,7 +66,9 @@ class Gemma3ImageInputs(ImageProcessor):
                              "config) is not supported; set it to false in "
                              "preprocessor_config.json: each image is then one view.")
 
-    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+    def process(self, prompt: Union[str, Sequence[int]], images,
+                mm_kwargs: Optional[dict] = None) -> tuple[list[int], list[MultiModalFeature]]:
+        extra = pixel_kwargs(self.check_mm_kwargs(mm_kwargs))
         images = as_image_list(images)
         self.check_count(len(images))
         self._check_pan_and_scan()
@@ -75,10 +77,10 @@ class Gemma3ImageInputs(ImageProcessor):
             if prompt.count(boi) != len(images):
                 raise ValueError(f"The prompt has {prompt.count(boi)} {boi} for {len(images)} "
                                  f"image(s); put one {boi} in the prompt where each image goes.")
-            out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np"))
+            out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np", **extra))
             ids = [int(t) for t in out["input_ids"][0]]
         else:
-            out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np"))
+            out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np", **extra))
             ids = self._expand_boi(list(prompt), len(images))
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         if pixels.shape[0] != len(images) or tuple(pixels.shape[-2:]) != (self.image_size,) * 2:

@@ -41,6 +41,39 @@ def parse_mm_limits(value) -> dict[str, int]:
     return dict(value)
 
 
+def parse_mm_processor_kwargs(value) -> dict:
+    """``--mm-processor-kwargs``: a dict or its JSON; None: {}. The keys are checked against the
+    model's image front end at start-up (``ImageProcessor.check_mm_kwargs``)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"mm_processor_kwargs is not valid JSON ({exc.msg}); give e.g. "
+                             "'{\"max_pixels\": 200704}'.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"mm_processor_kwargs must be a mapping such as {{\"max_pixels\": 200704}}, "
+                         f"got {type(value).__name__}.")
+    return dict(value)
+
+
+def default_mm_kwargs(args, model_path: str, hf_config) -> dict:
+    """``--mm-processor-kwargs`` checked at start-up against the model's image front end (its
+    keys and values, as a request's would be): one error naming the key and the family."""
+    kwargs = parse_mm_processor_kwargs(getattr(args, "mm_processor_kwargs", None))
+    if not kwargs:
+        return {}
+    limits = model_mm_limits(hf_config, args)
+    if not limits.get("image"):
+        raise ValueError(f"mm_processor_kwargs {kwargs} given, but {model_path} takes no images here; "
+                         "leave mm_processor_kwargs out.")
+    from tessellm.multimodal.processor import image_processor
+
+    image_processor(model_path, limits["image"], limits.get("video", 0)).check_default_mm_kwargs(kwargs)
+    return kwargs
+
+
 def check_media_path(path: Optional[str]) -> None:
     if path is not None and not os.path.isdir(path):
         raise ValueError(f"allowed_local_media_path {path!r} is not a directory; give the "

@@ -21,12 +21,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import ImageProcessor, as_image_list
+from tessellm.multimodal.processor import ImageProcessor, as_image_list, pixel_kwargs
 
 ARCHITECTURE = "Llama4ForConditionalGeneration"
 DEFAULT_MAX_PATCHES = 16  # Llama4ImageProcessor's default
@@ -84,7 +84,12 @@ def _max_patches(model_path: str) -> int:
 class Llama4ImageInputs(ImageProcessor):
     """``ImageProcessor``'s interface (``process``, ``check_count``, ``check_without_images``,
     ``placeholder_token_id``: ``<|image|>``) for Llama 4; ``image_token_id`` is
-    ``<|patch|>``, the token the features go to."""
+    ``<|patch|>``, the token the features go to.
+
+    ``mm_processor_kwargs``: none (its image processor here leaves the pixel-value keys
+    without effect, so they are refused by name rather than silently ignored)."""
+
+    mm_kwargs_keys = ()
 
     def _read_config(self, config) -> None:
         from tessellm.models.llama4_vision import tokens_per_tile
@@ -121,7 +126,9 @@ class Llama4ImageInputs(ImageProcessor):
     def placeholder_token_id(self) -> int:
         return self.token_ids["I"]
 
-    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+    def process(self, prompt: Union[str, Sequence[int]], images,
+                mm_kwargs: Optional[dict] = None) -> tuple[list[int], list[MultiModalFeature]]:
+        extra = pixel_kwargs(self.check_mm_kwargs(mm_kwargs))
         images = as_image_list(images)
         self.check_count(len(images))
         hf, tokens = self.hf, self.token_ids
@@ -130,11 +137,11 @@ class Llama4ImageInputs(ImageProcessor):
                 raise ValueError(f"The prompt has {prompt.count(hf.fake_image_token)} "
                                  f"{hf.fake_image_token} for {len(images)} image(s); put one "
                                  f"{hf.fake_image_token} in the prompt where each image goes.")
-            out = self._run(lambda: hf(text=prompt, images=images, return_tensors="pt"))
+            out = self._run(lambda: hf(text=prompt, images=images, return_tensors="pt", **extra))
             ids = [int(t) for t in out["input_ids"][0]]
             grids = self._grids_from_ids(ids, len(images))
         else:
-            out = self._run(lambda: hf.image_processor(images=images, return_tensors="pt"))
+            out = self._run(lambda: hf.image_processor(images=images, return_tensors="pt", **extra))
             grids = [[int(v) for v in g] for g in out["aspect_ratios"]]
             ids = self._expand(list(prompt), out)
         pixels = out["pixel_values"].float().numpy()

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_image_processor,
+from tessellm.multimodal.processor import (ImageProcessor, as_image_list, auto_image_processor, pixel_kwargs,
                                            saved_chat_template)
 
 ARCHITECTURE = "Mistral3ForConditionalGeneration"
@@ -101,14 +101,17 @@ class Mistral3ImageInputs(ImageProcessor):
         out[-1] = end
         return out
 
-    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+    def process(self, prompt: Union[str, Sequence[int]], images,
+                mm_kwargs: Optional[dict] = None) -> tuple[list[int], list[MultiModalFeature]]:
+        extra = pixel_kwargs(self.check_mm_kwargs(mm_kwargs))
         images = as_image_list(images)
         self.check_count(len(images))
         if isinstance(prompt, str):
             ids = [int(t) for t in self.tokenizer(prompt)["input_ids"]]
         else:
             ids = list(prompt)
-        out = self._run(lambda: self.images(images=images, patch_size=self.unit, return_tensors="np"))
+        out = self._run(lambda: self.images(images=images, patch_size=self.unit, return_tensors="np",
+                                                  **extra))
         pixels = np.asarray(out["pixel_values"], dtype=np.float32)
         sizes = [[int(v) for v in s] for s in out["image_sizes"]]
         if len(sizes) != len(images) or any(h % self.unit or w % self.unit for h, w in sizes):

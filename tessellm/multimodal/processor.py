@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Optional, Sequence, Union
 
@@ -65,14 +66,43 @@ def as_image_list(images) -> list:
     return items
 
 
+# HF image-processor arguments that change only the pixel values (rescale, normalize, RGB
+# conversion): every family's front end passes them through (``pixel_kwargs``)
+PIXEL_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def pixel_kwargs(kwargs: Optional[dict]) -> dict:
+    """The ``PIXEL_KEYS`` of a checked ``mm_processor_kwargs``, their values checked (a bad one:
+    a ValueError naming the key), as HF's image processor takes them."""
+    out = {k: v for k, v in (kwargs or {}).items() if k in PIXEL_KEYS}
+    for key, value in out.items():
+        if key.startswith("do_") and not isinstance(value, bool):
+            raise ValueError(f"mm_processor_kwargs {key} must be true or false, got {value!r}.")
+        if key == "rescale_factor" and not (_number(value) and value > 0):
+            raise ValueError(f"mm_processor_kwargs rescale_factor must be a positive number, got {value!r}.")
+        if key in ("image_mean", "image_std"):
+            values = value if isinstance(value, list) else [value]
+            if len(values) not in (1, 3) or not all(_number(v) for v in values) or \
+                    (key == "image_std" and any(v <= 0 for v in values)):
+                raise ValueError(f"mm_processor_kwargs {key} must be a number or 3 numbers (one per RGB "
+                                 f"channel{', each > 0' if key == 'image_std' else ''}), got {value!r}.")
+            out[key] = [float(v) for v in values] * (3 if len(values) == 1 else 1)
+    return out
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class ImageProcessor:
     """One per front end; the HF processor is loaded on first use. LLaVA's here; another
     family's front end subclasses it and reads its own fields in ``_read_config``."""
 
     takes_videos = False  # the Qwen2-VL family's front end takes videos too
     # vLLM's per-request mm_processor_kwargs this family's front end reads (``process``'s
-    # ``mm_kwargs``); none here: the checkpoint's preprocessor settings only
-    mm_kwargs_keys: tuple = ()
+    # ``mm_kwargs``): every family the pixel-value keys (``PIXEL_KEYS``: passed to HF's image
+    # processor as they are; they change the pixels, never the sizes or placeholder counts)
+    mm_kwargs_keys: tuple = PIXEL_KEYS
 
     def check_mm_kwargs(self, kwargs) -> dict:
         """A request's ``mm_processor_kwargs``: a dict of the keys this family reads, else a
@@ -84,11 +114,15 @@ class ImageProcessor:
         unknown = sorted(set(kwargs) - set(self.mm_kwargs_keys))
         if unknown:
             takes = (f"it takes {', '.join(self.mm_kwargs_keys)}" if self.mm_kwargs_keys else
-                     "it processes images with the checkpoint's preprocessor settings (the Qwen2-VL "
-                     "family takes min_pixels / max_pixels)")
+                     "it processes its inputs with the checkpoint's preprocessor settings")
             raise ValueError(f"mm_processor_kwargs {', '.join(map(repr, unknown))} not supported for "
                              f"{type(self.config).__name__.replace('Config', '')}: {takes}.")
         return dict(kwargs)
+
+    def check_default_mm_kwargs(self, kwargs: dict) -> None:
+        """``--mm-processor-kwargs`` at start-up: the keys (and a family's values) as a
+        request's are checked, so a bad default fails the start, not every request."""
+        pixel_kwargs(self.check_mm_kwargs(kwargs))
 
     def __init__(self, model_path: str, max_images: int, max_videos: int = 0):
         from transformers import AutoConfig
@@ -183,14 +217,16 @@ class ImageProcessor:
                              f"{self.max_videos} per prompt; raise it with "
                              f"--limit-mm-per-prompt '{{\"video\": {num_videos}}}'.")
 
-    def process(self, prompt: Union[str, Sequence[int]], images) -> tuple[list[int], list[MultiModalFeature]]:
+    def process(self, prompt: Union[str, Sequence[int]], images,
+                mm_kwargs: Optional[dict] = None) -> tuple[list[int], list[MultiModalFeature]]:
+        extra = pixel_kwargs(self.check_mm_kwargs(mm_kwargs))
         images = as_image_list(images)
         self.check_count(len(images))
         if isinstance(prompt, str):
-            out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np"))
+            out = self._run(lambda: self.hf(text=prompt, images=images, return_tensors="np", **extra))
             ids = [int(t) for t in out["input_ids"][0]]
         else:
-            out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np"))
+            out = self._run(lambda: self.hf.image_processor(images=images, return_tensors="np", **extra))
             ids = None
         pixels, sizes = self._pixels(out, len(images))
         lengths = self._lengths(sizes, len(images))

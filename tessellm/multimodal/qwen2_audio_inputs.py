@@ -35,6 +35,7 @@ class Qwen2AudioInputs(ImageProcessor):
     take it as they take an image front end."""
 
     modality = "audio"
+    mm_kwargs_keys = ()  # none read (the base's pixel keys would be accepted and ignored)
 
     def __init__(self, model_path: str, max_audios: int):
         super().__init__(model_path, max_images=0)

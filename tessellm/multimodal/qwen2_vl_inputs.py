@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from tessellm.multimodal.inputs import MultiModalFeature
-from tessellm.multimodal.processor import (ImageProcessor, given, as_image_list,
+from tessellm.multimodal.processor import (PIXEL_KEYS, ImageProcessor, pixel_kwargs, given, as_image_list,
                                            auto_image_processor, saved_chat_template)
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
@@ -90,7 +90,7 @@ class Qwen2VLImageInputs(ImageProcessor):
     ``mm_processor_kwargs`` (vLLM's, per request): ``min_pixels`` / ``max_pixels`` of each
     image's resize, ``max_pixels`` at most the checkpoint's (the encoder budget is sized by it)."""
 
-    mm_kwargs_keys = ("min_pixels", "max_pixels")
+    mm_kwargs_keys = ("min_pixels", "max_pixels", *PIXEL_KEYS)
 
     def _read_config(self, config) -> None:
         self.image_token_id = int(config.image_token_id)
@@ -136,6 +136,11 @@ class Qwen2VLImageInputs(ImageProcessor):
             ids = list(prompt)
         features: list[MultiModalFeature] = []
         if given(videos):
+            if mm_kwargs:  # HF's processor gives them to its video processor too: not done here
+                raise ValueError(f"mm_processor_kwargs {', '.join(map(repr, sorted(mm_kwargs)))} apply to "
+                                 f"images only for {type(self.config).__name__.replace('Config', '')} "
+                                 "here; send the video without them (its frames are sized by the "
+                                 "checkpoint's video processor settings).")
             ids, features = self._process_videos(ids, videos)
         else:
             self._check_no_video_pads(ids)
@@ -143,7 +148,7 @@ class Qwen2VLImageInputs(ImageProcessor):
             if self.image_token_id in ids:
                 super().check_without_images(ids)
             return ids, features
-        extra = {} if size is None else {"size": size}
+        extra = {**pixel_kwargs(mm_kwargs), **({} if size is None else {"size": size})}
         out = self._run(lambda: self.images(images=images, return_tensors="np", **extra))
         grids = [[int(v) for v in g] for g in out["image_grid_thw"]]
         patches = np.asarray(out["pixel_values"], dtype=np.float32)
@@ -163,6 +168,10 @@ class Qwen2VLImageInputs(ImageProcessor):
                                               grid_thw=grid)
                 for k, (start, n, grid) in enumerate(zip(spans, lengths, grids))]
         return ids, sorted(ours + features, key=lambda f: f.offset)
+
+    def check_default_mm_kwargs(self, kwargs: dict) -> None:
+        self._image_size(kwargs)
+        pixel_kwargs(kwargs)
 
     def _image_size(self, mm_kwargs: Optional[dict]) -> Optional[dict]:
         """The image processor's ``size`` with a request's ``min_pixels`` / ``max_pixels``

@@ -25,7 +25,7 @@ NON_DEFAULT = {
     "speculative_config": '{"method": "ngram", "num_speculative_tokens": 2}',
     "enable_lora": True, "max_loras": 3, "max_cpu_loras": 9, "max_lora_rank": 16,
     "generation_config": "vllm", "override_generation_config": '{"temperature": 0.5}',
-    "limit_mm_per_prompt": '{"image": 2}', "allowed_local_media_path": "/tmp",
+    "limit_mm_per_prompt": '{"image": 2}', "mm_processor_kwargs": '{"max_pixels": 1024}', "allowed_local_media_path": "/tmp",
     "allowed_media_domains": "example.com,cdn.example.org", "disable_chunked_mm_input": True,
     "reasoning_parser": "qwen3", "reasoning_parser_plugin": "/tmp/my_parsers.py",
     "reasoning_config": '{"reasoning_start_str": "<t>", "reasoning_end_str": "</t>"}',

@@ -43,13 +43,13 @@ def test_processor_resizes_as_hf_does(qwen2_vl_dir):
         processor.process(PROMPT, [image(1)], mm_kwargs={"max_pixels": 8192})
     with pytest.raises(ValueError, match="min_pixels 2048 is over max_pixels 1024"):
         processor.process(PROMPT, [image(1)], mm_kwargs={"min_pixels": 2048, **SMALL})
-    with pytest.raises(ValueError, match="'fps' not supported for Qwen2VL: it takes min_pixels, max_pixels"):
+    with pytest.raises(ValueError, match="'fps' not supported for Qwen2VL: it takes min_pixels, max_pixels, do_rescale"):
         processor.process(PROMPT, [image(1)], mm_kwargs={"fps": 2})
 
 
-def test_llava_refuses_any_key(llava_dir):
-    with pytest.raises(ValueError, match="'max_pixels' not supported for Llava: it processes images "
-                                         "with the checkpoint's preprocessor settings"):
+def test_llava_refuses_a_size_key(llava_dir):
+    with pytest.raises(ValueError, match="'max_pixels' not supported for Llava: it takes do_rescale, "
+                                         "rescale_factor, do_normalize, image_mean, image_std, do_convert_rgb"):
         image_processor(llava_dir, 1).check_mm_kwargs(SMALL)
 
 
@@ -89,3 +89,80 @@ def test_chat_server_field(qwen2_vl_dir):
     assert small.json()["choices"][0]["token_ids"] == hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW,
                                                                  image_kwargs=SIZE)[0]
     assert bad.status_code == 400 and "'fps' not supported" in bad.json()["error"]["message"], bad.text
+
+
+def test_engine_default_under_the_request(qwen2_vl_dir, llava_dir):
+    """``LLM(mm_processor_kwargs=...)`` (``--mm-processor-kwargs``): every request starts from
+    it, a request's own keys win (vLLM's merge); a key the family does not take fails the
+    start, naming it."""
+    from tessellm.multimodal.limits import parse_mm_processor_kwargs
+
+    want_small = hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW, image_kwargs=SIZE)[0]
+    want_whole = hf_greedy(qwen2_vl_dir, [PROMPT], [[image(14)]], MAX_NEW)[0]
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": [image(14)]}}
+    with LLM(qwen2_vl_dir, dtype="float32", num_kv_blocks=64, block_size=4,
+             mm_processor_kwargs=parse_mm_processor_kwargs('{"max_pixels": 1024}')) as llm:
+        [default] = llm.generate(prompt, GREEDY, use_tqdm=False)
+        [own] = llm.generate({**prompt, "mm_processor_kwargs": {"max_pixels": 4096}}, GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match="min_pixels 2048 is over max_pixels 1024"):  # merged
+            llm.generate({**prompt, "mm_processor_kwargs": {"min_pixels": 2048}}, GREEDY, use_tqdm=False)
+    assert list(default.outputs[0].token_ids) == want_small and list(own.outputs[0].token_ids) == want_whole
+    assert default.prompt_token_ids.count(IMAGE_PAD) == 12 != own.prompt_token_ids.count(IMAGE_PAD)
+    with pytest.raises(ValueError, match="'do_pan_and_scan' not supported for Llava"):
+        LLM(llava_dir, dtype="float32", num_kv_blocks=16, mm_processor_kwargs={"do_pan_and_scan": True})
+    with pytest.raises(ValueError, match="mm_processor_kwargs is not valid JSON"):
+        parse_mm_processor_kwargs("{max_pixels: 1}")
+
+
+PIXELS = {"do_normalize": False, "image_mean": 0.25}  # image_mean is unused without normalizing
+MEAN = {"image_mean": [0.1, 0.2, 0.3], "image_std": 0.5, "rescale_factor": 1 / 128}
+
+
+def test_llava_pixel_keys_match_hf_generate_and_key_the_caches(llava_dir):
+    """LLaVA-1.5 takes the pixel-value keys: HF's processor given the same kwargs, HF generate's
+    greedy tokens; with prefix caching on, the same prompt ids with other pixels never hit the
+    default's blocks (each image's identity is its pixels' hash)."""
+    from tests.multimodal.tiny_llava import PROMPT as LLAVA, hf_greedy as llava_greedy, image as llava_image
+
+    want = [llava_greedy(llava_dir, [LLAVA], [llava_image(3)], MAX_NEW, processor_kwargs=kw)[0]
+            for kw in ({}, MEAN, {"do_normalize": False})]
+    assert len({tuple(w) for w in want}) == 3  # each setting changes the tokens
+    prompt = {"prompt": LLAVA, "multi_modal_data": {"image": llava_image(3)}}
+    with LLM(llava_dir, dtype="float32", num_kv_blocks=64, block_size=4, enable_prefix_caching=True) as llm:
+        got = [llm.generate({**prompt, "mm_processor_kwargs": kw}, GREEDY, use_tqdm=False)[0]
+               for kw in ({}, MEAN, {"do_normalize": False})]
+        with pytest.raises(ValueError, match="image_std must be a number or 3 numbers .*each > 0"):
+            llm.generate({**prompt, "mm_processor_kwargs": {"image_std": [1, 0, 1]}}, GREEDY, use_tqdm=False)
+        with pytest.raises(ValueError, match="'size' not supported for Llava: it takes do_rescale"):
+            llm.generate({**prompt, "mm_processor_kwargs": {"size": 30}}, GREEDY, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in got] == want
+
+
+@pytest.mark.parametrize("family", ["gemma3", "mistral3", "qwen2_vl", "llava_next"])
+def test_other_families_pass_the_pixel_keys_as_hf(family, request):
+    """Gemma 3, Mistral 3 / Pixtral and the Qwen2-VL family: the pixels are HF's image
+    processor's with those kwargs (and differ from the default's)."""
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    path = request.getfixturevalue(f"{family}_dir")
+    processor = image_processor(path, 1)
+    ids = [processor.placeholder_token_id]
+    [default] = processor.process(ids, [image(5)])[1]
+    [mine] = processor.process(ids, [image(5)], mm_kwargs=MEAN)[1]
+    hf = AutoImageProcessor.from_pretrained(path)
+    extra = {"patch_size": processor.unit} if family == "mistral3" else {}
+    want = np.asarray(hf(images=[image(5)], return_tensors="np", image_mean=[0.1, 0.2, 0.3], image_std=[0.5] * 3,
+                         rescale_factor=1 / 128, **extra)["pixel_values"], dtype=np.float32)
+    got = np.frombuffer(mine.data, dtype=np.float32)
+    assert got.size == want.size and np.allclose(got, want.reshape(-1), atol=1e-5)
+    assert mine.identifier != default.identifier
+    with pytest.raises(ValueError, match="do_pan_and_scan' not supported for"):
+        processor.check_mm_kwargs({"do_pan_and_scan": True})
+
+
+def test_llama4_refuses_them(llama4_dir):
+    """Its image processor leaves the pixel-value keys without effect: refused by name."""
+    with pytest.raises(ValueError, match="'image_mean' not supported for Llama4: it processes its inputs "
+                                         "with the checkpoint's preprocessor settings"):
+        image_processor(llama4_dir, 1).process([0], [image(5)], mm_kwargs={"image_mean": 0.5})

@@ -142,6 +142,10 @@ def test_mm_processor_kwargs_are_refused_by_name(llm):
               "mm_processor_kwargs": {"sampling_rate": 8000}}
     with pytest.raises(ValueError, match="mm_processor_kwargs 'sampling_rate' not supported"):
         llm.generate(prompt, GREEDY, use_tqdm=False)
+    # nor the image families' pixel keys, which the audio front end would not read
+    prompt["mm_processor_kwargs"] = {"do_normalize": False}
+    with pytest.raises(ValueError, match="mm_processor_kwargs 'do_normalize' not supported"):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
 
 
 def test_placeholder_without_audio_is_refused(llm):

@@ -72,7 +72,8 @@ def image(seed: int, size=(40, 52)):
 
 
 def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
-              architecture: str = "LlavaForConditionalGeneration") -> list[list[int]]:
+              architecture: str = "LlavaForConditionalGeneration",
+              processor_kwargs: dict | None = None) -> list[list[int]]:
     """HF ``architecture``'s generate, float32, one prompt at a time; ``images[i]`` is prompt
     i's image or list of images. EOS is banned for all ``max_new_tokens`` (``min_new_tokens``),
     so every caller compares with ``min_tokens=max_tokens`` (and ``ignore_eos``), which bans the
@@ -88,7 +89,7 @@ def hf_greedy(path: str, prompts: list[str], images: list, max_new_tokens: int,
     outs = []
     for prompt, imgs in zip(prompts, images):
         inputs = processor(text=prompt, images=imgs if isinstance(imgs, list) else [imgs],
-                           return_tensors="pt")
+                           return_tensors="pt", **(processor_kwargs or {}))
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens,
                                  min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)

@@ -8,7 +8,8 @@ block there, so the output is all answer), and whether the client wants the reas
 ``chat_template_kwargs`` switch (``deepseek_v3``'s ``thinking``) reads it from the request. Each
 choice has its own ``ReasoningSplit`` (a ``PluginSplit`` over a ``--reasoning-parser-plugin``
 class that is not a plain start/end pair; an ``InklingSplit`` for Inkling's typed blocks, which
-leaves its blocks in the answer for the ``inkling`` tool parser, ``read_by``). Tool calls are
+leaves its blocks in the answer for the ``inkling`` tool parser, ``read_by``; MuseGlimmer's whole
+output is the answer for the ``muse_glimmer`` tool parser, which selects its channels). Tool calls are
 parsed from the answer only: a call marker written while thinking is text, except the parser's
 kept ends (``end_kept``: qwen3's ``<tool_call>``, kimi_k2's section), which end the thinking and
 open the answer, so that call is a call; a forced tool_choice's grammar starts after such a
@@ -57,6 +58,7 @@ class ReasoningPlan:
                 tail = tokenizer.decode(list(prompt_token_ids[-PROMPT_TAIL_TOKENS:]), skip_special_tokens=False)
                 self.open_channel = initial_recipient(tail)
         self.keep_blocks = False  # Inkling: the answer keeps its blocks for the inkling tool parser
+        self.keep_channels = False  # MuseGlimmer: the answer is the whole output, for its tool parser
 
     @classmethod
     def for_request(cls, engine, req, prompt_token_ids, template_kwargs=None) -> Optional["ReasoningPlan"]:
@@ -80,6 +82,9 @@ class ReasoningPlan:
         """The request's tool parser (None: none) reads the answer: the ``inkling`` one reads
         Inkling's blocks, so the split leaves them in (``InklingSplit.keep_blocks``)."""
         self.keep_blocks = getattr(tool_parser, "name", None) == "inkling"
+        self.keep_channels = getattr(tool_parser, "name", None) == "muse_glimmer"
+        if self.keep_channels and self.plugin is None and self.markers.parser.channels:
+            tool_parser.opened = self.open_channel  # it reads the whole output, from that channel
 
     @property
     def kept_ends(self) -> tuple[str, ...]:
@@ -94,11 +99,23 @@ class ReasoningPlan:
         if self.markers.parser.blocks:
             return InklingSplit(self.block_state, self.keep_blocks)
         if self.markers.parser.channels:
-            return GlimmerSplit(self.open_channel)
+            split = GlimmerSplit(self.open_channel)
+            return _WholeAnswer(split) if self.keep_channels else split
         return ReasoningSplit(self.markers, self.phase)
 
     def fields(self, reasoning: Optional[str]) -> dict:
         return reasoning_fields(reasoning, self.include)
+
+
+class _WholeAnswer:
+    """A split whose answer is the whole output (the ``muse_glimmer`` tool parser selects its
+    channels itself: the tool calls' and the content's; ``to=self`` it drops)."""
+
+    def __init__(self, split):
+        self.inner = split
+
+    def split(self, text: str, token_ids: Sequence[int] = (), final: bool = True) -> tuple[Optional[str], str]:
+        return self.inner.split(text, token_ids, final)[0], text
 
 
 class ReasoningStream:

@@ -14,7 +14,8 @@ here ``hermes`` (Hermes / Qwen ``<tool_call>{json}</tool_call>``; ``longcat`` th
 (``granite``, ``xlam``, ...) in ``tool_parsers_json.py``, more tagged formats (``deepseek_v4``,
 ``hy_v3``, ``functiongemma``, ``gigachat3``, ...) in ``tool_parsers_tagged.py`` and Kimi K3's
 XTML channels in ``tool_parsers_kimi_k3.py``, MiniMax-M3's nested elements in
-``tool_parsers_minimax_m3.py``, Inkling's typed blocks in ``tool_parsers_inkling.py``. A vLLM parser from
+``tool_parsers_minimax_m3.py``, Inkling's typed blocks in ``tool_parsers_inkling.py``, MuseGlimmer's ATEM calls in its
+recipient channels in ``tool_parsers_muse_glimmer.py``. A vLLM parser from
 ``--tool-parser-plugin FILE`` registers its own names (``tool_parsers_vllm.py``). Two more serve
 forced choices: ``RequiredParser`` (the JSON array that ``tool_choice: "required"`` constrains
 the output to) and ``NamedParser`` (the output *is* the arguments of the named function).
@@ -43,6 +44,7 @@ from tessellm.entrypoints.openai.tool_parsers_inkling import INKLING_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_json import JSON_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_kimi_k3 import KIMI_K3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_marked import MARKED_PARSERS
+from tessellm.entrypoints.openai.tool_parsers_muse_glimmer import MUSE_GLIMMER_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_minimax_m3 import MINIMAX_M3_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_pythonic import PYTHONIC_PARSERS
 from tessellm.entrypoints.openai.tool_parsers_tagged import TAGGED_PARSERS
@@ -268,6 +270,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "ernie45": Ernie45Parser, "granite4": Granite4Parser,
     **GEMMA4_PARSERS, **JSON_PARSERS, **MARKED_PARSERS, **PYTHONIC_PARSERS, **XML_PARSERS,
     **TAGGED_PARSERS, **KIMI_K3_PARSERS, **MINIMAX_M3_PARSERS, **INKLING_PARSERS,
+    **MUSE_GLIMMER_PARSERS,
 }
 
 

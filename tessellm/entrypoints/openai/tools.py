@@ -8,6 +8,8 @@ responses and streams.
 - ``"required"``: structured output forces a JSON array of ``{"name", "parameters"}`` calls
   (one at most with ``parallel_tool_calls: false``), each valid against its function's schema.
 - ``{"type": "function", "function": {"name": F}}``: structured output forces F's arguments.
+- required and named with a parser that reads them natively (``forced_natively``: ``muse_glimmer``,
+  vLLM's ``supports_required_and_named = False``): no grammar; the output is parsed as for "auto".
 
 ``ToolCallView`` turns the text into ``tool_calls`` (ids ``call_<24 hex>``, or 9 alphanumerics
 for mistral) for a whole response, or into ``delta.tool_calls`` pieces for a stream: the first
@@ -25,7 +27,7 @@ from tessellm.entrypoints.openai.errors import OpenAIError, bad_request
 from tessellm.entrypoints.openai.protocol_responses import (DeltaFunctionCall, DeltaToolCall, FunctionCall,
                                                             ToolCall)
 from tessellm.entrypoints.openai.tool_parsers import (ForcedParser, NamedParser, ParsedToolCall, RequiredParser,
-                                                      ToolParser, ToolParserManager, get_tool_parser,
+                                                      TOOL_PARSERS, ToolParser, ToolParserManager, get_tool_parser,
                                                       tool_parser_names)
 from tessellm.entrypoints.openai.tool_parsers_vllm import PluginStream, streams_itself
 from tessellm.structured_output.grammar import check_limits
@@ -55,6 +57,9 @@ class ToolPlan:
                                   "'required' or a named function.", "tool_choice")
             self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)
             self._another = lambda: _auto_parser(req, tool_parser, tokenizer, plugin)
+        elif self.mode != "none" and getattr(TOOL_PARSERS.get(tool_parser or ""), "forced_natively", False):
+            self.parser = _auto_parser(req, tool_parser, tokenizer, plugin)  # no grammar: the parser reads it
+            self._another = lambda: _auto_parser(req, tool_parser, tokenizer, plugin)
         elif self.mode == "required":
             self.parser = RequiredParser()
         elif self.mode == "named":
@@ -66,10 +71,10 @@ class ToolPlan:
 
     def forced_schema(self) -> Optional[dict]:
         """The JSON schema that structured output enforces, or None (none/auto)."""
-        if self.mode == "named":
+        if self.mode == "named" and isinstance(self.parser, NamedParser):
             tool = next(t for t in self.tools if t.function.name == self.function)
             return tool.function.parameters or _ANY_OBJECT
-        if self.mode != "required":
+        if self.mode != "required" or not isinstance(self.parser, RequiredParser):
             return None
         variants = [{"type": "object",
                      "properties": {"name": {"type": "string", "enum": [t.function.name]},
