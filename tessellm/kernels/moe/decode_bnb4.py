@@ -42,15 +42,17 @@ from tessellm.kernels.moe.decode import silu_mul_store
 from tessellm.kernels.pdl import pdl_args, pdl_start
 
 # Weight rows a program of the up and the down kernel (``fused_moe_bnb4_decode``'s ``up_rows``
-# / ``down_rows``): decode_int4's H100 choice, not yet swept for these kernels
-# (benchmarks/s30_bnbmoe_device.sh times the layer at B1).
-BNB4_DECODE_ROWS = (4, 2)
+# / ``down_rows``): swept on an H100 (benchmarks/README.md, session 31: one Qwen3-30B-A3B layer
+# at 1 token, 47.7 us at (8, 4) against 61.3 at int4's (4, 2), 99.2 at (1, 1)).
+BNB4_DECODE_ROWS = (8, 4)
 # Up to this many tokens the bnb4 experts take these kernels (``fused_moe_triton``), beyond it
 # the dequantized path (``bnb4_dequant.py``). Each (token, slot) pair reads its expert's codes
 # once: at T tokens T * k experts' codes, against one dequantization of every expert (codes
 # read, 16-bit weights written and read back: ~9x the codes' bytes) on the other path.
+# Measured on an H100 (session 31, one Qwen3-30B-A3B layer): these kernels 1.6 ms at 32 tokens
+# and 3.2 ms at 64 against 5.1 / 5.7 ms dequantizing; beyond 64 not measured.
 # TESSELLM_MOE_BNB4_DECODE_TOKENS sets another.
-BNB4_DECODE_MAX_TOKENS = 16
+BNB4_DECODE_MAX_TOKENS = 64
 
 
 def bnb4_decode_max_tokens() -> int:
