@@ -12,6 +12,7 @@ non-blocking on CUDA; on the CPU a plain ``torch.tensor`` with no device: not re
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -147,3 +148,34 @@ def test_the_recorder_sees_the_blocking_forms():
         x[x > 1]
     assert seen.uploads == ["tensor", "to"]
     assert seen.reads == ["tolist", "__bool__", "__getitem__[bool mask]"]
+
+
+class _Head(torch.nn.Module):
+    """An LM head: the part of a model ``prompt_logprobs`` calls (``compute_logits``)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, V, bias=False)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+
+def test_prompt_logprobs_read_back_once_per_chunk_not_per_row():
+    """Prompt logprobs come back as three reads a chunk (ranks, the prompt tokens' logprobs,
+    the top k), whatever its rows; the values are the log-softmax's."""
+    from tessellm.core.runner_output import prompt_logprobs
+
+    torch.manual_seed(2)
+    head, hidden = _Head(8), torch.randn(6, 8)
+    state = RunnerRequest("p", [3, 9, 4, 1, 7, 5, 2], 7, SamplingParams(prompt_logprobs=2), [], 0)
+    with torch.no_grad(), Transfers() as seen:
+        prompt_logprobs(head, hidden, [(state, 0, 0, 6)], chunk=4)  # chunks of 4 and 2 rows
+    assert seen.uploads == []
+    assert seen.reads == ["tolist"] * 8  # 2 chunks x (ranks, chosen, top values, top ids)
+    ref = torch.log_softmax(head.compute_logits(hidden).detach(), dim=-1)
+    for j, (token, logprob, rank, top) in enumerate(state.prompt_logprobs):
+        assert token == state.token_ids[j + 1]
+        assert logprob == pytest.approx(ref[j, token].item(), abs=1e-5)  # a 4-row matmul vs 6
+        assert rank == int((ref[j] > ref[j, token]).sum()) + 1
+        assert [t for t, _ in top] == ref[j].topk(2).indices.tolist()
