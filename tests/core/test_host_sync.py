@@ -12,6 +12,8 @@ non-blocking on CUDA; on the CPU a plain ``torch.tensor`` with no device: not re
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -36,18 +38,25 @@ class Transfers(TorchFunctionMode):
         super().__init__()
         self.uploads: list[str] = []
         self.reads: list[str] = []
+        self.sites: list[tuple[str, str, str]] = []  # (phase, calling file in tessellm/, name)
+        self.phase = ""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
+        kind = None
         if name in ("tensor", "as_tensor") and kwargs.get("device") is not None:
-            self.uploads.append(name)
+            kind = self.uploads
         elif name == "to" and _names_device(args[1:], kwargs) and not kwargs.get("non_blocking"):
-            self.uploads.append(name)
+            kind = self.uploads
         elif name in READS:
-            self.reads.append(name)
+            kind = self.reads
         elif name in ("__getitem__", "__setitem__") and _has_bool_mask(args[1]):
-            self.reads.append(name + "[bool mask]")
+            kind, name = self.reads, name + "[bool mask]"
+        if kind is not None:
+            kind.append(name)
+            caller = sys._getframe(1).f_code.co_filename
+            self.sites.append((self.phase, caller.split("tessellm/", 1)[-1], name))
         return func(*args, **kwargs)
 
 
@@ -179,3 +188,58 @@ def test_prompt_logprobs_read_back_once_per_chunk_not_per_row():
         assert logprob == pytest.approx(ref[j, token].item(), abs=1e-5)  # a 4-row matmul vs 6
         assert rank == int((ref[j] > ref[j, token]).sum()) + 1
         assert [t for t, _ in top] == ref[j].topk(2).indices.tolist()
+
+
+STEP_PATH = ("core/", "sample/", "spec_decode/", "structured_output/")
+
+
+def test_a_whole_step_reads_back_only_its_sampled_ids(tiny_model_dir):
+    """Steps of a mixed batch on an async engine, the sampler in its accelerator forms: while a
+    step is launched (inputs, forward, sampling), nothing in the engine's step path uploads
+    blocking or reads a tensor; the reads come when a step is resolved, one ``tolist`` of its
+    sampled ids each (step_pipeline) and the logprobs' host copies (runner_output). Not the step
+    path: the CPU backend's attention (host code) and the first-use plugin probes
+    (backends/checked.py, used up by the first, unrecorded, generate)."""
+    from tessellm import LLM
+
+    prompt = {"prompt_token_ids": [5, 17, 42, 99, 3, 250]}
+    with LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", seed=0, async_scheduling=True,
+             num_kv_blocks=64) as llm:
+        runner = llm.engine.core.runner
+        runner.sampler.on_host = False
+        greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        reference = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+        seen, launch, resolve = Transfers(), runner.execute_async, runner.steps.resolve
+        resolved = []
+
+        def in_phase(phase, fn):
+            def call(*args):
+                outer, seen.phase = seen.phase, phase
+                try:
+                    with seen:
+                        return fn(*args)
+                finally:
+                    seen.phase = outer
+            return call
+
+        def counted(handle):
+            resolved.append(handle)
+            return in_phase("resolve", resolve)(handle)
+
+        runner.execute_async, runner.steps.resolve = in_phase("launch", launch), counted
+        kinds = [{}, dict(temperature=0.8, top_k=5, top_p=0.9, seed=1),
+                 dict(temperature=1.0, min_p=0.05, logprobs=2), dict(logit_bias={7: 100.0}),
+                 dict(temperature=0.7, allowed_token_ids=[30, 31, 40]),
+                 dict(temperature=0.7, repetition_penalty=1.2, min_tokens=3)]
+        params = [SamplingParams(**{"temperature": 0, "max_tokens": 6, "ignore_eos": True, **k}) for k in kinds]
+        outs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+        runner.execute_async, runner.steps.resolve = launch, resolve
+    step_path = [site for site in seen.sites if site[1].startswith(STEP_PATH)]
+    assert [site for site in step_path if site[0] == "launch"] == []
+    assert seen.uploads == []
+    readback = [(file, name) for phase, file, name in step_path if file == "core/step_pipeline.py"]
+    assert readback == [("core/step_pipeline.py", "tolist")] * len(resolved) and resolved
+    assert {file for _, file, _ in step_path} <= {"core/step_pipeline.py", "core/runner_output.py"}
+    assert outs[0].outputs[0].token_ids == reference  # greedy row: the plain run's tokens
+    assert outs[3].outputs[0].token_ids == [7] * 6  # logit bias
+    assert set(outs[4].outputs[0].token_ids) <= {30, 31, 40}
