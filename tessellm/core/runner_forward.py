@@ -152,17 +152,19 @@ class RunnerForward:
         table, qsl, rows = put(4, host.block_table), put(7, host.query_start_loc), put(8, host.logits_indices)
         if self.lora is not None:
             self.lora.batch.set(None if lora_slots is None else put(10, lora_slots))
+        full_limits = None
+        if key_limits is not None:  # per row the last key it sees; padded rows causal
+            full_limits = host.positions.astype(np.int32)
+            full_limits[:len(key_limits)] = key_limits
+        limits = None if full_limits is None else put(9, full_limits)  # before the set's event
         self.staging.inputs_queued()
         attn = AttentionBatch(
             num_tokens=host.num_tokens, num_seqs=len(counts), num_decodes=host.num_decodes,
             query_start_loc=qsl, seq_lens=seq_lens, block_tables=table, slot_mapping=slots,
             max_query_len=max(counts), max_seq_len=int(host.seq_lens.max()),
             query_start_loc_host=host.query_start_loc.tolist(), seq_lens_host=host.seq_lens.tolist())
-        if key_limits is not None:
-            full = host.positions.astype(np.int32)
-            full[:len(key_limits)] = key_limits
-            attn.key_limits = torch.from_numpy(full).to(ids.device)
-            attn.key_limits_host = full.tolist()
+        if full_limits is not None:
+            attn.key_limits, attn.key_limits_host = limits, full_limits.tolist()
         return ids, positions, attn, rows
 
 

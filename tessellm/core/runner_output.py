@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from tessellm.core.sampler import upload
 from tessellm.core.step_pipeline import StepHandle
 
 
@@ -121,13 +122,14 @@ def _prompt_logprobs(model, hidden: torch.Tensor, state, row0: int, start: int, 
     k = params.prompt_logprobs
     if k is None:
         return
-    targets = torch.tensor(state.token_ids[start + 1:start + 1 + n], device=logits.device)
-    chosen = logprobs.gather(-1, targets[:, None])
-    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()
+    targets = state.token_ids[start + 1:start + 1 + n]  # on the host already
+    chosen = logprobs.gather(-1, upload(targets, logits.device)[:, None])
+    ranks = ((logprobs > chosen).sum(-1) + 1).tolist()  # one read per chunk for each result,
+    values = chosen[:, 0].tolist()  # not one per row and field
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    top_lp, top_ids = (top_lp.tolist(), top_ids.tolist()) if k else ([[]] * n, [[]] * n)
     for j in range(n):
-        top = list(zip(top_ids[j].tolist(), top_lp[j].tolist())) if k else []
-        state.prompt_logprobs.append((targets[j].item(), chosen[j, 0].item(), ranks[j], top))
+        state.prompt_logprobs.append((targets[j], values[j], ranks[j], list(zip(top_ids[j], top_lp[j]))))
 
 
 def _gather_ids(logprobs: torch.Tensor, params, row: int) -> list:
@@ -135,8 +137,8 @@ def _gather_ids(logprobs: torch.Tensor, params, row: int) -> list:
     one id list for every row, or (per row) each row's own ids, -1 padding scoring -inf."""
     ids = params.prompt_logprob_token_ids
     if not params.prompt_ids_per_row:
-        return logprobs[:, torch.tensor(ids, device=logprobs.device)].tolist()
-    ids = torch.tensor(ids[row:row + logprobs.shape[0]], device=logprobs.device)
+        return logprobs[:, upload(ids, logprobs.device)].tolist()
+    ids = upload(ids[row:row + logprobs.shape[0]], logprobs.device)
     picked = logprobs.gather(1, ids.clamp(min=0))
     return picked.masked_fill(ids < 0, float("-inf")).tolist()
 

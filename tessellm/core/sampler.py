@@ -106,14 +106,28 @@ class SamplerOutput:
 
 
 def upload(values, device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A small host list (row numbers, token ids) on ``device`` with no host sync: on CUDA
-    through pinned memory, queued on the stream (``torch.tensor(values, device="cuda")`` copies
-    from pageable memory and waits for every kernel queued before it: the step's forward);
-    elsewhere as ``torch.tensor``."""
+    """A small host list (row numbers, token ids, per-row parameters) on ``device`` with no
+    host sync: on CUDA through pinned memory, queued on the stream (``torch.tensor(values,
+    device="cuda")`` copies from pageable memory and waits for every kernel queued before it:
+    the step's forward); on the CPU a plain tensor (nothing to copy, nothing to pin); on other
+    devices (xla, xpu) the plain copy, as before.
+
+    The pinned block comes from torch's caching host allocator, which records the copy's stream
+    event on it and hands it out again only once that copy has run: a block is never rewritten
+    under a copy still in flight, however many steps are queued (the reuse hazard a persistent
+    pinned buffer has to guard with a ring or an event, as ``step_pipeline.Staging`` does)."""
+    return upload_tensor(torch.tensor(values, dtype=dtype), device)
+
+
+def upload_tensor(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device`` as ``upload`` puts a list there: pinned and non-blocking on
+    CUDA, itself on the CPU."""
     device = torch.device(device)
+    if device.type == "cpu":
+        return host
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def seed_for_position(seed: int, position: int) -> int:
@@ -169,11 +183,14 @@ class Sampler:
         if (batch.logit_bias or batch.banned or processors or batch.forced) and edited is logits:
             edited = logits.clone()
         logits = edited
-        for row, ids, values in batch.logit_bias or ():
-            idx = torch.tensor(ids, device=logits.device)
-            logits[row, idx] += torch.tensor(values, device=logits.device)
-        for row, ids in batch.banned or ():
-            logits[row, torch.tensor(ids, device=logits.device)] = -float("inf")
+        if batch.logit_bias:  # one index_put for every row: three non-blocking uploads a step
+            rows, ids, values = _flatten(batch.logit_bias)
+            logits.index_put_((upload(rows, logits.device), upload(ids, logits.device)),
+                              upload(values, logits.device, torch.float32), accumulate=True)
+        if batch.banned:
+            rows, ids = _flatten(batch.banned)
+            logits.index_put_((upload(rows, logits.device), upload(ids, logits.device)),
+                              logits.new_full((), -float("inf")))  # a fill: no copy
         if processors:  # after the built-in edits, before penalties: vLLM's order
             logits = batch.processors.apply(logits, argmax_invariant=False)
         if batch.repetition is not None:
@@ -322,7 +339,7 @@ class Sampler:
             out.topk_logprobs, out.topk_ids = logprobs.topk(batch.max_num_logprobs, dim=-1)
         out.sampled_rank = self._rank(logprobs, chosen, out.topk_logprobs) + 1
         if batch.full_logprob_rows:
-            rows = torch.tensor(batch.full_logprob_rows, device=logprobs.device)
+            rows = upload(batch.full_logprob_rows, logprobs.device)
             out.full_logprobs, out.full_ids = logprobs[rows].topk(batch.full_num_logprobs, dim=-1)
             out.full_rows = batch.full_logprob_rows
         if batch.id_logprob_rows:  # one gather: [R, W] of the [B, V] logprobs
@@ -397,6 +414,16 @@ def _drop_below_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor
     probs = torch.softmax(scaled, dim=-1)
     threshold = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
     return scaled.masked_fill(probs < threshold, -float("inf"))
+
+
+def _flatten(per_row: list[tuple]) -> tuple[list, ...]:
+    """``[(row, ids, *values)]`` as flat lists ``(rows, ids, *values)``, a row repeated per id::
+
+        [(0, [5, 9]), (2, [7])]  ->  rows [0, 0, 2], ids [5, 9, 7]
+    """
+    rows = [row for row, ids, *_ in per_row for _ in ids]
+    columns = [[x for entry in per_row for x in entry[k]] for k in range(1, len(per_row[0]))]
+    return (rows, *columns)
 
 
 def _has_edits(batch: SamplingBatch) -> bool:

@@ -7,6 +7,8 @@ same parameters, each at its own output position (seeds and min_tokens follow th
     out_pos:     7    3    4    5         output index of the token each row samples
 
 Per-step Python work is per row (one per request without drafts), never per vocabulary entry.
+Every host list reaches the device through ``sampler.upload`` (pinned, non-blocking on CUDA):
+building a batch queues copies behind the step's forward and never waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from tessellm.core.input_batch import RunnerRequest
-from tessellm.core.sampler import SamplingBatch, seed_for_position, upload
+from tessellm.core.sampler import SamplingBatch, seed_for_position, upload, upload_tensor
 from tessellm.reasoning.budget import forced_token
 
 
@@ -30,16 +32,17 @@ def build_sampling_batch(rows: Sequence[RunnerRequest], out_pos: Callable[[int],
     not looked at: a batch without them pays nothing per row for them."""
     params = [r.params for r in rows]
     all_greedy = all(p.is_greedy for p in params)
-    temperature = None if all_greedy else torch.tensor(
-        [0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32, device=device)
+    f32 = torch.float32
+    temperature = None if all_greedy else upload(
+        [0.0 if p.is_greedy else p.temperature for p in params], device, f32)
     top_k = top_p = min_p = None
     if not all_greedy:
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k or vocab_size for p in params], device=device)
+            top_k = upload([p.top_k or vocab_size for p in params], device)
         if any(p.top_p < 1.0 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            top_p = upload([p.top_p for p in params], device, f32)
         if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            min_p = upload([p.min_p for p in params], device, f32)
     batch = SamplingBatch(temperature, all_greedy, top_p, top_k, min_p)
     if top_k is not None and all(p.top_k > 0 or p.is_greedy for p in params):
         batch.top_k_max = max(p.top_k for p in params)  # greedy rows take the argmax anyway
@@ -84,20 +87,32 @@ def _add_logprobs(batch: SamplingBatch, params: list, vocab_size: int, device: t
 def _add_penalties(batch: SamplingBatch, rows: Sequence[RunnerRequest], device: torch.device,
                    vocab: int) -> None:
     """Penalties read each request's whole history on the host (the runner resolves every step
-    in flight first). Requests with penalties verify no drafts (the scheduler sends none)."""
+    in flight first). Requests with penalties verify no drafts (the scheduler sends none). The
+    output and prompt ids of every row go up as two flat (row, token) uploads, scattered on
+    the device::
+
+        row 0 output [4 4 7], row 1 output [2]  ->  rows [0 0 0 1], tokens [4 4 7 2]
+        counts[rows, tokens] += 1 (accumulate)      counts[0, 4] == 2
+    """
     counts = torch.zeros(len(rows), vocab, dtype=torch.float32, device=device)
     prompt = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)
+    out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
     for i, r in enumerate(rows):
         out = r.token_ids[r.num_prompt_tokens:]
-        if out:
-            idx = torch.tensor(out, device=device)
-            counts[i].scatter_add_(0, idx, torch.ones(len(out), device=device))
+        out_rows += [i] * len(out)
+        out_ids += out
         if not r.embeds_prompt:  # an embeddings prompt has no tokens (HF: inputs_embeds)
-            prompt[i, torch.tensor(r.token_ids[:r.num_prompt_tokens], device=device)] = True
+            prompt_rows += [i] * r.num_prompt_tokens
+            prompt_ids += r.token_ids[:r.num_prompt_tokens]
+    if out_ids:
+        counts.index_put_((upload(out_rows, device), upload(out_ids, device)),
+                          counts.new_ones(()), accumulate=True)
+    if prompt_ids:
+        prompt.index_put_((upload(prompt_rows, device), upload(prompt_ids, device)), prompt.new_ones(()))
     ps = [r.params for r in rows]
-    batch.presence = torch.tensor([p.presence_penalty for p in ps], device=device)
-    batch.frequency = torch.tensor([p.frequency_penalty for p in ps], device=device)
-    batch.repetition = torch.tensor([p.repetition_penalty for p in ps], device=device)
+    batch.presence = upload([p.presence_penalty for p in ps], device, torch.float32)
+    batch.frequency = upload([p.frequency_penalty for p in ps], device, torch.float32)
+    batch.repetition = upload([p.repetition_penalty for p in ps], device, torch.float32)
     batch.output_counts, batch.prompt_mask = counts, prompt
 
 
@@ -152,9 +167,10 @@ def bad_word_bans(r: RunnerRequest, pos: int) -> set[int]:
 
 
 def _disallowed(r: RunnerRequest, device: torch.device, vocab: int) -> torch.Tensor:
-    """bool [vocab], True outside ``allowed_token_ids``; made once per running request."""
+    """bool [vocab], True outside ``allowed_token_ids``; made once per running request (and
+    put on the device without waiting: ``upload_tensor``)."""
     if r.disallowed is None:
         mask = torch.ones(vocab, dtype=torch.bool)
         mask[torch.tensor(r.params.allowed_token_ids)] = False
-        r.disallowed = mask.to(device)
+        r.disallowed = upload_tensor(mask, device)
     return r.disallowed

@@ -1,4 +1,5 @@
-"""``tessellm bench throughput``: offline throughput on random-token prompts, EOS ignored, greedy.
+"""``tessellm bench throughput``: offline throughput on random-token prompts, EOS ignored, greedy
+(``--sampling-params`` for other sampling, e.g. '{"temperature": 0.7, "top_p": 0.9}').
 
 ``--backend hf`` runs HF transformers' static batched ``generate`` on the same prompts
 (left-padded; each batch runs until its longest request; only each request's own tokens count),
@@ -15,6 +16,9 @@ import time
 from dataclasses import dataclass
 
 from tessellm.entrypoints.engine_args import add_engine_arguments, engine_args_from
+from tessellm.json_arg import json_object_arg
+
+SAMPLING_EXAMPLE = '{"temperature": 0.7, "top_p": 0.9}'
 
 
 @dataclass
@@ -36,10 +40,34 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", default="auto", choices=["auto", "tiny", "full"],
                    help="untimed run first: full = the whole workload (auto: full except on cpu)")
     p.add_argument("--output-json", default=None)
+    add_sampling_argument(p)
     p.add_argument("--lora-dir", default=None,
                    help="a directory of PEFT adapters (one per subdirectory): requests are spread "
                         "over them uniformly (needs --enable-lora)")
     add_engine_arguments(p)
+
+
+def add_sampling_argument(p) -> None:
+    p.add_argument("--sampling-params", default=None,
+                   help=f"SamplingParams fields as JSON, over greedy (e.g. '{SAMPLING_EXAMPLE}'); "
+                        "the workload sets max_tokens and ignore_eos")
+
+
+def sampling_params(args, max_tokens: int):
+    """The benchmark's SamplingParams: greedy, EOS ignored, ``--sampling-params`` over them."""
+    from tessellm import SamplingParams
+
+    extra = json_object_arg(getattr(args, "sampling_params", None), "--sampling-params", SAMPLING_EXAMPLE)
+    fixed = sorted({"max_tokens", "ignore_eos"} & set(extra))
+    if fixed:
+        raise ValueError(f"--sampling-params sets {', '.join(fixed)}: the workload's lengths set "
+                         "them (--output-len); leave them out.")
+    if isinstance(extra.get("logit_bias"), dict):  # JSON keys are strings: token ids, as the server takes them
+        extra["logit_bias"] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in extra["logit_bias"].items()}
+    try:
+        return SamplingParams(**{"temperature": 0, **extra, "max_tokens": max_tokens, "ignore_eos": True})
+    except TypeError as exc:
+        raise ValueError(f"--sampling-params: {exc}; give SamplingParams fields, e.g. '{SAMPLING_EXAMPLE}'.") from None
 
 
 def make_requests(num: int, input_len: int, output_len: int, ratio: float, vocab: int,
@@ -58,6 +86,10 @@ def make_requests(num: int, input_len: int, output_len: int, ratio: float, vocab
 
 
 def run(args) -> int:
+    if args.sampling_params is not None:  # checked before any model loads
+        if args.backend == "hf":
+            raise SystemExit("--sampling-params applies to --backend tessellm (the HF baseline is greedy).")
+        sampling_params(args, 1)
     result = run_hf(args) if args.backend == "hf" else run_tessellm(args)
     print(json.dumps(result, indent=2))
     if args.output_json:
@@ -90,7 +122,7 @@ def lora_requests(lora_dir, num: int) -> list:
 
 
 def run_tessellm(args) -> dict:
-    from tessellm import LLM, SamplingParams
+    from tessellm import LLM
 
     llm = LLM(**dataclasses.asdict(engine_args_from(args, args.model)))
     info = llm.engine.info
@@ -100,7 +132,7 @@ def run_tessellm(args) -> dict:
     core = None if dp else llm.engine.core
     reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
                          info.vocab_size, args.seed)
-    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
+    params = [sampling_params(args, r.output_len) for r in reqs]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     loras = lora_requests(args.lora_dir, len(reqs))
     # Warm-up: JIT compilation and allocator growth stay out of the timed region. Triton
@@ -112,12 +144,12 @@ def run_tessellm(args) -> dict:
         warm = make_requests(args.num_prompts, args.input_len, args.output_len,
                              args.random_range_ratio, info.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
-                     [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
-                      for r in warm], use_tqdm=False, lora_request=loras)
-    else:  # tiny: the timed run's sampling (greedy), on two short prompts
+                     [sampling_params(args, r.output_len) for r in warm], use_tqdm=False,
+                     lora_request=loras)
+    else:  # tiny: the timed run's sampling, on two short prompts
         warm = make_requests(2, 16, 4, 0.0, info.vocab_size, args.seed + 1)
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm],
-                     SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+                     sampling_params(args, 4), use_tqdm=False)
     sync = core.backend.synchronize if core is not None and core.parallel.world_size == 1 else (lambda: None)
     sync()  # (with workers, each step's results come back only once the step is done)
     split_before = _overlap_splits(core)
@@ -129,7 +161,7 @@ def run_tessellm(args) -> dict:
     produced = [len(o.outputs[0].token_ids) for o in outs]
     assert produced == [r.output_len for r in reqs], "a request stopped early despite ignore_eos"
     return _summary(args, reqs, elapsed, {"device": info.backend, "dtype": info.dtype,
-                                          "warmup": warmup,
+                                          "warmup": warmup, "sampling_params": args.sampling_params,
                                           "async_scheduling": None if dp else core.async_scheduling,
                                           "data_parallel_size": getattr(args, "data_parallel_size", 1),
                                           "tensor_parallel_size": args.tensor_parallel_size,

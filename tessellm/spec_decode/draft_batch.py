@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tessellm.core.attention_batch import AttentionBatch
+from tessellm.core.sampler import upload_tensor
 
 
 @dataclass
@@ -61,7 +62,7 @@ def build_draft_batch(runs: list[Run], block_size: int, device: torch.device) ->
     num_decodes = int(np.argmax(lens != 1)) if (lens != 1).any() else len(order)
 
     def put(a):
-        return torch.from_numpy(a).to(device)
+        return upload_tensor(torch.from_numpy(a), device)
 
     attn = AttentionBatch(
         num_tokens=num_tokens, num_seqs=len(order), num_decodes=num_decodes,
@@ -98,7 +99,7 @@ def decode_batch(starts: list[int], blocks: list[list[int]], block_size: int,
     qsl = np.arange(n + 1, dtype=np.int32)
 
     def put(a):
-        return torch.from_numpy(a).to(device)
+        return upload_tensor(torch.from_numpy(a), device)
 
     attn = AttentionBatch(
         num_tokens=n, num_seqs=n, num_decodes=n, query_start_loc=put(qsl), seq_lens=put(seq_lens),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from tessellm.core.sampler import upload
 from tessellm.spec_decode.draft_batch import Run, build_draft_batch, room
 from tessellm.spec_decode.drafter import KVDrafter
 from tessellm.spec_decode.proposer import Proposal, ProposeInput
@@ -99,14 +100,14 @@ class DraftModelProposer(KVDrafter):
         if all(len(r.token_ids) == 1 for r in runs):
             if not self._capture_tried:
                 self.capture_graphs()
-            ids = torch.tensor([r.token_ids[0] for r in runs], dtype=torch.int64, device=device)
+            ids = upload([r.token_ids[0] for r in runs], device)
             tokens, _ = self._decode(ids, None, [r.start for r in runs], [r.block_ids for r in runs])
-            return tokens[torch.tensor(proposing, device=device)] if proposing else None
+            return tokens[upload(proposing, device)] if proposing else None
         batch = build_draft_batch(runs, self.ctx.block_size, device)
         hidden = self.model(batch.input_ids, batch.positions, self.kernel.build_metadata(batch.attention))
         if not proposing:
             return None
-        return self.to_tokens(hidden[batch.last_rows[torch.tensor(proposing, device=device)]])
+        return self.to_tokens(hidden[batch.last_rows[upload(proposing, device)]])
 
     def _span(self, rid: str, st, n: int, inp: ProposeInput) -> tuple[int, int]:
         """Positions ``[first, end)`` to feed the draft this step."""

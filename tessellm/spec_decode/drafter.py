@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from tessellm.core.attention_batch import AttentionBatch
+from tessellm.core.sampler import upload, upload_tensor
 from tessellm.spec_decode.draft_batch import decode_arrays, decode_batch
 from tessellm.spec_decode.proposer import Proposer
 
@@ -78,13 +79,13 @@ class KVDrafter(Proposer):
             if not keep:
                 break
             if len(keep) < len(active):
-                index = torch.tensor(keep, device=device)
+                index = upload(keep, device)
                 tokens = tokens[index]
                 hidden = hidden[index] if hidden is not None else None
                 active = [active[i] for i in keep]
             tokens, hidden = self._decode(tokens, hidden, [bases[a] + j for a in active],
                                           [blocks[a] for a in active])
-            drafts[torch.tensor(active, device=device), j] = tokens
+            drafts[upload(active, device), j] = tokens
         rows = drafts.tolist()  # the one host sync of the proposal
         return [row[:counts[i]] for i, row in enumerate(rows)]
 
@@ -97,10 +98,10 @@ class KVDrafter(Proposer):
             states, hidden = self.step(tokens, pos, self.kernel.build_metadata(attn), hidden)
             return self.to_tokens(states), hidden
         *host, table = decode_arrays(positions, blocks, self.ctx.block_size, size)
-        inputs = [_pad(tokens, size)] + [torch.from_numpy(a).to(self.ctx.device) for a in host]
+        inputs = [_pad(tokens, size)] + [upload_tensor(torch.from_numpy(a), self.ctx.device) for a in host]
         if hidden is not None:
             inputs.append(_pad(hidden, size))
-        inputs.append(torch.from_numpy(table).to(self.ctx.device))  # last, as graph runners expect
+        inputs.append(upload_tensor(torch.from_numpy(table), self.ctx.device))  # last, as graph runners expect
         out = self.graph_runner.run(inputs)
         return out[0][:n], (out[1][:n] if hidden is not None else None)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tessellm.core.sampler import upload, upload_tensor
 from tessellm.spec_decode.draft_batch import Run, build_draft_batch, room
 from tessellm.spec_decode.drafter import KVDrafter
 from tessellm.spec_decode.proposer import Proposal, ProposeInput
@@ -129,17 +130,17 @@ class EagleProposer(KVDrafter):
         usual decode after a rejection): a draft step, graph-captured; else a flat eager
         forward."""
         device = self.ctx.device
-        pick = torch.tensor(proposing, device=device)
+        pick = upload(proposing, device)
         if all(len(r.token_ids) == 1 for r in runs):
             if not self._capture_tried:
                 self.capture_graphs()
-            index = torch.from_numpy(np.concatenate(rows)).to(device)
-            ids = torch.tensor([r.token_ids[0] for r in runs], dtype=torch.int64, device=device)
+            index = upload_tensor(torch.from_numpy(np.concatenate(rows)), device)
+            ids = upload([r.token_ids[0] for r in runs], device)
             hidden = self.model.combine(self.target_hidden(tensors, index))
             tokens, hidden = self._decode(ids, hidden, [r.start for r in runs], [r.block_ids for r in runs])
             return (tokens[pick], hidden[pick]) if proposing else None
         batch = build_draft_batch(runs, self.ctx.block_size, device)
-        index = torch.from_numpy(np.concatenate([rows[i] for i in batch.order])).to(device)
+        index = upload_tensor(torch.from_numpy(np.concatenate([rows[i] for i in batch.order])), device)
         hidden = self.model.combine(self.target_hidden(tensors, index))
         states, hidden = self.model(batch.input_ids, batch.positions,
                                     self.kernel.build_metadata(batch.attention), hidden)

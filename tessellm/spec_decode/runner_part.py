@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from tessellm.core.sampler import upload_tensor
 from tessellm.spec_decode.config import SpeculativeConfig
 from tessellm.spec_decode.proposer import ProposeInput, Proposer, StepTensors
 
@@ -121,7 +122,7 @@ class SpecDecodeRunner:
                 has[starts[i]:starts[i] + k] = True
         for st in sampling_states:
             st.draft_probs = None  # used once
-        return ids.to(device), probs, has.to(device)
+        return upload_tensor(ids, device), probs, upload_tensor(has, device)
 
 
     # -- the memory profile (core/memory_profile.py) -----------------------------------------

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from tessellm.core.sampler import upload as upload_list
+
 
 class MaskUpload:
     """Host mask -> device through two pinned buffers used in turn. A buffer is handed out
@@ -97,5 +99,5 @@ def apply_grammar_bitmask(logits: torch.Tensor, row_ids: Sequence[str], bitmask_
     mask = (upload or MaskUpload(device))(mask)
     index = None
     if target != list(range(len(target))):
-        index = torch.tensor(target, dtype=torch.int64).to(device, non_blocking=True)
+        index = upload_list(target, device)  # pinned: a pageable copy may wait on the host
     ops.apply_token_bitmask(logits, mask, index)

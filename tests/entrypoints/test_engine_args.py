@@ -94,3 +94,23 @@ def test_vllm_serve_command_lines_parse():
     both = build_parser().parse_args(["serve", "/a", "--model", "/b"])
     with pytest.raises(SystemExit, match="given twice"):
         resolve_model_flag(both)
+
+
+def test_bench_sampling_params_go_over_greedy_and_bad_ones_fail_before_the_load():
+    """``--sampling-params`` (bench throughput / latency): SamplingParams fields over greedy,
+    the workload's lengths kept; bad JSON, a fixed field or an unknown one: one ValueError,
+    raised before any model loads (the model path does not exist)."""
+    from tessellm.entrypoints.bench_latency import run as latency
+    from tessellm.entrypoints.bench_throughput import sampling_params
+
+    args = build_parser().parse_args(["bench", "throughput", "--sampling-params",
+                                      '{"temperature": 0.7, "top_p": 0.9}'])
+    p = sampling_params(args, 5)
+    assert (p.temperature, p.top_p, p.max_tokens, p.ignore_eos) == (0.7, 0.9, 5, True)
+    assert sampling_params(build_parser().parse_args(["bench", "latency"]), 3).temperature == 0
+    for bad, message in [("{temperature", "not valid JSON"), ('{"max_tokens": 3}', "sets max_tokens"),
+                         ('{"tempurature": 1}', "tempurature")]:
+        args = build_parser().parse_args(["bench", "latency", "--model", "/nonexistent",
+                                          "--sampling-params", bad])
+        with pytest.raises(ValueError, match=message):
+            latency(args)
