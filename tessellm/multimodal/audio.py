@@ -6,6 +6,12 @@ resampled, and audio files (chat ``input_audio`` / ``audio_url`` parts) decoded.
 * Resampling: ``scipy.signal.resample_poly`` (polyphase, the rates' ratio reduced by their
   gcd) to the feature extractor's rate (16 kHz for Qwen2-Audio); vLLM uses librosa's
   resampler, so a clip at another rate may differ from vLLM's features in the last digits.
+  Only the part of a clip the model's window can hold (``max_samples`` at the target rate,
+  plus the filter's reach) is resampled: the rest is cut by the feature extractor anyway,
+  and a tiny claimed rate (a WAV header saying 1 Hz) would otherwise turn a small upload
+  into gigabytes of samples. A ratio whose reduced terms exceed ``MAX_RATIO_TERM`` (a prime
+  rate such as 999983 Hz) is approximated by the nearest fraction whose down term is under
+  it (a rate error below 1e-6), so the filter stays small.
 * Decoding: WAV (PCM 8/16/24/32-bit, any channel count, mixed down to mono by the mean) with
   the standard library's ``wave``; other formats (mp3, flac, ogg, float WAV) only when the
   optional ``soundfile`` package is installed, else refused in one sentence.
@@ -22,6 +28,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+MAX_RATIO_TERM = 1 << 14  # the largest down term of a polyphase resampling (44.1 kHz: 160/441)
+
 
 class AudioClip(NamedTuple):
     """A decoded clip (chat parts): ``multi_modal_data["audio"]`` takes it as (waveform, rate)."""
@@ -30,17 +38,18 @@ class AudioClip(NamedTuple):
     sampling_rate: int
 
 
-def as_audio_list(items, target_rate: int) -> list[np.ndarray]:
+def as_audio_list(items, target_rate: int, max_samples: Optional[int] = None) -> list[np.ndarray]:
     """``multi_modal_data["audio"]``: one clip or a list of them -> float32 mono waveforms at
-    ``target_rate``."""
+    ``target_rate``; a clip resampled is first cut to what ``max_samples`` (at the target
+    rate; None: no cut) needs."""
     if isinstance(items, tuple) and len(items) == 2 and np.isscalar(items[1]):
         items = [items]  # one (waveform, rate) pair
     elif not isinstance(items, (list, tuple)):
         items = [items]
-    return [_clip(item, i, target_rate) for i, item in enumerate(items)]
+    return [_clip(item, i, target_rate, max_samples) for i, item in enumerate(items)]
 
 
-def _clip(item, i: int, target_rate: int) -> np.ndarray:
+def _clip(item, i: int, target_rate: int, max_samples: Optional[int] = None) -> np.ndarray:
     where = f"multi_modal_data['audio'][{i}]"
     rate = target_rate
     if isinstance(item, tuple):
@@ -60,16 +69,28 @@ def _clip(item, i: int, target_rate: int) -> np.ndarray:
                          "waveform (mix channels down first).")
     if not np.isfinite(wave_).all():
         raise ValueError(f"{where} holds NaN or infinite samples; give finite values.")
-    return resample(wave_, int(rate), target_rate)
+    return resample(wave_, int(rate), target_rate, max_samples)
 
 
-def resample(wave_: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+def resample(wave_: np.ndarray, rate: int, target_rate: int,
+             max_samples: Optional[int] = None) -> np.ndarray:
+    """``wave_`` at ``rate`` -> at ``target_rate``; with ``max_samples``, only the input that
+    the first ``max_samples`` outputs read (their filter's reach included) is resampled, so
+    those outputs equal the whole clip's."""
     if rate == target_rate:
         return wave_
+    from fractions import Fraction
+
     from scipy.signal import resample_poly
 
-    g = math.gcd(rate, target_rate)
-    return resample_poly(wave_, target_rate // g, rate // g).astype(np.float32)
+    ratio = Fraction(target_rate, rate)
+    if ratio.denominator > MAX_RATIO_TERM:  # (the numerator is at most target_rate)
+        ratio = ratio.limit_denominator(MAX_RATIO_TERM)
+    up, down = ratio.numerator, ratio.denominator
+    if max_samples is not None:
+        reach = 10 * max(up, down) // up + 2  # resample_poly's filter: 10 * max(up, down) taps a side
+        wave_ = wave_[:math.ceil(max_samples * down / up) + reach]
+    return resample_poly(wave_, up, down).astype(np.float32)
 
 
 def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]:
@@ -96,6 +117,8 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
     with wave.open(io.BytesIO(data)) as f:
         channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
         raw = f.readframes(f.getnframes())
+    if rate <= 0:
+        raise ValueError(f"its header gives a sampling rate of {rate} Hz")
     if not raw:
         raise ValueError("it has no samples")
     if width == 1:

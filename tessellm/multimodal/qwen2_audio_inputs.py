@@ -7,7 +7,8 @@ with silence to the window, ``chunk_length`` seconds; a log-mel spectrogram of
 ``feature_size`` bins every ``hop_length`` samples) gives the features, as transformers
 feeds them to the model; a clip of ``L`` real frames (``feature_attention_mask``) takes
 ``((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholders (HF's count). Clips longer than the window
-are cut to it, as HF's processor does. A text prompt is expanded by the processor; a token-id
+are cut to it, as HF's processor does; a clip too short for one placeholder (20 ms or less
+at 16 kHz: under 3 frames) is refused, as vLLM refuses it. A text prompt is expanded by the processor; a token-id
 prompt may hold ``<|AUDIO|>`` once per clip (expanded here) or already expanded.
 """
 
@@ -76,7 +77,8 @@ class Qwen2AudioInputs(ImageProcessor):
                              f"--limit-mm-per-prompt '{{\"audio\": {num_audios}}}'.")
 
     def process(self, prompt: Union[str, Sequence[int]], audios) -> tuple[list[int], list[MultiModalFeature]]:
-        clips = as_audio_list(audios, self.sampling_rate)
+        fe = self.feature_extractor
+        clips = as_audio_list(audios, self.sampling_rate, int(getattr(fe, "n_samples", 0)) or None)
         self.check_audio_count(len(clips))
         fe_args = dict(sampling_rate=self.sampling_rate, return_tensors="np")
         if isinstance(prompt, str):
@@ -96,11 +98,25 @@ class Qwen2AudioInputs(ImageProcessor):
                              "processor config does not match its config.json.")
         frames = [int(n) for n in np.asarray(mask).sum(-1)]
         lengths = [audio_output_length(n) for n in frames]
+        for i, (clip, n) in enumerate(zip(clips, lengths)):
+            if n < 1:  # vLLM: "too short to be represented inside the model"
+                shortest = self._shortest_clip()
+                raise ValueError(f"Audio clip {i} is too short for the model: {len(clip)} samples "
+                                 f"({1000 * len(clip) / self.sampling_rate:g} ms at "
+                                 f"{self.sampling_rate} Hz) give no audio token; send at least "
+                                 f"{shortest} samples ({1000 * shortest / self.sampling_rate:g} ms).")
         if ids is None:
             ids = self._expand(list(prompt), lengths)
         spans = self._spans(ids, lengths)
         return ids, [MultiModalFeature.from_pixels(f, start, n, modality="audio", audio_frames=k)
                      for f, start, n, k in zip(features, spans, lengths, frames)]
+
+    def _shortest_clip(self) -> int:
+        """Samples of the shortest clip that gives one placeholder (321 at 16 kHz: 3 frames)."""
+        from tessellm.models.qwen2_audio import audio_output_length
+
+        frames = next(n for n in range(1, 64) if audio_output_length(n) >= 1)
+        return (frames - 1) * int(self.feature_extractor.hop_length) + 1
 
     @staticmethod
     def _run(call):

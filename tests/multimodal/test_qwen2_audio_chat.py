@@ -103,6 +103,15 @@ def test_wav_decoding_of_pcm_widths_and_channels(width):
     np.testing.assert_allclose(samples, (ints / float(1 << (bits - 1))).mean(axis=1), atol=1e-6)
 
 
+def test_wav_header_with_rate_zero_is_refused_by_decoding():
+    """A WAV header claiming 0 Hz: refused when decoded, naming the header (was accepted, and
+    refused later as "multi_modal_data['audio'][0] has sampling rate 0" for a chat part)."""
+    wav = bytearray(encode_wav(clip(1), SAMPLING_RATE))
+    wav[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    with pytest.raises(ValueError, match="header gives a sampling rate of 0 Hz"):
+        decode_audio(bytes(wav))
+
+
 async def _requests(c):
     a = clip(22)
     ok = await c.post("/v1/chat/completions", json=chat_body(input_audio(a), TEXT, return_token_ids=True))
@@ -140,13 +149,28 @@ async def _transcriptions(c):
     def post(files=(("file", ("a.wav", wav, "audio/wav")),), **data):
         return c.post("/v1/audio/transcriptions", files=dict(files), data={"model": "m", **data})
 
+    async def raw(parts):  # a form built by hand: repeated fields, raw bytes
+        body = b"".join(b'--B\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\n%s\r\n'
+                        % (name, b'; filename="a.wav"' if name == b"file" else b"", value)
+                        for name, value in parts) + b"--B--\r\n"
+        return await c.post("/v1/audio/transcriptions", content=body,
+                            headers={"content-type": "multipart/form-data; boundary=B"})
+
     ok = await post(language="en", max_completion_tokens="5")
     text = await post(language="en", max_completion_tokens="5", response_format="text")
+    short = encode_wav(clip(23)[:320], SAMPLING_RATE)
     bad = [await post(files=(("file", ("a.mp3", b"ID3 not audio", "audio/mpeg")),)),
            await post(response_format="srt"),
            await post(files=()),
            await post(language="english"),
-           await c.post("/v1/audio/transcriptions", json={"model": "m"})]
+           await c.post("/v1/audio/transcriptions", json={"model": "m"}),
+           # these were 500s (SamplingParams' ValueError; an IndexError for the short clip)
+           await post(temperature="nan"),
+           await post(temperature="3"),
+           await post(files=(("file", ("a.wav", short, "audio/wav")),)),
+           # these were accepted: the last file won, bytes became U+FFFD
+           await raw([(b"file", wav), (b"file", b"RIFF junk"), (b"model", b"m")]),
+           await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")])]
     return ok, text, bad
 
 
@@ -163,12 +187,17 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     want = hf_greedy(qwen2_audio_dir, [transcription_prompt("en", None)], [[decoded(clip(23))]], 5)[0]
     tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
     assert ok.json()["text"] == tok.decode(want, skip_special_tokens=True).strip()
-    assert ok.json()["usage"]["output_tokens"] == 5
+    assert ok.json()["usage"] == {"type": "duration", "seconds": 1}  # vLLM's: 0.6 s, rounded up
     assert text.status_code == 200 and text.text == ok.json()["text"]
-    params = ["file", "response_format", "file", "language", "file"]
+    params = ["file", "response_format", "file", "language", "file", "temperature", "temperature",
+              "file", "file", "prompt"]
+    assert len(bad) == len(params)
     for r, param in zip(bad, params):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param, r.json()
+    assert "too short" in bad[7].json()["error"]["message"]
+    assert "more than one 'file'" in bad[8].json()["error"]["message"]
+    assert "not UTF-8" in bad[9].json()["error"]["message"]
 
 
 def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):

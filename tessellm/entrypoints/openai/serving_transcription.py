@@ -4,7 +4,8 @@
 Form fields: ``file`` (the audio: WAV, or what ``soundfile`` reads when installed), ``model``,
 ``language`` (ISO 639-1, e.g. ``en``; none: the model detects it), ``prompt`` (text written
 before the audio, as context), ``temperature`` (default 0: greedy), ``response_format``
-(``json``: ``{"text": ...}``, default; ``text``: the bare transcript), and vLLM's
+(``json``: ``{"text": ..., "usage": {"type": "duration", "seconds": N}}`` as vLLM's,
+default; ``text``: the bare transcript), and vLLM's
 ``max_completion_tokens``. The prompt is Qwen2-Audio's speech-recognition instruction::
 
     {prompt}<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import email.utils
+import math
 import re
 from typing import Optional
 
@@ -50,11 +53,22 @@ def parse_form(body: bytes, content_type: str) -> dict[str, object]:
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
+        if not isinstance(name, str):  # an RFC 2231 name*= parameter: (charset, language, value)
+            name = email.utils.collapse_rfc2231_value(name)
         if name not in FIELDS:
             raise bad_request(f"Unknown form field {name!r}; /v1/audio/transcriptions takes "
                               f"{', '.join(FIELDS[:7])}.", name, "unsupported_parameter")
+        if name in fields:
+            raise bad_request(f"The form has more than one {name!r} field; send one (one audio "
+                              "file per request).", name)
         data = part.get_payload(decode=True) or b""
-        fields[name] = data if name == "file" else data.decode("utf-8", "replace")
+        if name != "file":
+            try:
+                data = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise bad_request(f"The form field {name!r} is not UTF-8 text; send it as UTF-8.",
+                                  name) from None
+        fields[name] = data
     return fields
 
 
@@ -90,6 +104,9 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
     if language is not None and not re.fullmatch(r"[a-z]{2,3}", language):
         raise bad_request(f"language {language!r} is not an ISO 639-1 code such as 'en'.", "language")
     temperature = _number(fields, "temperature", 0.0, float)
+    if not temperature <= 2.0:  # vLLM's bound (SamplingParams'), here a 400 naming the field
+        raise bad_request(f"temperature must be in [0, 2], got {fields['temperature']!r}.",
+                          "temperature")
     max_tokens = _number(fields, "max_completion_tokens", None, int)
     try:
         wave, rate = decode_audio(audio, "The uploaded file")
@@ -105,9 +122,8 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
     text = out.outputs[0].text.strip()
     if fmt == "text":
         return PlainTextResponse(text)
-    prompt_len, out_len = len(processed.prompt_token_ids), len(out.outputs[0].token_ids)
-    return {"text": text, "usage": {"type": "tokens", "input_tokens": prompt_len,
-                                    "output_tokens": out_len, "total_tokens": prompt_len + out_len}}
+    # vLLM's (and OpenAI whisper-1's) usage: the clip's duration in whole seconds, rounded up
+    return {"text": text, "usage": {"type": "duration", "seconds": math.ceil(len(wave) / rate)}}
 
 
 def _number(fields: dict, name: str, default, kind):
@@ -118,6 +134,6 @@ def _number(fields: dict, name: str, default, kind):
         number = kind(value)
     except ValueError:
         raise bad_request(f"{name} {value!r} is not a number.", name) from None
-    if number < 0 or (kind is int and number == 0):
+    if not math.isfinite(number) or number < 0 or (kind is int and number == 0):
         raise bad_request(f"{name} must be {'positive' if kind is int else '>= 0'}, got {value!r}.", name)
     return number
