@@ -158,6 +158,7 @@ async def _transcriptions(c):
 
     ok = await post(language="en", max_completion_tokens="5")
     text = await post(language="en", max_completion_tokens="5", response_format="text")
+    top_k = await post(language="en", max_completion_tokens="5", temperature="1", top_k="1", seed="7")
     short = encode_wav(clip(23)[:320], SAMPLING_RATE)
     bad = [await post(files=(("file", ("a.mp3", b"ID3 not audio", "audio/mpeg")),)),
            await post(response_format="srt"),
@@ -170,8 +171,10 @@ async def _transcriptions(c):
            await post(files=(("file", ("a.wav", short, "audio/wav")),)),
            # these were accepted: the last file won, bytes became U+FFFD
            await raw([(b"file", wav), (b"file", b"RIFF junk"), (b"model", b"m")]),
-           await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")])]
-    return ok, text, bad
+           await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")]),
+           await post(top_p="2"),
+           await post(seed="x")]
+    return ok, (text, top_k), bad
 
 
 def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
@@ -182,15 +185,16 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     from tessellm.entrypoints.openai.serving_transcription import transcription_prompt
 
     args = EngineArgs(model=qwen2_audio_dir, dtype="float32", num_kv_blocks=64, block_size=4)
-    ok, text, bad = asyncio.run(serve(args, _transcriptions))
+    ok, (text, top_k), bad = asyncio.run(serve(args, _transcriptions))
     assert ok.status_code == 200, ok.text
     want = hf_greedy(qwen2_audio_dir, [transcription_prompt("en", None)], [[decoded(clip(23))]], 5)[0]
     tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
     assert ok.json()["text"] == tok.decode(want, skip_special_tokens=True).strip()
     assert ok.json()["usage"] == {"type": "duration", "seconds": 1}  # vLLM's: 0.6 s, rounded up
     assert text.status_code == 200 and text.text == ok.json()["text"]
+    assert top_k.status_code == 200 and top_k.json()["text"] == ok.json()["text"]  # vLLM's field
     params = ["file", "response_format", "file", "language", "file", "temperature", "temperature",
-              "file", "file", "prompt"]
+              "file", "file", "prompt", "top_p", "seed"]
     assert len(bad) == len(params)
     for r, param in zip(bad, params):
         assert r.status_code == 400, r.text

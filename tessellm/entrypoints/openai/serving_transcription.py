@@ -3,7 +3,8 @@
 
 Form fields: ``file`` (the audio: WAV, or what ``soundfile`` reads when installed), ``model``,
 ``language`` (ISO 639-1, e.g. ``en``; none: the model detects it), ``prompt`` (text written
-before the audio, as context), ``temperature`` (default 0: greedy), ``response_format``
+before the audio, as context), ``temperature`` (default 0: greedy), vLLM's sampling fields
+(``seed``, ``top_p``, ``top_k``, ``min_p``, the three penalties), ``response_format``
 (``json``: ``{"text": ..., "usage": {"type": "duration", "seconds": N}}`` as vLLM's,
 default; ``text``: the bare transcript), and vLLM's
 ``max_completion_tokens``. The prompt is Qwen2-Audio's speech-recognition instruction::
@@ -34,8 +35,12 @@ from tessellm.entrypoints.openai.sampling import check_model
 from tessellm.entrypoints.openai.server_config import ServerConfig
 from tessellm.entrypoints.openai.serving import collect, random_id, submit
 
+# vLLM's TranscriptionRequest sampling fields: name -> type (SamplingParams checks the range)
+SAMPLING = {"seed": int, "top_p": float, "top_k": int, "min_p": float, "frequency_penalty": float,
+            "presence_penalty": float, "repetition_penalty": float}
 FIELDS = ("file", "model", "language", "prompt", "temperature", "response_format",
-          "max_completion_tokens", "stream", "timestamp_granularities[]", "timestamp_granularities")
+          "max_completion_tokens", *SAMPLING, "stream", "timestamp_granularities[]",
+          "timestamp_granularities")
 INSTRUCTION = "Detect the language and recognize the speech:"
 
 
@@ -57,7 +62,8 @@ def parse_form(body: bytes, content_type: str) -> dict[str, object]:
             name = email.utils.collapse_rfc2231_value(name)
         if name not in FIELDS:
             raise bad_request(f"Unknown form field {name!r}; /v1/audio/transcriptions takes "
-                              f"{', '.join(FIELDS[:7])}.", name, "unsupported_parameter")
+                              f"{', '.join(FIELDS[:7 + len(SAMPLING)])}.", name,
+                              "unsupported_parameter")
         if name in fields:
             raise bad_request(f"The form has more than one {name!r} field; send one (one audio "
                               "file per request).", name)
@@ -108,6 +114,20 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
         raise bad_request(f"temperature must be in [0, 2], got {fields['temperature']!r}.",
                           "temperature")
     max_tokens = _number(fields, "max_completion_tokens", None, int)
+    sampling = {}
+    for name, kind in SAMPLING.items():
+        value = fields.get(name)
+        if value in (None, ""):
+            continue
+        try:
+            sampling[name] = kind(value)
+        except ValueError:
+            raise bad_request(f"{name} {value!r} is not {'an integer' if kind is int else 'a number'}.",
+                              name) from None
+        try:  # the range, as the other routes check it
+            SamplingParams(**{name: sampling[name]})
+        except ValueError as exc:
+            raise bad_request(str(exc), name) from None
     try:
         wave, rate = decode_audio(audio, "The uploaded file")
         processed = await engine.process_prompt_async(
@@ -116,7 +136,8 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
     except ValueError as exc:
         raise prompt_error(exc, "file") from None
     room = engine.info.max_model_len - len(processed.prompt_token_ids)
-    params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens or room, room))
+    params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens or room, room),
+                            **sampling)
     sub = submit(engine, random_id("trsc"), [processed], [params], lora)
     out = (await collect(engine, sub, request, config.sse_keepalive_s))[0]
     text = out.outputs[0].text.strip()
