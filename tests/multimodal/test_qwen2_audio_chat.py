@@ -221,3 +221,40 @@ def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):
     want = llm.chat([{"role": "user", "content": [input_audio(clip(24)), TEXT]}], greedy,
                     use_tqdm=False)[0].outputs[0].text
     assert out.stdout == want + "\n"
+
+
+def test_http_audio_url_is_fetched_under_the_image_rules(monkeypatch):
+    """An http(s) audio_url: fetched with the image fetcher's rules (size cap, status), its
+    problems named as the audio's (the messages said "The image URL" before)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tessellm.multimodal.audio import load_audio_url
+
+    wav = encode_wav(clip(25), SAMPLING_RATE)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body, code = {"/a.wav": (wav, 200), "/big.wav": (wav * 4, 200)}.get(self.path, (b"no", 404))
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        monkeypatch.setenv("TESSELLM_IMAGE_FETCH_MAX_MB", str(2 * len(wav) / (1 << 20)))
+        got = load_audio_url(f"{base}/a.wav")
+        np.testing.assert_array_equal(got.waveform, decoded(clip(25)))
+        with pytest.raises(ValueError, match=f"The audio URL {base}/gone.wav answered HTTP 404"):
+            load_audio_url(f"{base}/gone.wav")
+        with pytest.raises(ValueError, match=f"The audio at {base}/big.wav is larger than"):
+            load_audio_url(f"{base}/big.wav")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
