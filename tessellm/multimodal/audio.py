@@ -12,9 +12,10 @@ resampled, and audio files (chat ``input_audio`` / ``audio_url`` parts) decoded.
   into gigabytes of samples. A ratio whose reduced terms exceed ``MAX_RATIO_TERM`` (a prime
   rate such as 999983 Hz) is approximated by the nearest fraction whose down term is under
   it (a rate error below 1e-6), so the filter stays small.
-* Decoding: WAV (PCM 8/16/24/32-bit, any channel count, mixed down to mono by the mean) with
-  the standard library's ``wave``; other formats (mp3, flac, ogg, float WAV) only when the
-  optional ``soundfile`` package is installed, else refused in one sentence.
+* Decoding: WAV (PCM 8/16/24/32-bit, float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE, any
+  channel count, mixed down to mono by the mean), its RIFF chunks read here; other formats
+  (mp3, flac, ogg, a-law WAV) only when the optional ``soundfile`` package is installed, else
+  refused in one sentence.
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         try:
             return _decode_wav(data)
-        except (wave.Error, EOFError, ValueError) as exc:
+        except ValueError as exc:
             if _soundfile() is None:
                 raise ValueError(f"{what} is a WAV file tessellm cannot read ({exc}); send 8/16/24/"
-                                 "32-bit PCM WAV, or install soundfile for other encodings.") from None
+                                 "32-bit PCM or float WAV, or install soundfile for other "
+                                 "encodings.") from None
     sf = _soundfile()
     if sf is None:
         raise ValueError(f"{what} is not a WAV file; send WAV (PCM), or install the soundfile "
@@ -113,15 +115,51 @@ def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]
     return _mono(samples), int(rate)
 
 
+PCM, IEEE_FLOAT, EXTENSIBLE = 1, 3, 0xFFFE  # WAV format tags (EXTENSIBLE: the tag is its GUID's)
+
+
 def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    with wave.open(io.BytesIO(data)) as f:
-        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-        raw = f.readframes(f.getnframes())
+    """A RIFF/WAVE file's chunks read here (not ``wave``: Python 3.11's takes neither
+    WAVE_FORMAT_EXTENSIBLE, which sox / ffmpeg write for 24-bit and multichannel files, nor
+    float samples): PCM 8 (unsigned) / 16 / 24 / 32-bit and float 32 / 64-bit, plain or
+    EXTENSIBLE. A data chunk that claims more bytes than the file holds (a truncated file, a
+    stream's 0xFFFFFFFF) gives the whole frames present; nothing is allocated beyond them."""
+    fmt, raw, pos = None, None, 12
+    while pos + 8 <= len(data) and raw is None:
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise ValueError("its fmt chunk is cut short")
+            fmt = body
+        elif cid == b"data":
+            raw = body
+        pos += 8 + size + (size & 1)
+    if fmt is None:
+        raise ValueError("it has no fmt chunk before its data" if raw is not None else "it has no fmt chunk")
+    tag, channels, rate = (int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little"),
+                           int.from_bytes(fmt[4:8], "little"))
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID's first two bytes
+    if channels < 1:
+        raise ValueError("its header gives 0 channels")
     if rate <= 0:
         raise ValueError(f"its header gives a sampling rate of {rate} Hz")
-    if not raw:
+    width = (bits + 7) // 8
+    if tag not in (PCM, IEEE_FLOAT) or (tag == PCM and width not in (1, 2, 3, 4)) \
+            or (tag == IEEE_FLOAT and width not in (4, 8)):
+        raise ValueError(f"format tag {tag} with {bits}-bit samples (tessellm reads PCM 8-32 bit "
+                         "and float 32/64 bit)")
+    frames = len(raw or b"") // (width * channels)
+    if frames == 0:
         raise ValueError("it has no samples")
-    if width == 1:
+    raw = raw[:frames * width * channels]
+    if tag == IEEE_FLOAT:
+        samples = np.frombuffer(raw, "<f4" if width == 4 else "<f8").astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise ValueError("it holds NaN or infinite samples")
+    elif width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
         samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
@@ -129,11 +167,9 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         ints = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
-        raise ValueError(f"{8 * width}-bit samples")
-    return _mono(samples[: len(samples) // channels * channels].reshape(-1, channels)), rate
+        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    return _mono(samples.reshape(-1, channels)), rate
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
