@@ -94,6 +94,29 @@ def resample(wave_: np.ndarray, rate: int, target_rate: int,
     return resample_poly(wave_, up, down).astype(np.float32)
 
 
+def split_audio(wave_: np.ndarray, rate: int, max_samples: int) -> list[np.ndarray]:
+    """A clip longer than ``max_samples`` cut into pieces of at most that many, each cut at
+    the quietest 10 ms of the second before the limit (vLLM's transcription splitting: cut
+    in a pause rather than mid-word); a last piece under 50 ms is joined to the one before
+    (the feature extractor trims those few milliseconds)."""
+    pieces, start = [], 0
+    hop = max(1, rate // 100)
+    search = max(hop, min(rate, max_samples // 4))
+    while len(wave_) - start > max_samples:
+        end = start + max_samples
+        seg = wave_[end - search:end]
+        energy = np.add.reduceat(seg.astype(np.float64) ** 2, np.arange(0, len(seg) - hop + 1, hop))
+        cut = end - search + hop * int(np.argmin(energy))
+        pieces.append(wave_[start:cut])
+        start = cut
+    rest = wave_[start:]
+    if pieces and len(rest) < rate // 20:
+        pieces[-1] = np.concatenate([pieces[-1], rest])
+    else:
+        pieces.append(rest)
+    return pieces
+
+
 def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]:
     """An audio file's bytes -> (float32 mono waveform, sampling rate)."""
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":

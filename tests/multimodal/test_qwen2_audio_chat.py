@@ -16,7 +16,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
-from tessellm.multimodal.audio import decode_audio, encode_wav
+from tessellm.multimodal.audio import decode_audio, encode_wav, split_audio
 from tests.multimodal.serve_app import MAX_NEW, chat_body, serve
 from tests.multimodal.tiny_qwen2_audio import AUDIO_PAD, SAMPLING_RATE, clip, hf_greedy
 
@@ -195,6 +195,8 @@ async def _transcriptions(c):
     ok = await post(language="en", max_completion_tokens="5")
     text = await post(language="en", max_completion_tokens="5", response_format="text")
     top_k = await post(language="en", max_completion_tokens="5", temperature="1", top_k="1", seed="7")
+    long = await post(files=(("file", ("b.wav", encode_wav(clip(26, 5.0), SAMPLING_RATE), "audio/wav")),),
+                      language="en", max_completion_tokens="4")
     short = encode_wav(clip(23)[:320], SAMPLING_RATE)
     bad = [await post(files=(("file", ("a.mp3", b"ID3 not audio", "audio/mpeg")),)),
            await post(response_format="srt"),
@@ -210,7 +212,7 @@ async def _transcriptions(c):
            await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")]),
            await post(top_p="2"),
            await post(seed="x")]
-    return ok, (text, top_k), bad
+    return ok, (text, top_k, long), bad
 
 
 def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
@@ -221,7 +223,7 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     from tessellm.entrypoints.openai.serving_transcription import transcription_prompt
 
     args = EngineArgs(model=qwen2_audio_dir, dtype="float32", num_kv_blocks=64, block_size=4)
-    ok, (text, top_k), bad = asyncio.run(serve(args, _transcriptions))
+    ok, (text, top_k, long), bad = asyncio.run(serve(args, _transcriptions))
     assert ok.status_code == 200, ok.text
     want = hf_greedy(qwen2_audio_dir, [transcription_prompt("en", None)], [[decoded(clip(23))]], 5)[0]
     tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
@@ -229,6 +231,13 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     assert ok.json()["usage"] == {"type": "duration", "seconds": 1}  # vLLM's: 0.6 s, rounded up
     assert text.status_code == 200 and text.text == ok.json()["text"]
     assert top_k.status_code == 200 and top_k.json()["text"] == ok.json()["text"]  # vLLM's field
+    # 5 s in a 2 s window: three pieces cut in pauses, each transcribed (only the first 2 s before)
+    pieces = split_audio(decoded(clip(26, 5.0)), SAMPLING_RATE, 2 * SAMPLING_RATE)
+    assert len(pieces) == 3 and sum(map(len, pieces)) == 5 * SAMPLING_RATE
+    want = [tok.decode(t, skip_special_tokens=True).strip() for t in hf_greedy(
+        qwen2_audio_dir, [transcription_prompt("en", None)] * 3, [[p] for p in pieces], 4)]
+    assert long.status_code == 200, long.text
+    assert long.json() == {"text": " ".join(w for w in want if w), "usage": {"type": "duration", "seconds": 5}}
     params = ["file", "response_format", "file", "language", "file", "temperature", "temperature",
               "file", "file", "prompt", "top_p", "seed"]
     assert len(bad) == len(params)

@@ -11,7 +11,10 @@ default; ``text``: the bare transcript), and vLLM's
 
     {prompt}<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>
 
-Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
+A clip longer than the model's window (30 s) is cut, as vLLM cuts it, into pieces of at
+most a window, each at the quietest 10 ms of the second before the limit; each piece is one
+request with that prompt and their transcripts are joined with spaces (``max_completion_tokens``
+applies to each piece). Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
 refused, naming the field. The body is parsed with the standard library's ``email`` parser
 (no python-multipart).
 """
@@ -84,7 +87,8 @@ def transcription_prompt(language: Optional[str], prompt: Optional[str]) -> str:
 
 
 async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: Request):
-    from tessellm.multimodal.audio import decode_audio
+    from tessellm.multimodal.audio import decode_audio, split_audio
+    from tessellm.multimodal.processor import get_processor
 
     fields = parse_form(await request.body(), request.headers.get("content-type", ""))
     lora = check_model(fields.get("model") or None, config)
@@ -130,17 +134,22 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
             raise bad_request(str(exc), name) from None
     try:
         wave, rate = decode_audio(audio, "The uploaded file")
-        processed = await engine.process_prompt_async(
-            {"prompt": transcription_prompt(language, fields.get("prompt")),
-             "multi_modal_data": {"audio": [(wave, rate)]}})
+        processor = get_processor(engine.info)
+        window = processor.feature_extractor.n_samples * rate // processor.sampling_rate
+        prompt = transcription_prompt(language, fields.get("prompt"))
+        processed = [await engine.process_prompt_async(
+            {"prompt": prompt, "multi_modal_data": {"audio": [(piece, rate)]}})
+            for piece in split_audio(wave, rate, window)]  # vLLM's: one request per window
     except ValueError as exc:
         raise prompt_error(exc, "file") from None
-    room = engine.info.max_model_len - len(processed.prompt_token_ids)
-    params = SamplingParams(temperature=temperature, max_tokens=min(max_tokens or room, room),
-                            **sampling)
-    sub = submit(engine, random_id("trsc"), [processed], [params], lora)
-    out = (await collect(engine, sub, request, config.sse_keepalive_s))[0]
-    text = out.outputs[0].text.strip()
+    params = []
+    for p in processed:
+        room = engine.info.max_model_len - len(p.prompt_token_ids)
+        params.append(SamplingParams(temperature=temperature, max_tokens=min(max_tokens or room, room),
+                                     **sampling))
+    sub = submit(engine, random_id("trsc"), processed, params, lora)
+    outs = await collect(engine, sub, request, config.sse_keepalive_s)
+    text = " ".join(t for t in (o.outputs[0].text.strip() for o in outs) if t)
     if fmt == "text":
         return PlainTextResponse(text)
     # vLLM's (and OpenAI whisper-1's) usage: the clip's duration in whole seconds, rounded up
