@@ -246,3 +246,17 @@ def test_float16_encoder_layer_clamps_as_hf():
         got = ours(x, torch.ones(1, 1, 1, 8, dtype=torch.bool))
     assert torch.isfinite(want).all() and want.max() == torch.finfo(torch.float16).max - 1000
     torch.testing.assert_close(got, want, atol=32, rtol=1e-3)
+
+
+def test_preemption_with_chunked_prefill_recomputes_the_clips(llm, qwen2_audio_dir):
+    """A KV pool too small for four clip prompts at once, 16-token chunks: requests are
+    preempted and recomputed (their clips encoded again), each output the one it has alone."""
+    reqs = [_request(PROMPT, [clip(40 + i, 0.3 + 0.2 * i)]) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, min_tokens=40, ignore_eos=True)
+    alone = [llm.generate([r], params, use_tqdm=False)[0].outputs[0].token_ids for r in reqs]
+    with LLM(qwen2_audio_dir, dtype="float32", num_kv_blocks=40, block_size=BS,
+             max_num_batched_tokens=16) as tight:
+        out = tight.generate(reqs, params, use_tqdm=False)
+        assert tight.engine.core.scheduler.num_preemptions_total > 0
+        assert not tight.engine.core.runner.encoder_cache.features  # nothing held after
+    assert [o.outputs[0].token_ids for o in out] == alone
