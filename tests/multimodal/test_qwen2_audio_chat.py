@@ -211,6 +211,8 @@ async def _transcriptions(c):
            await raw([(b"file", wav), (b"file", b"RIFF junk"), (b"model", b"m")]),
            await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")]),
            await post(top_p="2"),
+           # 20000 samples claiming 1 Hz: 20000 s, over 64 windows (was 10000 requests of 2 samples)
+           await post(files=(("file", ("c.wav", encode_wav(clip(27, 1.25), 1), "audio/wav")),)),
            await post(seed="x")]
     return ok, (text, top_k, long), bad
 
@@ -239,7 +241,7 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     assert long.status_code == 200, long.text
     assert long.json() == {"text": " ".join(w for w in want if w), "usage": {"type": "duration", "seconds": 5}}
     params = ["file", "response_format", "file", "language", "file", "temperature", "temperature",
-              "file", "file", "prompt", "top_p", "seed"]
+              "file", "file", "prompt", "top_p", "file", "seed"]
     assert len(bad) == len(params)
     for r, param in zip(bad, params):
         assert r.status_code == 400, r.text
@@ -247,6 +249,7 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     assert "too short" in bad[7].json()["error"]["message"]
     assert "more than one 'file'" in bad[8].json()["error"]["message"]
     assert "not UTF-8" in bad[9].json()["error"]["message"]
+    assert "over 64 windows of 2 s" in bad[11].json()["error"]["message"]
 
 
 def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):

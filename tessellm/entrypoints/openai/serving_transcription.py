@@ -14,7 +14,7 @@ default; ``text``: the bare transcript), and vLLM's
 A clip longer than the model's window (30 s) is cut, as vLLM cuts it, into pieces of at
 most a window, each at the quietest 10 ms of the second before the limit; each piece is one
 request with that prompt and their transcripts are joined with spaces (``max_completion_tokens``
-applies to each piece). Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
+applies to each piece; at most ``MAX_PIECES`` (64) windows, 32 minutes). Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
 refused, naming the field. The body is parsed with the standard library's ``email`` parser
 (no python-multipart).
 """
@@ -45,6 +45,7 @@ FIELDS = ("file", "model", "language", "prompt", "temperature", "response_format
           "max_completion_tokens", *SAMPLING, "stream", "timestamp_granularities[]",
           "timestamp_granularities")
 INSTRUCTION = "Detect the language and recognize the speech:"
+MAX_PIECES = 64  # windows one upload may fill (64 x 30 s: 32 minutes), one request each
 
 
 def parse_form(body: bytes, content_type: str) -> dict[str, object]:
@@ -136,6 +137,10 @@ async def create_transcription(engine: AsyncLLM, config: ServerConfig, request: 
         wave, rate = decode_audio(audio, "The uploaded file")
         processor = get_processor(engine.info)
         window = processor.feature_extractor.n_samples * rate // processor.sampling_rate
+        if len(wave) > MAX_PIECES * window:  # (a header claiming 1 Hz: a window of 30 samples)
+            raise ValueError(f"The uploaded file is {len(wave) / rate:g} s of audio at {rate} Hz, "
+                             f"over {MAX_PIECES} windows of {window / rate:g} s; send at most "
+                             f"{MAX_PIECES * window / rate:g} s per request.")
         prompt = transcription_prompt(language, fields.get("prompt"))
         processed = [await engine.process_prompt_async(
             {"prompt": prompt, "multi_modal_data": {"audio": [(piece, rate)]}})
