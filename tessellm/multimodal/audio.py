@@ -43,11 +43,15 @@ def as_audio_list(items, target_rate: int, max_samples: Optional[int] = None) ->
     """``multi_modal_data["audio"]``: one clip or a list of them -> float32 mono waveforms at
     ``target_rate``; a clip resampled is first cut to what ``max_samples`` (at the target
     rate; None: no cut) needs."""
+    return [_clip(item, i, target_rate, max_samples) for i, item in enumerate(audio_items(items))]
+
+
+def audio_items(items) -> list:
+    """``multi_modal_data["audio"]`` as a list of its clips (one clip or a list), unchecked:
+    counted against the limit before any is resampled."""
     if isinstance(items, tuple) and len(items) == 2 and np.isscalar(items[1]):
-        items = [items]  # one (waveform, rate) pair
-    elif not isinstance(items, (list, tuple)):
-        items = [items]
-    return [_clip(item, i, target_rate, max_samples) for i, item in enumerate(items)]
+        return [items]  # one (waveform, rate) pair
+    return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
 def _clip(item, i: int, target_rate: int, max_samples: Optional[int] = None) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from tessellm.multimodal.audio import as_audio_list
+from tessellm.multimodal.audio import as_audio_list, audio_items
 from tessellm.multimodal.inputs import MultiModalFeature
 from tessellm.multimodal.processor import ImageProcessor
 
@@ -78,8 +78,9 @@ class Qwen2AudioInputs(ImageProcessor):
 
     def process(self, prompt: Union[str, Sequence[int]], audios) -> tuple[list[int], list[MultiModalFeature]]:
         fe = self.feature_extractor
-        clips = as_audio_list(audios, self.sampling_rate, int(getattr(fe, "n_samples", 0)) or None)
-        self.check_audio_count(len(clips))
+        items = audio_items(audios)
+        self.check_audio_count(len(items))  # before any clip is converted or resampled
+        clips = as_audio_list(items, self.sampling_rate, int(getattr(fe, "n_samples", 0)) or None)
         fe_args = dict(sampling_rate=self.sampling_rate, return_tensors="np")
         if isinstance(prompt, str):
             out = self._run(lambda: self.hf(text=prompt, audio=clips, **fe_args))

@@ -124,6 +124,8 @@ def test_prefix_cache_same_clip_hits_other_clip_misses(llm, qwen2_audio_dir):
 
 @pytest.mark.parametrize("data, match", [
     ({"audio": [clip(1)] * 3}, "3 audio clips, over the limit of 2"),
+    # counted before any clip is resampled (was: the rate's error, after resampling the others)
+    ({"audio": [(clip(1), 44100)] * 2 + [(clip(1), 0)]}, "3 audio clips, over the limit of 2"),
     ({"audio": (clip(1), 0)}, "sampling rate 0"),
     ({"audio": np.zeros((2, 100), np.float32)}, "shape \\(2, 100\\)"),
     ({"audio": "loud.wav"}, "shape \\(\\)|is a str"),
