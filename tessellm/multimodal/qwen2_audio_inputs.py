@@ -6,10 +6,10 @@ The checkpoint's ``Qwen2AudioProcessor`` (``WhisperFeatureExtractor``: the wavef
 with silence to the window, ``chunk_length`` seconds; a log-mel spectrogram of
 ``feature_size`` bins every ``hop_length`` samples) gives the features, as transformers
 feeds them to the model; a clip of ``L`` real frames (``feature_attention_mask``) takes
-``((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholders (HF's count). Clips longer than the window
-are cut to it, as HF's processor does; a clip too short for one placeholder (20 ms or less
-at 16 kHz: under 3 frames) is refused, as vLLM refuses it. A text prompt is expanded by the processor; a token-id
-prompt may hold ``<|AUDIO|>`` once per clip (expanded here) or already expanded.
+``((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholders (HF's count). Clips longer than the window are cut to
+it, as HF's processor does; a clip too short for one placeholder (20 ms or less at 16 kHz:
+under 3 frames) is refused, as vLLM refuses it. A text prompt is expanded by the processor; a
+token-id prompt may hold ``<|AUDIO|>`` once per clip (expanded here) or already expanded.
 """
 
 from __future__ import annotations

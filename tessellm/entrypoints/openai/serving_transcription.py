@@ -11,11 +11,12 @@ default; ``text``: the bare transcript), and vLLM's
 
     {prompt}<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>
 
-A clip longer than the model's window (30 s) is cut, as vLLM cuts it, into pieces of at
-most a window, each at the quietest 10 ms of the second before the limit; each piece is one
-request with that prompt and their transcripts are joined with spaces (``max_completion_tokens``
-applies to each piece; at most ``MAX_PIECES`` (64) windows, 32 minutes). Streaming, ``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are
-refused, naming the field. The body is parsed with the standard library's ``email`` parser
+A clip longer than the model's window (30 s) is cut, as vLLM cuts it, into pieces of at most a
+window, each at the quietest 10 ms of the second before the limit; each piece is one request
+with that prompt and their transcripts are joined with spaces (``max_completion_tokens``
+applies to each piece; at most ``MAX_PIECES`` (64) windows, 32 minutes). Streaming,
+``timestamp_granularities`` and the ``verbose_json`` / ``srt`` / ``vtt`` formats are refused,
+naming the field. The body is parsed with the standard library's ``email`` parser
 (no python-multipart).
 """
 
