@@ -83,7 +83,11 @@ class AudioEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
-        return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:  # HF's (and so vLLM's) encoder layer: no inf in float16
+            limit = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(-limit, limit)
+        return x
 
 
 class Qwen2AudioEncoder(nn.Module):

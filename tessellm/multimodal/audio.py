@@ -6,9 +6,16 @@ resampled, and audio files (chat ``input_audio`` / ``audio_url`` parts) decoded.
 * Resampling: ``scipy.signal.resample_poly`` (polyphase, the rates' ratio reduced by their
   gcd) to the feature extractor's rate (16 kHz for Qwen2-Audio); vLLM uses librosa's
   resampler, so a clip at another rate may differ from vLLM's features in the last digits.
-* Decoding: WAV (PCM 8/16/24/32-bit, any channel count, mixed down to mono by the mean) with
-  the standard library's ``wave``; other formats (mp3, flac, ogg, float WAV) only when the
-  optional ``soundfile`` package is installed, else refused in one sentence.
+  Only the part of a clip the model's window can hold (``max_samples`` at the target rate,
+  plus the filter's reach) is resampled: the rest is cut by the feature extractor anyway,
+  and a tiny claimed rate (a WAV header saying 1 Hz) would otherwise turn a small upload
+  into gigabytes of samples. A ratio whose reduced terms exceed ``MAX_RATIO_TERM`` (a prime
+  rate such as 999983 Hz) is approximated by the nearest fraction whose down term is under
+  it (a rate error below 1e-6), so the filter stays small.
+* Decoding: WAV (PCM 8/16/24/32-bit, float 32/64-bit, plain or WAVE_FORMAT_EXTENSIBLE, any
+  channel count, mixed down to mono by the mean), its RIFF chunks read here; other formats
+  (mp3, flac, ogg, a-law WAV) only when the optional ``soundfile`` package is installed, else
+  refused in one sentence.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+MAX_RATIO_TERM = 1 << 14  # the largest down term of a polyphase resampling (44.1 kHz: 160/441)
+
 
 class AudioClip(NamedTuple):
     """A decoded clip (chat parts): ``multi_modal_data["audio"]`` takes it as (waveform, rate)."""
@@ -30,17 +39,22 @@ class AudioClip(NamedTuple):
     sampling_rate: int
 
 
-def as_audio_list(items, target_rate: int) -> list[np.ndarray]:
+def as_audio_list(items, target_rate: int, max_samples: Optional[int] = None) -> list[np.ndarray]:
     """``multi_modal_data["audio"]``: one clip or a list of them -> float32 mono waveforms at
-    ``target_rate``."""
+    ``target_rate``; a clip resampled is first cut to what ``max_samples`` (at the target
+    rate; None: no cut) needs."""
+    return [_clip(item, i, target_rate, max_samples) for i, item in enumerate(audio_items(items))]
+
+
+def audio_items(items) -> list:
+    """``multi_modal_data["audio"]`` as a list of its clips (one clip or a list), unchecked:
+    counted against the limit before any is resampled."""
     if isinstance(items, tuple) and len(items) == 2 and np.isscalar(items[1]):
-        items = [items]  # one (waveform, rate) pair
-    elif not isinstance(items, (list, tuple)):
-        items = [items]
-    return [_clip(item, i, target_rate) for i, item in enumerate(items)]
+        return [items]  # one (waveform, rate) pair
+    return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
-def _clip(item, i: int, target_rate: int) -> np.ndarray:
+def _clip(item, i: int, target_rate: int, max_samples: Optional[int] = None) -> np.ndarray:
     where = f"multi_modal_data['audio'][{i}]"
     rate = target_rate
     if isinstance(item, tuple):
@@ -60,16 +74,51 @@ def _clip(item, i: int, target_rate: int) -> np.ndarray:
                          "waveform (mix channels down first).")
     if not np.isfinite(wave_).all():
         raise ValueError(f"{where} holds NaN or infinite samples; give finite values.")
-    return resample(wave_, int(rate), target_rate)
+    return resample(wave_, int(rate), target_rate, max_samples)
 
 
-def resample(wave_: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+def resample(wave_: np.ndarray, rate: int, target_rate: int,
+             max_samples: Optional[int] = None) -> np.ndarray:
+    """``wave_`` at ``rate`` -> at ``target_rate``; with ``max_samples``, only the input that
+    the first ``max_samples`` outputs read (their filter's reach included) is resampled, so
+    those outputs equal the whole clip's."""
     if rate == target_rate:
         return wave_
+    from fractions import Fraction
+
     from scipy.signal import resample_poly
 
-    g = math.gcd(rate, target_rate)
-    return resample_poly(wave_, target_rate // g, rate // g).astype(np.float32)
+    ratio = Fraction(target_rate, rate)
+    if ratio.denominator > MAX_RATIO_TERM:  # (the numerator is at most target_rate)
+        ratio = ratio.limit_denominator(MAX_RATIO_TERM)
+    up, down = ratio.numerator, ratio.denominator
+    if max_samples is not None:
+        reach = 10 * max(up, down) // up + 2  # resample_poly's filter: 10 * max(up, down) taps a side
+        wave_ = wave_[:math.ceil(max_samples * down / up) + reach]
+    return resample_poly(wave_, up, down).astype(np.float32)
+
+
+def split_audio(wave_: np.ndarray, rate: int, max_samples: int) -> list[np.ndarray]:
+    """A clip longer than ``max_samples`` cut into pieces of at most that many, each cut at
+    the quietest 10 ms of the second before the limit (vLLM's transcription splitting: cut
+    in a pause rather than mid-word); a last piece under 50 ms is joined to the one before
+    (the feature extractor trims those few milliseconds)."""
+    pieces, start = [], 0
+    hop = max(1, rate // 100)
+    search = max(hop, min(rate, max_samples // 4))
+    while len(wave_) - start > max_samples:
+        end = start + max_samples
+        seg = wave_[end - search:end]
+        energy = np.add.reduceat(seg.astype(np.float64) ** 2, np.arange(0, len(seg) - hop + 1, hop))
+        cut = end - search + hop * int(np.argmin(energy))
+        pieces.append(wave_[start:cut])
+        start = cut
+    rest = wave_[start:]
+    if pieces and len(rest) < rate // 20:
+        pieces[-1] = np.concatenate([pieces[-1], rest])
+    else:
+        pieces.append(rest)
+    return pieces
 
 
 def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]:
@@ -77,10 +126,11 @@ def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]
     if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
         try:
             return _decode_wav(data)
-        except (wave.Error, EOFError, ValueError) as exc:
+        except ValueError as exc:
             if _soundfile() is None:
                 raise ValueError(f"{what} is a WAV file tessellm cannot read ({exc}); send 8/16/24/"
-                                 "32-bit PCM WAV, or install soundfile for other encodings.") from None
+                                 "32-bit PCM or float WAV, or install soundfile for other "
+                                 "encodings.") from None
     sf = _soundfile()
     if sf is None:
         raise ValueError(f"{what} is not a WAV file; send WAV (PCM), or install the soundfile "
@@ -92,13 +142,51 @@ def decode_audio(data: bytes, what: str = "The audio") -> tuple[np.ndarray, int]
     return _mono(samples), int(rate)
 
 
+PCM, IEEE_FLOAT, EXTENSIBLE = 1, 3, 0xFFFE  # WAV format tags (EXTENSIBLE: the tag is its GUID's)
+
+
 def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
-    with wave.open(io.BytesIO(data)) as f:
-        channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-        raw = f.readframes(f.getnframes())
-    if not raw:
+    """A RIFF/WAVE file's chunks read here (not ``wave``: Python 3.11's takes neither
+    WAVE_FORMAT_EXTENSIBLE, which sox / ffmpeg write for 24-bit and multichannel files, nor
+    float samples): PCM 8 (unsigned) / 16 / 24 / 32-bit and float 32 / 64-bit, plain or
+    EXTENSIBLE. A data chunk that claims more bytes than the file holds (a truncated file, a
+    stream's 0xFFFFFFFF) gives the whole frames present; nothing is allocated beyond them."""
+    fmt, raw, pos = None, None, 12
+    while pos + 8 <= len(data) and raw is None:
+        cid, size = data[pos:pos + 4], int.from_bytes(data[pos + 4:pos + 8], "little")
+        body = data[pos + 8:pos + 8 + size]
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise ValueError("its fmt chunk is cut short")
+            fmt = body
+        elif cid == b"data":
+            raw = body
+        pos += 8 + size + (size & 1)
+    if fmt is None:
+        raise ValueError("it has no fmt chunk before its data" if raw is not None else "it has no fmt chunk")
+    tag, channels, rate = (int.from_bytes(fmt[0:2], "little"), int.from_bytes(fmt[2:4], "little"),
+                           int.from_bytes(fmt[4:8], "little"))
+    bits = int.from_bytes(fmt[14:16], "little")
+    if tag == EXTENSIBLE and len(fmt) >= 26:
+        tag = int.from_bytes(fmt[24:26], "little")  # the sub-format GUID's first two bytes
+    if channels < 1:
+        raise ValueError("its header gives 0 channels")
+    if rate <= 0:
+        raise ValueError(f"its header gives a sampling rate of {rate} Hz")
+    width = (bits + 7) // 8
+    if tag not in (PCM, IEEE_FLOAT) or (tag == PCM and width not in (1, 2, 3, 4)) \
+            or (tag == IEEE_FLOAT and width not in (4, 8)):
+        raise ValueError(f"format tag {tag} with {bits}-bit samples (tessellm reads PCM 8-32 bit "
+                         "and float 32/64 bit)")
+    frames = len(raw or b"") // (width * channels)
+    if frames == 0:
         raise ValueError("it has no samples")
-    if width == 1:
+    raw = raw[:frames * width * channels]
+    if tag == IEEE_FLOAT:
+        samples = np.frombuffer(raw, "<f4" if width == 4 else "<f8").astype(np.float32)
+        if not np.isfinite(samples).all():
+            raise ValueError("it holds NaN or infinite samples")
+    elif width == 1:
         samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width == 2:
         samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
@@ -106,11 +194,9 @@ def _decode_wav(data: bytes) -> tuple[np.ndarray, int]:
         b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
         ints = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
         samples = (np.where(ints >= 1 << 23, ints - (1 << 24), ints)).astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
     else:
-        raise ValueError(f"{8 * width}-bit samples")
-    return _mono(samples[: len(samples) // channels * channels].reshape(-1, channels)), rate
+        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    return _mono(samples.reshape(-1, channels)), rate
 
 
 def _mono(samples: np.ndarray) -> np.ndarray:
@@ -172,9 +258,13 @@ def load_audio_url(url, allowed_local_media_path: Optional[str] = None,
         from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
 
         got = (fetched or {}).get(url)
-        if isinstance(got, ValueError):
-            raise got
-        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        try:
+            if isinstance(got, ValueError):
+                raise got
+            data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        except ValueError as exc:  # the fetcher's messages name an image: this is audio
+            raise ValueError(str(exc).replace("The image URL", "The audio URL")
+                             .replace("The image at", "The audio at")) from None
         return AudioClip(*decode_audio(data, f"The audio at {shown_url(url)}"))
     raise ValueError(f"audio_url scheme {scheme or url[:16]!r} is not supported; use an http(s) "
                      "URL, a data:audio/...;base64 URL or file:// under --allowed-local-media-path.")

@@ -6,9 +6,10 @@ The checkpoint's ``Qwen2AudioProcessor`` (``WhisperFeatureExtractor``: the wavef
 with silence to the window, ``chunk_length`` seconds; a log-mel spectrogram of
 ``feature_size`` bins every ``hop_length`` samples) gives the features, as transformers
 feeds them to the model; a clip of ``L`` real frames (``feature_attention_mask``) takes
-``((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholders (HF's count). Clips longer than the window
-are cut to it, as HF's processor does. A text prompt is expanded by the processor; a token-id
-prompt may hold ``<|AUDIO|>`` once per clip (expanded here) or already expanded.
+``((L - 1) // 2 + 1 - 2) // 2 + 1`` placeholders (HF's count). Clips longer than the window are cut to
+it, as HF's processor does; a clip too short for one placeholder (20 ms or less at 16 kHz:
+under 3 frames) is refused, as vLLM refuses it. A text prompt is expanded by the processor; a
+token-id prompt may hold ``<|AUDIO|>`` once per clip (expanded here) or already expanded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from tessellm.multimodal.audio import as_audio_list
+from tessellm.multimodal.audio import as_audio_list, audio_items
 from tessellm.multimodal.inputs import MultiModalFeature
 from tessellm.multimodal.processor import ImageProcessor
 
@@ -77,8 +78,10 @@ class Qwen2AudioInputs(ImageProcessor):
                              f"--limit-mm-per-prompt '{{\"audio\": {num_audios}}}'.")
 
     def process(self, prompt: Union[str, Sequence[int]], audios) -> tuple[list[int], list[MultiModalFeature]]:
-        clips = as_audio_list(audios, self.sampling_rate)
-        self.check_audio_count(len(clips))
+        fe = self.feature_extractor
+        items = audio_items(audios)
+        self.check_audio_count(len(items))  # before any clip is converted or resampled
+        clips = as_audio_list(items, self.sampling_rate, int(getattr(fe, "n_samples", 0)) or None)
         fe_args = dict(sampling_rate=self.sampling_rate, return_tensors="np")
         if isinstance(prompt, str):
             out = self._run(lambda: self.hf(text=prompt, audio=clips, **fe_args))
@@ -97,11 +100,25 @@ class Qwen2AudioInputs(ImageProcessor):
                              "processor config does not match its config.json.")
         frames = [int(n) for n in np.asarray(mask).sum(-1)]
         lengths = [audio_output_length(n) for n in frames]
+        for i, (clip, n) in enumerate(zip(clips, lengths)):
+            if n < 1:  # vLLM: "too short to be represented inside the model"
+                shortest = self._shortest_clip()
+                raise ValueError(f"Audio clip {i} is too short for the model: {len(clip)} samples "
+                                 f"({1000 * len(clip) / self.sampling_rate:g} ms at "
+                                 f"{self.sampling_rate} Hz) give no audio token; send at least "
+                                 f"{shortest} samples ({1000 * shortest / self.sampling_rate:g} ms).")
         if ids is None:
             ids = self._expand(list(prompt), lengths)
         spans = self._spans(ids, lengths)
         return ids, [MultiModalFeature.from_pixels(f, start, n, modality="audio", audio_frames=k)
                      for f, start, n, k in zip(features, spans, lengths, frames)]
+
+    def _shortest_clip(self) -> int:
+        """Samples of the shortest clip that gives one placeholder (321 at 16 kHz: 3 frames)."""
+        from tessellm.models.qwen2_audio import audio_output_length
+
+        frames = next(n for n in range(1, 64) if audio_output_length(n) >= 1)
+        return (frames - 1) * int(self.feature_extractor.hop_length) + 1
 
     @staticmethod
     def _run(call):

@@ -16,7 +16,7 @@ import pytest
 
 from tessellm import LLM, SamplingParams
 from tessellm.config import EngineArgs
-from tessellm.multimodal.audio import decode_audio, encode_wav
+from tessellm.multimodal.audio import decode_audio, encode_wav, split_audio
 from tests.multimodal.serve_app import MAX_NEW, chat_body, serve
 from tests.multimodal.tiny_qwen2_audio import AUDIO_PAD, SAMPLING_RATE, clip, hf_greedy
 
@@ -103,6 +103,51 @@ def test_wav_decoding_of_pcm_widths_and_channels(width):
     np.testing.assert_allclose(samples, (ints / float(1 << (bits - 1))).mean(axis=1), atol=1e-6)
 
 
+def _riff(fmt: bytes, data: bytes) -> bytes:
+    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + b"data" + len(data).to_bytes(4, "little") + data
+    return b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks
+
+
+def test_wav_extensible_and_float_files_decode():
+    """WAVE_FORMAT_EXTENSIBLE (sox / ffmpeg's 24-bit and multichannel files) and float WAV
+    (scipy.io.wavfile's float32): decoded (Python 3.11's ``wave`` refused both: 'unknown
+    format'); a data chunk claiming more than the file holds gives the frames present."""
+    import struct
+
+    from scipy.io import wavfile
+
+    rng = np.random.default_rng(5)
+    ints = rng.integers(-(1 << 23), 1 << 23, size=(40, 3), dtype=np.int64)
+    raw = b"".join(int(v).to_bytes(3, "little", signed=True) for v in ints.ravel())
+    guid_pcm = struct.pack("<H", 1) + bytes.fromhex("000000001000800000aa00389b71")
+    fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 3, 22050, 22050 * 9, 9, 24, 22, 24, 0) + guid_pcm
+    samples, rate = decode_audio(_riff(fmt, raw))
+    assert rate == 22050
+    np.testing.assert_allclose(samples, (ints / float(1 << 23)).mean(axis=1), atol=1e-6)
+    wave_ = clip(6, 0.1)
+    out = io.BytesIO()
+    wavfile.write(out, SAMPLING_RATE, np.stack([wave_, -wave_ / 2], axis=1))
+    samples, rate = decode_audio(out.getvalue())
+    assert rate == SAMPLING_RATE
+    np.testing.assert_allclose(samples, wave_ / 4, atol=1e-7)
+    cut = bytearray(encode_wav(wave_, SAMPLING_RATE))[:-101]  # truncated mid-sample
+    samples, _ = decode_audio(bytes(cut))
+    assert len(samples) == len(wave_) - 51
+    with pytest.raises(ValueError, match="0 channels"):
+        decode_audio(_riff(struct.pack("<HHIIHH", 1, 0, 16000, 32000, 2, 16), b"\0" * 8))
+    with pytest.raises(ValueError, match="format tag 6"):  # a-law: soundfile's
+        decode_audio(_riff(struct.pack("<HHIIHH", 6, 1, 8000, 8000, 1, 8), b"\0" * 8))
+
+
+def test_wav_header_with_rate_zero_is_refused_by_decoding():
+    """A WAV header claiming 0 Hz: refused when decoded, naming the header (was accepted, and
+    refused later as "multi_modal_data['audio'][0] has sampling rate 0" for a chat part)."""
+    wav = bytearray(encode_wav(clip(1), SAMPLING_RATE))
+    wav[24:28] = (0).to_bytes(4, "little")  # the fmt chunk's sample rate
+    with pytest.raises(ValueError, match="header gives a sampling rate of 0 Hz"):
+        decode_audio(bytes(wav))
+
+
 async def _requests(c):
     a = clip(22)
     ok = await c.post("/v1/chat/completions", json=chat_body(input_audio(a), TEXT, return_token_ids=True))
@@ -140,14 +185,36 @@ async def _transcriptions(c):
     def post(files=(("file", ("a.wav", wav, "audio/wav")),), **data):
         return c.post("/v1/audio/transcriptions", files=dict(files), data={"model": "m", **data})
 
+    async def raw(parts):  # a form built by hand: repeated fields, raw bytes
+        body = b"".join(b'--B\r\nContent-Disposition: form-data; name="%s"%s\r\n\r\n%s\r\n'
+                        % (name, b'; filename="a.wav"' if name == b"file" else b"", value)
+                        for name, value in parts) + b"--B--\r\n"
+        return await c.post("/v1/audio/transcriptions", content=body,
+                            headers={"content-type": "multipart/form-data; boundary=B"})
+
     ok = await post(language="en", max_completion_tokens="5")
     text = await post(language="en", max_completion_tokens="5", response_format="text")
+    top_k = await post(language="en", max_completion_tokens="5", temperature="1", top_k="1", seed="7")
+    long = await post(files=(("file", ("b.wav", encode_wav(clip(26, 5.0), SAMPLING_RATE), "audio/wav")),),
+                      language="en", max_completion_tokens="4")
+    short = encode_wav(clip(23)[:320], SAMPLING_RATE)
     bad = [await post(files=(("file", ("a.mp3", b"ID3 not audio", "audio/mpeg")),)),
            await post(response_format="srt"),
            await post(files=()),
            await post(language="english"),
-           await c.post("/v1/audio/transcriptions", json={"model": "m"})]
-    return ok, text, bad
+           await c.post("/v1/audio/transcriptions", json={"model": "m"}),
+           # these were 500s (SamplingParams' ValueError; an IndexError for the short clip)
+           await post(temperature="nan"),
+           await post(temperature="3"),
+           await post(files=(("file", ("a.wav", short, "audio/wav")),)),
+           # these were accepted: the last file won, bytes became U+FFFD
+           await raw([(b"file", wav), (b"file", b"RIFF junk"), (b"model", b"m")]),
+           await raw([(b"file", wav), (b"model", b"m"), (b"prompt", b"\xff\xfe hi")]),
+           await post(top_p="2"),
+           # 20000 samples claiming 1 Hz: 20000 s, over 64 windows (was 10000 requests of 2 samples)
+           await post(files=(("file", ("c.wav", encode_wav(clip(27, 1.25), 1), "audio/wav")),)),
+           await post(seed="x")]
+    return ok, (text, top_k, long), bad
 
 
 def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
@@ -158,17 +225,31 @@ def test_transcriptions_endpoint_runs_the_asr_prompt(qwen2_audio_dir):
     from tessellm.entrypoints.openai.serving_transcription import transcription_prompt
 
     args = EngineArgs(model=qwen2_audio_dir, dtype="float32", num_kv_blocks=64, block_size=4)
-    ok, text, bad = asyncio.run(serve(args, _transcriptions))
+    ok, (text, top_k, long), bad = asyncio.run(serve(args, _transcriptions))
     assert ok.status_code == 200, ok.text
     want = hf_greedy(qwen2_audio_dir, [transcription_prompt("en", None)], [[decoded(clip(23))]], 5)[0]
     tok = AutoTokenizer.from_pretrained(qwen2_audio_dir)
     assert ok.json()["text"] == tok.decode(want, skip_special_tokens=True).strip()
-    assert ok.json()["usage"]["output_tokens"] == 5
+    assert ok.json()["usage"] == {"type": "duration", "seconds": 1}  # vLLM's: 0.6 s, rounded up
     assert text.status_code == 200 and text.text == ok.json()["text"]
-    params = ["file", "response_format", "file", "language", "file"]
+    assert top_k.status_code == 200 and top_k.json()["text"] == ok.json()["text"]  # vLLM's field
+    # 5 s in a 2 s window: three pieces cut in pauses, each transcribed (only the first 2 s before)
+    pieces = split_audio(decoded(clip(26, 5.0)), SAMPLING_RATE, 2 * SAMPLING_RATE)
+    assert len(pieces) == 3 and sum(map(len, pieces)) == 5 * SAMPLING_RATE
+    want = [tok.decode(t, skip_special_tokens=True).strip() for t in hf_greedy(
+        qwen2_audio_dir, [transcription_prompt("en", None)] * 3, [[p] for p in pieces], 4)]
+    assert long.status_code == 200, long.text
+    assert long.json() == {"text": " ".join(w for w in want if w), "usage": {"type": "duration", "seconds": 5}}
+    params = ["file", "response_format", "file", "language", "file", "temperature", "temperature",
+              "file", "file", "prompt", "top_p", "file", "seed"]
+    assert len(bad) == len(params)
     for r, param in zip(bad, params):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == param, r.json()
+    assert "too short" in bad[7].json()["error"]["message"]
+    assert "more than one 'file'" in bad[8].json()["error"]["message"]
+    assert "not UTF-8" in bad[9].json()["error"]["message"]
+    assert "over 64 windows of 2 s" in bad[11].json()["error"]["message"]
 
 
 def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):
@@ -188,3 +269,40 @@ def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):
     want = llm.chat([{"role": "user", "content": [input_audio(clip(24)), TEXT]}], greedy,
                     use_tqdm=False)[0].outputs[0].text
     assert out.stdout == want + "\n"
+
+
+def test_http_audio_url_is_fetched_under_the_image_rules(monkeypatch):
+    """An http(s) audio_url: fetched with the image fetcher's rules (size cap, status), its
+    problems named as the audio's (the messages said "The image URL" before)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tessellm.multimodal.audio import load_audio_url
+
+    wav = encode_wav(clip(25), SAMPLING_RATE)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body, code = {"/a.wav": (wav, 200), "/big.wav": (wav * 4, 200)}.get(self.path, (b"no", 404))
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        monkeypatch.setenv("TESSELLM_IMAGE_FETCH_MAX_MB", str(2 * len(wav) / (1 << 20)))
+        got = load_audio_url(f"{base}/a.wav")
+        np.testing.assert_array_equal(got.waveform, decoded(clip(25)))
+        with pytest.raises(ValueError, match=f"The audio URL {base}/gone.wav answered HTTP 404"):
+            load_audio_url(f"{base}/gone.wav")
+        with pytest.raises(ValueError, match=f"The audio at {base}/big.wav is larger than"):
+            load_audio_url(f"{base}/big.wav")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -124,11 +124,16 @@ def test_prefix_cache_same_clip_hits_other_clip_misses(llm, qwen2_audio_dir):
 
 @pytest.mark.parametrize("data, match", [
     ({"audio": [clip(1)] * 3}, "3 audio clips, over the limit of 2"),
+    # counted before any clip is resampled (was: the rate's error, after resampling the others)
+    ({"audio": [(clip(1), 44100)] * 2 + [(clip(1), 0)]}, "3 audio clips, over the limit of 2"),
     ({"audio": (clip(1), 0)}, "sampling rate 0"),
     ({"audio": np.zeros((2, 100), np.float32)}, "shape \\(2, 100\\)"),
     ({"audio": "loud.wav"}, "shape \\(\\)|is a str"),
     ({"audio": [np.array([np.nan], np.float32)]}, "NaN"),
     ({"image": [object()]}, "takes audio, not images"),
+    # 20 ms at 16 kHz: 2 mel frames, no placeholder (an IndexError from the span search before)
+    ({"audio": [(clip(1)[:320], SAMPLING_RATE)]}, "too short for the model: 320 samples .*at least 321"),
+    ({"audio": [(clip(1)[:160], SAMPLING_RATE // 2)]}, "too short for the model: 320 samples"),
 ])
 def test_bad_audio_is_refused_and_the_engine_keeps_serving(llm, data, match):
     with pytest.raises(ValueError, match=match):
@@ -186,3 +191,78 @@ def test_audio_to_a_text_only_model_is_refused_by_name(tiny_model_dir):
             llm.generate({"prompt_token_ids": [1, 2, 3], "multi_modal_data": {"audio": clip(1)}}, GREEDY,
                          use_tqdm=False)
         assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_shortest_clip_gives_one_placeholder_as_hf_counts(llm):
+    """321 samples: 3 mel frames, 1 placeholder (HF's count); the engine runs it."""
+    got, out = _generate(llm, [PROMPT], [[clip(1)[:321]]])
+    assert out[0].prompt_token_ids.count(AUDIO_PAD) == 1 and len(got[0]) == MAX_NEW
+
+
+def test_resampling_reads_only_the_window():
+    """A clip at another rate is cut to what the window's samples read before resampling: the
+    window's samples equal the whole clip's, and a header claiming 1 Hz (16000x upsampling)
+    stays small. A prime rate's ratio is approximated (a small filter), within 1e-6."""
+    from fractions import Fraction
+
+    from scipy.signal import resample_poly
+
+    from tessellm.multimodal.audio import MAX_RATIO_TERM, resample
+
+    wave_ = clip(30, 1.0, 8000)
+    whole = resample(wave_, 8000, SAMPLING_RATE)
+    cut = resample(wave_, 8000, SAMPLING_RATE, max_samples=4000)
+    assert len(whole) == 16000 and 4000 <= len(cut) < 4200
+    np.testing.assert_array_equal(cut[:4000], whole[:4000])
+    for rate in (44100, 48000, 22050):
+        w = clip(31, 1.0, rate)
+        np.testing.assert_array_equal(resample(w, rate, SAMPLING_RATE, max_samples=3200)[:3200],
+                                      resample(w, rate, SAMPLING_RATE)[:3200])
+    tiny = resample(np.ones(5000, np.float32), 1, SAMPLING_RATE, max_samples=32000)
+    assert len(tiny) < 32000 + 16 * SAMPLING_RATE  # not 5000 * 16000 samples
+    prime = resample(clip(32, 0.01, 999983), 999983, SAMPLING_RATE)
+    ratio = Fraction(len(prime), 9999)  # 9999 input samples
+    assert abs(float(ratio) * 999983 / SAMPLING_RATE - 1) < 1e-3 and MAX_RATIO_TERM < 999983
+    want = resample_poly(clip(32, 0.01, 999983), 16000, 999983)
+    np.testing.assert_allclose(prime[:len(want) - 1], want[:len(want) - 1], atol=5e-3)
+
+
+def test_float16_encoder_layer_clamps_as_hf():
+    """A float16 encoder layer whose output overflows: clamped to the finite range as HF's
+    ``Qwen2AudioEncoderLayer`` (inf before)."""
+    import torch
+    from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoderLayer
+
+    from tessellm.models.qwen2_audio import AudioEncoderLayer
+    from tests.multimodal.tiny_qwen2_audio import config
+
+    cfg = config().audio_config
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = Qwen2AudioEncoderLayer(cfg).eval()
+    with torch.no_grad():
+        hf.fc2.bias.fill_(60000.0)  # with a residual of ~10000: past float16's 65504
+    ours = AudioEncoderLayer(cfg)
+    ours.load_state_dict(hf.state_dict())
+    hf, ours = hf.half(), ours.half()
+    x = (torch.randn(1, 8, cfg.d_model) + 10000).half()
+    with torch.no_grad():
+        want = hf(x, None)
+        want = want[0] if isinstance(want, tuple) else want
+        got = ours(x, torch.ones(1, 1, 1, 8, dtype=torch.bool))
+    assert torch.isfinite(want).all() and want.max() == torch.finfo(torch.float16).max - 1000
+    torch.testing.assert_close(got, want, atol=32, rtol=1e-3)
+
+
+def test_preemption_with_chunked_prefill_recomputes_the_clips(llm, qwen2_audio_dir):
+    """A KV pool too small for four clip prompts at once, 16-token chunks: requests are
+    preempted and recomputed (their clips encoded again), each output the one it has alone."""
+    reqs = [_request(PROMPT, [clip(40 + i, 0.3 + 0.2 * i)]) for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=40, min_tokens=40, ignore_eos=True)
+    alone = [llm.generate([r], params, use_tqdm=False)[0].outputs[0].token_ids for r in reqs]
+    with LLM(qwen2_audio_dir, dtype="float32", num_kv_blocks=40, block_size=BS,
+             max_num_batched_tokens=16) as tight:
+        out = tight.generate(reqs, params, use_tqdm=False)
+        assert tight.engine.core.scheduler.num_preemptions_total > 0
+        assert not tight.engine.core.runner.encoder_cache.features  # nothing held after
+    assert [o.outputs[0].token_ids for o in out] == alone
