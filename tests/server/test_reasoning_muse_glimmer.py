@@ -10,6 +10,7 @@ import pytest
 
 from tessellm.reasoning.budget import thinking_strings
 from tessellm.reasoning.muse_glimmer import UNTAGGED, GlimmerSplit, initial_recipient
+from tests.server.streaming_split import fed_blind, streamed
 
 TOOL = '<atem:function_calls><atem:invoke name="weather.get"></atem:invoke></atem:function_calls>'
 OUTPUT = ("to=self<|message|>Look it up first.<|eom|>"
@@ -18,21 +19,11 @@ OUTPUT = ("to=self<|message|>Look it up first.<|eom|>"
           "to=user<|message|>It is sunny, to=me at least.<|eot|>")
 
 
-def _streamed(split, text):
-    """Every prefix through one split (as a stream's calls): each string only grows."""
-    prev = ("", "")
-    for i in range(len(text) + 1):
-        reasoning, answer = split.split(text[:i], [], final=False)
-        assert (reasoning or "").startswith(prev[0]) and answer.startswith(prev[1]), text[:i]
-        prev = (reasoning or "", answer)
-    return prev
-
-
 def test_self_channels_are_the_reasoning_user_channels_the_answer():
     reasoning, answer = GlimmerSplit().split(OUTPUT)
     assert reasoning == "Look it up first.\nIt said sunny."  # vLLM's join; the tool channel in neither
     assert answer == "It is sunny, to=me at least."
-    assert _streamed(GlimmerSplit(), OUTPUT) == (reasoning, answer)
+    assert streamed(GlimmerSplit(), OUTPUT) == (reasoning, answer)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,9 +33,9 @@ def test_self_channels_are_the_reasoning_user_channels_the_answer():
     ("plain text, no channel", (None, "plain text, no channel")),
     ("to=self<|message|>a<|eom|>junk between<|start|>assistant<|message|>b", ("a", "b")),
 ])
-def test_edges_whole_and_streamed(text, expected):
+def test_edges_whole_andstreamed(text, expected):
     assert GlimmerSplit().split(text) == expected
-    assert _streamed(GlimmerSplit(), text) == (expected[0] or "", expected[1])
+    assert streamed(GlimmerSplit(), text) == (expected[0] or "", expected[1])
 
 
 def test_the_prompt_open_channel_decides_where_the_output_starts():
@@ -53,7 +44,7 @@ def test_the_prompt_open_channel_decides_where_the_output_starts():
     assert initial_recipient("<|start|>assistant<|message|>") == UNTAGGED
     assert initial_recipient("<|start|>assistant to=self<|message|>done<|eom|>") is None
     assert GlimmerSplit("self").split("more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
-    assert _streamed(GlimmerSplit("self"), "more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
+    assert streamed(GlimmerSplit("self"), "more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
 
 
 def test_thinking_budget_markers():
