@@ -44,7 +44,7 @@ def test_a_stream_reads_each_delta_and_a_markers_length_back(keep_blocks):
     """A long output fed 3 and 7 characters a call, the text more than two markers' length
     before the previous call's end blinded: every call equals a fresh split of the true prefix,
     so no call read the settled text again (the split is linear, not quadratic, in the output)."""
-    text = OUTPUT * 30 + f"{M}{THINK}open at the end \n"
+    text = OUTPUT * 12 + f"{M}{THINK}open at the end \n"
     window = 2 * LONGEST
 
     def fresh(prefix, final):
@@ -53,7 +53,7 @@ def test_a_stream_reads_each_delta_and_a_markers_length_back(keep_blocks):
     for step in (3, 7):
         split = InklingSplit(HEADER, keep_blocks)
         last = fed_blind(lambda t, final: split.split(t, [], final), fresh, text, step, window)
-        assert last[0] == "I should look it up.Then answer." * 30 + "open at the end"
+        assert last[0] == "I should look it up.Then answer." * 12 + "open at the end"
 
 
 def test_where_the_output_starts_and_edge_blocks():

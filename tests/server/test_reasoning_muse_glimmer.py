@@ -38,6 +38,32 @@ def test_edges_whole_andstreamed(text, expected):
     assert streamed(GlimmerSplit(), text) == (expected[0] or "", expected[1])
 
 
+def test_a_stream_reads_each_delta_and_a_bounded_look_back():
+    """A long output fed 3 and 7 characters a call, the text more than 64 characters (a marker
+    and a header) before the previous call's end blinded: every call equals a fresh split of the
+    true prefix, so no call read the settled text again (linear, not quadratic)."""
+    text = OUTPUT * 12 + "<|start|>assistant to=self<|message|>open at the end"
+
+    def fresh(prefix, final):
+        return GlimmerSplit().split(prefix, [], final)
+
+    for step in (3, 7):
+        split = GlimmerSplit()
+        last = fed_blind(lambda t, final: split.split(t, [], final), fresh, text, step, 64)
+        assert last[0].endswith("It said sunny.\nopen at the end")
+
+
+def test_a_long_run_of_blanks_is_read_once():
+    """Blanks before a header are not the body; the header is read back from its <|message|>
+    (the regular expression this replaced tried a match at every blank: 8,000 took seconds)."""
+    blanks = " \t" * 100_000
+    text = f"to=self<|message|>think{blanks}x{blanks}to=user<|message|>Hi"
+    assert GlimmerSplit().split(text) == (f"think{blanks}x", "Hi")
+    split = GlimmerSplit()
+    assert [split.split(text[:cut], [], False) for cut in (len(text) // 3, len(text))][-1] == (f"think{blanks}x", "Hi")
+    assert initial_recipient(f"<|start|>assistant{blanks}to=self<|message|>{blanks}") == "self"
+
+
 def test_the_prompt_open_channel_decides_where_the_output_starts():
     assert initial_recipient("<|start|>user<|message|>hi<|eom|><|start|>assistant") is None
     assert initial_recipient("<|start|>assistant to=self<|message|>") == "self"
