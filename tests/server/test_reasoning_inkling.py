@@ -56,6 +56,54 @@ def test_a_stream_reads_each_delta_and_a_markers_length_back(keep_blocks):
         assert last[0] == "I should look it up.Then answer." * 12 + "open at the end"
 
 
+def _calls(result):
+    return result.content, [(c.name, c.arguments) for c in result.calls]
+
+
+def test_the_tool_parser_reads_each_delta_and_a_markers_length_back():
+    """The inkling tool parser streamed blind as the split above: every call equals a fresh
+    parse of the true prefix (an open call's name included), so a call's JSON is read from the
+    parser's own copy of the block, not from the settled text; the last is the whole parse."""
+    block = (f'{M}get_weather{CALL}{{"name": "get_weather", "args": {{"city": "SF"}}}}{END}'
+             f"{M}{TEXT}Let me check.{END}{M}{THINK}hmm{END}")
+    text = block * 12 + f'{M}{CALL}{{"args": {{"n": "{"x" * 200}"}}, "name": "f"}}'
+
+    def fresh(prefix, final):
+        return _calls(InklingParser().parse(prefix, final))
+
+    for step in (3, 7):
+        parser = InklingParser()
+        content, calls = fed_blind(lambda t, final: _calls(parser.parse(t, final)), fresh, text, step, 2 * LONGEST)
+        assert content == "Let me check." * 12 and calls[-1] == ("f", '{"n": "' + "x" * 200 + '"}')
+        assert calls[:-1] == [("get_weather", '{"city": "SF"}')] * 12
+
+
+def test_each_choice_has_a_tool_parser_of_its_own():
+    """n > 1: the views of one request get parsers of their own (the parser keeps its stream's
+    state). Two outputs of one length that end alike, streamed in turns: each gets its own
+    calls (one shared parser took the second for the first grown: the same characters where
+    it checks)."""
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto")
+    plan = ToolPlan(req, "inkling")
+    views = [plan.view(), plan.view()]
+    assert views[0].parser is not views[1].parser
+    tail = f"{M}{TEXT}" + "same words, " * 10 + END
+    texts = [f'{CALL}{{"name": "f"}}{END}' + tail, f"{TEXT}hello there, world.......{END}" + tail]
+    assert len(texts[0]) == len(texts[1])
+    got = [[], []]
+    for cut in range(4, len(texts[0]) + 4, 4):
+        for i in (0, 1):
+            content, pieces = views[i].delta(texts[i][:cut], final=cut >= len(texts[i]))
+            got[i].append((content, [p.function.name for p in pieces if p.function.name]))
+    assert "".join(c for c, _ in got[0]) == "same words, " * 10
+    assert [n for _, names in got[0] for n in names] == ["f"]
+    assert "".join(c for c, _ in got[1]) == "hello there, world......." + "same words, " * 10
+    assert [n for _, names in got[1] for n in names] == []
+
+
 def test_where_the_output_starts_and_edge_blocks():
     assert initial_state(f"{M}{TEXT}hi{END}{M}") == HEADER
     assert initial_state(f"{M}{THINK}partial thought") == THINKING
