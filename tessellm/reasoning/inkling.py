@@ -41,7 +41,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from tessellm.reasoning.holdback import held_back
-from tessellm.reasoning.scan import Growing, Joined, Occurrences
+from tessellm.reasoning.scan import Growing, Joined
 
 MODEL = "<|message_model|>"
 THINK, TEXT, CALL = "<|content_thinking|>", "<|content_text|>", "<|content_invoke_tool_json|>"
@@ -91,22 +91,7 @@ class InklingSplit:
     def split(self, text: str, token_ids: Sequence[int] = (), final: bool = True) -> tuple[Optional[str], str]:
         if not self._read.continues(text):
             self._reset()  # not the text seen before, grown: start over
-        state, pos = self._state, self._read.pos
-        found = Occurrences(text, MARKERS)
-        while (hit := found.next(pos, IN_THINKING if state == THINKING else MARKERS))[0] >= 0:
-            at, marker = hit
-            self._add(state, text[pos:at])
-            nxt = _next_state(state, marker)
-            if self.keep_blocks and marker != THINK and not (state == THINKING and marker in ENDS):
-                self._answer.add(marker)  # the tool parser reads every block but the thinking
-            if state == THINKING and nxt != THINKING:
-                self._thoughts.add(self._block.text()[:self._block.kept])
-                self._block = None
-            elif nxt == THINKING and state != THINKING:
-                self._block, self._any = Joined(), True
-            state, pos = nxt, at + len(marker)
-        # no marker starts before len - LONGEST + 1 that was not found: that text is settled
-        settled = max(pos, len(text) - LONGEST + 1)
+        state, pos, settled = self._read.walk(text, self._state, MARKERS, _markers_in, self._step)
         self._add(state, text[pos:settled])
         self._state = state
         self._read.settle(text, settled)
@@ -114,6 +99,19 @@ class InklingSplit:
         if not final:
             rest = rest[:len(rest) - held_back(rest, MARKERS)]
         return self._result(state, rest)
+
+    def _step(self, state: str, piece: str, marker: str) -> str:
+        """The block (or header) in ``state`` ends with ``piece`` at ``marker``: the state after."""
+        self._add(state, piece)
+        nxt = _next_state(state, marker)
+        if self.keep_blocks and marker != THINK and not (state == THINKING and marker in ENDS):
+            self._answer.add(marker)  # the tool parser reads every block but the thinking
+        if state == THINKING and nxt != THINKING:
+            self._thoughts.add(self._block.text()[:self._block.kept])
+            self._block = None
+        elif nxt == THINKING and state != THINKING:
+            self._block, self._any = Joined(), True
+        return nxt
 
     def _add(self, state: str, piece: str) -> None:
         if state == THINKING:
@@ -136,3 +134,7 @@ class InklingSplit:
 
 
 IN_THINKING = (THINK, CALL, *ENDS)  # the markers that mean anything inside a thinking block
+
+
+def _markers_in(state: str) -> Sequence[str]:
+    return IN_THINKING if state == THINKING else MARKERS

@@ -10,7 +10,7 @@ markers in one call's text, each marker's search resuming where it stopped.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class Growing:
@@ -28,6 +28,21 @@ class Growing:
 
     def settle(self, text: str, pos: int) -> None:
         self.pos, self._seen = pos, text[max(0, pos - self.window):pos]
+
+    def walk(self, text: str, state: str, markers: Sequence[str], markers_in: Callable[[str], Sequence[str]],
+             step: Callable[[str, str, str], str]) -> tuple[str, int, int]:
+        """From the settled position, each marker met in turn: ``step(state, piece, marker)``
+        (``piece``: the text before it) returns the state after it; ``markers_in(state)``: the
+        markers that mean anything in ``state``. Returns the last state, where the text after
+        the last marker starts, and how far the text is now settled (no marker starts before
+        it unfound, ``window`` being the longest marker's length)."""
+        pos = self.pos
+        found = Occurrences(text, markers)
+        while (hit := found.next(pos, markers_in(state)))[0] >= 0:
+            at, marker = hit
+            state = step(state, text[pos:at], marker)
+            pos = at + len(marker)
+        return state, pos, max(pos, len(text) - self.window + 1)
 
 
 class Joined:

@@ -33,7 +33,7 @@ from typing import Optional
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
                                                            call_from_object, decode_at, partial_name, skip_ws)
 from tessellm.reasoning.holdback import held_back
-from tessellm.reasoning.scan import Growing, Joined, Occurrences
+from tessellm.reasoning.scan import Growing, Joined
 
 MODEL = "<|message_model|>"
 TEXT, THINK, CALL = "<|content_text|>", "<|content_thinking|>", "<|content_invoke_tool_json|>"
@@ -41,6 +41,10 @@ TEXT_KINDS = (TEXT, "<|content_invoke_tool_text|>", "<|content_tool_error|>")  #
 ENDS = ("<|end_message|>", "<|content_model_end_sampling|>")
 MARKERS = (MODEL, THINK, CALL, *TEXT_KINDS, *ENDS)
 LONGEST = max(map(len, MARKERS))
+
+
+def _markers_in(state: str) -> tuple[str, ...]:
+    return ENDS if state == CALL else MARKERS  # inside a JSON tool block only its end means anything
 
 
 def _call(body: str) -> Optional[ParsedToolCall]:
@@ -73,13 +77,7 @@ class InklingParser(ToolParser):
     def parse(self, text: str, final: bool) -> ParseResult:
         if not self._read.continues(text):
             self._reset()  # not the text seen before, grown: start over
-        state, pos = self._state, self._read.pos
-        found = Occurrences(text, MARKERS)
-        while (hit := found.next(pos, ENDS if state == CALL else MARKERS))[0] >= 0:
-            at, marker = hit
-            self._close(state, text[pos:at], marker)
-            pos, state = at + len(marker), self._next_state(state, marker)
-        settled = max(pos, len(text) - LONGEST + 1)  # no marker starts before it unfound
+        state, pos, settled = self._read.walk(text, self._state, MARKERS, _markers_in, self._close)
         piece = text[pos:settled]
         if state == CALL and not self._broken or state == MODEL:
             self._block.add(piece)  # decided when the block closes
@@ -92,8 +90,8 @@ class InklingParser(ToolParser):
             self._reset()  # the output ended: a next call parses another
         return result
 
-    def _close(self, state: str, piece: str, marker: str) -> None:
-        """The block (or header) in ``state`` ends with ``piece`` at ``marker``."""
+    def _close(self, state: str, piece: str, marker: str) -> str:
+        """The block (or header) in ``state`` ends with ``piece`` at ``marker``: the state after."""
         if state == CALL and not self._broken:
             body = self._block.text() + piece
             call = _call(body)
@@ -107,6 +105,7 @@ class InklingParser(ToolParser):
         elif state == MODEL and marker in ENDS:  # a header that ends a block: text
             self._content.add(self._block.text() + piece)
         self._open_block()
+        return self._next_state(state, marker)
 
     def _result(self, state: str, rest: str, final: bool) -> ParseResult:
         """The settled content and calls with the unsettled ``rest`` (in ``state``) after them."""
