@@ -51,13 +51,13 @@ def initial_recipient(prompt_tail: str) -> Optional[str]:
     ``<|start|>assistant`` (``UNTAGGED`` for a bare ``<|message|>``); None when none is open."""
     at = prompt_tail.rfind(TURN)
     turn = prompt_tail[at + len(TURN):] if at >= 0 else prompt_tail
-    pos = 0
-    while (header := _next_header(turn, pos)) is not None:
-        _, body, recipient = header
-        _, nxt = _body_end(turn, body)
-        if nxt is None:
+    found, pos = Occurrences(turn, _MARKERS), 0
+    while (at := found.next(pos, (MESSAGE,))[0]) >= 0:  # a header: its body runs to its end
+        recipient, body = _header_start(turn, pos, at)[1] or UNTAGGED, at + len(MESSAGE)
+        end, marker = found.next(body, _MARKERS)
+        if end < 0:
             return recipient
-        pos = nxt
+        pos = end + len(marker) if marker in ENDS else _header_start(turn, body, end)[0] if marker == MESSAGE else end
     return None
 
 
@@ -84,26 +84,6 @@ def _header_start(text: str, lo: int, at: int) -> tuple[int, Optional[str]]:
         if role - len(START) >= lo and text.startswith(START, role - len(START)):
             p = role - len(START)
     return p, recipient
-
-
-def _next_header(text: str, pos: int) -> Optional[tuple[int, int, str]]:
-    """``(start, body start, recipient)`` of the first header at or after ``pos``; None: none."""
-    at = text.find(MESSAGE, pos)
-    if at < 0:
-        return None
-    start, recipient = _header_start(text, pos, at)
-    return start, at + len(MESSAGE), recipient or UNTAGGED
-
-
-def _body_end(text: str, start: int) -> tuple[int, Optional[int]]:
-    """Where the body from ``start`` ends (an end marker, the next header or ``<|start|>``) and
-    where the next message search resumes (None: the body is still open at the end)."""
-    at, marker = Occurrences(text, _MARKERS).next(start, _MARKERS)
-    if at < 0:
-        return len(text), None
-    if marker == MESSAGE:
-        at = _header_start(text, start, at)[0]
-    return at, at + len(marker) if marker in ENDS else at
 
 
 class GlimmerSplit:
@@ -182,12 +162,10 @@ class GlimmerSplit:
 
 
 def _safe_tail(body: str) -> str:
-    """``body`` less a trailing piece that could still become a marker or a header."""
-    while True:
-        trimmed = body[:len(body) - held_back(body, _MARKERS)]
-        tail = _HEADER_TAIL.search(trimmed)
-        if tail is not None:
-            trimmed = trimmed[:tail.start()]
-        if trimmed == body:
-            return body
-        body = trimmed
+    """``body`` less a trailing piece that could still become a marker or a header: the start
+    of a marker at its end, then a header's start before that (`` to=us`` of `` to=user<|me``).
+    Once each: what lies before cannot become either (``"to=to="``: only the last ``to=`` may
+    still be a header; trimming again and again held all of it back, in quadratic time)."""
+    trimmed = body[:len(body) - held_back(body, _MARKERS)]
+    tail = _HEADER_TAIL.search(trimmed)
+    return trimmed[:tail.start()] if tail is not None else trimmed

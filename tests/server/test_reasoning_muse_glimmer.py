@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 
 from tessellm.reasoning.budget import thinking_strings
-from tessellm.reasoning.muse_glimmer import UNTAGGED, GlimmerSplit, initial_recipient
+from tessellm.reasoning.muse_glimmer import TURN, UNTAGGED, GlimmerSplit, initial_recipient
 from tests.server.streaming_split import fed_blind, streamed
 
 TOOL = '<atem:function_calls><atem:invoke name="weather.get"></atem:invoke></atem:function_calls>'
+SELF_H, USER_H = "to=self<|message|>", "to=user<|message|>"  # one special token each in the served model
 OUTPUT = ("to=self<|message|>Look it up first.<|eom|>"
           f"<|start|>assistant to=weather.get<|message|>{TOOL}<|eom|>"
           "<|start|>assistant to=self<|message|>It said sunny.<|eom|>\n"
@@ -64,6 +65,19 @@ def test_a_long_run_of_blanks_is_read_once():
     assert initial_recipient(f"<|start|>assistant{blanks}to=self<|message|>{blanks}") == "self"
 
 
+@pytest.mark.parametrize("unit", ["to=", "<|"])
+def test_repeated_header_and_marker_starts_are_read_once(unit):
+    """Only the last ``to=`` (or ``<|``) may still become a header (a marker): the rest is body
+    while streaming (the old hold-back trimmed one after another, holding all of it back in
+    quadratic time: 20,000 characters of ``to=`` took 18 s); 20,000 headers in a row are as
+    many empty thoughts."""
+    body = unit * (60_000 // len(unit))
+    assert GlimmerSplit().split(SELF_H + body, [], final=False) == (body[:-len(unit)], "")
+    assert GlimmerSplit().split(SELF_H + body) == (body, "")
+    assert initial_recipient(TURN + SELF_H + body) == "self"
+    assert GlimmerSplit().split(SELF_H * 20_000) == ("\n" * 19_999, "")
+
+
 def test_the_prompt_open_channel_decides_where_the_output_starts():
     assert initial_recipient("<|start|>user<|message|>hi<|eom|><|start|>assistant") is None
     assert initial_recipient("<|start|>assistant to=self<|message|>") == "self"
@@ -100,7 +114,6 @@ def test_the_server_plan_keeps_the_special_tokens_and_reads_the_prompt():
 
 # -- end to end ---------------------------------------------------------------------------------
 
-SELF_H, USER_H = "to=self<|message|>", "to=user<|message|>"  # one special token each here
 CHAINS = {"[glim]": [SELF_H, " Look", " it", " up.", "<|eom|>", USER_H, " Sunny.", "<|eot|>", "</s>"]}
 
 
