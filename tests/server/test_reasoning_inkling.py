@@ -12,7 +12,8 @@ import pytest
 
 from tessellm.entrypoints.openai.tool_parsers_inkling import InklingParser
 from tessellm.reasoning.budget import thinking_strings
-from tessellm.reasoning.inkling import CONTENT, HEADER, THINKING, InklingSplit, initial_state
+from tessellm.reasoning.inkling import CONTENT, HEADER, LONGEST, THINKING, InklingSplit, initial_state
+from tests.server.streaming_split import fed_blind, streamed
 from tests.server.thinking_model import make_thinking_model
 
 M, THINK, TEXT, CALL, END = ("<|message_model|>", "<|content_thinking|>", "<|content_text|>",
@@ -22,22 +23,11 @@ OUTPUT = (f"{THINK}I should look it up. \n{END}{M}{TEXT}Let me check.{END}"
           f"{M}{THINK}Then answer.{END}{M}{TEXT} Done.<|content_model_end_sampling|>")
 
 
-def _streamed(split_factory, text):
-    """Every prefix through a fresh split (as a stream's calls): each string only grows."""
-    split = split_factory()
-    prev = ("", "")
-    for i in range(len(text) + 1):
-        reasoning, answer = split.split(text[:i], [], final=False)
-        assert (reasoning or "").startswith(prev[0]) and answer.startswith(prev[1]), text[:i]
-        prev = (reasoning or "", answer)
-    return prev
-
-
 def test_thinking_blocks_are_the_reasoning_text_blocks_the_answer():
     reasoning, answer = InklingSplit(HEADER).split(OUTPUT)
     assert reasoning == "I should look it up.Then answer."  # each block less its trailing whitespace
     assert answer == 'Let me check.{"name": "get_weather", "args": {"city": "SF"}} Done.'
-    assert _streamed(lambda: InklingSplit(HEADER), OUTPUT) == (reasoning, answer)
+    assert streamed(InklingSplit(HEADER), OUTPUT) == (reasoning, answer)
 
 
 def test_the_tool_parser_reads_the_blocks_the_split_leaves():
@@ -46,7 +36,72 @@ def test_the_tool_parser_reads_the_blocks_the_split_leaves():
     parsed = InklingParser().parse(answer, final=True)
     assert parsed.content == "Let me check. Done."
     assert [(c.name, c.arguments) for c in parsed.calls] == [("get_weather", '{"city": "SF"}')]
-    assert _streamed(lambda: InklingSplit(HEADER, keep_blocks=True), OUTPUT) == (reasoning, answer)
+    assert streamed(InklingSplit(HEADER, keep_blocks=True), OUTPUT) == (reasoning, answer)
+
+
+@pytest.mark.parametrize("keep_blocks", [False, True])
+def test_a_stream_reads_each_delta_and_a_markers_length_back(keep_blocks):
+    """A long output fed 3 and 7 characters a call, the text more than two markers' length
+    before the previous call's end blinded: every call equals a fresh split of the true prefix,
+    so no call read the settled text again (the split is linear, not quadratic, in the output)."""
+    text = OUTPUT * 12 + f"{M}{THINK}open at the end \n"
+    window = 2 * LONGEST
+
+    def fresh(prefix, final):
+        return InklingSplit(HEADER, keep_blocks).split(prefix, [], final)
+
+    for step in (3, 7):
+        split = InklingSplit(HEADER, keep_blocks)
+        last = fed_blind(lambda t, final: split.split(t, [], final), fresh, text, step, window)
+        assert last[0] == "I should look it up.Then answer." * 12 + "open at the end"
+
+
+def _calls(result):
+    return result.content, [(c.name, c.arguments) for c in result.calls]
+
+
+def test_the_tool_parser_reads_each_delta_and_a_markers_length_back():
+    """The inkling tool parser streamed blind as the split above: every call equals a fresh
+    parse of the true prefix (an open call's name included), so a call's JSON is read from the
+    parser's own copy of the block, not from the settled text; the last is the whole parse."""
+    block = (f'{M}get_weather{CALL}{{"name": "get_weather", "args": {{"city": "SF"}}}}{END}'
+             f"{M}{TEXT}Let me check.{END}{M}{THINK}hmm{END}")
+    text = block * 12 + f'{M}{CALL}{{"args": {{"n": "{"x" * 200}"}}, "name": "f"}}'
+
+    def fresh(prefix, final):
+        return _calls(InklingParser().parse(prefix, final))
+
+    for step in (3, 7):
+        parser = InklingParser()
+        content, calls = fed_blind(lambda t, final: _calls(parser.parse(t, final)), fresh, text, step, 2 * LONGEST)
+        assert content == "Let me check." * 12 and calls[-1] == ("f", '{"n": "' + "x" * 200 + '"}')
+        assert calls[:-1] == [("get_weather", '{"city": "SF"}')] * 12
+
+
+def test_each_choice_has_a_tool_parser_of_its_own():
+    """n > 1: the views of one request get parsers of their own (the parser keeps its stream's
+    state). Two outputs of one length that end alike, streamed in turns: each gets its own
+    calls (one shared parser took the second for the first grown: the same characters where
+    it checks)."""
+    from tessellm.entrypoints.openai.protocol import ChatCompletionRequest
+    from tessellm.entrypoints.openai.tools import ToolPlan
+
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=TOOLS, tool_choice="auto")
+    plan = ToolPlan(req, "inkling")
+    views = [plan.view(), plan.view()]
+    assert views[0].parser is not views[1].parser
+    tail = f"{M}{TEXT}" + "same words, " * 10 + END
+    texts = [f'{CALL}{{"name": "f"}}{END}' + tail, f"{TEXT}hello there, world.......{END}" + tail]
+    assert len(texts[0]) == len(texts[1])
+    got = [[], []]
+    for cut in range(4, len(texts[0]) + 4, 4):
+        for i in (0, 1):
+            content, pieces = views[i].delta(texts[i][:cut], final=cut >= len(texts[i]))
+            got[i].append((content, [p.function.name for p in pieces if p.function.name]))
+    assert "".join(c for c, _ in got[0]) == "same words, " * 10
+    assert [n for _, names in got[0] for n in names] == ["f"]
+    assert "".join(c for c, _ in got[1]) == "hello there, world......." + "same words, " * 10
+    assert [n for _, names in got[1] for n in names] == []
 
 
 def test_where_the_output_starts_and_edge_blocks():

@@ -9,30 +9,22 @@ from __future__ import annotations
 import pytest
 
 from tessellm.reasoning.budget import thinking_strings
-from tessellm.reasoning.muse_glimmer import UNTAGGED, GlimmerSplit, initial_recipient
+from tessellm.reasoning.muse_glimmer import TURN, UNTAGGED, GlimmerSplit, initial_recipient
+from tests.server.streaming_split import fed_blind, streamed
 
 TOOL = '<atem:function_calls><atem:invoke name="weather.get"></atem:invoke></atem:function_calls>'
+SELF_H, USER_H = "to=self<|message|>", "to=user<|message|>"  # one special token each in the served model
 OUTPUT = ("to=self<|message|>Look it up first.<|eom|>"
           f"<|start|>assistant to=weather.get<|message|>{TOOL}<|eom|>"
           "<|start|>assistant to=self<|message|>It said sunny.<|eom|>\n"
           "to=user<|message|>It is sunny, to=me at least.<|eot|>")
 
 
-def _streamed(split, text):
-    """Every prefix through one split (as a stream's calls): each string only grows."""
-    prev = ("", "")
-    for i in range(len(text) + 1):
-        reasoning, answer = split.split(text[:i], [], final=False)
-        assert (reasoning or "").startswith(prev[0]) and answer.startswith(prev[1]), text[:i]
-        prev = (reasoning or "", answer)
-    return prev
-
-
 def test_self_channels_are_the_reasoning_user_channels_the_answer():
     reasoning, answer = GlimmerSplit().split(OUTPUT)
     assert reasoning == "Look it up first.\nIt said sunny."  # vLLM's join; the tool channel in neither
     assert answer == "It is sunny, to=me at least."
-    assert _streamed(GlimmerSplit(), OUTPUT) == (reasoning, answer)
+    assert streamed(GlimmerSplit(), OUTPUT) == (reasoning, answer)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -42,9 +34,48 @@ def test_self_channels_are_the_reasoning_user_channels_the_answer():
     ("plain text, no channel", (None, "plain text, no channel")),
     ("to=self<|message|>a<|eom|>junk between<|start|>assistant<|message|>b", ("a", "b")),
 ])
-def test_edges_whole_and_streamed(text, expected):
+def test_edges_whole_andstreamed(text, expected):
     assert GlimmerSplit().split(text) == expected
-    assert _streamed(GlimmerSplit(), text) == (expected[0] or "", expected[1])
+    assert streamed(GlimmerSplit(), text) == (expected[0] or "", expected[1])
+
+
+def test_a_stream_reads_each_delta_and_a_bounded_look_back():
+    """A long output fed 3 and 7 characters a call, the text more than 64 characters (a marker
+    and a header) before the previous call's end blinded: every call equals a fresh split of the
+    true prefix, so no call read the settled text again (linear, not quadratic)."""
+    text = OUTPUT * 12 + "<|start|>assistant to=self<|message|>open at the end"
+
+    def fresh(prefix, final):
+        return GlimmerSplit().split(prefix, [], final)
+
+    for step in (3, 7):
+        split = GlimmerSplit()
+        last = fed_blind(lambda t, final: split.split(t, [], final), fresh, text, step, 64)
+        assert last[0].endswith("It said sunny.\nopen at the end")
+
+
+def test_a_long_run_of_blanks_is_read_once():
+    """Blanks before a header are not the body; the header is read back from its <|message|>
+    (the regular expression this replaced tried a match at every blank: 8,000 took seconds)."""
+    blanks = " \t" * 100_000
+    text = f"to=self<|message|>think{blanks}x{blanks}to=user<|message|>Hi"
+    assert GlimmerSplit().split(text) == (f"think{blanks}x", "Hi")
+    split = GlimmerSplit()
+    assert [split.split(text[:cut], [], False) for cut in (len(text) // 3, len(text))][-1] == (f"think{blanks}x", "Hi")
+    assert initial_recipient(f"<|start|>assistant{blanks}to=self<|message|>{blanks}") == "self"
+
+
+@pytest.mark.parametrize("unit", ["to=", "<|"])
+def test_repeated_header_and_marker_starts_are_read_once(unit):
+    """Only the last ``to=`` (or ``<|``) may still become a header (a marker): the rest is body
+    while streaming (the old hold-back trimmed one after another, holding all of it back in
+    quadratic time: 20,000 characters of ``to=`` took 18 s); 20,000 headers in a row are as
+    many empty thoughts."""
+    body = unit * (60_000 // len(unit))
+    assert GlimmerSplit().split(SELF_H + body, [], final=False) == (body[:-len(unit)], "")
+    assert GlimmerSplit().split(SELF_H + body) == (body, "")
+    assert initial_recipient(TURN + SELF_H + body) == "self"
+    assert GlimmerSplit().split(SELF_H * 20_000) == ("\n" * 19_999, "")
 
 
 def test_the_prompt_open_channel_decides_where_the_output_starts():
@@ -53,7 +84,7 @@ def test_the_prompt_open_channel_decides_where_the_output_starts():
     assert initial_recipient("<|start|>assistant<|message|>") == UNTAGGED
     assert initial_recipient("<|start|>assistant to=self<|message|>done<|eom|>") is None
     assert GlimmerSplit("self").split("more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
-    assert _streamed(GlimmerSplit("self"), "more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
+    assert streamed(GlimmerSplit("self"), "more thought<|eom|>to=user<|message|>Hi") == ("more thought", "Hi")
 
 
 def test_thinking_budget_markers():
@@ -83,7 +114,6 @@ def test_the_server_plan_keeps_the_special_tokens_and_reads_the_prompt():
 
 # -- end to end ---------------------------------------------------------------------------------
 
-SELF_H, USER_H = "to=self<|message|>", "to=user<|message|>"  # one special token each here
 CHAINS = {"[glim]": [SELF_H, " Look", " it", " up.", "<|eom|>", USER_H, " Sunny.", "<|eot|>", "</s>"]}
 
 

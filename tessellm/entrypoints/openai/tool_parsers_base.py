@@ -66,6 +66,7 @@ class ToolParser:
     name = ""
     needs_special_tokens = False  # its markers are special tokens: keep them in the text
     partial_arguments = False  # arguments grow while streaming (else they come complete)
+    keeps_state = False  # parse keeps its stream's state across calls: one instance per choice
 
     def __init__(self, tokenizer=None, tools=None):
         self.model_tokenizer = tokenizer

@@ -19,8 +19,11 @@ output is final; or past ``MAX_CALLS``) is content, its text where it stands, an
 tool block after it; the calls before it stay calls (a stream has sent them), unlike the
 other parsers, whose text goes back to content whole (it holds no markers to drop here).
 
-Contract as in ``tool_parsers_base.py``. Linear: each marker is searched for from where its
-last search stopped (``_Markers``).
+Contract as in ``tool_parsers_base.py``. Linear: the parser keeps its stream's state
+(``keeps_state``: each choice has its own) and each call reads only the text no earlier call
+settled, the longest marker's length back (``tessellm/reasoning/scan.py``); an open tool
+block's text is kept as it comes, its JSON decoded once, when it closes; a final call ends the
+output (the next call starts over).
 """
 
 from __future__ import annotations
@@ -30,32 +33,18 @@ from typing import Optional
 from tessellm.entrypoints.openai.tool_parsers_base import (MAX_CALLS, ParsedToolCall, ParseResult, ToolParser,
                                                            call_from_object, decode_at, partial_name, skip_ws)
 from tessellm.reasoning.holdback import held_back
+from tessellm.reasoning.scan import Growing, Joined
 
 MODEL = "<|message_model|>"
 TEXT, THINK, CALL = "<|content_text|>", "<|content_thinking|>", "<|content_invoke_tool_json|>"
 TEXT_KINDS = (TEXT, "<|content_invoke_tool_text|>", "<|content_tool_error|>")  # rendered as text
 ENDS = ("<|end_message|>", "<|content_model_end_sampling|>")
 MARKERS = (MODEL, THINK, CALL, *TEXT_KINDS, *ENDS)
+LONGEST = max(map(len, MARKERS))
 
 
-class _Markers:
-    """The next occurrence of each marker at or after a position that only grows: each
-    marker's search resumes where it stopped, so a whole parse reads the text a few times."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.at = {m: -2 for m in MARKERS}  # -2: not searched yet; -1: none further on
-
-    def next(self, pos: int, markers=MARKERS) -> tuple[int, str]:
-        """``(where, which)`` of the first of ``markers`` at or after ``pos`` (-1, "": none)."""
-        best = (-1, "")
-        for m in markers:
-            at = self.at[m]
-            if at == -2 or 0 <= at < pos:
-                at = self.at[m] = self.text.find(m, pos)
-            if at >= 0 and (best[0] < 0 or at < best[0]):
-                best = (at, m)
-        return best
+def _markers_in(state: str) -> tuple[str, ...]:
+    return ENDS if state == CALL else MARKERS  # inside a JSON tool block only its end means anything
 
 
 def _call(body: str) -> Optional[ParsedToolCall]:
@@ -66,30 +55,89 @@ def _call(body: str) -> Optional[ParsedToolCall]:
 class InklingParser(ToolParser):
     name = "inkling"
     needs_special_tokens = True
+    keeps_state = True
+
+    def __init__(self, tokenizer=None, tools=None):
+        super().__init__(tokenizer, tools)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._read = Growing(LONGEST)  # the text before ``_read.pos`` is settled
+        self._state = MODEL  # the state at ``_read.pos`` (``_next_state``)
+        self._content = Joined()
+        self._calls: list[ParsedToolCall] = []  # the closed tool blocks' calls
+        self._broken = False  # a tool block was not a call: it and those after it are text
+        self._open_block()
+
+    def _open_block(self) -> None:
+        self._block = Joined()  # the open header's or tool block's settled text
+        self._name: Optional[str] = None  # the open tool block's name, once ``partial_name`` tells it
+        self._key, self._key_from = -1, 0  # where its '"name"' is; searched before this
 
     def parse(self, text: str, final: bool) -> ParseResult:
-        pieces: list[str] = []  # the content
-        calls: list[ParsedToolCall] = []
-        broken = False  # a tool block was not a call: it and those after it are text
-        markers, pos, state = _Markers(text), 0, MODEL
-        while True:
-            at, marker = markers.next(pos, ENDS if state == CALL else MARKERS)
-            piece = text[pos:at] if at >= 0 else text[pos:]
-            whole = at >= 0 or final  # the piece can no longer grow
-            if state == CALL and not broken:
-                call = _call(piece) if whole else ParsedToolCall(partial_name(piece), None)
-                broken = call is None or len(calls) == MAX_CALLS
-                calls += [] if broken else [call]
-            if state == CALL and broken:
-                pieces.append(piece if whole else piece[:len(piece) - held_back(piece, ENDS)])
-            elif state == TEXT or (state == MODEL and (at < 0 and final or marker in ENDS)):
-                pieces.append(piece if whole else piece[:len(piece) - held_back(piece, MARKERS)])
-            if at < 0:
-                break
-            pos = at + len(marker)
-            state = self._next_state(state, marker)
-        content = "".join(pieces)
-        return ParseResult(content if content.strip() else "", calls)
+        if not self._read.continues(text):
+            self._reset()  # not the text seen before, grown: start over
+        state, pos, settled = self._read.walk(text, self._state, MARKERS, _markers_in, self._close)
+        piece = text[pos:settled]
+        if state == CALL and not self._broken or state == MODEL:
+            self._block.add(piece)  # decided when the block closes
+        elif state in (CALL, TEXT):
+            self._content.add(piece)
+        self._state = state
+        self._read.settle(text, settled)
+        result = self._result(state, text[settled:], final)
+        if final:
+            self._reset()  # the output ended: a next call parses another
+        return result
+
+    def _close(self, state: str, piece: str, marker: str) -> str:
+        """The block (or header) in ``state`` ends with ``piece`` at ``marker``: the state after."""
+        if state == CALL and not self._broken:
+            body = self._block.text() + piece
+            call = _call(body)
+            self._broken = call is None or len(self._calls) == MAX_CALLS
+            if self._broken:
+                self._content.add(body)
+            else:
+                self._calls.append(call)
+        elif state in (CALL, TEXT):
+            self._content.add(piece)
+        elif state == MODEL and marker in ENDS:  # a header that ends a block: text
+            self._content.add(self._block.text() + piece)
+        self._open_block()
+        return self._next_state(state, marker)
+
+    def _result(self, state: str, rest: str, final: bool) -> ParseResult:
+        """The settled content and calls with the unsettled ``rest`` (in ``state``) after them."""
+        tail, calls = "", list(self._calls)
+        if state == CALL and not self._broken:
+            call = _call(self._block.text() + rest) if final else ParsedToolCall(self._partial_name(rest), None)
+            if call is None or len(calls) == MAX_CALLS:  # not a call: its text is content
+                tail = self._block.text() + rest
+                tail = tail if final else tail[:len(tail) - held_back(tail, ENDS)]
+            else:
+                calls.append(call)
+        elif state == CALL:
+            tail = rest if final else rest[:len(rest) - held_back(rest, ENDS)]
+        elif state == TEXT:
+            tail = rest if final else rest[:len(rest) - held_back(rest, MARKERS)]
+        elif state == MODEL and final:  # text with no kind marker after it
+            tail = self._block.text() + rest
+        if self._content.blank and not tail.strip():
+            return ParseResult("", calls)
+        return ParseResult(self._content.text() + tail, calls)
+
+    def _partial_name(self, rest: str) -> Optional[str]:
+        """``partial_name`` of the open tool block: searched for from where it stopped; once
+        told, kept (the first '"name"' key's string, closed, does not change)."""
+        if self._name is None:
+            body = self._block.text() + rest
+            if self._key < 0:
+                self._key = body.find('"name"', self._key_from)
+                self._key_from = max(0, len(body) - len('"name"') + 1)
+            if self._key >= 0:
+                self._name = partial_name(body[self._key:])
+        return self._name
 
     @staticmethod
     def _next_state(state: str, marker: str) -> str:

@@ -95,12 +95,13 @@ class ToolPlan:
 
     def view(self) -> Optional["ToolCallView"]:
         """One choice's view. A plugin that streams itself keeps its stream's state in the parser
-        (vLLM's ``prev_tool_call_arr``, ``streamed_args_for_tool``, ...): each choice after the
-        first gets a parser of its own (``n`` > 1)."""
+        (vLLM's ``prev_tool_call_arr``, ``streamed_args_for_tool``, ...), as does a built-in one
+        that parses incrementally (``keeps_state``): each choice after the first gets a parser of
+        its own (``n`` > 1)."""
         if self.parser is None:
             return None
         parser = self.parser
-        if self._views and self._another is not None and streams_itself(parser):
+        if self._views and self._another is not None and (streams_itself(parser) or parser.keeps_state):
             parser = self._another()
         self._views += 1
         return ToolCallView(parser)
