@@ -8,6 +8,8 @@ import json
 import os
 from typing import Optional
 
+from tessellm.json_arg import json_object_arg
+
 MODALITIES = ("image", "video", "audio")
 
 
@@ -44,18 +46,7 @@ def parse_mm_limits(value) -> dict[str, int]:
 def parse_mm_processor_kwargs(value) -> dict:
     """``--mm-processor-kwargs``: a dict or its JSON; None: {}. The keys are checked against the
     model's image front end at start-up (``ImageProcessor.check_mm_kwargs``)."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"mm_processor_kwargs is not valid JSON ({exc.msg}); give e.g. "
-                             "'{\"max_pixels\": 200704}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"mm_processor_kwargs must be a mapping such as {{\"max_pixels\": 200704}}, "
-                         f"got {type(value).__name__}.")
-    return dict(value)
+    return dict(json_object_arg(value or None, "mm_processor_kwargs", '{"max_pixels": 200704}'))
 
 
 def default_mm_kwargs(args, model_path: str, hf_config) -> dict:

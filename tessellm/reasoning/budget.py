@@ -33,10 +33,11 @@ the runner keeps one ``ThinkingBudget`` per running request and the sampler forc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
+
+from tessellm.json_arg import json_object_arg
 
 REASONING_CONFIG_KEYS = ("reasoning_parser", "reasoning_start_str", "reasoning_end_str")
 # gpt-oss (harmony): thinking is the analysis channel; its end is the message's end and the
@@ -53,14 +54,8 @@ def parse_reasoning_config(value) -> Optional[dict]:
     """``--reasoning-config`` (a dict or its JSON) checked: vLLM's keys only, strings."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"reasoning_config is not valid JSON ({exc}); give e.g. "
-                             "'{\"reasoning_start_str\": \"<think>\", \"reasoning_end_str\": \"</think>\"}'.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"reasoning_config must be a JSON object, got {type(value).__name__}.")
+    value = json_object_arg(value, "reasoning_config",
+                            '{"reasoning_start_str": "<think>", "reasoning_end_str": "</think>"}')
     unknown = sorted(set(value) - set(REASONING_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"reasoning_config has unknown keys {unknown}; it takes "
