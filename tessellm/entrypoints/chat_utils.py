@@ -5,6 +5,7 @@ prompt token ids (and so the same greedy output) on every path."""
 from __future__ import annotations
 
 import functools
+import re
 from typing import Optional
 
 # vLLM's chat_template_content_format: how a message's content reaches the template
@@ -87,6 +88,9 @@ def resolve_content_format(given: str, tokenizer, chat_template: Optional[str] =
     return detect_content_format(template) if isinstance(template, str) else "string"
 
 
+_GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+
+
 @functools.lru_cache(maxsize=32)
 def detect_content_format(template: str) -> str:
     """vLLM's detection: ``openai`` when the Jinja template loops over a message's content
@@ -96,15 +100,13 @@ def detect_content_format(template: str) -> str:
     import jinja2
     from jinja2 import nodes
 
+    # transformers' {% generation %} ... {% endgeneration %} (assistant-mask) tag is not plain
+    # Jinja and holds no loop over content: dropped before parsing
+    plain = _GENERATION_TAG.sub("", template)
     try:
-        from transformers.utils.chat_template_utils import _compile_jinja_template
-
-        ast = _compile_jinja_template(template).environment.parse(template)
-    except Exception:  # noqa: BLE001 - transformers' env (its {% generation %} tag) or plain Jinja
-        try:
-            ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
-        except jinja2.TemplateError:
-            return "string"
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(plain)
+    except jinja2.TemplateError:
+        return "string"
 
     def reads(node, names: set, key: Optional[str] = None) -> bool:
         """``node`` is one of ``names`` (``key``: its ``[key]`` / ``.key``), maybe filtered,

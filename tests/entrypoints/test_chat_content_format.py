@@ -67,6 +67,9 @@ def _hf(tok, template: str, conv: list[dict]) -> list[int]:
     ("{% macro render(items) %}{% for c in items %}{{ c }}{% endfor %}{% endmacro %}"
      "{% for m in messages %}{{ m.content }}{{ render(m.tools) }}{% endfor %}", "string"),  # not the content
     ("{% for m in messages %", "string"),  # does not parse
+    # transformers' assistant-mask tag (not plain Jinja) around a loop over the content
+    ("{% for m in messages %}{%- generation -%}{% for c in m.content %}{{ c.text }}{% endfor %}"
+     "{%- endgeneration -%}{% endfor %}", "openai"),
 ])
 def test_detect_content_format(template, want):
     assert detect_content_format(template) == want
