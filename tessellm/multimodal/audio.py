@@ -258,13 +258,9 @@ def load_audio_url(url, allowed_local_media_path: Optional[str] = None,
         from tessellm.multimodal.fetch import FetchPolicy, fetch_url, shown_url
 
         got = (fetched or {}).get(url)
-        try:
-            if isinstance(got, ValueError):
-                raise got
-            data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
-        except ValueError as exc:  # the fetcher's messages name an image: this is audio
-            raise ValueError(str(exc).replace("The image URL", "The audio URL")
-                             .replace("The image at", "The audio at")) from None
+        if isinstance(got, ValueError):
+            raise got
+        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains), "audio")
         return AudioClip(*decode_audio(data, f"The audio at {shown_url(url)}"))
     raise ValueError(f"audio_url scheme {scheme or url[:16]!r} is not supported; use an http(s) "
                      "URL, a data:audio/...;base64 URL or file:// under --allowed-local-media-path.")

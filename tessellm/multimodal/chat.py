@@ -297,5 +297,5 @@ async def fetch_chat_images(conversation: list[dict], engine) -> dict:
         return {}
     kinds = ("image_url", "video_url") if decoder_name() else ("image_url",)
     kinds += ("audio_url",)
-    return await prefetch(image_urls(conversation, kinds),
-                          FetchPolicy.from_env(engine.args.allowed_media_domains))
+    urls = [(url, kind.removesuffix("_url")) for kind in kinds for url in image_urls(conversation, (kind,))]
+    return await prefetch(urls, FetchPolicy.from_env(engine.args.allowed_media_domains))

@@ -247,7 +247,7 @@ def load_video_url(url: str, allowed_local_media_path: Optional[str] = None,
         got = (fetched or {}).get(url)
         if isinstance(got, ValueError):
             raise got
-        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains))
+        data, _ = got or fetch_url(url, FetchPolicy.from_env(allowed_media_domains), "video")
         return decode_video(data, f"The video at {shown_url(url)}")
     raise ValueError(f"video_url scheme {scheme or url[:16]!r} is not supported; use an "
                      "http(s) URL, a data:video/...;base64 URL or file:// under "

@@ -273,19 +273,22 @@ def test_generate_cli_with_an_audio_file(llm, qwen2_audio_dir, tmp_path):
 
 def test_http_audio_url_is_fetched_under_the_image_rules(monkeypatch):
     """An http(s) audio_url: fetched with the image fetcher's rules (size cap, status), its
-    problems named as the audio's (the messages said "The image URL" before)."""
+    problems named as the audio's (the messages said "The image URL" before), asked for with
+    ``Accept: audio/*``."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from tessellm.multimodal.audio import load_audio_url
 
     wav = encode_wav(clip(25), SAMPLING_RATE)
+    accepts = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_GET(self):
+            accepts.append(self.headers.get("Accept"))
             body, code = {"/a.wav": (wav, 200), "/big.wav": (wav * 4, 200)}.get(self.path, (b"no", 404))
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
@@ -303,6 +306,7 @@ def test_http_audio_url_is_fetched_under_the_image_rules(monkeypatch):
             load_audio_url(f"{base}/gone.wav")
         with pytest.raises(ValueError, match=f"The audio at {base}/big.wav is larger than"):
             load_audio_url(f"{base}/big.wav")
+        assert accepts == ["audio/*"] * 3  # asked for audio, not images
     finally:
         httpd.shutdown()
         httpd.server_close()
